@@ -1,0 +1,242 @@
+"""The one on-disk model format: a directory CleanDiffuser can read, with our metadata beside its keys.
+
+    <dir>/params.json   {"normalizers": {"state": {"mean", "std"}}, "config": {CleanDiffuser ctor args},
+                         "format_version", "architecture": {"name", ...options}, "name",
+                         "dataset": {"name", "sha256", ...}, "metrics": {...}, "training": {...},
+                         "learning_curve": [...], "weights": {"file", "sha256"}, "invdyn_version"}
+    <dir>/model.ckpt    torch.save({"state_dict": {...}}) with CleanDiffuser's key names
+    <dir>/README.md     model card
+
+CleanDiffuser's own directories (params.json with only "normalizers" + "config", one Lightning
+`*.ckpt`) are read too; they are always `FancyMlpInvDynamic`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from ._files import atomic_dir, sha256_file, write_json
+from .errors import ChecksumError, FormatError, ModelNotFoundError, ShapeError
+from .models import ARCHITECTURES, FancyMlpInvDynamic, build_model
+from .normalizer import GaussianNormalizer
+from .pretrained import PretrainedIDM
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.ckpt"
+CARD_FILE = "README.md"
+PARAMS_FILE = "params.json"
+
+
+def cleandiffuser_dir(name: str) -> Path:
+    """Where CleanDiffuser keeps a pretrained IDM: `$HOME/.CleanDiffuser/pretrained/invdyn/<name>/`."""
+    return Path(os.path.expanduser("~")) / ".CleanDiffuser" / "pretrained" / "invdyn" / name
+
+
+def save_model_dir(
+    out_dir,
+    net,
+    normalizer: GaussianNormalizer,
+    *,
+    name: str | None = None,
+    dataset: dict | None = None,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    learning_curve: list | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a model directory atomically (temp dir + rename) and return its path."""
+    out_dir = Path(out_dir)
+    if normalizer.dim != net.obs_dim:
+        raise ShapeError(f"normalizer has {normalizer.dim} dims but the model's obs_dim is {net.obs_dim}")
+    state_dict = {k: v.detach().to("cpu", torch.float32).clone() for k, v in net.state_dict().items()}
+    params = {
+        "normalizers": {"state": normalizer.to_dict()},
+        "config": net.config,
+        "format_version": FORMAT_VERSION,
+        "invdyn_version": __version__,
+        "architecture": {"name": net.arch_name, **net.options},
+        "name": name or (dataset or {}).get("name") or out_dir.name,
+        "dataset": dataset or {},
+        "metrics": metrics or {},
+        "training": training or {},
+        "learning_curve": learning_curve or [],
+        **(extra or {}),
+    }
+    with atomic_dir(out_dir) as tmp:
+        torch.save({"state_dict": state_dict}, tmp / WEIGHTS_FILE)
+        params["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(tmp / WEIGHTS_FILE)}
+        write_json(tmp / PARAMS_FILE, _finite(params))
+        (tmp / CARD_FILE).write_text(model_card(params))
+    return out_dir
+
+
+def _finite(obj):
+    """JSON has no NaN/inf: store them as None so params.json stays valid for every JSON reader."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def read_params(path) -> dict:
+    """Parse and validate params.json; every problem names the file and the key."""
+    path = Path(path)
+    try:
+        params = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path} does not exist: a model directory needs a params.json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from None
+    if not isinstance(params, dict):
+        raise FormatError(f"{path}: top level must be a JSON object, got {type(params).__name__}")
+    version = params.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: format_version {version!r} is not supported by invdyn {__version__} "
+            f"(which reads version {FORMAT_VERSION}); upgrade invdyn"
+        )
+    config = params.get("config")
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: missing or invalid key 'config' (the model's constructor arguments)")
+    try:
+        state = params["normalizers"]["state"]
+        normalizer = GaussianNormalizer.from_dict(state)
+    except (KeyError, TypeError):
+        raise FormatError(f"{path}: missing key 'normalizers.state.mean' / 'normalizers.state.std'") from None
+    except ValueError as e:
+        raise FormatError(f"{path}: invalid 'normalizers.state': {e}") from None
+    arch = params.get("architecture", {"name": FancyMlpInvDynamic.arch_name})
+    if not isinstance(arch, dict) or arch.get("name") not in ARCHITECTURES:
+        raise FormatError(f"{path}: unknown 'architecture' {arch!r}; known: {sorted(ARCHITECTURES)}")
+    if normalizer.dim != config.get("obs_dim"):
+        raise FormatError(
+            f"{path}: 'normalizers.state' has {normalizer.dim} dims but 'config.obs_dim' is {config.get('obs_dim')!r}"
+        )
+    return params
+
+
+def _weights_file(model_dir: Path, params: dict) -> Path:
+    named = (params.get("weights") or {}).get("file")
+    if named:
+        if Path(named).name != named:
+            raise FormatError(f"{model_dir / PARAMS_FILE}: 'weights.file' must be a plain file name, got {named!r}")
+        return model_dir / named
+    ckpts = sorted(p for p in model_dir.iterdir() if p.suffix == ".ckpt")
+    if not ckpts:
+        raise ModelNotFoundError(f"no *.ckpt weights file in {model_dir}")
+    if len(ckpts) > 1:
+        raise FormatError(f"{model_dir} holds several checkpoints ({', '.join(p.name for p in ckpts)}); keep one")
+    return ckpts[0]
+
+
+def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
+    """Load a model directory (ours or CleanDiffuser's) into an eval-mode `PretrainedIDM`."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelNotFoundError(f"model directory {model_dir} does not exist")
+    params = read_params(model_dir / PARAMS_FILE)
+    weights = _weights_file(model_dir, params)
+    expected = (params.get("weights") or {}).get("sha256")
+    if expected:
+        actual = sha256_file(weights)
+        if actual != expected:
+            raise ChecksumError(f"{weights}: sha256 {actual} does not match {expected} recorded in params.json")
+    arch = params.get("architecture", {"name": FancyMlpInvDynamic.arch_name})
+    options = {k: v for k, v in arch.items() if k != "name"}
+    try:
+        net = build_model(arch["name"], params["config"], options)
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{model_dir / PARAMS_FILE}: 'config' does not build a {arch['name']} model: {e}") from None
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise FormatError(f"{weights} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    state_dict = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state_dict, dict):
+        raise FormatError(f"{weights}: no 'state_dict' in the checkpoint")
+    load_state_dict_checked(net, state_dict, weights)
+    net.eval().to(device)
+    normalizer = GaussianNormalizer.from_dict(params["normalizers"]["state"])
+    card_path = model_dir / CARD_FILE
+    card = card_path.read_text() if card_path.exists() else model_card(params)
+    return PretrainedIDM(net, normalizer, params, card=card, path=model_dir)
+
+
+def load_state_dict_checked(net, state_dict: dict, source) -> None:
+    """`load_state_dict` with an error that names the file, the key and both shapes."""
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ShapeError(
+            f"{source}: weights do not fit params.json's config: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    for key, tensor in own.items():
+        got = state_dict[key]
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ShapeError(
+                f"{source}: weight {key!r} has shape {shape} but params.json's config needs {tuple(tensor.shape)}"
+            )
+    net.load_state_dict(state_dict)
+
+
+def model_card(params: dict) -> str:
+    """A short Markdown model card: dataset, metrics, hyperparameters and how to load."""
+    name = params.get("name", "model")
+    ds = params.get("dataset") or {}
+    metrics = params.get("metrics") or {}
+    training = params.get("training") or {}
+    arch = params.get("architecture") or {"name": "fancy_mlp"}
+    lines = [
+        f"# invdyn model: {name}",
+        "",
+        "Inverse dynamics model `a_t = I(s_t, s_{t+1})` in CleanDiffuser's format "
+        f"(architecture `{arch.get('name')}`).",
+        "",
+        "## Dataset",
+        "",
+        f"- name: `{ds.get('name', 'unknown')}`",
+        f"- sha256: `{ds.get('sha256', 'unknown')}`",
+    ]
+    for key in ("transitions", "episodes", "obs_dim", "act_dim"):
+        if key in ds:
+            lines.append(f"- {key}: {ds[key]}")
+    lines += ["", "## Metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
+    else:
+        lines.append("not trained by invdyn (no metrics recorded)")
+    lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted({**params.get("config", {}), **arch}.items())]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(training.items()) if not isinstance(v, (dict, list))]
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import invdyn",
+        f'model = invdyn.load("{name}")            # or source="<this directory>"',
+        "act = model.predict(obs, next_obs)        # raw observations, normalized inside",
+        "act = model.predict_normalized(o, o2)     # observations already normalized (planner output)",
+        "```",
+        "",
+        "CleanDiffuser: copy this directory to `~/.CleanDiffuser/pretrained/invdyn/<name>/` and call "
+        "`FancyMlpInvDynamic.from_pretrained(<name>)`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else f"`{v}`" if isinstance(v, str) else str(v)

@@ -1,0 +1,173 @@
+"""Inverse dynamics networks with CleanDiffuser's exact layer layout and state-dict keys.
+
+`MlpInvDynamic`: mlp.0 Linear, mlp.2 Linear, mlp.4 Linear (ReLU between, Tanh|Identity out).
+`FancyMlpInvDynamic`: mlp.0 Linear, mlp.1 LayerNorm|Identity, GELU(tanh), Dropout|Identity,
+mlp.4 Linear, mlp.5 LayerNorm|Identity, GELU(tanh), mlp.7 Linear, Tanh|Identity.
+The output is multiplied by `action_scale` when the tanh output is on, as in CleanDiffuser.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import ShapeError
+
+
+class _InvDynBase(nn.Module):
+    """Shared forward/predict logic; subclasses build `self.mlp`."""
+
+    #: registry name written to params.json["architecture"]["name"]
+    arch_name = ""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, tanh_out_activation: bool, action_scale: float):
+        super().__init__()
+        for key, value in (("obs_dim", obs_dim), ("act_dim", act_dim), ("hidden_dim", hidden_dim)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        self.obs_dim, self.act_dim, self.hidden_dim = int(obs_dim), int(act_dim), int(hidden_dim)
+        self.tanh_out_activation = bool(tanh_out_activation)
+        self.action_scale = float(action_scale)
+
+    @property
+    def config(self) -> dict:
+        """Constructor arguments, exactly the keys CleanDiffuser's class accepts (its params.json "config")."""
+        return {
+            "obs_dim": self.obs_dim,
+            "act_dim": self.act_dim,
+            "hidden_dim": self.hidden_dim,
+            "tanh_out_activation": self.tanh_out_activation,
+            "action_scale": self.action_scale,
+        }
+
+    @property
+    def options(self) -> dict:
+        """Our constructor arguments that CleanDiffuser's class does not have (stored beside "config")."""
+        return {}
+
+    def forward(self, obs: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(torch.cat([obs, next_obs], -1))
+        if self.tanh_out_activation:
+            out = out * self.action_scale
+        return out
+
+    def _as_input(self, x, name: str) -> torch.Tensor:
+        if x.shape[-1] != self.obs_dim:
+            raise ShapeError(
+                f"{name} has last dimension {x.shape[-1]} (shape {tuple(x.shape)}), "
+                f"but this model expects obs_dim={self.obs_dim}"
+            )
+        param = next(self.parameters())
+        return torch.as_tensor(x).to(device=param.device, dtype=param.dtype)
+
+    @torch.no_grad()
+    def predict(self, obs, next_obs):
+        """Actions for (obs, next_obs) of any leading shape; numpy in -> numpy out. No gradients."""
+        is_numpy = not isinstance(obs, torch.Tensor)
+        obs_t = self._as_input(obs if not is_numpy else np.asarray(obs, dtype=np.float32), "obs")
+        nxt = next_obs if isinstance(next_obs, torch.Tensor) else np.asarray(next_obs, dtype=np.float32)
+        next_t = self._as_input(nxt, "next_obs")
+        if obs_t.shape != next_t.shape:
+            raise ShapeError(f"obs shape {tuple(obs_t.shape)} and next_obs shape {tuple(next_t.shape)} differ")
+        lead = obs_t.shape[:-1]
+        out = self.forward(obs_t.reshape(-1, self.obs_dim), next_t.reshape(-1, self.obs_dim))
+        out = out.reshape(*lead, self.act_dim)
+        return out.float().cpu().numpy() if is_numpy else out
+
+
+class MlpInvDynamic(_InvDynBase):
+    """CleanDiffuser's plain MLP IDM (ReLU)."""
+
+    arch_name = "mlp"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_dim: int = 512,
+        tanh_out_activation: bool = True,
+        action_scale: float = 1.0,
+    ):
+        super().__init__(obs_dim, act_dim, hidden_dim, tanh_out_activation, action_scale)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * obs_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, act_dim),
+            nn.Tanh() if tanh_out_activation else nn.Identity(),
+        )
+
+
+class FancyMlpInvDynamic(_InvDynBase):
+    """CleanDiffuser's default IDM: LayerNorm + tanh-GELU + dropout; dropout rate configurable (default 0.1)."""
+
+    arch_name = "fancy_mlp"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_dim: int = 512,
+        tanh_out_activation: bool = True,
+        action_scale: float = 1.0,
+        add_norm: bool = True,
+        add_dropout: bool = True,
+        dropout: float = 0.1,
+    ):
+        super().__init__(obs_dim, act_dim, hidden_dim, tanh_out_activation, action_scale)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.add_norm, self.add_dropout, self.dropout = bool(add_norm), bool(add_dropout), float(dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * obs_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim) if add_norm else nn.Identity(),
+            nn.GELU(approximate="tanh"),
+            nn.Dropout(dropout) if add_dropout and dropout > 0 else nn.Identity(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim) if add_norm else nn.Identity(),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_dim, act_dim),
+            nn.Tanh() if tanh_out_activation else nn.Identity(),
+        )
+
+    @property
+    def config(self) -> dict:
+        return {**super().config, "add_norm": self.add_norm, "add_dropout": self.add_dropout}
+
+    @property
+    def options(self) -> dict:
+        return {"dropout": self.dropout}
+
+    @classmethod
+    def from_pretrained(cls, env_name: str):
+        """CleanDiffuser's entry point: `(model, params)` from `~/.CleanDiffuser/pretrained/invdyn/<name>/`.
+
+        Unlike the original it raises a clear error instead of printing one and returning `(None, None)`,
+        and it reads the checkpoint with `weights_only=True`.
+        """
+        from .model_dir import cleandiffuser_dir, read_model_dir
+
+        loaded = read_model_dir(cleandiffuser_dir(env_name))
+        return loaded.net, loaded.params
+
+
+#: architecture registry: params.json["architecture"]["name"] -> class
+ARCHITECTURES: dict[str, type[_InvDynBase]] = {
+    MlpInvDynamic.arch_name: MlpInvDynamic,
+    FancyMlpInvDynamic.arch_name: FancyMlpInvDynamic,
+}
+
+
+def register_architecture(cls: type[_InvDynBase]) -> type[_InvDynBase]:
+    """Add an architecture (class decorator); its `arch_name` becomes loadable from model directories."""
+    ARCHITECTURES[cls.arch_name] = cls
+    return cls
+
+
+def build_model(arch: str, config: dict, options: dict | None = None) -> _InvDynBase:
+    """Instantiate `arch` from CleanDiffuser-style `config` plus our extra `options`."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](**config, **(options or {}))

@@ -1,0 +1,61 @@
+"""A loaded model: network + normalizer + metadata, ready to predict on raw or normalized observations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .normalizer import GaussianNormalizer
+
+
+class PretrainedIDM(nn.Module):
+    """What `invdyn.load` returns. `predict` takes raw observations; `predict_normalized` normalized ones."""
+
+    def __init__(self, net: nn.Module, normalizer: GaussianNormalizer, params: dict, card: str = "", path=None):
+        super().__init__()
+        self.net = net.eval()
+        self.normalizer = normalizer
+        self.params = params
+        self.card = card
+        self.path = Path(path) if path is not None else None
+
+    @property
+    def name(self) -> str:
+        return self.params.get("name", "")
+
+    @property
+    def obs_dim(self) -> int:
+        return self.net.obs_dim
+
+    @property
+    def act_dim(self) -> int:
+        return self.net.act_dim
+
+    @property
+    def metrics(self) -> dict:
+        return self.params.get("metrics") or {}
+
+    def forward(self, obs, next_obs):
+        return self.net(obs, next_obs)
+
+    @torch.no_grad()
+    def predict_normalized(self, obs, next_obs):
+        """The network's output for observations already normalized (exactly CleanDiffuser's `predict`)."""
+        return self.net.predict(obs, next_obs)
+
+    @torch.no_grad()
+    def predict(self, obs, next_obs):
+        """Actions for raw observations: normalized with the dataset's mean/std, then the network."""
+        if not isinstance(obs, torch.Tensor):
+            obs = np.asarray(obs, dtype=np.float32)
+        if not isinstance(next_obs, torch.Tensor):
+            next_obs = np.asarray(next_obs, dtype=np.float32)
+        self.net._as_input(obs, "obs")  # clear error on a wrong last dimension before normalizing
+        self.net._as_input(next_obs, "next_obs")
+        return self.predict_normalized(self.normalizer.normalize(obs), self.normalizer.normalize(next_obs))
+
+    def __repr__(self) -> str:
+        return f"PretrainedIDM(name={self.name!r}, obs_dim={self.obs_dim}, act_dim={self.act_dim}, path={self.path})"
