@@ -1,0 +1,203 @@
+"""One resumable, verified HTTP download (urllib only), shared by bundle fetches and D4RL files.
+
+The bytes go to `<dest>.part`; a later call resumes it with an HTTP Range request. The file is renamed
+to `dest` only after its size (and sha256, when given) check out, so `dest` is never half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from ._files import sha256_file
+from .errors import ChecksumError, DownloadError
+
+CHUNK = 1 << 16
+#: attempts per call: a transfer cut mid-way is resumed this many times before giving up
+ATTEMPTS = 3
+
+
+def offline() -> bool:
+    """True when INVDYN_OFFLINE=1 (or true/yes): nothing may touch the network."""
+    return os.environ.get("INVDYN_OFFLINE", "").strip().lower() in {"1", "true", "yes"}
+
+
+def is_url(s) -> bool:
+    return isinstance(s, str) and urllib.parse.urlsplit(s).scheme.lower() in {"http", "https"}
+
+
+def download(
+    url: str,
+    dest,
+    *,
+    expected_sha256: str | None = None,
+    desc: str | None = None,
+    progress: bool = True,
+    timeout: float = 60,
+) -> Path:
+    """Download `url` to `dest` and return `dest`.
+
+    Resumes `<dest>.part` left by an interrupted call; a server that ignores Range (answers 200)
+    restarts from byte 0. Raises `DownloadError` (names the URL) for a refused scheme, offline mode,
+    HTTP / connection errors and a transfer still short after retries (the `.part` is kept, so a later
+    call resumes), and `ChecksumError` when the finished file's sha256 differs (the `.part` is deleted).
+    If `dest` already exists with the expected sha256, nothing is downloaded.
+    """
+    scheme = urllib.parse.urlsplit(str(url)).scheme.lower()
+    if scheme not in {"http", "https"}:
+        raise DownloadError(f"cannot download {url!r}: only http:// and https:// URLs are supported")
+    dest = Path(dest)
+    expected = expected_sha256.lower() if expected_sha256 else None
+    if expected and dest.is_file() and sha256_file(dest) == expected:
+        return dest
+    if offline():
+        raise DownloadError(f"INVDYN_OFFLINE=1: refusing to download {url}; unset it or put the file at {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    with _lock(dest):
+        if expected and dest.is_file() and sha256_file(dest) == expected:
+            return dest  # another process finished it while we waited for the lock
+        for attempt in range(1, ATTEMPTS + 1):
+            before = part.stat().st_size if part.exists() else 0
+            done = _transfer(url, part, desc or dest.name, progress, timeout)
+            if done:
+                break
+            gained = (part.stat().st_size if part.exists() else 0) - before
+            if attempt == ATTEMPTS or gained <= 0:
+                raise DownloadError(
+                    f"download of {url} was cut short ({part.stat().st_size} bytes so far, kept in {part}); "
+                    "run again to resume"
+                )
+        if expected:
+            actual = sha256_file(part)
+            if actual != expected:
+                part.unlink()
+                raise ChecksumError(
+                    f"{url}: downloaded file has sha256 {actual} but {expected} was expected; "
+                    "the file was deleted, try again (if it repeats, the server's file is not the expected one)"
+                )
+        os.replace(part, dest)
+    return dest
+
+
+def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -> bool:
+    """One HTTP request appending to `part`; True when the whole file is there."""
+    offset = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"User-Agent": "invdyn-downloader", "Accept-Encoding": "identity"})
+    if offset:
+        req.add_header("Range", f"bytes={offset}-")
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked above
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            total = _content_range_total(e.headers.get("Content-Range"))
+            if total == offset:
+                return True  # the .part is already complete
+            part.unlink()  # the .part is longer than the file: start over
+            return _transfer(url, part, desc, progress, timeout)
+        raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DownloadError(f"cannot download {url}: {reason}") from None
+    with resp:
+        length = resp.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if offset and resp.status == 206:
+            start = _content_range_start(resp.headers.get("Content-Range"))
+            if start != offset:
+                raise DownloadError(f"cannot resume {url}: asked for byte {offset}, server sent from {start}")
+            mode, total = "ab", (offset + length if length is not None else None)
+        else:  # 200: the server ignored Range (or there was nothing to resume): start from byte 0
+            mode, total, offset = "wb", length, 0
+        bar = _Progress(desc, total, offset, progress)
+        try:
+            with open(part, mode) as f:
+                while True:
+                    try:
+                        block = resp.read(CHUNK)
+                    except (OSError, ValueError) as e:  # connection reset / IncompleteRead mid-transfer
+                        bar.note(f"connection lost ({type(e).__name__})")
+                        break
+                    if not block:
+                        break
+                    f.write(block)
+                    bar.update(len(block))
+        finally:
+            bar.close()
+    size = part.stat().st_size
+    if total is None:
+        return True  # no Content-Length: the server closing the stream is the only end we can see
+    if size > total:
+        part.unlink()
+        raise DownloadError(f"{url}: received {size} bytes but the server announced {total}; try again")
+    return size == total
+
+
+def _content_range_start(header) -> int | None:
+    m = re.match(r"\s*bytes\s+(\d+)-", header or "")
+    return int(m.group(1)) if m else None
+
+
+def _content_range_total(header) -> int | None:
+    m = re.search(r"/(\d+)\s*$", header or "")
+    return int(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def _lock(dest: Path):
+    """Serialize downloads to the same `dest` across processes (fcntl; no lock where it is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    lock_path = dest.with_name(f".{dest.name}.lock")
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Progress:
+    """tqdm bar when tqdm is installed (imported lazily), else one line on stderr at start and end."""
+
+    def __init__(self, desc: str, total: int | None, initial: int, enabled: bool):
+        self.desc, self.total, self.done, self.enabled = desc, total, initial, enabled
+        self.t0, self.bar = time.monotonic(), None
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            size = f"{total / 1e6:.1f} MB" if total else "unknown size"
+            resume = f", resuming at {initial / 1e6:.1f} MB" if initial else ""
+            print(f"downloading {desc} ({size}{resume}) ...", file=sys.stderr, flush=True)
+            return
+        self.bar = tqdm(
+            total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False
+        )
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def note(self, msg: str) -> None:
+        if self.enabled:
+            print(f"{self.desc}: {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            secs = time.monotonic() - self.t0
+            print(f"{self.desc}: {self.done / 1e6:.1f} MB in {secs:.1f} s", file=sys.stderr, flush=True)
