@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
+from .bundle import extract_bundle, verify_bundle, write_bundle  # noqa: E402
 from .errors import ChecksumError, DownloadError, FormatError, InvdynError, ModelNotFoundError, ShapeError  # noqa: E402
+from .hub import fetch, list_models, load  # noqa: E402
 from .model_dir import read_model_dir, save_model_dir  # noqa: E402
 from .models import ARCHITECTURES, FancyMlpInvDynamic, MlpInvDynamic, build_model  # noqa: E402
 from .normalizer import GaussianNormalizer  # noqa: E402
@@ -22,6 +24,12 @@ __all__ = [
     "ShapeError",
     "__version__",
     "build_model",
+    "extract_bundle",
+    "fetch",
+    "list_models",
+    "load",
     "read_model_dir",
     "save_model_dir",
+    "verify_bundle",
+    "write_bundle",
 ]

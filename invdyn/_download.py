@@ -6,7 +6,6 @@ to `dest` only after its size (and sha256, when given) check out, so `dest` is n
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -16,7 +15,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ._files import sha256_file
+from ._files import file_lock, sha256_file
 from .errors import ChecksumError, DownloadError
 
 CHUNK = 1 << 16
@@ -61,7 +60,7 @@ def download(
         raise DownloadError(f"INVDYN_OFFLINE=1: refusing to download {url}; unset it or put the file at {dest}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    with _lock(dest):
+    with file_lock(dest.with_name(f".{dest.name}.lock")):
         if expected and dest.is_file() and sha256_file(dest) == expected:
             return dest  # another process finished it while we waited for the lock
         for attempt in range(1, ATTEMPTS + 1):
@@ -148,23 +147,6 @@ def _content_range_start(header) -> int | None:
 def _content_range_total(header) -> int | None:
     m = re.search(r"/(\d+)\s*$", header or "")
     return int(m.group(1)) if m else None
-
-
-@contextlib.contextmanager
-def _lock(dest: Path):
-    """Serialize downloads to the same `dest` across processes (fcntl; no lock where it is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    lock_path = dest.with_name(f".{dest.name}.lock")
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class _Progress:

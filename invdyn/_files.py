@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,23 +29,38 @@ def write_json(path, obj) -> None:
 def atomic_dir(target):
     """Yield a temp directory beside `target`; on success it replaces `target` by rename, else it is removed.
 
-    Readers never see a half-written directory: they see the old one or the new one.
+    Readers never see a half-written directory: they see the old one or the new one. Safe when several
+    processes replace the same `target` at once: the last rename wins and every copy is complete.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model directory is meant to be shared
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(src: Path, target: Path) -> None:
+    """Rename `src` to `target`, moving an existing `target` aside first (retrying if another process races)."""
+    for _ in range(100):
+        try:
+            os.replace(src, target)  # succeeds when target is absent (or an empty directory)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        try:
+            os.replace(target, old / "x")
+        except FileNotFoundError:
+            pass  # another process moved it first; try again
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    raise OSError(f"could not replace {target}: it keeps being recreated by another process")
 
 
 @contextlib.contextmanager
@@ -58,8 +74,30 @@ def atomic_file(target, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be read by others
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(lock_path):
+    """Exclusive inter-process lock on `lock_path` (fcntl.flock; a no-op where fcntl is missing).
+
+    The lock file is left in place: deleting it would let two processes lock different inodes.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -145,6 +145,8 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
         raise ModelNotFoundError(f"model directory {model_dir} does not exist")
     params = read_params(model_dir / PARAMS_FILE)
     weights = _weights_file(model_dir, params)
+    if not weights.is_file():
+        raise ModelNotFoundError(f"{weights} (named in {model_dir / PARAMS_FILE} 'weights.file') does not exist")
     expected = (params.get("weights") or {}).get("sha256")
     if expected:
         actual = sha256_file(weights)

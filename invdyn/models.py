@@ -53,9 +53,9 @@ class _InvDynBase(nn.Module):
         return out
 
     def _as_input(self, x, name: str) -> torch.Tensor:
-        if x.shape[-1] != self.obs_dim:
+        if x.ndim == 0 or x.shape[-1] != self.obs_dim:
             raise ShapeError(
-                f"{name} has last dimension {x.shape[-1]} (shape {tuple(x.shape)}), "
+                f"{name} has last dimension {x.shape[-1] if x.ndim else None} (shape {tuple(x.shape)}), "
                 f"but this model expects obs_dim={self.obs_dim}"
             )
         param = next(self.parameters())

@@ -55,17 +55,24 @@ class GaussianNormalizer:
         return self.mean.astype(dtype), self.std.astype(dtype)
 
     def _check(self, x):
-        if x.shape[-1] != self.dim:
+        if x.ndim == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"normalizer expects last dimension {self.dim}, got shape {tuple(x.shape)}")
 
+    @staticmethod
+    def _as_float(x):
+        """Integer inputs are promoted (torch would otherwise cast mean/std to ints)."""
+        if isinstance(x, torch.Tensor):
+            return x if x.is_floating_point() else x.float()
+        return np.asarray(x)
+
     def normalize(self, x):
-        x = x if isinstance(x, torch.Tensor) else np.asarray(x)
+        x = self._as_float(x)
         self._check(x)
         mean, std = self._stats(x)
         return (x - mean) / std
 
     def unnormalize(self, x):
-        x = x if isinstance(x, torch.Tensor) else np.asarray(x)
+        x = self._as_float(x)
         self._check(x)
         mean, std = self._stats(x)
         return x * std + mean

@@ -14,13 +14,17 @@ from .normalizer import GaussianNormalizer
 class PretrainedIDM(nn.Module):
     """What `invdyn.load` returns. `predict` takes raw observations; `predict_normalized` normalized ones."""
 
-    def __init__(self, net: nn.Module, normalizer: GaussianNormalizer, params: dict, card: str = "", path=None):
+    def __init__(
+        self, net: nn.Module, normalizer: GaussianNormalizer, params: dict, card: str = "", path=None, source=None
+    ):
         super().__init__()
         self.net = net.eval()
         self.normalizer = normalizer
         self.params = params
         self.card = card
         self.path = Path(path) if path is not None else None
+        #: where it was loaded from: a directory, "invdyn cache", "CleanDiffuser", a URL or an MLflow URI
+        self.source = str(source) if source is not None else (str(self.path) if self.path else None)
 
     @property
     def name(self) -> str:
@@ -37,6 +41,12 @@ class PretrainedIDM(nn.Module):
     @property
     def metrics(self) -> dict:
         return self.params.get("metrics") or {}
+
+    def _with_source(self, source, path=...) -> PretrainedIDM:
+        self.source = str(source)
+        if path is not ...:
+            self.path = path
+        return self
 
     def forward(self, obs, next_obs):
         return self.net(obs, next_obs)
@@ -58,4 +68,7 @@ class PretrainedIDM(nn.Module):
         return self.predict_normalized(self.normalizer.normalize(obs), self.normalizer.normalize(next_obs))
 
     def __repr__(self) -> str:
-        return f"PretrainedIDM(name={self.name!r}, obs_dim={self.obs_dim}, act_dim={self.act_dim}, path={self.path})"
+        return (
+            f"PretrainedIDM(name={self.name!r}, obs_dim={self.obs_dim}, act_dim={self.act_dim}, "
+            f"source={self.source!r})"
+        )
