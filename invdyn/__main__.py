@@ -1,0 +1,143 @@
+"""Command line: `python -m invdyn list | info NAME | fetch URL_OR_PATH | verify BUNDLE`.
+
+Expected failures (unknown model, bad bundle, no network) print one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import InvdynError
+
+_METRICS = ("heldout_mse", "baseline_mse")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def cmd_list(args) -> int:
+    from .hub import list_models
+    from .model_dir import cleandiffuser_dir
+    from .paths import model_cache_dir
+
+    records = list_models()
+    if args.json:
+        print(json.dumps(records, indent=2, sort_keys=True))
+        return 0
+    if not records:
+        print(
+            f"no models in {model_cache_dir()} or {cleandiffuser_dir('x').parent}; "
+            "install a bundle with: python -m invdyn fetch URL_OR_ZIP"
+        )
+        return 0
+    rows = [
+        [r["name"], r["location"], *(_num(r["metrics"].get(k)) for k in _METRICS), r["error"] or r["source"]]
+        for r in records
+    ]
+    print(_table(rows, ["name", "location", *_METRICS, "source"]))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .hub import load
+
+    model = load(args.name, source=args.source)
+    p = model.params
+    info = {
+        "name": args.name,
+        "source": model.source,
+        "path": str(model.path) if model.path else None,
+        "obs_dim": model.obs_dim,
+        "act_dim": model.act_dim,
+        "architecture": p.get("architecture") or {"name": "fancy_mlp"},
+        "config": p.get("config"),
+        "dataset": p.get("dataset") or {},
+        "metrics": p.get("metrics") or {},
+        "training": p.get("training") or {},
+        "format_version": p.get("format_version"),
+        "invdyn_version": p.get("invdyn_version"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return 0
+    for key in ("name", "source", "path", "obs_dim", "act_dim"):
+        print(f"{key:>13}: {info[key]}")
+    for key in ("architecture", "config", "dataset", "metrics", "training"):
+        flat = {k: v for k, v in info[key].items() if not isinstance(v, (dict, list))} if info[key] else {}
+        print(f"{key:>13}: " + (", ".join(f"{k}={_short(v)}" for k, v in sorted(flat.items())) or "-"))
+    return 0
+
+
+def _short(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def cmd_fetch(args) -> int:
+    from .hub import fetch
+
+    names = fetch(args.source, force=args.force, progress=not args.quiet)
+    print(f"installed {len(names)} model(s): {', '.join(names)}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .bundle import verify_bundle
+
+    manifest = verify_bundle(args.bundle)
+    models = manifest["models"]
+    rows = [
+        [m["name"], len(m["files"]), sum(f["size"] for f in m["files"].values()), _num(m["metrics"].get(_METRICS[0]))]
+        for m in models
+    ]
+    print(_table(rows, ["model", "files", "bytes", _METRICS[0]]))
+    print(f"OK: {args.bundle} holds {len(models)} model(s); every checksum matches its manifest")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m invdyn", description="Pretrained inverse dynamics models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="installed models (invdyn cache and CleanDiffuser's) with their metrics")
+    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("info", help="load a model and describe it")
+    p.add_argument("name")
+    p.add_argument("--source", help="model directory, bundle .zip, http(s) URL or MLflow models:/ URI")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("fetch", help="install a bundle (http(s) URL or .zip path) into the invdyn cache")
+    p.add_argument("source", metavar="URL_OR_PATH")
+    p.add_argument("--force", action="store_true", help="download and reinstall even if already installed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fetch)
+    p = sub.add_parser("verify", help="check a bundle's layout and checksums (exit 0 when sound)")
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InvdynError, OSError) as e:
+        print(f"invdyn {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"invdyn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
