@@ -1,0 +1,137 @@
+"""Prepared transitions cached as Arrow IPC files, one per source content (sha256), memory-mapped on read.
+
+Layout under `$INVDYN_HOME/transitions/`:
+  <sha256>-r<reader version>.arrow   columns obs, act, next_obs (fixed-size lists), episode, optional qpos /
+                                     qvel; the stats as JSON in the schema metadata
+  sources/<hash of path>.json        (path, size, mtime, inode) -> sha256, so an unchanged source is not
+                                     re-hashed on every load; any change of the file re-hashes it
+
+Reading maps the file (pyarrow.memory_map) and hands out zero-copy numpy views: a Ray worker that loads a
+1M-transition dataset reads no HDF5 and copies nothing until it touches the pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from invdyn._files import atomic_file, sha256_file, write_json
+from invdyn.paths import invdyn_home
+
+from .readers import READER_VERSION
+from .transitions import Transitions
+
+_MATRICES = ("obs", "act", "next_obs", "qpos", "qvel")
+
+
+def cache_dir() -> Path:
+    return invdyn_home() / "transitions"
+
+
+def cache_path(sha256: str) -> Path:
+    return cache_dir() / f"{sha256}-r{READER_VERSION}.arrow"
+
+
+def _index_path(source: Path) -> Path:
+    return cache_dir() / "sources" / (hashlib.sha256(str(source).encode()).hexdigest()[:32] + ".json")
+
+
+def _fingerprint(source: Path) -> dict:
+    st = source.stat()
+    return {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def known_sha256(source) -> str | None:
+    """The source's sha256 if it was hashed before and the file has not changed since (no hashing)."""
+    source = Path(source).resolve()
+    try:
+        entry = json.loads(_index_path(source).read_text())
+        return entry["sha256"] if entry["fingerprint"] == _fingerprint(source) else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def source_sha256(source) -> str:
+    """sha256 of a source file, taken from the index when the file is unchanged, else computed and indexed."""
+    source = Path(source).resolve()
+    sha = known_sha256(source)
+    if sha is None:
+        before = _fingerprint(source)
+        sha = sha256_file(source)
+        if _fingerprint(source) == before:  # not modified while we read it
+            with contextlib.suppress(OSError):
+                _index_path(source).parent.mkdir(parents=True, exist_ok=True)
+                write_json(_index_path(source), {"fingerprint": before, "sha256": sha})
+    return sha
+
+
+def write(t: Transitions, path) -> Path:
+    """Write `t` as one Arrow record batch (so every column maps as one contiguous buffer), atomically."""
+    import pyarrow as pa
+
+    columns, fields = [], []
+    for key in _MATRICES:
+        arr = getattr(t, key)
+        if arr is None:
+            continue
+        flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
+        columns.append(pa.FixedSizeListArray.from_arrays(flat, arr.shape[1]))
+        fields.append(pa.field(key, columns[-1].type))
+    columns.append(pa.array(t.episode.astype(np.int64)))
+    fields.append(pa.field("episode", pa.int64()))
+    meta = {"invdyn.stats": json.dumps(t.stats, sort_keys=True), "invdyn.name": t.name}
+    batch = pa.record_batch(columns, schema=pa.schema(fields, metadata=meta))
+    path = Path(path)
+    with atomic_file(path) as f, pa.ipc.new_file(f, batch.schema) as writer:
+        writer.write_batch(batch)
+    return path
+
+
+def read(path, name: str | None = None) -> Transitions:
+    """Memory-map a cached file; arrays are read-only zero-copy views of the map."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path), "r") as source:
+        table = pa.ipc.open_file(source).read_all()
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    out = {}
+    for key in _MATRICES:
+        if key in table.column_names:
+            col = table.column(key).combine_chunks()  # one chunk: no copy
+            width = col.type.list_size
+            out[key] = col.flatten().to_numpy(zero_copy_only=True).reshape(-1, width)
+    episode = table.column("episode").combine_chunks().to_numpy(zero_copy_only=True)
+    stats = json.loads(meta["invdyn.stats"])
+    stats["cache"] = str(path)
+    return Transitions(
+        name=name or meta.get("invdyn.name", Path(path).stem),
+        obs=out["obs"],
+        act=out["act"],
+        next_obs=out["next_obs"],
+        episode=episode,
+        qpos=out.get("qpos"),
+        qvel=out.get("qvel"),
+        stats=stats,
+    )
+
+
+def is_cached(sha256: str) -> bool:
+    return cache_path(sha256).is_file()
+
+
+def lock(sha256: str):
+    """A cross-process lock so that many Ray workers preparing the same dataset build its cache once."""
+    from filelock import FileLock
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    return FileLock(str(cache_dir() / f".{sha256}.lock"))
+
+
+def remove_stale(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

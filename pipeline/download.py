@@ -1,0 +1,71 @@
+"""Download D4RL files by catalog name into $D4RL_DATASET_DIR (the file name of the URL, as d4rl does).
+
+The transfer itself (progress bar, resume of `<file>.part`, atomic rename, INVDYN_OFFLINE) is
+`invdyn._download.download`; this module adds the catalog lookup, a mirror, the validity check of the
+finished HDF5 and an offline message that says where to put the file by hand.
+
+INVDYN_D4RL_MIRROR=<base URL> replaces D4RL's base (http://rail.eecs.berkeley.edu/datasets/offline_rl), so
+the same relative paths are fetched from a mirror or a local server.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from invdyn._download import download
+from invdyn.errors import DownloadError
+
+from .catalog import CATALOG, DatasetError, file_path, unknown
+from .readers import check_hdf5
+
+D4RL_BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+
+
+def dataset_url(name: str) -> str:
+    entry = CATALOG.get(name)
+    if entry is None:
+        raise unknown(name)
+    if entry["url"] is None:
+        raise DatasetError(
+            f"{name} is simulated, not downloaded: run `python -m pipeline.simulate {name}` "
+            f"(or `python -m pipeline.datasets prepare {name}`)"
+        )
+    mirror = os.environ.get("INVDYN_D4RL_MIRROR", "").strip().rstrip("/")
+    return (
+        mirror + entry["url"][len(D4RL_BASE) :]
+        if mirror and entry["url"].startswith(D4RL_BASE)
+        else entry["url"]
+    )
+
+
+def missing_message(name: str) -> str:
+    """What to do when a D4RL file is not on disk: the URL and the exact path to put it at."""
+    return (
+        f"{name}: file not found at {file_path(name)}. Download {dataset_url(name)} and save it at exactly "
+        f"that path, or run `python -m pipeline.datasets download {name}` (needs the internet; "
+        "pass download=True / --download to let the pipeline do it)"
+    )
+
+
+def download_dataset(name: str, *, progress: bool = True) -> Path:
+    """Fetch `name`'s file (resuming a partial one) and check it is a readable D4RL-layout HDF5."""
+    url = dataset_url(name)
+    dest = file_path(name)
+    if dest.is_file():
+        check_hdf5(dest)
+        return dest
+    try:
+        download(url, dest, desc=name, progress=progress)
+    except DownloadError as e:
+        raise DownloadError(
+            f"{e}\n{name}: without the internet, download {url} elsewhere and save it at exactly {dest}"
+        ) from None
+    try:
+        check_hdf5(dest)
+    except DatasetError as e:
+        dest.unlink(missing_ok=True)
+        raise DatasetError(
+            f"downloaded {url} but it is not a valid D4RL file, so it was removed: {e}"
+        ) from None
+    return dest

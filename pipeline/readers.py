@@ -1,0 +1,387 @@
+"""Readers that turn a dataset file into Transitions: D4RL-layout HDF5, Parquet pairs, Minari datasets.
+
+All of them end in `make_transitions`, the one place that pairs rows into `(s_t, a_t, s_{t+1})` without
+crossing an episode boundary and drops non-finite rows. Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from invdyn._files import sha256_file
+
+from .catalog import DatasetError, DatasetMissingError
+from .transitions import Transitions
+
+log = logging.getLogger(__name__)
+
+#: keys a D4RL-layout HDF5 file must have; `timeouts` and `next_observations` are optional
+REQUIRED_KEYS = ("observations", "actions", "terminals")
+#: when `timeouts` is missing (D4RL v0 files), episodes are cut every this many steps, as d4rl does
+DEFAULT_MAX_EPISODE_STEPS = 1000
+#: refuse a dataset when more than this fraction of its pairs has NaN / inf values
+MAX_NONFINITE_FRACTION = 0.01
+#: bumped whenever the readers' output for the same file changes (it is part of the cache key)
+READER_VERSION = 1
+
+
+def make_transitions(
+    name: str,
+    where: str,
+    obs: np.ndarray,
+    act: np.ndarray,
+    *,
+    terminals: np.ndarray,
+    timeouts: np.ndarray,
+    next_obs: np.ndarray | None = None,
+    qpos: np.ndarray | None = None,
+    qvel: np.ndarray | None = None,
+    stats: dict | None = None,
+) -> Transitions:
+    """Pair rows into transitions that never cross `terminals | timeouts`; drop (and count) non-finite pairs.
+
+    With `next_obs`, row i is the pair (obs[i], act[i], next_obs[i]) and done rows are kept (their next
+    observation is real). Without it, pair i uses obs[i + 1] and exists only when row i is not done.
+    """
+    n = len(obs)
+    done = np.asarray(terminals, bool) | np.asarray(timeouts, bool)
+    episode_of_row = (
+        np.concatenate([[0], np.cumsum(done[:-1], dtype=np.int64)]) if n else np.zeros(0, np.int64)
+    )
+    if next_obs is not None:
+        idx = np.arange(n)
+        nxt = next_obs
+    else:
+        idx = np.flatnonzero(~done[:-1]) if n > 1 else np.zeros(0, np.int64)
+        nxt = obs[idx + 1]
+    o, a = obs[idx], act[idx]
+    if len(idx) == 0:
+        raise DatasetError(f"{where}: no transitions (empty data, or every episode has a single step)")
+    finite = np.isfinite(o).all(1) & np.isfinite(a).all(1) & np.isfinite(nxt).all(1)
+    bad = int(len(idx) - finite.sum())
+    if bad:
+        frac = bad / len(idx)
+        if frac > MAX_NONFINITE_FRACTION:
+            keys = [
+                key
+                for key, arr in (("observations", o), ("actions", a), ("next_observations", nxt))
+                if not np.isfinite(arr).all()
+            ]
+            raise DatasetError(
+                f"{where}: {bad} of {len(idx)} transitions ({frac:.1%}) have NaN/inf values (keys: "
+                f"{', '.join(keys)}); at most {MAX_NONFINITE_FRACTION:.0%} are dropped silently. "
+                "Fix or regenerate the file."
+            )
+        log.warning("%s: dropped %d transitions with NaN/inf values (%.2f%%)", where, bad, 100 * frac)
+        idx, o, a, nxt = idx[finite], o[finite], a[finite], nxt[finite]
+    _, episode = np.unique(episode_of_row[idx], return_inverse=True)
+    act32 = np.ascontiguousarray(a, np.float32)
+    stats = dict(stats or {})
+    stats.update(
+        transitions=int(len(idx)),
+        episodes=int(episode.max()) + 1,
+        obs_dim=int(o.shape[1]),
+        act_dim=int(a.shape[1]),
+        act_min=act32.min(0).tolist(),
+        act_max=act32.max(0).tolist(),
+        dropped_nonfinite=bad,
+    )
+    stats.setdefault("env_id", None)
+    return Transitions(
+        name=name,
+        obs=np.ascontiguousarray(o, np.float32),
+        act=act32,
+        next_obs=np.ascontiguousarray(nxt, np.float32),
+        episode=episode.astype(np.int64),
+        qpos=None if qpos is None else np.ascontiguousarray(qpos[idx], np.float64),
+        qvel=None if qvel is None else np.ascontiguousarray(qvel[idx], np.float64),
+        stats=stats,
+    )
+
+
+def _check_dims(where: str, key: str, arr: np.ndarray, expected: int | None, name: str) -> None:
+    if expected is not None and arr.shape[1] != expected:
+        raise DatasetError(
+            f"{where}: key {key!r} has {arr.shape[1]} values per row but {name} has {expected} in the catalog; "
+            "the file is not that dataset (delete it and download again, or pass it by path)"
+        )
+
+
+def _as_2d(where: str, key: str, arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise DatasetError(f"{where}: key {key!r} must be 2-D (rows, dims), got shape {arr.shape}")
+    return arr
+
+
+def infer_timeouts(terminals: np.ndarray, max_steps: int = DEFAULT_MAX_EPISODE_STEPS) -> np.ndarray:
+    """d4rl's rule for files without `timeouts`: an episode that did not terminate ends after max_steps."""
+    n = len(terminals)
+    idx = np.arange(n)
+    start = np.zeros(n, bool)
+    start[0:1] = True
+    start[1:] = terminals[:-1]
+    pos = idx - np.maximum.accumulate(np.where(start, idx, 0))
+    return (pos + 1) % max_steps == 0
+
+
+def open_hdf5(path):
+    """h5py.File for reading, with a clear error for truncated / non-HDF5 / missing files."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetMissingError(f"dataset file {path} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DatasetError(
+            f"{path}: not a readable HDF5 file ({e}); it is truncated or not HDF5 - delete it and download "
+            "or generate it again"
+        ) from None
+
+
+def check_hdf5(path) -> None:
+    """Validity check of a D4RL-layout file without reading its arrays: opens, required keys, row counts."""
+    with open_hdf5(path) as f:
+        _row_counts(f, str(path))
+
+
+def _row_counts(f, where: str) -> int:
+    import h5py
+
+    for key in REQUIRED_KEYS:
+        if key not in f or not isinstance(f[key], h5py.Dataset):
+            raise DatasetError(
+                f"{where}: missing key {key!r} (a D4RL-layout file needs {', '.join(REQUIRED_KEYS)}; "
+                f"found: {', '.join(sorted(f.keys())) or 'nothing'})"
+            )
+    n = f["observations"].shape[0] if f["observations"].ndim else 0
+    for key in (
+        "actions",
+        "terminals",
+        "timeouts",
+        "next_observations",
+        "rewards",
+        "infos/qpos",
+        "infos/qvel",
+    ):
+        if key in f and f[key].shape[:1] != (n,):
+            raise DatasetError(
+                f"{where}: key {key!r} has {f[key].shape[0] if f[key].ndim else 0} rows but 'observations' "
+                f"has {n}; every per-step key must have one row per step"
+            )
+    if n == 0:
+        raise DatasetError(f"{where}: key 'observations' is empty")
+    return n
+
+
+def read_hdf5(
+    path, *, name: str | None = None, expect: dict | None = None, sha256: str | None = None
+) -> Transitions:
+    """A D4RL-layout HDF5 file (d4rl's own files, our simulated ones, a user's) -> Transitions.
+
+    `expect` is the catalog entry the file should match (its obs / act dims are checked).
+    """
+    path = Path(path)
+    where = str(path)
+    name = name or path.stem
+    with open_hdf5(path) as f:
+        _row_counts(f, where)
+        try:
+            arrays = {
+                key: f[key][()] for key in (*REQUIRED_KEYS, "timeouts", "next_observations") if key in f
+            }
+            for key in ("qpos", "qvel"):
+                if f"infos/{key}" in f:
+                    arrays[key] = f[f"infos/{key}"][()]
+        except OSError as e:
+            raise DatasetError(
+                f"{where}: cannot read its data ({e}); the file is truncated or damaged"
+            ) from None
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    obs = _as_2d(where, "observations", arrays["observations"])
+    act = _as_2d(where, "actions", arrays["actions"])
+    nxt = arrays.get("next_observations")
+    if nxt is not None:
+        nxt = _as_2d(where, "next_observations", nxt)
+        if nxt.shape[1] != obs.shape[1]:
+            raise DatasetError(
+                f"{where}: key 'next_observations' has {nxt.shape[1]} values per row, 'observations' {obs.shape[1]}"
+            )
+    if expect:
+        _check_dims(where, "observations", obs, expect.get("obs_dim"), expect["name"])
+        _check_dims(where, "actions", act, expect.get("act_dim"), expect["name"])
+    terminals = arrays["terminals"].reshape(-1).astype(bool)
+    inferred = "timeouts" not in arrays
+    timeouts = infer_timeouts(terminals) if inferred else arrays["timeouts"].reshape(-1).astype(bool)
+    stats = {
+        "source": str(path.resolve()),
+        "format": "d4rl-hdf5",
+        "sha256": sha256 or sha256_file(path),
+        "env_id": attrs.get("env_id") or (expect or {}).get("env_id"),
+        "has_next_observations": nxt is not None,
+        "timeouts_inferred": inferred,
+    }
+    if attrs.get("generator"):
+        stats.update(generator=attrs["generator"], policy=attrs.get("policy"), seed=attrs.get("seed"))
+    return make_transitions(
+        name, where, obs, act, terminals=terminals, timeouts=timeouts, next_obs=nxt,
+        qpos=arrays.get("qpos"), qvel=arrays.get("qvel"), stats=stats,
+    )  # fmt: skip
+
+
+PARQUET_COLUMNS = ("obs", "act", "next_obs", "episode")
+
+
+def read_parquet(
+    path, *, name: str | None = None, expect: dict | None = None, sha256: str | None = None
+) -> Transitions:
+    """A Parquet file of pairs: list columns obs, act, next_obs and an integer episode column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise DatasetMissingError(f"dataset file {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{where}: not a readable Parquet file ({e})") from None
+    missing = [c for c in PARQUET_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DatasetError(
+            f"{where}: missing column(s) {', '.join(missing)} (a Parquet dataset needs list columns obs, act, "
+            f"next_obs and an integer episode column; found: {', '.join(table.column_names)})"
+        )
+    if table.num_rows == 0:
+        raise DatasetError(f"{where}: no rows")
+
+    def matrix(col: str) -> np.ndarray:
+        arr = table.column(col).combine_chunks()
+        if not (
+            pa.types.is_list(arr.type)
+            or pa.types.is_large_list(arr.type)
+            or pa.types.is_fixed_size_list(arr.type)
+        ):
+            raise DatasetError(
+                f"{where}: column {col!r} must hold one list of numbers per row, got {arr.type}"
+            )
+        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+        if arr.null_count or len(set(lengths.tolist())) != 1:
+            raise DatasetError(f"{where}: column {col!r} has rows of different lengths or nulls")
+        return (
+            arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(arr), int(lengths[0]))
+        )
+
+    obs, act, nxt = matrix("obs"), matrix("act"), matrix("next_obs")
+    if nxt.shape[1] != obs.shape[1]:
+        raise DatasetError(
+            f"{where}: column 'next_obs' has {nxt.shape[1]} values per row, 'obs' {obs.shape[1]}"
+        )
+    if expect:
+        _check_dims(where, "obs", obs, expect.get("obs_dim"), expect["name"])
+        _check_dims(where, "act", act, expect.get("act_dim"), expect["name"])
+    episode = table.column("episode").to_numpy()
+    if not np.issubdtype(episode.dtype, np.integer):
+        raise DatasetError(f"{where}: column 'episode' must hold integers, got {episode.dtype}")
+    # rows are pairs already; a change of episode id is the boundary (kept only for episode-wise splits)
+    change = np.concatenate([episode[1:] != episode[:-1], [True]])
+    stats = {
+        "source": str(path.resolve()),
+        "format": "parquet",
+        "sha256": sha256 or sha256_file(path),
+        "env_id": (expect or {}).get("env_id"),
+        "has_next_observations": True,
+    }
+    return make_transitions(
+        name or path.stem, where, obs, act, terminals=change, timeouts=np.zeros(len(obs), bool), next_obs=nxt,
+        stats=stats,
+    )  # fmt: skip
+
+
+def minari_source(dataset_id: str) -> Path:
+    """The data file of a local Minari dataset (data/main_data.hdf5), with clear errors when it is missing."""
+    try:
+        from minari.storage import get_dataset_path
+    except ImportError:
+        raise DatasetError(
+            f"minari:{dataset_id} needs the minari package: pip install minari (or invdyn[test])"
+        ) from None
+    root = Path(get_dataset_path(dataset_id))
+    data = root / "data"
+    if not data.is_dir():
+        raise DatasetMissingError(
+            f"Minari dataset {dataset_id!r} is not on this machine (looked in {data}); "
+            f"run `minari download {dataset_id}` or set MINARI_DATASETS_PATH"
+        )
+    main = data / "main_data.hdf5"
+    return main if main.is_file() else data
+
+
+def minari_sha256(source: Path) -> str:
+    """sha256 of main_data.hdf5, or of every file of a non-HDF5 Minari data folder (paths and bytes)."""
+    if source.is_file():
+        return sha256_file(source)
+    h = hashlib.sha256()
+    for p in sorted(q for q in source.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(source)).encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _flat(x) -> np.ndarray:
+    """Minari observations may be (nested) dicts: concatenate their leaves in sorted key order."""
+    if isinstance(x, dict):
+        return np.concatenate([_flat(x[k]) for k in sorted(x)], axis=1)
+    x = np.asarray(x)
+    return x.reshape(len(x), -1)
+
+
+def read_minari(dataset_id: str, *, sha256: str | None = None) -> Transitions:
+    """A Minari dataset via minari itself: each episode has T+1 observations and T actions."""
+    source = minari_source(dataset_id)
+    import minari
+
+    where = f"minari:{dataset_id} ({source})"
+    try:
+        ds = minari.load_dataset(dataset_id)
+    except Exception as e:  # minari raises several types for broken folders
+        raise DatasetError(f"{where}: minari cannot load it ({type(e).__name__}: {e})") from None
+    obs, nxt, act, ends = [], [], [], []
+    for ep in ds.iterate_episodes():
+        o = _flat(ep.observations)
+        a = np.asarray(ep.actions).reshape(len(ep.actions), -1)
+        if len(o) != len(a) + 1:
+            raise DatasetError(
+                f"{where}: episode {ep.id} has {len(o)} observations for {len(a)} actions (need T+1)"
+            )
+        if len(a) == 0:
+            continue
+        obs.append(o[:-1])
+        nxt.append(o[1:])
+        act.append(a)
+        end = np.zeros(len(a), bool)
+        end[-1] = True
+        ends.append(end)
+    if not obs:
+        raise DatasetError(f"{where}: no episodes with steps")
+    env_spec = getattr(ds.spec, "env_spec", None)
+    stats = {
+        "source": str(source),
+        "format": "minari",
+        "sha256": sha256 or minari_sha256(source),
+        "env_id": getattr(env_spec, "id", None),
+        "has_next_observations": True,
+    }
+    obs_a, act_a, nxt_a, end_a = (np.concatenate(x) for x in (obs, act, nxt, ends))
+    return make_transitions(
+        f"minari:{dataset_id}", where, obs_a, act_a, terminals=end_a, timeouts=np.zeros(len(obs_a), bool),
+        next_obs=nxt_a, stats=stats,
+    )  # fmt: skip
