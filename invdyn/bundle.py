@@ -17,6 +17,7 @@ import json
 import shutil
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from . import __version__
@@ -254,7 +255,7 @@ def _copy_member(zf: zipfile.ZipFile, zip_path: Path, member: str, meta: dict, d
                 h.update(block)
                 if dst is not None:
                     dst.write(block)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
         raise ChecksumError(f"{zip_path}: {member} is corrupt ({e}); download the bundle again") from None
     actual = h.hexdigest()
     if size != meta["size"] or actual != meta["sha256"]:

@@ -25,6 +25,7 @@ class PretrainedIDM(nn.Module):
         self.path = Path(path) if path is not None else None
         #: where it was loaded from: a directory, "invdyn cache", "CleanDiffuser", a URL or an MLflow URI
         self.source = str(source) if source is not None else (str(self.path) if self.path else None)
+        self.eval()  # a loaded model is for inference: module and network both in eval mode
 
     @property
     def name(self) -> str:
