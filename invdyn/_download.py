@@ -93,7 +93,7 @@ def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -
     if offset:
         req.add_header("Range", f"bytes={offset}-")
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 - scheme checked above
+        resp = _opener().open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:
             total = _content_range_total(e.headers.get("Content-Range"))
@@ -102,6 +102,8 @@ def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -
             part.unlink()  # the .part is longer than the file: start over
             return _transfer(url, part, desc, progress, timeout)
         raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+    except DownloadError:
+        raise
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise DownloadError(f"cannot download {url}: {reason}") from None
@@ -137,6 +139,19 @@ def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -
         part.unlink()
         raise DownloadError(f"{url}: received {size} bytes but the server announced {total}; try again")
     return size == total
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to http(s) (urllib would also follow one to ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in {"http", "https"}:
+            raise DownloadError(f"{req.full_url} redirects to {newurl!r}; only http(s) redirects are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    return urllib.request.build_opener(_HttpOnlyRedirects())
 
 
 def _content_range_start(header) -> int | None:

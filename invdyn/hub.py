@@ -60,6 +60,10 @@ def _load_from_source(name: str, source, device) -> PretrainedIDM:
     if text.startswith(MLFLOW_SCHEMES):
         return _load_from_mlflow(name, text, device)
     if is_url(text):
+        cached = model_cache_dir() / name
+        if (_install_record(cached) or {}).get("source") == text:
+            _verify_installed(cached)  # installed from this URL before: no network (fetch(url, force=True) refreshes)
+            return read_model_dir(cached, device)._with_source(text)
         installed = fetch(text)
         return _load_installed(name, installed, text, device)
     if "://" in text:
@@ -132,7 +136,8 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
             raise DownloadError(f"cannot fetch {text!r}: only http(s) URLs and local .zip paths are supported")
         path = Path(text).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"bundle {path} does not exist")
+            what = "is a directory, not a bundle .zip" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"bundle {path} {what}")
         return _install(path, str(path.resolve()), force)
     if offline():
         raise DownloadError(f"INVDYN_OFFLINE=1: refusing to fetch {text}; unset it or fetch a local .zip path")

@@ -62,7 +62,7 @@ class FileServer:
 
     `cut_after`: send only this many body bytes per response, then drop the connection (for this many
     responses, `cuts`); `ignore_range`: answer 200 with the whole file even when a Range is asked.
-    `requests` records (path, Range header) of every request.
+    `redirects` maps a path to a Location answered with 302. `requests` records (path, Range header).
     """
 
     def __init__(self, root):
@@ -71,6 +71,7 @@ class FileServer:
         self.cuts = 0
         self.ignore_range = False
         self.requests: list[tuple[str, str | None]] = []
+        self.redirects: dict[str, str] = {}  # "/path" -> Location
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -80,6 +81,12 @@ class FileServer:
             def do_GET(self):
                 rng = self.headers.get("Range")
                 server.requests.append((self.path, rng))
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 path = server.root / self.path.lstrip("/")
                 if not path.is_file():
                     self.send_error(404, "Not Found")

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -85,6 +86,24 @@ def test_complete_part_is_finished_without_body(served, tmp_path):
     assert dest.read_bytes() == payload  # server answered 416 with the full size: the .part was whole
 
 
+def test_redirects_only_to_http(served, tmp_path):
+    server, payload = served
+    server.redirects = {"/old.bin": server.url("blob.bin"), "/evil.bin": "ftp://127.0.0.1/blob.bin"}
+    assert download(server.url("old.bin"), tmp_path / "a.bin", progress=False).read_bytes() == payload
+    with pytest.raises(invdyn.DownloadError, match="only http"):
+        download(server.url("evil.bin"), tmp_path / "b.bin", progress=False)
+    assert not (tmp_path / "b.bin").exists()
+
+
+def test_plain_progress_line_without_tqdm(served, tmp_path, monkeypatch, capsys):
+    server, _ = served
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if tqdm were not installed
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    download(server.url("blob.bin"), tmp_path / "blob.bin")
+    err = capsys.readouterr().err
+    assert "downloading blob.bin (0.3 MB)" in err and "blob.bin: 0.3 MB in" in err
+
+
 def test_checksum_mismatch_leaves_nothing(served, tmp_path):
     server, _ = served
     with pytest.raises(invdyn.ChecksumError) as e:
@@ -129,6 +148,20 @@ def test_fetch_bundle_over_http_then_load(tmp_path):
     assert _leftovers(home) == [] and not list((home / "downloads").glob("*.zip"))
     kept = list((home / "bundles").glob("*.json"))  # the verified manifest is kept
     assert len(kept) == 1 and '"a-v0"' in kept[0].read_text()
+
+
+def test_load_from_url_downloads_once(tmp_path, monkeypatch):
+    bundle = make_bundle(tmp_path, names=("a-v0",))
+    with FileServer(tmp_path) as server:
+        url = server.url(bundle.name)
+        first = invdyn.load("a-v0", source=url)
+        second = invdyn.load("a-v0", source=url)
+        monkeypatch.setenv("INVDYN_OFFLINE", "1")
+        third = invdyn.load("a-v0", source=url)  # installed from this URL: works offline
+    assert len(server.requests) == 1
+    assert first.source == second.source == third.source == url
+    x = np.ones((2, 5), np.float32)
+    np.testing.assert_array_equal(first.predict(x, x), third.predict(x, x))
 
 
 def test_fetch_offline_touches_no_network(tmp_path, monkeypatch):
