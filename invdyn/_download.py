@@ -180,7 +180,7 @@ class _Progress:
             print(f"downloading {desc} ({size}{resume}) ...", file=sys.stderr, flush=True)
             return
         self.bar = tqdm(
-            total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False
+            total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=True
         )
 
     def update(self, n: int) -> None:

@@ -30,6 +30,7 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same inputs -> byte-identical zip
 _CHUNK = 1 << 20
+_SIZE_SLACK = 1 << 20  # how far past its recorded size a member is read (to name its checksum)
 
 
 def write_bundle(zip_path, model_dirs, *, extra_manifest: dict | None = None) -> Path:
@@ -238,28 +239,34 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> dict:
 
 
 def _copy_member(zf: zipfile.ZipFile, zip_path: Path, member: str, meta: dict, dst) -> None:
-    """Stream one member, checking size and sha256 (never reading past the recorded size); write to dst if given."""
+    """Stream one member, checking its size and sha256; write it to `dst` if given.
+
+    A member much larger than the manifest says is not read to the end (decompression-bomb guard).
+    """
     info = zf.getinfo(member)
-    if info.file_size != meta["size"]:
+    limit = meta["size"] + _SIZE_SLACK
+    if info.file_size > limit:
         raise ChecksumError(
-            f"{zip_path}: {member} has size {info.file_size} but {MANIFEST} records {meta['size']} "
-            "(tampered or truncated bundle)"
+            f"{zip_path}: {member} is {info.file_size} bytes but {MANIFEST} records {meta['size']} "
+            f"(sha256 {meta['sha256']}): the bundle is corrupt or was tampered with"
         )
     h, size = hashlib.sha256(), 0
     try:
         with zf.open(info) as src:
             while block := src.read(_CHUNK):
                 size += len(block)
-                if size > meta["size"]:
+                if size > limit:
                     break
                 h.update(block)
                 if dst is not None:
                     dst.write(block)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
-        raise ChecksumError(f"{zip_path}: {member} is corrupt ({e}); download the bundle again") from None
+        raise ChecksumError(
+            f"{zip_path}: {member} is corrupt ({e}); expected sha256 {meta['sha256']}; download the bundle again"
+        ) from None
     actual = h.hexdigest()
     if size != meta["size"] or actual != meta["sha256"]:
         raise ChecksumError(
-            f"{zip_path}: {member} sha256 {actual} ({size} bytes) does not match {MANIFEST}'s "
+            f"{zip_path}: {member} has sha256 {actual} ({size} bytes) but {MANIFEST} records "
             f"{meta['sha256']} ({meta['size']} bytes): the bundle is corrupt or was tampered with"
         )

@@ -74,13 +74,14 @@ def test_tampered_member_is_refused_with_both_checksums(tmp_path):
     with zipfile.ZipFile(bundle) as zf:
         params = json.loads(zf.read("a-v0/params.json"))
         expected = json.loads(zf.read("manifest.json"))["models"][0]["files"]["params.json"]["sha256"]
-    params["metrics"]["heldout_mse"] = 0.0001  # same length? no matter: size or sha differs
+    params["metrics"]["heldout_mse"] = 0.0001  # a better-looking score: size and sha256 differ
     data = json.dumps(params).encode()
     bad = rewrite_zip(bundle, tmp_path / "bad.zip", replace={"a-v0/params.json": data})
     with pytest.raises(invdyn.ChecksumError) as e:
         invdyn.verify_bundle(bad)
     msg = str(e.value)
-    assert "a-v0/params.json" in msg and "bad.zip" in msg and ("size" in msg or expected in msg)
+    actual = hashlib.sha256(data).hexdigest()
+    assert "a-v0/params.json" in msg and "bad.zip" in msg and expected in msg and actual in msg
     # same size, different bytes: the sha256 must catch it and be named
     with zipfile.ZipFile(bundle) as zf:
         raw = bytearray(zf.read("b-v0/model.ckpt"))
@@ -93,6 +94,14 @@ def test_tampered_member_is_refused_with_both_checksums(tmp_path):
     with pytest.raises(invdyn.ChecksumError):
         invdyn.fetch(bad2)
     assert invdyn.list_models() == []
+
+
+def test_oversized_member_is_not_read(tmp_path):
+    bundle = make_bundle(tmp_path, names=("a-v0",))
+    bomb = rewrite_zip(bundle, tmp_path / "bomb.zip", replace={"a-v0/README.md": bytes(50 << 20)})
+    assert bomb.stat().st_size < 1 << 20  # 50 MB of zeros deflate to almost nothing
+    with pytest.raises(invdyn.ChecksumError, match=r"a-v0/README.md is 52428800 bytes but manifest.json records"):
+        invdyn.verify_bundle(bomb)
 
 
 def test_corrupt_compressed_bytes_are_refused(tmp_path):
