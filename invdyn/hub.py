@@ -162,6 +162,8 @@ def _install(zip_path: Path, source: str, force: bool) -> list[str]:
         manifest = verify_open(zf, zip_path)
         bundle_sha = sha256_file(zip_path)
         with file_lock(models_dir / ".lock"):
+            for stale in models_dir.glob(".fetch-*"):  # only made under this lock: left by a killed fetch
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=models_dir))
             try:
                 extract_verified(zf, zip_path, manifest, tmp)

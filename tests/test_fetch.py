@@ -203,7 +203,13 @@ def test_concurrent_fetches_end_with_one_good_copy(tmp_path):
 
 def test_fetch_skips_identical_and_replaces_changed(tmp_path):
     first = make_bundle(tmp_path, names=("a-v0",), zip_name="one.zip")
+    stale = model_cache_dir() / ".fetch-killed" / "a-v0"  # what a fetch killed mid-extract leaves
+    stale.mkdir(parents=True)
+    (stale / "params.json").write_text("{")
+    with pytest.raises(invdyn.ModelNotFoundError):
+        invdyn.load("a-v0")  # a half-extracted copy is never visible
     invdyn.fetch(first)
+    assert not stale.parent.exists()
     ckpt = model_cache_dir() / "a-v0" / "model.ckpt"
     inode = ckpt.stat().st_ino
     invdyn.fetch(first)
