@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ from .readers import READER_VERSION
 from .transitions import Transitions
 
 _MATRICES = ("obs", "act", "next_obs", "qpos", "qvel")
+#: a file modified less than this before it was hashed is re-hashed on the next load (coarse timestamps)
+RACY_NS = 2_000_000_000
 
 
 def cache_dir() -> Path:
@@ -47,13 +50,20 @@ def _fingerprint(source: Path) -> dict:
 
 
 def known_sha256(source) -> str | None:
-    """The source's sha256 if it was hashed before and the file has not changed since (no hashing)."""
+    """The source's sha256 if it was hashed before and the file has not changed since (no hashing).
+
+    As in git's index, an entry is trusted only if the file was already RACY_NS old when it was hashed:
+    a rewrite within the file system's timestamp resolution could otherwise keep size and mtime.
+    """
     source = Path(source).resolve()
     try:
         entry = json.loads(_index_path(source).read_text())
-        return entry["sha256"] if entry["fingerprint"] == _fingerprint(source) else None
+        fp = _fingerprint(source)
+        if entry["fingerprint"] == fp and entry["hashed_at_ns"] - fp["mtime_ns"] > RACY_NS:
+            return entry["sha256"]
     except (OSError, ValueError, KeyError):
-        return None
+        pass
+    return None
 
 
 def source_sha256(source) -> str:
@@ -61,12 +71,12 @@ def source_sha256(source) -> str:
     source = Path(source).resolve()
     sha = known_sha256(source)
     if sha is None:
-        before = _fingerprint(source)
+        before, hashed_at = _fingerprint(source), time.time_ns()
         sha = sha256_file(source)
         if _fingerprint(source) == before:  # not modified while we read it
             with contextlib.suppress(OSError):
                 _index_path(source).parent.mkdir(parents=True, exist_ok=True)
-                write_json(_index_path(source), {"fingerprint": before, "sha256": sha})
+                write_json(_index_path(source), {"fingerprint": before, "sha256": sha, "hashed_at_ns": hashed_at})
     return sha
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from invdyn.errors import InvdynError
 
+from .rollout import SIM_ENVS
+
 
 class DatasetError(InvdynError, ValueError):
     """A dataset that cannot be used as given: the message names the file / key / dataset and the fix."""
@@ -29,20 +31,6 @@ class DatasetMissingError(DatasetError, FileNotFoundError):
 _TABLE = json.loads((Path(__file__).with_name("d4rl_catalog.json")).read_text())
 _D4RL: dict[str, dict] = _TABLE["datasets"]
 
-#: Gymnasium MuJoCo envs we simulate: short name -> env id, make() kwargs, obs / act dims.
-#: Ant drops the contact-force part of the observation (27 dims = qpos[2:] + qvel): D4RL's 111-dim ant
-#: observations are these 27 followed by 84 contact-force dims that D4RL's MuJoCo 2.x left at zero.
-SIM_ENVS: dict[str, dict] = {
-    "halfcheetah": {"env_id": "HalfCheetah-v5", "env_kwargs": {}, "obs_dim": 17, "act_dim": 6},
-    "hopper": {"env_id": "Hopper-v5", "env_kwargs": {}, "obs_dim": 11, "act_dim": 3},
-    "walker2d": {"env_id": "Walker2d-v5", "env_kwargs": {}, "obs_dim": 17, "act_dim": 6},
-    "ant": {
-        "env_id": "Ant-v5",
-        "env_kwargs": {"include_cfrc_ext_in_observation": False},
-        "obs_dim": 27,
-        "act_dim": 8,
-    },
-}
 #: Behaviour policies (implemented in pipeline.policies): uniform random, Ornstein-Uhlenbeck correlated
 #: noise, a noisy periodic gait (reaches fast, coordinated motion random never does), and a per-episode mix.
 SIM_POLICIES = ("random", "ou", "gait", "mixed")

@@ -13,3 +13,78 @@ def isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("INVDYN_OFFLINE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return root
+
+
+# ---- datasets (issue 3): simulated files for any test, and a writer of D4RL-layout files ----
+
+
+@pytest.fixture(scope="session")
+def sim_files(tmp_path_factory):
+    """name -> Path of small simulated D4RL-layout files (real MuJoCo rollouts), made once per session.
+
+    Pass a path as the dataset spec: `load_transitions(str(sim_files["sim-hopper-random-v0"]))`.
+    """
+    from pipeline.simulate import simulate
+
+    out = tmp_path_factory.mktemp("sim-datasets")
+    sizes = {"sim-halfcheetah-random-v0": 6000, "sim-hopper-random-v0": 6000}
+    return {name: simulate(name, transitions=n, seed=0, out_dir=out, workers=1, progress=False) for name, n in sizes.items()}
+
+
+def write_d4rl_file(path, episodes=(5, 7, 4), obs_dim=3, act_dim=2, *, dtype="float32", next_obs=True,
+                    timeouts=True, terminal_episodes=(0,), seed=0, **extra):  # fmt: skip
+    """Write a D4RL-layout HDF5 file whose rows encode where they are: obs[:, 0] = episode, obs[:, 1] = step.
+
+    A pair (obs, next_obs) is inside one episode iff next_obs[:, 0] == obs[:, 0] and next_obs[:, 1] ==
+    obs[:, 1] + 1. Episodes in `terminal_episodes` end with terminals=1, the others with timeouts=1.
+    `extra` keys are written as given (None deletes a key). Returns the dict of arrays written.
+    """
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = sum(episodes)
+    ep = np.repeat(np.arange(len(episodes)), episodes)
+    step = np.concatenate([np.arange(k) for k in episodes])
+    obs = rng.normal(size=(n, obs_dim))
+    obs[:, 0], obs[:, 1] = ep, step
+    nxt = obs.copy()
+    nxt[:, 1] += 1
+    nxt[:, 2:] = rng.normal(size=(n, obs_dim - 2))
+    ends = np.cumsum(episodes) - 1
+    term, tout = np.zeros(n, bool), np.zeros(n, bool)
+    for e, (end, length) in enumerate(zip(ends, episodes, strict=True)):
+        if length:
+            (term if e in terminal_episodes else tout)[end] = True
+    data = {
+        "observations": obs.astype(dtype),
+        "actions": rng.uniform(-1, 1, (n, act_dim)).astype(dtype),
+        "rewards": rng.normal(size=n).astype(dtype),
+        "terminals": term,
+        "timeouts": tout,
+        "next_observations": nxt.astype(dtype),
+    }
+    if not next_obs:
+        del data["next_observations"]
+    if not timeouts:
+        del data["timeouts"]
+    for k, v in extra.items():
+        if v is None:
+            data.pop(k, None)
+        else:
+            data[k] = v
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+    return data
+
+
+@pytest.fixture
+def d4rl_file(tmp_path):
+    """Factory: d4rl_file(name="x.hdf5", **write_d4rl_file kwargs) -> (path, arrays)."""
+
+    def make(name="data.hdf5", **kw):
+        path = tmp_path / name
+        return path, write_d4rl_file(path, **kw)
+
+    return make
