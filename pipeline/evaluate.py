@@ -62,14 +62,9 @@ def heldout_rows(transitions, params: dict) -> tuple[np.ndarray, np.ndarray, str
         return everything, everything, "all rows (the model records no training split)"
     if trained_on and transitions.sha256 and trained_on != transitions.sha256:
         return everything, everything, "all rows (the model was trained on other data: dataset sha256 differs)"
-    from .trainer import split_indices
+    from .trainer import split_from_training
 
-    train, val = split_indices(
-        transitions,
-        split=training["split"],
-        val_fraction=training.get("val_fraction", 0.2),
-        seed=training.get("split_seed", training.get("seed", 0)),
-    )
+    train, val = split_from_training(transitions, training)
     return np.asarray(train), np.asarray(val), f"validation split of training ({training['split']})"
 
 

@@ -39,8 +39,8 @@ def test_recorded_actions_replay_at_floating_point_level(name, request):
     assert m["physics_reason"] is None
     assert m["env_id"] == t.stats["env_id"]
     assert m["reference"].startswith("env observation")
-    assert m["one_step_floor"] < 1e-9
-    assert m["tracking_floor"] < 1e-9  # 16 steps open loop with the recorded actions: still exact
+    assert m["one_step_floor"] < 1e-8
+    assert m["tracking_floor"] < 1e-8  # 16 steps open loop with the recorded actions: still exact
     assert len(m["floor_drift_per_step"]) == 16
     # the same comparison is sensitive: a zero / mean action lands far from the recorded next state
     assert m["one_step_error"] > 1e-3 and m["one_step_baseline"] > 1e-3
@@ -96,5 +96,5 @@ def test_unsimulatable_data_gives_a_reason_not_a_crash(cheetah):
 
 def test_short_episodes_give_one_step_but_no_tracking(hopper):
     m = _metrics(hopper, horizon=5000)
-    assert m["one_step_floor"] < 1e-9
+    assert m["one_step_floor"] < 1e-8
     assert m["tracking_drift"] is None and "5001 consecutive" in m["physics_reason"]

@@ -1,0 +1,108 @@
+"""pipeline.evaluate: a trained IDM beats the mean action in real MuJoCo; the CLI contract; clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import invdyn
+from pipeline.datasets import load_transitions
+from pipeline.evaluate import EvaluationError, attach_evaluation, evaluate, evaluation_tags
+from pipeline.trainer import TrainConfig, train
+
+QUICK = {"hidden_dim": 128, "dropout": 0.0, "lr": 1e-3, "batch_size": 256, "max_epochs": 8, "patience": 8, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def cheetah(sim_files):
+    return load_transitions(str(sim_files["sim-halfcheetah-random-v0"]))
+
+
+@pytest.fixture(scope="module")
+def trained(cheetah, tmp_path_factory):
+    """A small model trained for a few epochs on simulated HalfCheetah (episode split)."""
+    out = tmp_path_factory.mktemp("model") / "sim-halfcheetah-random-v0"
+    return train(cheetah, TrainConfig(**QUICK), out).model_dir
+
+
+@pytest.fixture(scope="module")
+def result(trained, cheetah):
+    return evaluate(invdyn.read_model_dir(trained), cheetah, horizon=32, one_step_samples=400, tracking_starts=16)
+
+
+def test_trained_model_beats_the_mean_action_in_mujoco(result, trained):
+    params = invdyn.read_model_dir(trained).params
+    # scored on exactly the held-out episodes the trainer kept out, with the trainer's own metric
+    assert result["heldout"].startswith("validation split")
+    assert result["heldout_episodes"] == len(params["training"]["split_info"]["val_episodes"])
+    assert result["heldout_mse"] == pytest.approx(params["metrics"]["heldout_mse"], rel=1e-4)
+    assert result["heldout_mse"] < 0.3 * result["baseline_mse"]
+    # physics: far below the mean action, far above the floor (which is floating-point exact)
+    assert result["physics_reason"] is None
+    assert result["one_step_floor"] < 1e-8 < result["one_step_error"] < 0.5 * result["one_step_baseline"]
+    assert result["tracking_floor"] < 1e-8 < result["tracking_drift"] < 0.5 * result["tracking_baseline"]
+    assert len(result["drift_per_step"]) == 32 and result["drift_per_step"][-1] == result["tracking_drift"]
+    assert len(result["per_dim_r2"]) == 6 and min(result["per_dim_r2"]) > 0.3
+
+
+def test_evaluate_json_contract_from_the_command_line(trained, sim_files):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "pipeline.evaluate", str(trained), str(sim_files["sim-halfcheetah-random-v0"]),
+           "--json", "--starts", "4", "--samples", "100"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)  # exactly one JSON object on stdout
+    for key in ("heldout_mse", "baseline_mse", "one_step_error", "one_step_baseline", "one_step_floor",
+                "tracking_drift", "tracking_baseline"):  # fmt: skip
+        assert isinstance(out[key], float), key
+    assert out["horizon"] == 32 and len(out["drift_per_step"]) == 32
+    assert out["heldout_mse_normalized"] < out["baseline_mse_normalized"]
+
+
+def test_dims_mismatch_is_a_clear_error(trained, sim_files):
+    hopper = load_transitions(str(sim_files["sim-hopper-random-v0"]))
+    with pytest.raises(EvaluationError, match=r"obs_dim=17, act_dim=6 .*'sim-hopper-random-v0' has obs_dim=11, act_dim=3"):
+        evaluate(invdyn.read_model_dir(trained), hopper)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", str(trained), str(sim_files["sim-hopper-random-v0"]),
+                           "--json"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "obs_dim=11" in proc.stderr and "obs_dim=17" in proc.stderr
+
+
+def test_dataset_without_simulator_state_gives_null_physics(d4rl_file):
+    path, _ = d4rl_file("plain.hdf5", episodes=(40, 50, 45, 60, 38), obs_dim=4, act_dim=2)
+    t = load_transitions(str(path))
+    net = invdyn.FancyMlpInvDynamic(4, 2, 16)
+    model_dir = invdyn.save_model_dir(path.parent / "m", net, invdyn.GaussianNormalizer.from_data(t.obs))
+    r = evaluate(invdyn.read_model_dir(model_dir), t)
+    assert r["heldout"].startswith("all rows")  # no recorded split: every row, and it says so
+    assert r["heldout_transitions"] == len(t) and r["baseline_mse"] > 0
+    assert r["one_step_error"] is None and r["tracking_drift"] is None
+    assert "infos/qpos" in r["physics_reason"]
+    json.dumps(r, allow_nan=False)  # null, not NaN
+
+
+def test_attach_evaluation_updates_params_and_card_atomically(trained, result, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained, model_dir)
+    attach_evaluation(model_dir, result)
+    loaded = invdyn.read_model_dir(model_dir)  # the weights checksum still verifies
+    ev = loaded.params["evaluation"]
+    assert ev["tracking_drift"] == result["tracking_drift"] and ev["horizon"] == 32
+    assert "## Evaluation" in loaded.card and "tracking drift" in loaded.card
+    assert loaded.params["metrics"] == invdyn.read_model_dir(trained).params["metrics"]
+    obs = np.zeros((2, 17), np.float32)
+    np.testing.assert_array_equal(loaded.predict(obs, obs), invdyn.read_model_dir(trained).predict(obs, obs))
+    assert sorted(p.name for p in model_dir.parent.iterdir()) == ["m"]  # no temp dirs left behind
+    tags = evaluation_tags(result)
+    assert tags["eval.tracking_drift"] == result["tracking_drift"] and all(isinstance(v, float) for v in tags.values())
+
+
+def test_bad_horizon_is_refused(trained, cheetah):
+    with pytest.raises(EvaluationError, match="horizon"):
+        evaluate(invdyn.read_model_dir(trained), cheetah, horizon=0)
