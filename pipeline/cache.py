@@ -49,17 +49,18 @@ def _fingerprint(source: Path) -> dict:
     return {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
 
 
-def known_sha256(source) -> str | None:
+def known_sha256(source, *, strict: bool = True) -> str | None:
     """The source's sha256 if it was hashed before and the file has not changed since (no hashing).
 
-    As in git's index, an entry is trusted only if the file was already RACY_NS old when it was hashed:
-    a rewrite within the file system's timestamp resolution could otherwise keep size and mtime.
+    As in git's index, `strict` trusts an entry only if the file was already RACY_NS old when it was
+    hashed: a rewrite within the file system's timestamp resolution could otherwise keep size and mtime.
+    (`strict=False` is for display only, e.g. the `list` command's status column.)
     """
     source = Path(source).resolve()
     try:
         entry = json.loads(_index_path(source).read_text())
         fp = _fingerprint(source)
-        if entry["fingerprint"] == fp and entry["hashed_at_ns"] - fp["mtime_ns"] > RACY_NS:
+        if entry["fingerprint"] == fp and (not strict or entry["hashed_at_ns"] - fp["mtime_ns"] > RACY_NS):
             return entry["sha256"]
     except (OSError, ValueError, KeyError):
         pass

@@ -184,7 +184,7 @@ def status(name: str) -> tuple[str, int | None]:
     path = file_path(name)
     if not path.is_file():
         return "missing", None
-    sha = cache.known_sha256(path)
+    sha = cache.known_sha256(path, strict=False)
     return ("cached" if sha and cache.is_cached(sha) else "present"), path.stat().st_size
 
 
