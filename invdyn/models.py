@@ -171,3 +171,95 @@ def build_model(arch: str, config: dict, options: dict | None = None) -> _InvDyn
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](**config, **(options or {}))
+
+
+class _RunningScale(nn.Module):
+    """Divides its input by the root mean square seen in training (cumulative, then a fixed constant).
+
+    Unlike BatchNorm it never normalizes with the current batch's statistics, so a batch of one and
+    eval mode behave the same; the statistics live in the state dict like any weight.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-12):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("sq_mean", torch.ones(dim))
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                n = float(x.shape[0])
+                batch = x.detach().float().pow(2).mean(0)
+                self.sq_mean.copy_((self.sq_mean * self.count + batch * n) / (self.count + n))
+                self.count.add_(n)
+        return x * torch.rsqrt(self.sq_mean + self.eps).to(x.dtype)
+
+
+class _ResBlock(nn.Module):
+    """Pre-norm residual block: x + Linear(GELU(Linear(LayerNorm(x))))."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, dim),
+            nn.GELU(approximate="tanh"),
+            nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+            nn.Linear(dim, dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@register_architecture
+class ResMlpInvDynamic(_InvDynBase):
+    """Residual MLP on (s, s', s' - s): invdyn's own IDM (not loadable by CleanDiffuser).
+
+    Why the extra input: the action shows up in the *change* of state (joint accelerations), a small
+    difference of two large normalized vectors; feeding s' - s rescaled to unit RMS makes it as easy to
+    read as the states themselves. Residual blocks let depth help instead of hurt.
+    """
+
+    arch_name = "res_mlp"
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_dim: int = 512,
+        tanh_out_activation: bool = True,
+        action_scale: float = 1.0,
+        n_blocks: int = 2,
+        dropout: float = 0.0,
+        delta_input: bool = True,
+    ):
+        super().__init__(obs_dim, act_dim, hidden_dim, tanh_out_activation, action_scale)
+        if isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 0:
+            raise ValueError(f"n_blocks must be an integer >= 0, got {n_blocks!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.n_blocks, self.dropout, self.delta_input = int(n_blocks), float(dropout), bool(delta_input)
+        self.delta_scale = _RunningScale(obs_dim) if self.delta_input else None
+        self.mlp = nn.Sequential(
+            nn.Linear((3 if self.delta_input else 2) * obs_dim, hidden_dim),
+            *[_ResBlock(hidden_dim, self.dropout) for _ in range(self.n_blocks)],
+            nn.LayerNorm(hidden_dim),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden_dim, act_dim),
+            nn.Tanh() if tanh_out_activation else nn.Identity(),
+        )
+
+    @property
+    def options(self) -> dict:
+        return {"n_blocks": self.n_blocks, "dropout": self.dropout, "delta_input": self.delta_input}
+
+    def forward(self, obs: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        parts = [obs, next_obs]
+        if self.delta_scale is not None:
+            parts.append(self.delta_scale(next_obs - obs))
+        out = self.mlp(torch.cat(parts, -1))
+        if self.tanh_out_activation:
+            out = out * self.action_scale
+        return out

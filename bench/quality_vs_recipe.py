@@ -1,0 +1,154 @@
+"""Which training settings beat CleanDiffuser's IDM recipe? Held-out MSE and 32-step MuJoCo tracking drift.
+
+    python bench/quality_vs_recipe.py                       # sim suite, recipe vs the default candidates
+    python bench/quality_vs_recipe.py --datasets sim-hopper-mixed-v0 --candidates recipe,res_mlp
+
+Protocol (the same for every candidate, so the comparison is fair): per dataset, 20% of the episodes
+(seeded) are set aside as the test set and never touched in training; each candidate trains on the rest
+with its own validation split and stopping rule (the recipe: random 80/20 of transitions, patience 3,
+last weights), and is scored on the test episodes: action MSE, and the closed-loop drift of MuJoCo
+following the recorded trajectory for --horizon steps (pipeline.evaluate). Writes OUT/results.json,
+OUT/table.md, and a report (OUT/report.md + plots) with the best candidate as champion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.report import RECIPE  # noqa: E402
+
+#: candidates: overrides of the recipe (what the field suggests, one idea each, then combined)
+CANDIDATES = {
+    "recipe": {},
+    "ep_split_best": {"split": "episodes", "keep": "best", "patience": 10},
+    "no_dropout": {"split": "episodes", "keep": "best", "patience": 10, "dropout": 0.0},
+    "adamw_cosine": {"split": "episodes", "keep": "best", "dropout": 0.0, "optimizer": "adamw", "weight_decay": 1e-4,
+                     "lr": 1e-3, "schedule": "cosine", "max_epochs": 60, "patience": 60},  # fmt: skip
+    "huber": {"split": "episodes", "keep": "best", "patience": 10, "loss": "huber"},
+    "wide": {"split": "episodes", "keep": "best", "patience": 10, "dropout": 0.0, "hidden_dim": 1024},
+    "res_mlp": {"split": "episodes", "keep": "best", "arch": "res_mlp", "dropout": 0.0, "optimizer": "adamw",
+                "weight_decay": 1e-4, "lr": 1e-3, "schedule": "cosine", "max_epochs": 60, "patience": 60},  # fmt: skip
+}
+DEFAULT_CANDIDATES = "recipe,no_dropout,adamw_cosine,res_mlp"
+SIM_SUITE = "sim-halfcheetah-mixed-v0,sim-hopper-mixed-v0,sim-walker2d-mixed-v0"
+
+
+def run(args) -> list[dict]:
+    import invdyn
+    from pipeline.datasets import load_transitions
+    from pipeline.evaluate import evaluate
+    from pipeline.report import subset
+    from pipeline.trainer import TrainConfig, split_indices, train
+
+    out = Path(args.out)
+    rows = []
+    for name in args.datasets.split(","):
+        t = load_transitions(name)
+        dev, test = split_indices(t, "episodes", 0.2, args.test_seed)
+        dev_set = subset(t, dev, f"bench-dev-{args.test_seed}")
+        for cand in args.candidates.split(","):
+            config = {**RECIPE, **CANDIDATES[cand], "seed": args.seed}
+            if args.max_epochs:
+                config["max_epochs"] = min(config.get("max_epochs", args.max_epochs), args.max_epochs)
+            started = time.perf_counter()
+            result = train(dev_set, TrainConfig(**config), out / "models" / name / cand, dataset_name=name)
+            wall = time.perf_counter() - started
+            model = invdyn.read_model_dir(result.model_dir)
+            ev = evaluate(model, t, rows=(dev, test, f"bench test episodes (seed {args.test_seed})"),
+                          horizon=args.horizon, tracking_starts=args.starts, one_step_samples=args.samples)  # fmt: skip
+            row = {"dataset": name, "candidate": cand, "config": config, "train_wall_s": wall,
+                   "epochs": result.metrics["epochs"], "model_dir": str(result.model_dir), "eval": ev}  # fmt: skip
+            rows.append(row)
+            print(f"{name:28} {cand:14} test MSE {ev['heldout_mse']:.5f}  drift@{args.horizon} "
+                  f"{ev['tracking_drift']:.4f}  one-step {ev['one_step_error']:.4f}  epochs {row['epochs']:3d}  "
+                  f"{wall:6.0f}s", flush=True)  # fmt: skip
+            (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    return rows
+
+
+def table(rows: list[dict], horizon: int) -> str:
+    """Markdown: every candidate's test MSE and drift, and both as a ratio to the recipe's on that dataset."""
+    recipe = {r["dataset"]: r["eval"] for r in rows if r["candidate"] == "recipe"}
+    lines = [
+        f"| dataset | candidate | test MSE | / recipe | drift@{horizon} | / recipe | one-step | epochs | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e, base = r["eval"], recipe.get(r["dataset"], {})
+
+        def ratio(key, e=e, base=base):
+            return f"{e[key] / base[key]:.3f}" if base.get(key) and e.get(key) is not None else "n/a"
+
+        lines.append(
+            f"| {r['dataset']} | {r['candidate']} | {e['heldout_mse']:.5f} | {ratio('heldout_mse')} | "
+            f"{e['tracking_drift']:.4f} | {ratio('tracking_drift')} | {e['one_step_error']:.4f} | {r['epochs']} | "
+            f"{r['train_wall_s']:.0f} |"
+        )
+    baselines = {r["dataset"]: r["eval"] for r in rows}
+    lines += ["", "| dataset | mean-action MSE | mean-action drift | floor drift |", "|---|---|---|---|"]
+    lines += [f"| {d} | {e['baseline_mse']:.4f} | {e['tracking_baseline']:.4f} | {e['tracking_floor']:.2g} |"
+              for d, e in baselines.items()]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def champion_report(rows: list[dict], out: Path, horizon: int) -> None:
+    """A pipeline.report with, per dataset, the candidate best on both metrics (sum of ratios) vs the recipe."""
+    from pipeline.report import write_report
+
+    entries = []
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == name]
+        recipe = next((r for r in mine if r["candidate"] == "recipe"), None)
+        others = [r for r in mine if r["candidate"] != "recipe"] or mine
+
+        def score(r, recipe=recipe):
+            if recipe is None:
+                return r["eval"]["heldout_mse"]
+            return sum(r["eval"][k] / recipe["eval"][k] for k in ("heldout_mse", "tracking_drift"))
+
+        best = min(others, key=score)
+        curve = json.loads((Path(best["model_dir"]) / "params.json").read_text()).get("learning_curve", [])
+        entry = {"dataset": name, "champion": best["eval"], "champion_dir": best["model_dir"],
+                 "champion_curve": curve, "champion_config": {"candidate": best["candidate"], **best["config"]},
+                 "recipe": recipe["eval"] if recipe else None}  # fmt: skip
+        if recipe:
+            entry["recipe_curve"] = json.loads((Path(recipe["model_dir"]) / "params.json").read_text()).get("learning_curve", [])
+        entries.append(entry)
+    write_report(entries, out, horizon)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", default=SIM_SUITE)
+    ap.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma list of {', '.join(CANDIDATES)}")
+    ap.add_argument("--out", default="runs/bench-quality")
+    ap.add_argument("--horizon", type=int, default=32)
+    ap.add_argument("--starts", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--max-epochs", type=int, default=None, help="cap every candidate's epochs (quick looks)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-seed", type=int, default=1234)
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.candidates.split(",") if c not in CANDIDATES]
+    if unknown:
+        ap.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows = run(args)
+    text = table(rows, args.horizon)
+    (Path(args.out) / "table.md").write_text(text)
+    champion_report(rows, Path(args.out), args.horizon)
+    print()
+    print(text)
+    print(f"written: {args.out}/table.md, results.json, report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

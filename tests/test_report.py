@@ -1,0 +1,73 @@
+"""pipeline.report renders its tables and plots from a small real run (trained models, MuJoCo replay)."""
+
+import json
+import re
+
+import pytest
+
+from pipeline.datasets import load_transitions
+from pipeline.report import main, read_summary, subset
+from pipeline.trainer import TrainConfig, train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUICK = {"hidden_dim": 64, "dropout": 0.0, "lr": 1e-3, "batch_size": 256, "max_epochs": 4, "patience": 4}
+
+
+@pytest.fixture(scope="module")
+def summary(sim_files, tmp_path_factory):
+    """What pipeline.pretrain_all leaves: DIR/summary.json with one record per dataset, model dirs relative."""
+    root = tmp_path_factory.mktemp("job")
+    records = []
+    for name, path in sim_files.items():
+        result = train(load_transitions(str(path)), TrainConfig(**QUICK), root / "models" / name)
+        records.append({"dataset": str(path), "heldout_mse": result.metrics["heldout_mse"],
+                        "baseline_mse": result.metrics["baseline_mse"], "config": QUICK,
+                        "model_dir": f"models/{name}"})  # fmt: skip
+    (root / "summary.json").write_text(json.dumps(records))
+    return root / "summary.json"
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_report_renders_table_and_plots_with_recipe(summary, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["--summary", str(summary), "--out", str(out), "--with-recipe", "--recipe-max-epochs", "1",
+                 "--starts", "6", "--samples", "200", "--horizon", "8"]) == 0  # fmt: skip
+    md = (out / "report.md").read_text()
+    for name in ("sim-halfcheetah-random-v0", "sim-hopper-random-v0"):
+        for metric in ("held-out action MSE", "one-step state error", "tracking drift at 8"):
+            row = re.search(rf"^\| {name} \| {metric} \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", md, re.M)
+            assert row, f"no row for {name} / {metric}"
+            champion, recipe, baseline = (float(v) for v in row.groups())  # all three columns filled
+            assert champion < baseline
+        assert re.search(rf"^\| {name} \| [0-9.]+ \| [0-9.-]+ \| [0-9.]+ \| (well served|weak)", md, re.M)
+    for png in ("learning_curves.png", "heldout_mse.png", "tracking_drift.png"):
+        width, height = _png_size(out / png)
+        assert width > 300 and height > 200
+        assert f"]({png})" in md
+    results = json.loads((out / "results.json").read_text())
+    assert [len(e["champion"]["drift_per_step"]) for e in results] == [8, 8]
+    assert all(e["recipe"]["heldout_episodes"] == e["champion"]["heldout_episodes"] for e in results)
+    assert not list(out.glob(".*tmp*"))  # no temp files left behind
+    assert "written:" in capsys.readouterr().out
+
+
+def test_recipe_never_trains_on_held_out_episodes(sim_files):
+    t = load_transitions(str(sim_files["sim-hopper-random-v0"]))
+    part = subset(t, [r for r in range(len(t)) if t.episode[r] % 2 == 0], "even")
+    assert set(part.episode.tolist()) == {e for e in set(t.episode.tolist()) if e % 2 == 0}
+    assert part.sha256 != t.sha256 and part.stats["subset_of"] == t.sha256
+    assert part.qpos.shape[0] == len(part) == part.stats["transitions"]
+
+
+def test_bad_summary_is_a_clear_error(tmp_path, capsys):
+    assert main(["--summary", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "pretrain_all" in capsys.readouterr().err
+    bad = tmp_path / "summary.json"
+    bad.write_text(json.dumps([{"dataset": "x"}]))
+    with pytest.raises(Exception, match="record 0 has no 'model_dir'"):
+        read_summary(bad)
