@@ -154,13 +154,15 @@ def _finish(t: Transitions, src: Source) -> Transitions:
     t.stats["source"] = str(src.path.resolve())
     if src.entry and not t.stats.get("env_id"):
         t.stats["env_id"] = src.entry.get("env_id")
+    if src.entry and "env_kwargs" not in t.stats and "env_kwargs" in src.entry:
+        t.stats["env_kwargs"] = src.entry["env_kwargs"]
     return t
 
 
 def _info(t: Transitions, spec: str) -> dict:
     entry = CATALOG.get(t.name) or {}
     keep = ("source", "format", "sha256", "transitions", "episodes", "obs_dim", "act_dim", "act_min", "act_max",
-            "env_id", "cache", "dropped_nonfinite", "has_next_observations", "policy", "seed")  # fmt: skip
+            "env_id", "env_kwargs", "cache", "dropped_nonfinite", "has_next_observations", "policy", "seed")  # fmt: skip
     info = {"name": t.name, "spec": spec}
     info.update({k: t.stats[k] for k in keep if k in t.stats})
     info["has_qpos"] = t.qpos is not None

@@ -7,6 +7,7 @@ crossing an episode boundary and drops non-finite rows. Every error names the fi
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -26,7 +27,7 @@ DEFAULT_MAX_EPISODE_STEPS = 1000
 #: refuse a dataset when more than this fraction of its pairs has NaN / inf values
 MAX_NONFINITE_FRACTION = 0.01
 #: bumped whenever the readers' output for the same file changes (it is part of the cache key)
-READER_VERSION = 1
+READER_VERSION = 2
 
 
 def make_transitions(
@@ -230,6 +231,8 @@ def read_hdf5(
     }
     if attrs.get("generator"):
         stats.update(generator=attrs["generator"], policy=attrs.get("policy"), seed=attrs.get("seed"))
+    if attrs.get("env_kwargs"):
+        stats["env_kwargs"] = json.loads(attrs["env_kwargs"])
     return make_transitions(
         name, where, obs, act, terminals=terminals, timeouts=timeouts, next_obs=nxt,
         qpos=arrays.get("qpos"), qvel=arrays.get("qvel"), stats=stats,

@@ -46,6 +46,8 @@ def test_other_envs_and_policies_replay(tmp_path, name):
         assert f.attrs["generator"] == GENERATOR and f.attrs["policy"] == CATALOG[name]["policy"]
         assert f["observations"].shape == (800, CATALOG[name]["obs_dim"])
     assert max(replay_errors(path, range(0, 800, 9))) < 1e-5
+    stats = load_transitions(str(path)).stats
+    assert stats["env_id"] == CATALOG[name]["env_id"] and stats["env_kwargs"] == CATALOG[name]["env_kwargs"]
 
 
 def test_episode_boundaries_are_real(sim_files):
