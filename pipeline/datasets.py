@@ -119,7 +119,10 @@ def _check_entry(src: Source, t: Transitions) -> None:
 def load_transitions(
     spec: str, *, download: bool = False, simulate: bool = True, use_cache: bool = True
 ) -> Transitions:
-    """Transitions for `spec`, from the Arrow cache when the source is unchanged (see module doc)."""
+    """Transitions for `spec`, from the Arrow cache when the source is unchanged (see module doc).
+
+    Arrays that come from the cache are read-only views of a memory map: copy one before changing it.
+    """
     src = locate(spec, download=download, simulate=simulate)
     if not use_cache:
         return _finish(_parse(src), src)
