@@ -101,7 +101,7 @@ def evaluate_record(record: dict, *, with_recipe: bool, work_dir: Path, horizon:
     from .evaluate import evaluate, heldout_rows
 
     model = invdyn.read_model_dir(record["model_dir"])
-    transitions = load_transitions(record.get("dataset") or model.params["dataset"]["name"])
+    transitions = load_transitions(record.get("spec") or record.get("dataset") or model.params["dataset"]["name"])
     rows = heldout_rows(transitions, model.params)
     kw = {"horizon": horizon, "tracking_starts": starts, "one_step_samples": samples, "rows": rows, "progress": progress}
     entry = {
@@ -136,6 +136,9 @@ def read_summary(path) -> list[dict]:
         records = records.get("datasets") or records.get("records") or []
     out = []
     for i, rec in enumerate(records):
+        if isinstance(rec, dict) and rec.get("status") == "failed":
+            out.append(rec)  # shown in the report as failed, not evaluated
+            continue
         if not isinstance(rec, dict) or not rec.get("model_dir"):
             raise InvdynError(f"{path}: record {i} has no 'model_dir' (got {rec!r:.120})")
         model_dir = Path(rec["model_dir"])
@@ -165,7 +168,7 @@ def verdict(result: dict) -> str:
     return "weak"
 
 
-def markdown(entries: list[dict], horizon: int) -> str:
+def markdown(entries: list[dict], horizon: int, failed: list[dict] = ()) -> str:
     has_recipe = any(e.get("recipe") for e in entries)
     lines = [
         "# invdyn quality report",
@@ -208,6 +211,9 @@ def markdown(entries: list[dict], horizon: int) -> str:
             )
     if not has_recipe:
         lines += ["", "Recipe column empty: run with `--with-recipe` to train and score CleanDiffuser's recipe."]
+    if failed:
+        lines += ["", "Datasets whose training failed (no model to evaluate):", ""]
+        lines += [f"- {rec.get('dataset')}: {rec.get('error', 'unknown error')}" for rec in failed]
     notes = [f"- {e['dataset']}: {e['champion']['physics_reason']}" for e in entries if e["champion"].get("physics_reason")]
     if notes:
         lines += ["", "Physics metrics not available:", "", *notes]
@@ -314,7 +320,7 @@ def plot_tracking_drift(entries: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(entries: list[dict], out_dir, horizon: int = 32) -> Path:
+def write_report(entries: list[dict], out_dir, horizon: int = 32, failed: list[dict] = ()) -> Path:
     """Write report.md, results.json and the three PNGs into `out_dir` (each file atomically)."""
     import matplotlib
 
@@ -336,7 +342,7 @@ def write_report(entries: list[dict], out_dir, horizon: int = 32) -> Path:
     with atomic_file(out_dir / "results.json", "w") as f:
         json.dump(entries, f, indent=2, sort_keys=True, default=str)
     with atomic_file(out_dir / "report.md", "w") as f:
-        f.write(markdown(entries, horizon))
+        f.write(markdown(entries, horizon, failed))
     return out_dir / "report.md"
 
 
@@ -356,12 +362,13 @@ def main(argv=None) -> int:
 
     try:
         records = read_summary(args.summary) if args.summary else [{"model_dir": Path(m)} for m in args.models]
+        failed = [rec for rec in records if rec.get("status") == "failed"]
         entries = [
             evaluate_record(rec, with_recipe=args.with_recipe, work_dir=Path(args.out), horizon=args.horizon,
                             starts=args.starts, samples=args.samples, recipe_max_epochs=args.recipe_max_epochs)  # fmt: skip
-            for rec in tqdm(records, desc="report", unit="dataset")
+            for rec in tqdm([r for r in records if r not in failed], desc="report", unit="dataset")
         ]
-        path = write_report(entries, args.out, args.horizon)
+        path = write_report(entries, args.out, args.horizon, failed=failed)
     except (InvdynError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -106,3 +106,19 @@ def test_attach_evaluation_updates_params_and_card_atomically(trained, result, t
 def test_bad_horizon_is_refused(trained, cheetah):
     with pytest.raises(EvaluationError, match="horizon"):
         evaluate(invdyn.read_model_dir(trained), cheetah, horizon=0)
+
+
+def test_res_mlp_trains_saves_and_evaluates(cheetah, tmp_path):
+    """invdyn's residual architecture goes through the trainer, the model format and the evaluation."""
+    config = TrainConfig(**{**QUICK, "arch": "res_mlp", "max_epochs": 2, "patience": 2})
+    model = invdyn.read_model_dir(train(cheetah, config, tmp_path / "res").model_dir)
+    assert model.params["architecture"] == {"name": "res_mlp", "n_blocks": 2, "dropout": 0.0, "delta_input": True}
+    scale = model.net.delta_scale
+    delta = model.normalizer.normalize(cheetah.next_obs) - model.normalizer.normalize(cheetah.obs)
+    assert scale.count.item() > len(cheetah)  # learned from the data (2 epochs of training rows), not the init
+    np.testing.assert_allclose(scale.sq_mean.numpy(), (delta**2).mean(0), rtol=0.25)
+    obs, nxt = cheetah.obs[:5], cheetah.next_obs[:5]
+    one_by_one = np.concatenate([model.predict(obs[i : i + 1], nxt[i : i + 1]) for i in range(5)])
+    np.testing.assert_allclose(one_by_one, model.predict(obs, nxt), atol=1e-6)  # no batch statistics at eval
+    r = evaluate(model, cheetah, horizon=4, one_step_samples=50, tracking_starts=2)
+    assert r["heldout_mse"] < r["baseline_mse"] and r["one_step_error"] < r["one_step_baseline"]

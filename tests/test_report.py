@@ -23,6 +23,7 @@ def summary(sim_files, tmp_path_factory):
         records.append({"dataset": str(path), "heldout_mse": result.metrics["heldout_mse"],
                         "baseline_mse": result.metrics["baseline_mse"], "config": QUICK,
                         "model_dir": f"models/{name}"})  # fmt: skip
+    records.append({"dataset": "sim-walker2d-random-v0", "status": "failed", "error": "trial crashed: planted"})
     (root / "summary.json").write_text(json.dumps(records))
     return root / "summary.json"
 
@@ -45,6 +46,7 @@ def test_report_renders_table_and_plots_with_recipe(summary, tmp_path, capsys):
             champion, recipe, baseline = (float(v) for v in row.groups())  # all three columns filled
             assert champion < baseline
         assert re.search(rf"^\| {name} \| [0-9.]+ \| [0-9.-]+ \| [0-9.]+ \| (well served|weak)", md, re.M)
+    assert "sim-walker2d-random-v0: trial crashed: planted" in md  # a failed dataset is listed, not evaluated
     for png in ("learning_curves.png", "heldout_mse.png", "tracking_drift.png"):
         width, height = _png_size(out / png)
         assert width > 300 and height > 200
