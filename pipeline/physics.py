@@ -62,6 +62,19 @@ def env_kwargs_for(transitions) -> dict:
     return json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs)
 
 
+def zero_padding(transitions, env_obs_dim: int) -> int:
+    """How many trailing observation dims the dataset has beyond the env's, if they are all zero.
+
+    D4RL's ant files carry 84 contact-force dims that MuJoCo >= 2.0 left at zero after Ant's 27; the env
+    reproduces the 27 and the zeros are appended. Any other extra dims are a mismatch (returns 0).
+    """
+    extra = transitions.obs_dim - env_obs_dim
+    if extra <= 0:
+        return 0
+    zeros = not transitions.obs[:, env_obs_dim:].any() and not transitions.next_obs[:, env_obs_dim:].any()
+    return extra if zeros else 0
+
+
 def successor_mask(transitions) -> np.ndarray:
     """True at row i when row i+1 is the recorded continuation of row i (same episode, obs[i+1] == next_obs[i])."""
     n = len(transitions)
@@ -104,8 +117,10 @@ class Replay:
             raise PhysicsUnavailable(f"cannot make Gymnasium env {self.env_id!r}: {type(e).__name__}: {e}") from None
         self.model, self.data = self.env.model, self.env.data
         self.frame_skip = self.env.frame_skip
+        self.env_obs_dim = self.env.observation_space.shape[0]
+        self.pad = zero_padding(transitions, self.env_obs_dim)
         got = {
-            "obs_dim": (transitions.obs_dim, self.env.observation_space.shape[0]),
+            "obs_dim": (transitions.obs_dim, self.env_obs_dim + self.pad),
             "act_dim": (transitions.act_dim, self.model.nu),
             "qpos": (transitions.qpos.shape[1], self.model.nq),
             "qvel": (transitions.qvel.shape[1], self.model.nv),
@@ -129,7 +144,11 @@ class Replay:
         self.env.do_simulation(np.asarray(action, np.float64), self.frame_skip)
         if self.bar is not None:
             self.bar.update()
-        return self.env._get_obs()
+        return self._obs()
+
+    def _obs(self) -> np.ndarray:
+        obs = self.env._get_obs()
+        return np.concatenate([obs, np.zeros(self.pad)]) if self.pad else obs
 
     def observe(self, rows) -> np.ndarray:
         """The env's observation of the recorded states at `rows`, float64."""
@@ -137,7 +156,7 @@ class Replay:
         out = np.empty((len(rows), tr.obs_dim))
         for k, i in enumerate(rows):
             self._set(tr.qpos[i], tr.qvel[i])
-            out[k] = self.env._get_obs()
+            out[k] = self._obs()
         return out
 
     def state_obs_gap(self, rows, std) -> float:
@@ -145,7 +164,8 @@ class Replay:
         rows = np.asarray(rows)
         if len(rows) == 0:
             return 0.0
-        return float(np.max(np.abs(self.observe(rows) - self.transitions.obs[rows]) / std))
+        d = len(std)
+        return float(np.max(np.abs(self.observe(rows)[:, :d] - self.transitions.obs[rows, :d]) / std))
 
     def references(self, rows, std) -> tuple[np.ndarray, str]:
         """Reference next observations for `rows` (which must have a successor) and how they were made."""
@@ -180,7 +200,7 @@ class Replay:
         for s, i in enumerate(starts):
             self._set(tr.qpos[i], tr.qvel[i])
             mujoco.mj_getState(self.model, self.data, states[s], spec)
-            obs[s] = self.env._get_obs()
+            obs[s] = self._obs()
         out = np.empty((len(starts), horizon, tr.obs_dim))
         for k in range(horizon):
             actions = np.asarray(act_fn(k, obs, tr.obs[np.asarray(starts) + k + 1]), dtype=np.float64)
@@ -193,8 +213,9 @@ class Replay:
 
 
 def normalized_rmse(a: np.ndarray, b: np.ndarray, std: np.ndarray, axis=None):
-    """Root mean square of (a - b) / std over `axis` (all by default)."""
-    return np.sqrt(np.mean(((np.asarray(a, np.float64) - b) / std) ** 2, axis=axis))
+    """Root mean square of (a - b) / std over `axis` (all by default), on the first len(std) dims."""
+    d = len(std)
+    return np.sqrt(np.mean(((np.asarray(a, np.float64)[..., :d] - np.asarray(b)[..., :d]) / std) ** 2, axis=axis))
 
 
 def physics_metrics(
@@ -236,7 +257,8 @@ def physics_metrics(
     from tqdm.auto import tqdm
 
     replay.bar = tqdm(desc=f"MuJoCo replay {transitions.name}", unit="step", unit_scale=True, disable=not progress)
-    std = np.asarray(std, np.float64)
+    # padding dims are zero in data and simulation alike: leave them out of the RMSE instead of diluting it
+    std = np.asarray(std, np.float64)[: replay.env_obs_dim]
     mean_action = np.asarray(mean_action, np.float64)
     rng = np.random.default_rng(seed)
     try:
