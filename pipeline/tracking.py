@@ -29,6 +29,7 @@ from pathlib import Path
 
 import mlflow
 import mlflow.artifacts
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -75,7 +76,7 @@ def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///") :])
@@ -83,7 +84,7 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def artifact_root(uri: str) -> str | None:
     """Where new experiments keep artifacts: beside a SQLite DB; for a server, its own default."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         return None
     return (db.parent / "mlartifacts").as_uri()
@@ -104,7 +105,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     if _is_http(uri):
         _check_http(uri, timeout)
         return
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,21 @@ def _client(uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    db = sqlite_path(uri)
+    if db is None or uri in _initialized:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # MLflow creates / migrates a SQLite DB when a process first opens it; two processes doing that at
+    # once break the migration ("Online migration expected to match one row"). One at a time.
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    _initialized.add(uri)
+    return client
+
+
+_initialized: set[str] = set()
 
 
 def is_transient(error: BaseException) -> bool:
@@ -730,7 +745,8 @@ def _register(uri: str, record: dict, model_dir: Path, sha: str, alias: str) -> 
     versions = {str(v.version): v for v in _all_versions(client, name)}
     mine = versions[str(version.version)]
     reason = _reason(mine, versions, before, after, created)
-    client.set_model_version_tag(name, str(version.version), "champion_decision", reason)
+    if created:  # the decision made when the version was registered, shown in the registry UI
+        client.set_model_version_tag(name, str(version.version), "champion_decision", reason)
     return {
         "model_name": name,
         "version": str(version.version),
