@@ -1,0 +1,142 @@
+"""Where trials run and with what: connecting to Ray and choosing the resources of a trial.
+
+Measured with Ray 2.60 on a 2-core machine, the traps this module avoids:
+- A Tune trial that reserves a CPU while its Train worker reserves another deadlocks a 2-CPU node once
+  two trials start (each holds the trial CPU, waits for a worker CPU; Ray waits forever). The Tune trial
+  here reserves no CPU/GPU, only a little memory (Tune refuses an all-zero bundle); the Train worker holds
+  the CPUs / GPU fraction the training uses. `max_concurrent` caps running trials at what fits.
+- Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker, and torch follows; the trainer gets `threads` = the
+  worker's CPUs, so a 2-CPU worker trains on 2 threads.
+- The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a finished run waits
+  up to that long to be noticed. TRAIN_ENV lowers it; it is set in the trial process, from where Train
+  propagates it to its controller and workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+#: Memory (bytes) a Tune trial process reserves instead of a CPU: it only waits on its TorchTrainer.
+TRIAL_MEMORY = 128 * 2**20
+#: Env for Ray Train, set in the trial before building a TorchTrainer (see module doc).
+TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    # One actor less per run; a preempted trial is retried by Tune's FailureConfig anyway.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+#: Trials started at once when the cluster cannot fit one yet (autoscaling adds the nodes).
+AUTOSCALE_CONCURRENCY = 16
+#: GPU fraction per trial when the cluster has GPUs: the models are small; four share a GPU well.
+TRIALS_PER_GPU = 4
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Resources of one trial's Train worker, how many trials run at once, and the torch threads."""
+
+    cpus: float
+    gpus: float
+    max_concurrent: int
+    threads: int
+    cluster_cpus: float
+    cluster_gpus: float
+    nodes: int
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus > 0 else "cpu"
+
+    def worker_resources(self) -> dict:
+        res = {"CPU": self.cpus}
+        if self.gpus > 0:
+            res["GPU"] = self.gpus
+        return res
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus:g} GPU" if self.gpus else ""
+        return (
+            f"{self.nodes} node(s), {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; each trial: "
+            f"{self.cpus:g} CPU{gpu}, {self.threads} torch thread(s); up to {self.max_concurrent} at once"
+        )
+
+
+class PlacementError(ValueError):
+    """Resource flags that can never be satisfied."""
+
+
+def connect(*, address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = False) -> bool:
+    """Join the cluster named by `address` / $RAY_ADDRESS (as under `ray job submit`), else start a local
+    Ray with this machine's resources and no dashboard. Returns True when this call started Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"logging_level": "WARNING", "log_to_driver": log_to_driver}
+    if address:
+        ray.init(address=address, **kwargs)
+        return True
+    # address="local": never attach by surprise to some other Ray already running on this machine.
+    # (Ray 2.60 maps 127.0.0.1 to the node's address and binds its gRPC ports on all interfaces; a new
+    # local cluster has token authentication on by default, and the dashboard stays off.)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    return True
+
+
+def cluster_totals() -> tuple[float, float, int]:
+    """(CPUs, GPUs, alive nodes) of the cluster right now."""
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0)), nodes
+
+
+def decide(
+    n_trials: int,
+    *,
+    cpus_per_trial: float | None = None,
+    gpus_per_trial: float | None = None,
+    max_concurrent: int | None = None,
+    totals: tuple[float, float, int] | None = None,
+) -> Placement:
+    """Trial resources from the flags, defaulting from what the cluster has (see module doc)."""
+    cpus_total, gpus_total, nodes = totals if totals is not None else cluster_totals()
+    cpus = 1.0 if cpus_per_trial is None else float(cpus_per_trial)
+    if cpus <= 0:
+        raise PlacementError(f"--cpus-per-trial must be > 0 (got {cpus:g}): the training loop needs a CPU")
+    if gpus_per_trial is None:
+        gpus = 1.0 / TRIALS_PER_GPU if gpus_total > 0 else 0.0
+    else:
+        gpus = float(gpus_per_trial)
+    if gpus < 0 or (gpus > 1 and not float(gpus).is_integer()):
+        raise PlacementError(f"--gpus-per-trial must be a fraction in (0, 1] or a whole number, got {gpus:g}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise PlacementError(f"--max-concurrent must be >= 1 (got {max_concurrent})")
+    slots = math.floor(cpus_total / cpus + 1e-9)
+    if gpus > 0:
+        slots = min(slots, math.floor(gpus_total / gpus + 1e-9))
+    if max_concurrent is None:
+        # Nothing fits now: an autoscaling cluster adds nodes for the pending trials.
+        max_concurrent = slots if slots > 0 else AUTOSCALE_CONCURRENCY
+    max_concurrent = max(1, min(max_concurrent, max(n_trials, 1)))
+    return Placement(
+        cpus=cpus,
+        gpus=gpus,
+        max_concurrent=max_concurrent,
+        threads=max(1, round(cpus)),
+        cluster_cpus=cpus_total,
+        cluster_gpus=gpus_total,
+        nodes=nodes,
+    )
+
+
+def trial_resources() -> dict:
+    """What the Tune trial itself reserves: no CPU (its Train worker holds that), a little memory."""
+    return {"CPU": 0, "memory": TRIAL_MEMORY}

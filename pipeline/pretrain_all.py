@@ -1,0 +1,513 @@
+"""Pretrain an IDM per dataset with Ray: `python -m pipeline.pretrain_all --datasets sim [--search] --out DIR`.
+
+Ray Tune runs one trial per (dataset, search point); each trial is a Ray Train `TorchTrainer` (one worker
+holding the trial's CPUs / GPU fraction) that runs `pipeline.trainer.train` and reports once, at the end,
+with the whole learning curve and the model directory as its checkpoint (in `--storage-path`). The driver
+prepares every dataset once and puts it in Ray's object store; it records each finished trial in
+DIR/trials/ so that `--resume` skips it; it picks the best trial per dataset (lowest held-out MSE) and
+writes DIR/summary.json, DIR/summary.md, DIR/models/<dataset>/ and DIR/curves/; MLflow tracks every
+trial, registers the best model per dataset and exports the bundle (see `mlflow_callbacks` and
+`register_and_export`).
+
+Run locally it starts its own Ray; under `ray job submit` ($RAY_ADDRESS set) it joins the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from ray.tune import Callback
+
+from invdyn._files import atomic_dir
+from invdyn.errors import InvdynError
+
+from . import job_summary, placement, search
+from .job_summary import Ledger, safe_name
+
+#: Test hook: crash the first attempt of this dataset's first trial (a fault a test cannot cause otherwise).
+CRASH_ENV = "INVDYN_TEST_CRASH_ONCE"
+DEFAULT_OUT = "invdyn-out"
+#: What the ledger keeps of a trial's final result (besides key, config, checkpoint path, wall time).
+LEDGER_METRICS = ("heldout_mse", "baseline_mse", "heldout_mse_normalized", "epochs", "steps", "train_time_s",
+                  "wall_time_s", "worker_wall_s", "node_ip", "node_id", "hostname", "curve", "stopped_early",
+                  "best_epoch")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ in Ray
+
+
+def train_one(loop_config: dict, *, in_train_worker: bool = True) -> None:
+    """Train one config and report once, with the learning curve and the model dir as checkpoint.
+
+    Runs in the Ray Train worker (executor "train") or in the Tune trial itself (executor "tune").
+    """
+    import platform
+
+    import ray
+    import torch
+
+    from .trainer import TrainConfig, train
+
+    trial = loop_config["trial"]
+    threads = loop_config["threads"]
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # Ray set 1 for a 1-CPU worker; match the CPUs we hold
+    torch.set_num_threads(threads)
+    _maybe_crash(loop_config.get("crash_once"), trial["dataset"])
+    started = time.time()
+    transitions = ray.get(loop_config["data"])  # zero-copy from the object store, once per node
+    config = TrainConfig.from_dict({**loop_config["train"], "threads": threads, "device": loop_config["device"]})
+    with tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
+        result = train(transitions, config, Path(tmp) / "model", dataset_name=trial["dataset"])
+        metrics = {
+            **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
+            "dataset": trial["dataset"],
+            "sha256": trial["sha256"],
+            "key": trial["key"],
+            "curve": result.curve,
+            "worker_wall_s": time.time() - started,
+            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": platform.node(),
+        }
+        if in_train_worker:
+            import ray.train
+
+            metrics["model_dir"] = f"{loop_config['run_path']}/model"  # where the checkpoint below lands
+            checkpoint = ray.train.Checkpoint.from_directory(str(result.model_dir))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="model")
+        else:
+            from ray import tune
+
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(result.model_dir)))
+
+
+def train_worker(loop_config: dict) -> None:
+    """The Ray Train worker's loop (executor "train")."""
+    train_one(loop_config, in_train_worker=True)
+
+
+def _maybe_crash(crash_once: dict | None, dataset: str) -> None:
+    if not crash_once or crash_once.get("dataset") != dataset:
+        return
+    marker = Path(crash_once["marker"])
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only the first attempt gets here
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(17)  # a hard crash of the worker process, as an OOM kill or a segfault would be
+
+
+def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -> None:
+    """The Tune trial. Executor "train": reserves no CPU and builds a TorchTrainer whose one worker holds
+    the trial's resources. Executor "tune": holds the resources itself and trains in this process."""
+    pl = job["placement"]
+    run_name = f"train-{config['key']}-{uuid.uuid4().hex[:6]}"
+    train_keys = set(job["train_fields"])
+    loop_config = {
+        "trial": {k: config[k] for k in ("dataset", "sha256", "key")},
+        "train": {k: v for k, v in config.items() if k in train_keys},
+        "data": data[config["dataset"]],
+        "threads": pl["threads"],
+        "device": "cuda" if pl["gpus"] > 0 else "cpu",
+        "crash_once": job.get("crash_once"),
+        "run_path": f"{job['storage_path'].rstrip('/')}/{run_name}",
+    }
+    if job["executor"] == "tune":
+        train_one(loop_config, in_train_worker=False)
+        return
+    for k, v in placement.TRAIN_ENV.items():
+        os.environ.setdefault(k, v)  # read by TorchTrainer here and propagated to its controller/workers
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, use_gpu=pl["gpus"] > 0, resources_per_worker=placement.Placement(**pl).worker_resources()
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=job["storage_path"], callbacks=[TuneReportCallback()]
+        ),
+    )
+    trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def prepare_datasets(specs: list[str], *, download: bool) -> tuple[dict, list[dict]]:
+    """Load each dataset once on the driver (the Arrow cache makes this cheap) and put it in the object
+    store. Returns ({name: {"ref", "sha256", "info", "spec"}}, [failed records])."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from .datasets import load_transitions
+
+    ready, failed = {}, []
+    for spec in tqdm(specs, desc="prepare datasets", unit="dataset", disable=len(specs) < 2):
+        try:
+            t = load_transitions(spec, download=download)
+            if len(t) == 0:
+                raise InvdynError(f"{spec}: dataset has no transitions")
+        except Exception as e:  # noqa: BLE001 - one bad dataset fails alone, with its reason
+            failed.append({"dataset": spec, "spec": spec, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+            tqdm.write(f"dataset {spec}: FAILED to prepare: {e}")
+            continue
+        if t.name in ready:
+            continue
+        info = {k: t.stats.get(k) for k in ("transitions", "episodes", "obs_dim", "act_dim", "source", "env_id")}
+        ready[t.name] = {"ref": ray.put(t), "sha256": t.sha256, "info": info, "spec": spec}
+    return ready, failed
+
+
+def make_trials(ready: dict, points: list[dict], base: dict) -> list[dict]:
+    """One flat Tune config per (dataset, search point): dataset, sha256, key + TrainConfig fields."""
+    from .trainer import TrainConfig
+
+    trials = []
+    for name, d in ready.items():
+        for point in points:
+            train = TrainConfig.from_dict({**base, **point})
+            train.validate()
+            cfg = train.to_dict()
+            for k in ("device", "threads"):  # decided by placement, not part of what is searched
+                cfg.pop(k)
+            trials.append({"dataset": name, "sha256": d["sha256"], "key": search.trial_key(name, d["sha256"], cfg), **cfg})
+    return trials
+
+
+class LedgerCallback(Callback):
+    """Tune callback (driver): writes each finished trial to the ledger the moment it finishes."""
+
+    def __init__(self, ledger: Ledger, total: int = 0):
+        self.ledger, self.total = ledger, total
+        self.started: dict[str, float] = {}
+        self.errors: dict[str, str] = {}
+        self.finished = 0
+
+    def _progress(self, trial, what: str) -> None:
+        c = trial.config
+        point = ", ".join(f"{k}={c[k]}" for k in ("hidden_dim", "dropout", "arch") if k in c)
+        print(f"[{self.finished}/{self.total} done, {len(self.errors)} failed] {c['dataset']} ({point}): {what}",
+              flush=True)  # fmt: skip
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.time())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = dict(trial.last_result or {})
+        cfg = trial.config
+        entry = {
+            "status": "finished",
+            "key": cfg["key"],
+            "dataset": cfg["dataset"],
+            "sha256": cfg["sha256"],
+            "config": {k: v for k, v in cfg.items() if k not in ("dataset", "sha256", "key")},
+            "trial_id": trial.trial_id,
+            "checkpoint_path": r.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None),
+            "wall_s": time.time() - self.started.get(trial.trial_id, time.time()),
+            "finished_at": time.time(),
+            **{k: r.get(k) for k in LEDGER_METRICS},
+        }
+        self.ledger.record(cfg["key"], entry)
+        self.finished += 1
+        self._progress(trial, f"held-out MSE {r.get('heldout_mse', float('nan')):.4g} after {r.get('epochs')} "
+                              f"epoch(s), {entry['wall_s']:.0f} s on {r.get('node_ip')}")  # fmt: skip
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.errors[trial.config["key"]] = _error_text(trial)
+        self._progress(trial, f"FAILED: {self.errors[trial.config['key']]}")
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return lines[-1][:500] if lines else f"trial {trial.trial_id} failed"
+    except OSError:
+        return f"trial {trial.trial_id} failed (error file {path or 'missing'})"
+
+
+def flat_space(trials: list[dict]) -> dict:
+    """A Tune param space with one trial per entry of `trials` and a flat config (the MLflow params):
+    a grid over the trial keys, every other field looked up from the key."""
+    from ray import tune
+
+    by_key = {t["key"]: t for t in trials}
+    fields = sorted({k for t in trials for k in t} - {"key"})
+    space = {"key": tune.grid_search(list(by_key))}
+    for f in fields:
+        space[f] = tune.sample_from(lambda config, f=f: by_key[config["key"]].get(f))
+    return space
+
+
+def run_tune(trials: list[dict], *, job: dict, data_refs: dict, pl: placement.Placement, name: str,
+             callbacks: list, max_failures: int, verbose: int) -> dict[str, str]:  # fmt: skip
+    """Run the trials with Ray Tune; returns {trial key: error} for trials that failed for good."""
+    from ray import tune
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files per trial
+    resources = pl.worker_resources() if job["executor"] == "tune" else placement.trial_resources()
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, data=data_refs), resources)
+    ledger_cb = LedgerCallback(Ledger(job["out"]), total=len(trials))
+    tuner = tune.Tuner(
+        trainable,
+        param_space=flat_space(trials),
+        tune_config=tune.TuneConfig(max_concurrent_trials=pl.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=job["storage_path"],
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            callbacks=[ledger_cb, *callbacks],
+            verbose=verbose,
+        ),
+    )
+    tuner.fit()
+    return dict(ledger_cb.errors)
+
+
+def fetch_model(checkpoint_path: str, dest: Path) -> Path:
+    """Copy a trial's model directory from the storage path (local, NFS or s3://) to `dest`, atomically."""
+    import ray.train
+
+    with atomic_dir(dest) as tmp:
+        if Path(checkpoint_path).is_dir():
+            shutil.copytree(checkpoint_path, tmp, dirs_exist_ok=True)
+        else:
+            ray.train.Checkpoint(checkpoint_path).to_directory(str(tmp))
+    return dest
+
+
+def collect(out: Path, datasets: list[str], ready: dict, failed: list[dict], trials: list[dict],
+            errors: dict[str, str], job_name: str) -> list[dict]:  # fmt: skip
+    """One record per dataset: the best finished trial's metrics and model dir, or why it failed."""
+    done = Ledger(out).done()
+    records = []
+    failed_by_spec = {f["spec"]: f for f in failed}
+    spec_to_name = {d["spec"]: n for n, d in ready.items()}
+    for spec in datasets:
+        if spec in failed_by_spec:
+            records.append(failed_by_spec[spec])
+            continue
+        name = spec_to_name.get(spec)
+        if name is None or any(r["dataset"] == name for r in records):
+            continue
+        keys = [t["key"] for t in trials if t["dataset"] == name]
+        entries = [done[k] for k in keys if k in done]
+        rec = {"dataset": name, "spec": spec, "sha256": ready[name]["sha256"], "trials": len(keys),
+               "trials_finished": len(entries), "job": job_name, **ready[name]["info"]}  # fmt: skip
+        best = job_summary.best_entry(entries)
+        if entries:
+            rec["curves"] = str(job_summary.write_curves(out, name, entries))
+        if best is None:
+            errs = [errors[k] for k in keys if k in errors]
+            rec.update(status="failed", error=errs[0] if errs else "no trial finished")
+            records.append(rec)
+            continue
+        model_dir = fetch_model(best["checkpoint_path"], out / "models" / safe_name(name))
+        rec.update(
+            status="ok",
+            heldout_mse=best["heldout_mse"],
+            baseline_mse=best["baseline_mse"],
+            config=best["config"],
+            model_dir=str(model_dir.resolve()),
+            checkpoint_path=best["checkpoint_path"],
+            epochs=best["epochs"],
+            wall_s=best["wall_s"],
+            train_time_s=best["train_time_s"],
+            trial_id=best["trial_id"],
+            key=best["key"],
+            node_ip=best.get("node_ip"),
+            trials_failed=sum(1 for k in keys if k in errors and k not in done),
+        )
+        records.append(rec)
+    return records
+
+
+# ------------------------------------------------------------------------------- MLflow (issue 6)
+
+
+def mlflow_callbacks(args, out: Path, job_name: str) -> tuple[str | None, list]:
+    """Check the tracking server before any training; the Tune callback that logs a run per trial."""
+    if args.no_mlflow:
+        return None, []
+    from . import tracking
+
+    uri = tracking.resolve_uri(args.mlflow_uri, out)
+    tracking.check_server(uri)
+    return uri, [tracking.tune_callback(uri, args.experiment or job_name, job_name)]
+
+
+def register_and_export(args, uri: str | None, records: list[dict], callbacks: list) -> None:
+    """After all trials: register each dataset's best model (driver only), then export the bundle."""
+    if uri is None:
+        return
+    from . import tracking
+
+    cb = callbacks[0] if callbacks else None
+    if not args.no_register:
+        for rec in records:
+            if rec.get("status") != "ok":
+                continue
+            record = dict(rec, experiment=args.experiment or rec.get("job"))
+            if cb is not None and cb.run_id(rec["trial_id"]):
+                record["mlflow_run_id"] = cb.run_id(rec["trial_id"])
+            try:
+                rec["registration"] = tracking.register_dataset(uri, record)
+            except Exception as e:  # noqa: BLE001 - keep the models; `pipeline.register` finishes later
+                rec["registration"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"warning: {rec['dataset']}: not registered: {e}", file=sys.stderr)
+    if args.export:
+        from .export import export_bundle
+
+        path = export_bundle(uri, args.export, datasets=[r["dataset"] for r in records if r.get("status") == "ok"])
+        print(f"bundle: {path}")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _redact(uri: str | None) -> str | None:
+    if uri is None:
+        return None
+    from .tracking import redact
+
+    return redact(uri)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m pipeline.pretrain_all", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", default="sim", help="comma-separated suites, names, minari:<id>, paths (default: sim)")
+    ap.add_argument("--search", action="store_true", help="grid hidden_dim {256,512,1024} x dropout {0,0.1,0.2}")
+    ap.add_argument("--search-space", metavar="JSON", help='any grid over TrainConfig fields, e.g. \'{"lr": [1e-3, 3e-4]}\'')
+    ap.add_argument("--max-epochs", type=int, help="default: the trainer's (100)")
+    ap.add_argument("--patience", type=int, help="early-stopping patience in evaluations (default: the trainer's)")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpus-per-trial", type=float, help="CPUs of a trial's Train worker (default 1)")
+    ap.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial (default: 1/4 when the cluster has GPUs)")
+    ap.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
+    ap.add_argument("--executor", choices=("train", "tune"), default="train",
+                    help="train: each trial a Ray Train TorchTrainer (default); tune: the Tune trial trains "
+                         "itself, without Train's ~12-17 s of fixed cost per trial (small machines)")  # fmt: skip
+    ap.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (default 2)")
+    ap.add_argument("--storage-path", help="checkpoints and Tune state: a local dir, NFS or s3:// (default: DIR/ray)")
+    ap.add_argument("--resume", action="store_true", help="skip trials DIR/trials/ records as finished")
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
+    ap.add_argument("--download", action="store_true", help="download missing D4RL files")
+    ap.add_argument("--num-cpus", type=int, help="CPUs of the local Ray this starts (default: all)")
+    ap.add_argument("--mlflow-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///DIR/mlflow.db")
+    ap.add_argument("--experiment", help="MLflow experiment (default: the job name)")
+    ap.add_argument("--no-register", action="store_true", help="track trials but register nothing")
+    ap.add_argument("--no-mlflow", action="store_true", help="no MLflow at all")
+    ap.add_argument("--export", metavar="PATH", help="write the registered champions as a bundle zip")
+    ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune verbosity (1: live table)")
+    return ap.parse_args(argv)
+
+
+def _job_state(out: Path, resume: bool) -> dict:
+    """The job's name (stable across --resume) and its previous state."""
+    path = out / job_summary.JOB_JSON
+    if resume and path.is_file():
+        state = json.loads(path.read_text())
+        state["runs"] = state.get("runs", 0) + 1
+        return state
+    if not resume:
+        cleared = Ledger(out).clear()
+        if cleared:
+            print(f"starting over: {cleared} finished trial(s) of an earlier job in {out} ignored (use --resume)")
+    return {"job": f"invdyn-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}", "runs": 1}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, out, started)
+    except InvdynError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, out: Path, started: float) -> int:
+    from .catalog import resolve_datasets
+    from .trainer import TrainConfig
+
+    specs = resolve_datasets(args.datasets)
+    space = search.parse_space(args.search_space, search=args.search)
+    points = search.grid_points(space)
+    base = {k: v for k, v in (("max_epochs", args.max_epochs), ("patience", args.patience),
+                              ("batch_size", args.batch_size), ("seed", args.seed)) if v is not None}  # fmt: skip
+    state = _job_state(out, args.resume)
+    job_name = state["job"]
+    uri, callbacks = mlflow_callbacks(args, out, job_name)  # fails fast, before any training
+
+    started_ray = placement.connect(num_cpus=args.num_cpus, log_to_driver=args.verbose >= 2)
+    try:
+        ready, failed = prepare_datasets(specs, download=args.download)
+        trials = make_trials(ready, points, base)
+        done = Ledger(out).done() if args.resume else {}
+        todo = [t for t in trials if t["key"] not in done]
+        pl = placement.decide(len(todo), cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                              max_concurrent=args.max_concurrent)  # fmt: skip
+        storage = args.storage_path or str(out / "ray")
+        if "://" not in storage:
+            storage = str(Path(storage).expanduser().resolve())
+            if pl.nodes > 1:
+                print(f"note: {pl.nodes} nodes share storage path {storage}: it must be on a shared file system")
+        print(f"job {job_name}: {len(ready)} dataset(s) x {len(points)} config(s) = {len(trials)} trial(s); "
+              f"{len(trials) - len(todo)} already finished, {len(todo)} to run. {pl.describe()}")  # fmt: skip
+        crash = os.environ.get(CRASH_ENV)
+        job = {
+            "executor": args.executor,
+            "out": str(out),
+            "storage_path": storage,
+            "placement": pl.to_dict(),
+            "train_fields": sorted(f for f in TrainConfig().to_dict()),
+            "search_keys": sorted(space),
+            "crash_once": {"dataset": crash, "marker": str(out / f".crash-once-{safe_name(crash)}")} if crash else None,
+        }
+        errors = {}
+        tune_started = time.time()
+        if todo:
+            errors = run_tune(todo, job=job, data_refs={n: d["ref"] for n, d in ready.items()}, pl=pl,
+                              name=f"{job_name}-run{state['runs']}", callbacks=callbacks,
+                              max_failures=args.max_failures, verbose=args.verbose)  # fmt: skip
+        tune_wall = time.time() - tune_started
+        records = collect(out, specs, ready, failed, trials, errors, job_name)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    register_and_export(args, uri, records, callbacks)
+    table = job_summary.write_summary(out, records)
+    ran = [e for e in Ledger(out).done().values() if e["key"] in {t["key"] for t in todo}]
+    train_s = sum(e.get("train_time_s") or 0 for e in ran)
+    job_summary.write_json_atomic(out / job_summary.JOB_JSON, {
+        **state, "datasets": specs, "storage_path": storage, "placement": pl.to_dict(), "search_space": space,
+        "mlflow_uri": _redact(uri),
+        "last_run": {"trials": len(trials), "skipped": len(trials) - len(todo), "ran": len(ran),
+                     "failed": len(errors), "wall_s": time.time() - started, "tune_wall_s": tune_wall,
+                     "train_time_s": train_s,
+                     "overhead_share": (1 - train_s / (tune_wall * pl.max_concurrent)) if ran and tune_wall else None},
+    })  # fmt: skip
+    print(f"\n{table}\n\nsummary: {out / job_summary.SUMMARY_JSON}  ({time.time() - started:.0f} s)")
+    return 0 if all(r.get("status") == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

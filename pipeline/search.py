@@ -1,0 +1,59 @@
+"""The search space: which training configs a job tries per dataset.
+
+Without `--search` a dataset gets one trial (the trainer's defaults, i.e. CleanDiffuser's recipe with our
+fixes). `--search` adds the grid hidden_dim {256, 512, 1024} x dropout {0, 0.1, 0.2}; `--search-space`
+takes any grid as JSON (`{"hidden_dim": [256, 512], "lr": [1e-3, 3e-4], "arch": ["fancy_mlp", "mlp"]}`),
+whose keys must be `TrainConfig` fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+
+from invdyn.errors import InvdynError
+
+DEFAULT_GRID: dict[str, list] = {"hidden_dim": [256, 512, 1024], "dropout": [0.0, 0.1, 0.2]}
+
+
+class SearchSpaceError(InvdynError, ValueError):
+    """A search space that names no TrainConfig field or gives no values."""
+
+
+def train_config_fields() -> set[str]:
+    from .trainer import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def parse_space(text: str | None, *, search: bool) -> dict[str, list]:
+    """The grid to search: `--search-space` JSON if given, else the default grid with `--search`, else {}."""
+    if not text:
+        return dict(DEFAULT_GRID) if search else {}
+    try:
+        space = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SearchSpaceError(f"--search-space is not valid JSON ({e}); example: '{json.dumps(DEFAULT_GRID)}'") from None
+    if not isinstance(space, dict) or not space:
+        raise SearchSpaceError("--search-space must be a JSON object of field -> list of values")
+    known = train_config_fields()
+    for key, values in space.items():
+        if key not in known:
+            raise SearchSpaceError(f"--search-space key {key!r} is not a TrainConfig field; known: {sorted(known)}")
+        if not isinstance(values, list) or not values:
+            raise SearchSpaceError(f"--search-space[{key!r}] must be a non-empty list of values")
+    return space
+
+
+def grid_points(space: dict[str, list]) -> list[dict]:
+    """Every combination of the grid, in a stable order ([{}] for an empty grid: one default trial)."""
+    keys = sorted(space)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
+
+
+def trial_key(dataset: str, dataset_sha256: str, config: dict) -> str:
+    """A stable id for one (dataset content, full training config): `--resume` skips keys already done."""
+    blob = json.dumps({"dataset": dataset, "sha256": dataset_sha256, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,177 @@
+"""`python -m pipeline.pretrain_all` end to end on a real local Ray (no mocks): two simulated datasets with a
+small search, a broken dataset, an injected crash, a SIGKILLed driver resumed with --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import invdyn
+from pipeline.placement import PlacementError, decide
+from pipeline.search import SearchSpaceError, grid_points, parse_space, trial_key
+
+REPO = Path(__file__).resolve().parents[1]
+CHEETAH, HOPPER = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
+
+
+def job_env(root: Path, **extra) -> dict:
+    """A clean environment for a job subprocess: its own invdyn home, D4RL dir and HOME under `root`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "INVDYN_TEST"))}
+    for var, sub in (("INVDYN_HOME", "invdyn-home"), ("D4RL_DATASET_DIR", "d4rl"), ("HOME", "home")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        env[var] = str(root / sub)
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def run_job(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
+    return proc
+
+
+def broken_file(path: Path) -> Path:
+    """A D4RL-layout file with no `actions`: a dataset that cannot be prepared."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["observations"] = np.zeros((50, 11), np.float32)
+        f["terminals"] = np.zeros(50, bool)
+    return path
+
+
+@pytest.fixture(scope="module")
+def job(sim_files, tmp_path_factory):
+    """One job: 2 datasets x 2 hidden sizes + a broken dataset; the first attempt of a hopper trial crashes."""
+    root = tmp_path_factory.mktemp("job")
+    out = root / "out"
+    datasets = [str(sim_files[CHEETAH]), str(sim_files[HOPPER]), str(broken_file(root / "broken.hdf5"))]
+    env = job_env(root, INVDYN_TEST_CRASH_ONCE=HOPPER)
+    proc = run_job(["--datasets", ",".join(datasets), "--search-space", '{"hidden_dim": [32, 64]}',
+                    "--max-epochs", "2", "--out", str(out)], env)  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    return {"proc": proc, "out": out, "summary": {r["dataset"]: r for r in summary}, "records": summary}
+
+
+def ledger(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*.json"))]
+
+
+def test_two_datasets_complete_and_best_per_dataset_loads(job):
+    summary = job["summary"]
+    entries = ledger(job["out"])
+    for name in (CHEETAH, HOPPER):
+        rec = summary[name]
+        assert rec["status"] == "ok", rec
+        mine = [e for e in entries if e["dataset"] == name]
+        assert len(mine) == 2 and {e["config"]["hidden_dim"] for e in mine} == {32, 64}
+        best = min(mine, key=lambda e: e["heldout_mse"])
+        assert rec["heldout_mse"] == best["heldout_mse"] and rec["trial_id"] == best["trial_id"]
+        assert rec["config"]["hidden_dim"] == best["config"]["hidden_dim"]
+        assert rec["heldout_mse"] < rec["baseline_mse"]
+        for key in ("dataset", "heldout_mse", "baseline_mse", "config", "model_dir", "epochs", "wall_s", "trial_id"):
+            assert key in rec
+        assert Path(rec["model_dir"]).parent == job["out"] / "models"
+        model = invdyn.load(name, source=rec["model_dir"])
+        obs = np.zeros((4, model.obs_dim), np.float32)
+        assert model.predict(obs, obs).shape == (4, model.act_dim)
+        assert model.params["config"]["hidden_dim"] == rec["config"]["hidden_dim"]
+        curves = json.loads(Path(rec["curves"]).read_text())
+        assert len(curves) == 2 and all(len(c["curve"]) >= 1 for c in curves.values())
+    md = (job["out"] / "summary.md").read_text()
+    assert CHEETAH in md and HOPPER in md and "| failed" in md
+    assert summary[CHEETAH]["registration"]["champion"] is True  # the default SQLite MLflow store
+
+
+def test_injected_crash_is_retried_and_the_job_succeeds(job):
+    marker = job["out"] / f".crash-once-{HOPPER}"
+    assert marker.exists(), "the crash hook never fired"
+    assert job["summary"][HOPPER]["status"] == "ok"
+    assert job["summary"][HOPPER]["trials_finished"] == 2
+    assert json.loads((job["out"] / "job.json").read_text())["last_run"]["failed"] == 0
+
+
+def test_broken_dataset_fails_alone_with_its_reason(job):
+    failed = [r for r in job["records"] if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["dataset"].endswith("broken.hdf5")
+    assert "broken.hdf5" in failed[0]["error"] and "actions" in failed[0]["error"]
+    assert job["proc"].returncode == 1  # a failed dataset makes the job fail, after the others finished
+    assert "broken.hdf5" in job["proc"].stdout
+
+
+@pytest.mark.timeout(300)
+def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_path):
+    out = tmp_path / "out"
+    env = job_env(tmp_path)
+    args = ["--datasets", str(sim_files[HOPPER]), "--search-space", '{"hidden_dim": [16, 32, 48]}',
+            "--max-epochs", "2", "--max-concurrent", "1", "--no-mlflow", "--executor", "tune", "--out", str(out)]  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and not list((out / "trials").glob("*.json")):
+            assert proc.poll() is None, "the job ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started: a crash, no clean-up
+        proc.wait()
+    first = ledger(out)
+    assert len(first) == 1, "the driver was killed after its first trial finished"
+    assert not (out / "summary.json").exists()
+
+    again = run_job([*args, "--resume"], env)
+    assert again.returncode == 0
+    after = ledger(out)
+    assert len(after) == 3
+    kept = next(e for e in after if e["key"] == first[0]["key"])
+    assert kept["trial_id"] == first[0]["trial_id"] and kept["finished_at"] == first[0]["finished_at"]
+    last = json.loads((out / "job.json").read_text())["last_run"]
+    assert (last["skipped"], last["ran"]) == (1, 2)
+    rec = json.loads((out / "summary.json").read_text())[0]
+    assert rec["trials_finished"] == 3 and rec["heldout_mse"] == min(e["heldout_mse"] for e in after)
+
+
+# ---------------------------------------------------------------------- placement and search (no Ray)
+
+
+def test_placement_never_reserves_more_than_the_cluster_has():
+    p = decide(9, totals=(2.0, 0.0, 1))
+    assert (p.cpus, p.gpus, p.max_concurrent, p.threads) == (1.0, 0.0, 2, 1)
+    p = decide(9, cpus_per_trial=2, totals=(2.0, 0.0, 1))
+    assert (p.max_concurrent, p.threads) == (1, 2)
+    p = decide(20, totals=(16.0, 2.0, 2))  # GPUs: a quarter GPU per trial by default
+    assert (p.gpus, p.max_concurrent, p.worker_resources()) == (0.25, 8, {"CPU": 1.0, "GPU": 0.25})
+    p = decide(3, gpus_per_trial=1, totals=(4.0, 0.0, 1))  # autoscaling: nothing fits yet, all trials wait
+    assert p.max_concurrent == 3
+    with pytest.raises(PlacementError, match="--cpus-per-trial"):
+        decide(1, cpus_per_trial=0, totals=(2.0, 0.0, 1))
+    with pytest.raises(PlacementError, match="--gpus-per-trial"):
+        decide(1, gpus_per_trial=1.5, totals=(2.0, 1.0, 1))
+
+
+def test_search_space_and_trial_keys():
+    assert parse_space(None, search=False) == {}
+    assert len(grid_points(parse_space(None, search=True))) == 9
+    assert grid_points({}) == [{}]
+    assert grid_points(parse_space('{"lr": [0.001, 0.0003], "hidden_dim": [64]}', search=False)) == [
+        {"hidden_dim": 64, "lr": 0.001},
+        {"hidden_dim": 64, "lr": 0.0003},
+    ]
+    with pytest.raises(SearchSpaceError, match="hiden_dim"):
+        parse_space('{"hiden_dim": [1]}', search=False)
+    with pytest.raises(SearchSpaceError, match="JSON"):
+        parse_space("{hidden_dim: 1}", search=False)
+    k = trial_key("d", "abc", {"hidden_dim": 64, "lr": 1e-3})
+    assert k == trial_key("d", "abc", {"lr": 1e-3, "hidden_dim": 64})
+    assert k != trial_key("d", "abd", {"hidden_dim": 64, "lr": 1e-3})
