@@ -126,7 +126,8 @@ def load_transitions(
     src = locate(spec, download=download, simulate=simulate)
     if not use_cache:
         return _finish(_parse(src), src)
-    sha = readers.minari_sha256(src.path) if src.kind == "minari" else cache.source_sha256(src.path)
+    # a file (D4RL, sim, yours, Minari's main_data.hdf5) goes through the source index; a folder is hashed
+    sha = cache.source_sha256(src.path) if src.path.is_file() else readers.minari_sha256(src.path)
     path = cache.cache_path(sha)
     t = _read_cache(path, src)
     if t is None:

@@ -5,10 +5,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.catalog import CATALOG, DatasetError, DatasetMissingError, UnknownDatasetError, file_path
 from pipeline.datasets import load_transitions
-from pipeline.readers import MAX_NONFINITE_FRACTION, read_hdf5, read_parquet
+from pipeline.readers import MAX_NONFINITE_FRACTION, make_transitions, read_hdf5, read_parquet
 
 
 def assert_within_episodes(t):
@@ -182,3 +184,34 @@ def test_parquet_bad_inputs(tmp_path):
     garbage.write_bytes(b"PAR1 not really")
     with pytest.raises(DatasetError, match="not a readable Parquet"):
         read_parquet(garbage)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 12), min_size=1, max_size=10),
+    ends=st.lists(st.sampled_from(["terminal", "timeout", "both", "none"]), min_size=10, max_size=10),
+    with_next=st.booleans(),
+)
+def test_no_pair_ever_crosses_a_planted_boundary(lengths, ends, with_next):
+    """Any episode lengths and end flags: pairs stay inside episodes and every in-episode step is paired."""
+    n = sum(lengths)
+    ep = np.repeat(np.arange(len(lengths)), lengths)
+    step = np.concatenate([np.arange(k) for k in lengths])
+    obs = np.stack([ep, step, np.zeros(n)], 1).astype(np.float32)
+    nxt = obs + np.array([0, 1, 0], np.float32)
+    term, tout = np.zeros(n, bool), np.zeros(n, bool)
+    last = np.cumsum(lengths) - 1
+    for e, row in enumerate(last[:-1]):  # the final episode simply runs to the end of the file
+        term[row] = ends[e] in ("terminal", "both")
+        tout[row] = ends[e] in ("timeout", "both", "none")  # every boundary is flagged somehow
+    expected = n if with_next else n - len(lengths)  # without next_observations the last step has no pair
+    args = ("prop", "prop", obs, np.zeros((n, 1)))
+    kw = {"terminals": term, "timeouts": tout, "next_obs": nxt if with_next else None}
+    if expected == 0:
+        with pytest.raises(DatasetError, match="no transitions"):
+            make_transitions(*args, **kw)
+        return
+    t = make_transitions(*args, **kw)
+    assert np.array_equal(t.next_obs[:, 0], t.obs[:, 0]) and np.array_equal(t.next_obs[:, 1], t.obs[:, 1] + 1)
+    assert len(t) == expected
+    assert t.stats["episodes"] == sum(1 for k in lengths if with_next or k > 1)
