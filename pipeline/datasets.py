@@ -236,6 +236,9 @@ def _cmd_download(args) -> int:
 
     failed = 0
     for name in resolve_datasets(",".join(args.names)):
+        if CATALOG.get(name, {}).get("simulated"):
+            print(f"{name}: simulated on demand, nothing to download", file=sys.stderr)
+            continue
         try:
             print(download_dataset(name, progress=not args.quiet))
         except InvdynError as e:

@@ -53,3 +53,12 @@ def test_errors_exit_nonzero(args, capsys):
     assert main(args) != 0
     err = capsys.readouterr().err
     assert err.startswith("error:") and ("/no/such.hdf5" in err or "hopper_medium-v2.hdf5" in err)
+
+
+def test_download_skips_simulated_names(capsys, monkeypatch):
+    monkeypatch.setenv("INVDYN_OFFLINE", "1")
+    assert main(["download", "sim"]) == 0
+    assert capsys.readouterr().err.count("simulated on demand, nothing to download") == 3
+    assert main(["download", "sim-hopper-ou-v0", "kitchen-mixed-v0"]) != 0  # the D4RL one cannot be fetched
+    err = capsys.readouterr().err
+    assert "kitchen/kitchen_microwave_kettle_bottomburner_light-v0.hdf5" in err
