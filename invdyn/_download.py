@@ -6,6 +6,7 @@ to `dest` only after its size (and sha256, when given) check out, so `dest` is n
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import sys
@@ -29,7 +30,41 @@ def offline() -> bool:
 
 
 def is_url(s) -> bool:
-    return isinstance(s, str) and urllib.parse.urlsplit(s).scheme.lower() in {"http", "https"}
+    try:
+        return isinstance(s, str) and urllib.parse.urlsplit(s).scheme.lower() in {"http", "https"}
+    except ValueError:  # e.g. "http://[::1" (unclosed IPv6 bracket)
+        return False
+
+
+#: query keys whose values are secrets (presigned URLs, API tokens): never printed or recorded
+_SECRET_KEY = re.compile(r"token|sig|secret|passw|key|credential|auth", re.I)
+
+
+def redact_url(url) -> str:
+    """`url` safe to print, log or record: `user:password@` becomes `***@`, secret-looking query values `***`."""
+    try:
+        parts = urllib.parse.urlsplit(str(url))
+    except ValueError:
+        return "<malformed URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if any(_SECRET_KEY.search(k) for k, _ in pairs):
+        query = "&".join(f"{k}=***" if _SECRET_KEY.search(k) else f"{k}={v}" for k, v in pairs)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """(url without `user:password@`, Basic Authorization header value or None)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), "Basic " + base64.b64encode(token).decode()
 
 
 def download(
@@ -49,15 +84,15 @@ def download(
     call resumes), and `ChecksumError` when the finished file's sha256 differs (the `.part` is deleted).
     If `dest` already exists with the expected sha256, nothing is downloaded.
     """
-    scheme = urllib.parse.urlsplit(str(url)).scheme.lower()
-    if scheme not in {"http", "https"}:
-        raise DownloadError(f"cannot download {url!r}: only http:// and https:// URLs are supported")
+    shown = redact_url(url)
+    if not is_url(url):
+        raise DownloadError(f"cannot download {shown!r}: only http:// and https:// URLs are supported")
     dest = Path(dest)
     expected = expected_sha256.lower() if expected_sha256 else None
     if expected and dest.is_file() and sha256_file(dest) == expected:
         return dest
     if offline():
-        raise DownloadError(f"INVDYN_OFFLINE=1: refusing to download {url}; unset it or put the file at {dest}")
+        raise DownloadError(f"INVDYN_OFFLINE=1: refusing to download {shown}; unset it or put the file at {dest}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     with file_lock(dest.with_name(f".{dest.name}.lock")):
@@ -71,7 +106,7 @@ def download(
             gained = (part.stat().st_size if part.exists() else 0) - before
             if attempt == ATTEMPTS or gained <= 0:
                 raise DownloadError(
-                    f"download of {url} was cut short ({part.stat().st_size} bytes so far, kept in {part}); "
+                    f"download of {shown} was cut short ({part.stat().st_size} bytes so far, kept in {part}); "
                     "run again to resume"
                 )
         if expected:
@@ -79,7 +114,7 @@ def download(
             if actual != expected:
                 part.unlink()
                 raise ChecksumError(
-                    f"{url}: downloaded file has sha256 {actual} but {expected} was expected; "
+                    f"{shown}: downloaded file has sha256 {actual} but {expected} was expected; "
                     "the file was deleted, try again (if it repeats, the server's file is not the expected one)"
                 )
         os.replace(part, dest)
@@ -89,7 +124,11 @@ def download(
 def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -> bool:
     """One HTTP request appending to `part`; True when the whole file is there."""
     offset = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "invdyn-downloader", "Accept-Encoding": "identity"})
+    shown = redact_url(url)
+    plain, auth = _split_credentials(url)
+    req = urllib.request.Request(plain, headers={"User-Agent": "invdyn-downloader", "Accept-Encoding": "identity"})
+    if auth:  # a header, not the URL (servers log URLs); unredirected: never sent on to another host
+        req.add_unredirected_header("Authorization", auth)
     if offset:
         req.add_header("Range", f"bytes={offset}-")
     try:
@@ -101,19 +140,19 @@ def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -
                 return True  # the .part is already complete
             part.unlink()  # the .part is longer than the file: start over
             return _transfer(url, part, desc, progress, timeout)
-        raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+        raise DownloadError(f"cannot download {shown}: HTTP {e.code} {e.reason}") from None
     except DownloadError:
         raise
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise DownloadError(f"cannot download {url}: {reason}") from None
+        raise DownloadError(f"cannot download {shown}: {reason}") from None
     with resp:
         length = resp.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
         if offset and resp.status == 206:
             start = _content_range_start(resp.headers.get("Content-Range"))
             if start != offset:
-                raise DownloadError(f"cannot resume {url}: asked for byte {offset}, server sent from {start}")
+                raise DownloadError(f"cannot resume {shown}: asked for byte {offset}, server sent from {start}")
             mode, total = "ab", (offset + length if length is not None else None)
         else:  # 200: the server ignored Range (or there was nothing to resume): start from byte 0
             mode, total, offset = "wb", length, 0
@@ -137,7 +176,7 @@ def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -
         return True  # no Content-Length: the server closing the stream is the only end we can see
     if size > total:
         part.unlink()
-        raise DownloadError(f"{url}: received {size} bytes but the server announced {total}; try again")
+        raise DownloadError(f"{shown}: received {size} bytes but the server announced {total}; try again")
     return size == total
 
 
@@ -146,7 +185,9 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if urllib.parse.urlsplit(newurl).scheme.lower() not in {"http", "https"}:
-            raise DownloadError(f"{req.full_url} redirects to {newurl!r}; only http(s) redirects are followed")
+            raise DownloadError(
+                f"{redact_url(req.full_url)} redirects to {redact_url(newurl)!r}; only http(s) redirects are followed"
+            )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 

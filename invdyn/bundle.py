@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from . import __version__
 from ._files import atomic_dir, atomic_file, sha256_file
-from .errors import ChecksumError, FormatError
+from .errors import BundleNotFoundError, ChecksumError, FormatError
 from .model_dir import PARAMS_FILE, read_model_dir
 from .paths import is_valid_name
 
@@ -31,6 +31,8 @@ MANIFEST = "manifest.json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same inputs -> byte-identical zip
 _CHUNK = 1 << 20
 _SIZE_SLACK = 1 << 20  # how far past its recorded size a member is read (to name its checksum)
+#: no model file is anywhere near this (a 512-wide IDM is ~2 MB): a larger size is a disk-filling bundle
+MAX_MEMBER_BYTES = 4 << 30
 
 
 def write_bundle(zip_path, model_dirs, *, extra_manifest: dict | None = None) -> Path:
@@ -134,7 +136,8 @@ def extract_verified(zf: zipfile.ZipFile, zip_path: Path, manifest: dict, into: 
 def open_bundle(zip_path) -> zipfile.ZipFile:
     zip_path = Path(zip_path)
     if not zip_path.is_file():
-        raise FileNotFoundError(f"bundle {zip_path} does not exist")
+        what = "is a directory, not a bundle .zip" if zip_path.is_dir() else "does not exist"
+        raise BundleNotFoundError(f"bundle {zip_path} {what}")
     try:
         return zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -199,7 +202,7 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> dict:
         raise FormatError(f"{zip_path}: {MANIFEST} is implausibly large ({info.file_size} bytes)")
     try:
         manifest = json.loads(zf.read(MANIFEST))
-    except (zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
+    except (zipfile.BadZipFile, zlib.error, ValueError, RecursionError, OSError, EOFError) as e:  # ValueError: JSON
         raise FormatError(f"{zip_path}: {MANIFEST} is not readable JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise FormatError(f"{zip_path}: {MANIFEST} must be a JSON object")
@@ -231,10 +234,14 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> dict:
                 and isinstance(meta.get("sha256"), str)
                 and len(meta["sha256"]) == 64
                 and isinstance(meta.get("size"), int)
-                and meta["size"] >= 0
+                and not isinstance(meta["size"], bool)
+                and 0 <= meta["size"] <= MAX_MEMBER_BYTES
             )
             if not is_valid_name(fname) or not ok_meta:
-                raise FormatError(f"{where}: bad entry for file {fname!r} (need a plain name, sha256 and size)")
+                raise FormatError(
+                    f"{where}: bad entry for file {fname!r} (need a plain name, sha256 and a size of at most "
+                    f"{MAX_MEMBER_BYTES} bytes)"
+                )
     return manifest
 
 

@@ -23,3 +23,7 @@ class ShapeError(InvdynError, ValueError):
 
 class DownloadError(InvdynError, OSError):
     """A download that failed or was refused (offline mode, bad scheme, HTTP error)."""
+
+
+class BundleNotFoundError(InvdynError, FileNotFoundError):
+    """A bundle path that does not exist or is not a file."""

@@ -23,10 +23,17 @@ import urllib.parse
 from pathlib import Path
 
 from . import __version__
-from ._download import download, is_url, offline
+from ._download import download, is_url, offline, redact_url
 from ._files import atomic_file, file_lock, replace_dir, sha256_file
 from .bundle import extract_verified, open_bundle, verify_open
-from .errors import ChecksumError, DownloadError, FormatError, InvdynError, ModelNotFoundError
+from .errors import (
+    BundleNotFoundError,
+    ChecksumError,
+    DownloadError,
+    FormatError,
+    InvdynError,
+    ModelNotFoundError,
+)
 from .model_dir import PARAMS_FILE, cleandiffuser_dir, read_model_dir, read_params
 from .paths import invdyn_home, is_valid_name, model_cache_dir
 from .pretrained import PretrainedIDM
@@ -61,13 +68,13 @@ def _load_from_source(name: str, source, device) -> PretrainedIDM:
         return _load_from_mlflow(name, text, device)
     if is_url(text):
         cached = model_cache_dir() / name
-        if (_install_record(cached) or {}).get("source") == text:
+        if (_install_record(cached) or {}).get("source") == redact_url(text):
             _verify_installed(cached)  # installed from this URL before: no network (fetch(url, force=True) refreshes)
-            return read_model_dir(cached, device)._with_source(text)
+            return read_model_dir(cached, device)._with_source(redact_url(text))
         installed = fetch(text)
-        return _load_installed(name, installed, text, device)
+        return _load_installed(name, installed, redact_url(text), device)
     if "://" in text:
-        raise DownloadError(f"source {text!r}: only http(s) URLs, MLflow models:/ URIs and local paths are supported")
+        raise DownloadError(f"source {redact_url(text)!r}: only http(s) URLs, MLflow models:/ URIs and local paths are supported")
     path = Path(text).expanduser()
     if path.is_file():
         installed = fetch(path)
@@ -133,14 +140,14 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
     text = str(url_or_path)
     if not is_url(text):
         if "://" in text:
-            raise DownloadError(f"cannot fetch {text!r}: only http(s) URLs and local .zip paths are supported")
+            raise DownloadError(f"cannot fetch {redact_url(text)!r}: only http(s) URLs and local .zip paths are supported")
         path = Path(text).expanduser()
         if not path.is_file():
             what = "is a directory, not a bundle .zip" if path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"bundle {path} {what}")
+            raise BundleNotFoundError(f"bundle {path} {what}")
         return _install(path, str(path.resolve()), force)
     if offline():
-        raise DownloadError(f"INVDYN_OFFLINE=1: refusing to fetch {text}; unset it or fetch a local .zip path")
+        raise DownloadError(f"INVDYN_OFFLINE=1: refusing to fetch {redact_url(text)}; unset it or fetch a local .zip path")
     downloads = invdyn_home() / "downloads"
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     base = Path(urllib.parse.urlsplit(text).path).name
@@ -148,9 +155,9 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
     with file_lock(downloads / f".{key}.lock"):  # one fetch of this URL at a time
         if force:
             dest.with_name(dest.name + ".part").unlink(missing_ok=True)
-        download(text, dest, desc=base or text, progress=progress)
+        download(text, dest, desc=base or redact_url(text), progress=progress)
         try:
-            return _install(dest, text, force)
+            return _install(dest, redact_url(text), force)  # the install record never holds a password
         finally:
             dest.unlink(missing_ok=True)
 

@@ -94,7 +94,7 @@ def read_params(path) -> dict:
         params = json.loads(path.read_text())
     except FileNotFoundError:
         raise ModelNotFoundError(f"{path} does not exist: a model directory needs a params.json") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: bad JSON, 5000-digit ints
         raise FormatError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from None
     if not isinstance(params, dict):
         raise FormatError(f"{path}: top level must be a JSON object, got {type(params).__name__}")
@@ -115,8 +115,11 @@ def read_params(path) -> dict:
     except ValueError as e:
         raise FormatError(f"{path}: invalid 'normalizers.state': {e}") from None
     arch = params.get("architecture", {"name": FancyMlpInvDynamic.arch_name})
-    if not isinstance(arch, dict) or arch.get("name") not in ARCHITECTURES:
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or arch["name"] not in ARCHITECTURES:
         raise FormatError(f"{path}: unknown 'architecture' {arch!r}; known: {sorted(ARCHITECTURES)}")
+    weights = params.get("weights", {})
+    if not isinstance(weights, dict) or not all(isinstance(weights.get(k, ""), str) for k in ("file", "sha256")):
+        raise FormatError(f"{path}: 'weights' must be an object {{\"file\": name, \"sha256\": hex}}, got {weights!r}")
     if normalizer.dim != config.get("obs_dim"):
         raise FormatError(
             f"{path}: 'normalizers.state' has {normalizer.dim} dims but 'config.obs_dim' is {config.get('obs_dim')!r}"
@@ -155,8 +158,9 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
     arch = params.get("architecture", {"name": FancyMlpInvDynamic.arch_name})
     options = {k: v for k, v in arch.items() if k != "name"}
     try:
-        net = build_model(arch["name"], params["config"], options)
-    except (TypeError, ValueError) as e:
+        with torch.device("meta"):  # shapes only, no memory: a crafted config cannot exhaust RAM
+            shapes = build_model(arch["name"], params["config"], options)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # RuntimeError: sizes torch cannot hold
         raise FormatError(f"{model_dir / PARAMS_FILE}: 'config' does not build a {arch['name']} model: {e}") from None
     try:
         ckpt = torch.load(weights, map_location="cpu", weights_only=True)
@@ -165,7 +169,12 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
     state_dict = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state_dict, dict):
         raise FormatError(f"{weights}: no 'state_dict' in the checkpoint")
-    load_state_dict_checked(net, state_dict, weights)
+    check_state_dict(shapes, state_dict, weights)  # the weights on disk fit: the real model is their size
+    net = build_model(arch["name"], params["config"], options)
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as e:  # right shapes, wrong kind (e.g. complex tensors)
+        raise FormatError(f"{weights}: weights cannot be loaded into the model ({e})") from None
     net.eval().to(device)
     normalizer = GaussianNormalizer.from_dict(params["normalizers"]["state"])
     card_path = model_dir / CARD_FILE
@@ -175,6 +184,12 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
 
 def load_state_dict_checked(net, state_dict: dict, source) -> None:
     """`load_state_dict` with an error that names the file, the key and both shapes."""
+    check_state_dict(net, state_dict, source)
+    net.load_state_dict(state_dict)
+
+
+def check_state_dict(net, state_dict: dict, source) -> None:
+    """Raise ShapeError naming the file, the key and both shapes unless `state_dict` fits `net` exactly."""
     own = net.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -189,7 +204,8 @@ def load_state_dict_checked(net, state_dict: dict, source) -> None:
             raise ShapeError(
                 f"{source}: weight {key!r} has shape {shape} but params.json's config needs {tuple(tensor.shape)}"
             )
-    net.load_state_dict(state_dict)
+        if tensor.is_floating_point() and not got.is_floating_point():
+            raise FormatError(f"{source}: weight {key!r} has dtype {got.dtype}; weights must be floating point")
 
 
 def model_card(params: dict) -> str:

@@ -88,3 +88,28 @@ def d4rl_file(tmp_path):
         return path, write_d4rl_file(path, **kw)
 
     return make
+
+
+# ---- hardening (issue 8): how many hostile-input cases ran, printed in the terminal summary ----
+
+
+@pytest.fixture
+def hostile_case(request):
+    """count(kind): record one executed hostile-input case (hypothesis example or explicit case) of `kind`."""
+    counts = request.config.stash.setdefault(_HOSTILE_KEY, {})
+
+    def count(kind: str, n: int = 1) -> None:
+        counts[kind] = counts.get(kind, 0) + n
+
+    return count
+
+
+_HOSTILE_KEY = pytest.StashKey[dict]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    counts = config.stash.get(_HOSTILE_KEY, {})
+    if counts:
+        terminalreporter.write_sep("-", f"hostile-input cases executed: {sum(counts.values())}")
+        for kind, n in sorted(counts.items()):
+            terminalreporter.write_line(f"{kind:>28}: {n}")
