@@ -1,0 +1,106 @@
+"""Export: the registered champions as one bundle, reproducible, loading offline like the registry's champion."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow_helpers import model_record
+
+import invdyn
+from pipeline import tracking
+from pipeline.export import export_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+A, B = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A SQLite registry: A has a worse and a better version (champion v2), B one version."""
+    tmp_path = tmp_path_factory.mktemp("registry")
+    uri = tracking.default_uri(tmp_path / "job")
+    tracking.register_dataset(uri, model_record(tmp_path, A, 1, 0.5))
+    tracking.register_dataset(uri, model_record(tmp_path, A, 2, 0.3))
+    tracking.register_dataset(uri, model_record(tmp_path, B, 3, 0.4))
+    return uri
+
+
+def test_export_is_reproducible_and_loads_offline_like_the_champion(registry, tmp_path, monkeypatch):
+    cli = [
+        sys.executable,
+        "-m",
+        "pipeline.export",
+        "--out",
+        str(tmp_path / "cli.zip"),
+        "--mlflow-uri",
+        registry,
+    ]
+    proc = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"invdyn-{A} v2" in proc.stdout and f"invdyn-{B} v1" in proc.stdout
+    path = export_bundle(registry, tmp_path / "bundle.zip")
+    assert path.read_bytes() == (tmp_path / "cli.zip").read_bytes()  # same registry state, same bytes
+    manifest = invdyn.verify_bundle(path)
+    lineage = {m["name"]: m for m in manifest["registry"]["models"]}
+    assert {m["name"] for m in manifest["models"]} == {A, B} == set(lineage)
+    assert (lineage[A]["model_name"], lineage[A]["version"], float(lineage[A]["heldout_mse"])) == (
+        f"invdyn-{A}",
+        "2",
+        0.3,
+    )
+    assert (
+        lineage[A]["run_id"]
+        and lineage[A]["weights_sha256"] == manifest["models"][0]["files"]["model.ckpt"]["sha256"]
+    )
+    assert manifest["registry"]["alias"] == "champion"
+
+    obs = np.random.default_rng(1).normal(size=(9, 5)).astype(np.float32)
+    nxt = obs + 0.05
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    expected = {n: invdyn.load(n, source=f"models:/invdyn-{n}@champion").predict(obs, nxt) for n in (A, B)}
+    monkeypatch.setenv("INVDYN_OFFLINE", "1")
+    assert sorted(invdyn.fetch(path, progress=False)) == [A, B]
+    for name in (A, B):
+        np.testing.assert_array_equal(invdyn.load(name).predict(obs, nxt), expected[name])
+
+
+def test_export_selected_datasets_and_clear_errors(registry, tmp_path):
+    only = export_bundle(registry, tmp_path / "b.zip", datasets=[B])
+    assert [m["name"] for m in invdyn.verify_bundle(only)["models"]] == [B]
+    with pytest.raises(tracking.TrackingError, match=f"sim-walker2d-random-v0.*registered: {A}, {B}"):
+        export_bundle(registry, tmp_path / "c.zip", datasets=["sim-walker2d-random-v0"])
+    with pytest.raises(tracking.TrackingError, match="no registered invdyn-\\* model has alias 'best'"):
+        export_bundle(registry, tmp_path / "d.zip", alias="best")
+    assert not (tmp_path / "c.zip").exists() and not (tmp_path / "d.zip").exists()
+
+
+def test_export_refuses_a_tampered_artifact(registry, tmp_path):
+    champion = next(c for c in tracking.champions(registry) if c["model_name"] == f"invdyn-{A}")
+    ckpt = Path(champion["source"].removeprefix("file://")) / "model.ckpt"
+    original = ckpt.read_bytes()
+    ckpt.write_bytes(original[:-10] + b"0123456789")
+    try:
+        with pytest.raises(invdyn.ChecksumError, match="model.ckpt"):
+            export_bundle(registry, tmp_path / "e.zip")
+    finally:
+        ckpt.write_bytes(original)  # the registry is shared by this module's tests
+    assert not (tmp_path / "e.zip").exists()
+
+
+def test_export_cli_without_a_store_says_what_to_do(tmp_path):
+    cli = [sys.executable, "-m", "pipeline.export", "--out", str(tmp_path / "x.zip")]
+    proc = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_env())
+    assert (
+        proc.returncode == 2 and "no MLflow store" in proc.stderr and "pipeline.pretrain_all" in proc.stderr
+    )
+    assert not (tmp_path / "invdyn-out").exists()
+
+
+def _env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO)}
