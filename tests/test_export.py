@@ -13,6 +13,7 @@ from mlflow_helpers import model_record
 import invdyn
 from pipeline import tracking
 from pipeline.export import export_bundle
+from pipeline.export import main as export_main
 
 REPO = Path(__file__).resolve().parents[1]
 A, B = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
@@ -91,16 +92,9 @@ def test_export_refuses_a_tampered_artifact(registry, tmp_path):
     assert not (tmp_path / "e.zip").exists()
 
 
-def test_export_cli_without_a_store_says_what_to_do(tmp_path):
-    cli = [sys.executable, "-m", "pipeline.export", "--out", str(tmp_path / "x.zip")]
-    proc = subprocess.run(cli, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=_env())
-    assert (
-        proc.returncode == 2 and "no MLflow store" in proc.stderr and "pipeline.pretrain_all" in proc.stderr
-    )
-    assert not (tmp_path / "invdyn-out").exists()
-
-
-def _env():
-    import os
-
-    return {**os.environ, "PYTHONPATH": str(REPO)}
+def test_export_cli_without_a_store_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert export_main(["--out", "x.zip"]) == 2
+    err = capsys.readouterr().err
+    assert "no MLflow store" in err and "pipeline.pretrain_all" in err
+    assert not (tmp_path / "invdyn-out").exists() and not (tmp_path / "x.zip").exists()
