@@ -113,10 +113,9 @@ def read(path, name: str | None = None) -> Transitions:
     out = {}
     for key in _MATRICES:
         if key in table.column_names:
-            col = table.column(key).combine_chunks()  # one chunk: no copy
-            width = col.type.list_size
-            out[key] = col.flatten().to_numpy(zero_copy_only=True).reshape(-1, width)
-    episode = table.column("episode").combine_chunks().to_numpy(zero_copy_only=True)
+            col = _one_chunk(table, key)
+            out[key] = _numpy_view(col.flatten()).reshape(-1, col.type.list_size)
+    episode = _numpy_view(_one_chunk(table, "episode"))
     stats = json.loads(meta["invdyn.stats"])
     stats["cache"] = str(path)
     return Transitions(
@@ -129,6 +128,24 @@ def read(path, name: str | None = None) -> Transitions:
         qvel=out.get("qvel"),
         stats=stats,
     )
+
+
+def _one_chunk(table, key: str):
+    """The column as one array; `write` makes one record batch, so this is its only chunk (no copy)."""
+    col = table.column(key)
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
+def _numpy_view(values) -> np.ndarray:
+    """Zero-copy, read-only numpy view of a null-free float / int Arrow array.
+
+    (Not `Array.to_numpy`: it imports pandas, ~0.4 s on a worker's first load.)
+    """
+    import pyarrow as pa
+
+    kind = "f" if pa.types.is_floating(values.type) else "i"
+    dtype = np.dtype(f"{kind}{values.type.bit_width // 8}")
+    return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize)
 
 
 def is_cached(sha256: str) -> bool:
