@@ -29,12 +29,31 @@ CANDIDATES = {
     "recipe": {},
     "ep_split_best": {"split": "episodes", "keep": "best", "patience": 10},
     "no_dropout": {"split": "episodes", "keep": "best", "patience": 10, "dropout": 0.0},
-    "adamw_cosine": {"split": "episodes", "keep": "best", "dropout": 0.0, "optimizer": "adamw", "weight_decay": 1e-4,
-                     "lr": 1e-3, "schedule": "cosine", "max_epochs": 60, "patience": 60},  # fmt: skip
+    "adamw_cosine": {
+        "split": "episodes",
+        "keep": "best",
+        "dropout": 0.0,
+        "optimizer": "adamw",
+        "weight_decay": 1e-4,
+        "lr": 1e-3,
+        "schedule": "cosine",
+        "max_epochs": 60,
+        "patience": 60,
+    },  # fmt: skip
     "huber": {"split": "episodes", "keep": "best", "patience": 10, "loss": "huber"},
     "wide": {"split": "episodes", "keep": "best", "patience": 10, "dropout": 0.0, "hidden_dim": 1024},
-    "res_mlp": {"split": "episodes", "keep": "best", "arch": "res_mlp", "dropout": 0.0, "optimizer": "adamw",
-                "weight_decay": 1e-4, "lr": 1e-3, "schedule": "cosine", "max_epochs": 60, "patience": 60},  # fmt: skip
+    "res_mlp": {
+        "split": "episodes",
+        "keep": "best",
+        "arch": "res_mlp",
+        "dropout": 0.0,
+        "optimizer": "adamw",
+        "weight_decay": 1e-4,
+        "lr": 1e-3,
+        "schedule": "cosine",
+        "max_epochs": 60,
+        "patience": 60,
+    },  # fmt: skip
 }
 DEFAULT_CANDIDATES = "recipe,no_dropout,adamw_cosine,res_mlp"
 SIM_SUITE = "sim-halfcheetah-mixed-v0,sim-hopper-mixed-v0,sim-walker2d-mixed-v0"
@@ -54,7 +73,7 @@ def run(args) -> list[dict]:
         dev, test = split_indices(t, "episodes", 0.2, args.test_seed)
         dev_set = subset(t, dev, f"bench-dev-{args.test_seed}")
         for cand in args.candidates.split(","):
-            config = {**RECIPE, **CANDIDATES[cand], "seed": args.seed}
+            config = {**RECIPE, **CANDIDATES[cand], "seed": args.seed, "threads": args.threads}
             if args.max_epochs:
                 config["max_epochs"] = min(config.get("max_epochs", args.max_epochs), args.max_epochs)
             started = time.perf_counter()
@@ -119,7 +138,9 @@ def champion_report(rows: list[dict], out: Path, horizon: int) -> None:
                  "champion_curve": curve, "champion_config": {"candidate": best["candidate"], **best["config"]},
                  "recipe": recipe["eval"] if recipe else None}  # fmt: skip
         if recipe:
-            entry["recipe_curve"] = json.loads((Path(recipe["model_dir"]) / "params.json").read_text()).get("learning_curve", [])
+            entry["recipe_curve"] = json.loads((Path(recipe["model_dir"]) / "params.json").read_text()).get(
+                "learning_curve", []
+            )
         entries.append(entry)
     write_report(entries, out, horizon)
 
@@ -134,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--max-epochs", type=int, default=None, help="cap every candidate's epochs (quick looks)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (1 on a shared, busy machine)"
+    )
     ap.add_argument("--test-seed", type=int, default=1234)
     args = ap.parse_args(argv)
     unknown = [c for c in args.candidates.split(",") if c not in CANDIDATES]

@@ -61,7 +61,11 @@ def heldout_rows(transitions, params: dict) -> tuple[np.ndarray, np.ndarray, str
     if not training.get("split"):
         return everything, everything, "all rows (the model records no training split)"
     if trained_on and transitions.sha256 and trained_on != transitions.sha256:
-        return everything, everything, "all rows (the model was trained on other data: dataset sha256 differs)"
+        return (
+            everything,
+            everything,
+            "all rows (the model was trained on other data: dataset sha256 differs)",
+        )
     from .trainer import split_from_training
 
     train, val = split_from_training(transitions, training)
@@ -124,7 +128,9 @@ def evaluate(
         "heldout": held_desc,
         "heldout_transitions": int(len(held)),
         "heldout_episodes": int(len(np.unique(transitions.episode[held]))),
-        **action_metrics(predict(transitions.obs[held], transitions.next_obs[held]), act[held], mean_action, act_var),
+        **action_metrics(
+            predict(transitions.obs[held], transitions.next_obs[held]), act[held], mean_action, act_var
+        ),
     }
     if physics:
         allowed = np.zeros(len(transitions), dtype=bool)
@@ -274,7 +280,9 @@ def main(argv=None) -> int:
         prog="python -m pipeline.evaluate",
         description="Evaluate an IDM on a dataset's held-out episodes, including closed-loop MuJoCo checks.",
     )
-    ap.add_argument("model", metavar="MODEL", help="model directory, bundle .zip / URL, models:/ URI or cached name")
+    ap.add_argument(
+        "model", metavar="MODEL", help="model directory, bundle .zip / URL, models:/ URI or cached name"
+    )
     ap.add_argument("dataset", metavar="DATASET", help="dataset name, path or minari:<id>")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     ap.add_argument("--horizon", type=int, default=32, help="closed-loop tracking horizon (default 32)")
@@ -301,7 +309,9 @@ def main(argv=None) -> int:
         )
         if args.attach:
             if model.path is None:
-                raise EvaluationError(f"--attach needs a model directory; {args.model} was not loaded from one")
+                raise EvaluationError(
+                    f"--attach needs a model directory; {args.model} was not loaded from one"
+                )
             attach_evaluation(model.path, result)
     except (InvdynError, ShapeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -114,7 +114,9 @@ class Replay:
         try:
             self.env = gym.make(self.env_id, **kwargs).unwrapped
         except Exception as e:  # noqa: BLE001 - gymnasium raises many types for a missing/broken env
-            raise PhysicsUnavailable(f"cannot make Gymnasium env {self.env_id!r}: {type(e).__name__}: {e}") from None
+            raise PhysicsUnavailable(
+                f"cannot make Gymnasium env {self.env_id!r}: {type(e).__name__}: {e}"
+            ) from None
         self.model, self.data = self.env.model, self.env.data
         self.frame_skip = self.env.frame_skip
         self.env_obs_dim = self.env.observation_space.shape[0]
@@ -215,7 +217,9 @@ class Replay:
 def normalized_rmse(a: np.ndarray, b: np.ndarray, std: np.ndarray, axis=None):
     """Root mean square of (a - b) / std over `axis` (all by default), on the first len(std) dims."""
     d = len(std)
-    return np.sqrt(np.mean(((np.asarray(a, np.float64)[..., :d] - np.asarray(b)[..., :d]) / std) ** 2, axis=axis))
+    return np.sqrt(
+        np.mean(((np.asarray(a, np.float64)[..., :d] - np.asarray(b)[..., :d]) / std) ** 2, axis=axis)
+    )
 
 
 def physics_metrics(
@@ -256,7 +260,9 @@ def physics_metrics(
         return {**null, "physics_reason": str(e)}
     from tqdm.auto import tqdm
 
-    replay.bar = tqdm(desc=f"MuJoCo replay {transitions.name}", unit="step", unit_scale=True, disable=not progress)
+    replay.bar = tqdm(
+        desc=f"MuJoCo replay {transitions.name}", unit="step", unit_scale=True, disable=not progress
+    )
     # padding dims are zero in data and simulation alike: leave them out of the RMSE instead of diluting it
     std = np.asarray(std, np.float64)[: replay.env_obs_dim]
     mean_action = np.asarray(mean_action, np.float64)
@@ -293,7 +299,9 @@ def physics_metrics(
         ref_traj = ref_traj.reshape(len(starts), horizon, -1)
         policies = {
             "drift_per_step": lambda k, o, target: predict(o.astype(np.float32), target),
-            "baseline_drift_per_step": lambda k, o, target: np.broadcast_to(mean_action, (len(o), len(mean_action))),
+            "baseline_drift_per_step": lambda k, o, target: np.broadcast_to(
+                mean_action, (len(o), len(mean_action))
+            ),
             "floor_drift_per_step": lambda k, o, target: tr.act[starts + k],
         }
         for key, act_fn in policies.items():

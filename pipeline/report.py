@@ -53,7 +53,11 @@ METRICS = (
     ("tracking_drift", "tracking drift at H"),
 )
 #: the mean-action baseline's value of each metric
-BASELINE_OF = {"heldout_mse": "baseline_mse", "one_step_error": "one_step_baseline", "tracking_drift": "tracking_baseline"}
+BASELINE_OF = {
+    "heldout_mse": "baseline_mse",
+    "one_step_error": "one_step_baseline",
+    "tracking_drift": "tracking_baseline",
+}
 
 
 def subset(transitions, rows: np.ndarray, tag: str):
@@ -63,7 +67,9 @@ def subset(transitions, rows: np.ndarray, tag: str):
     parent's data (evaluating it on the parent scores all rows, not a split it cannot know).
     """
     rows = np.asarray(rows)
-    digest = hashlib.sha256(f"{transitions.sha256}:{tag}:".encode() + rows.astype(np.int64).tobytes()).hexdigest()
+    digest = hashlib.sha256(
+        f"{transitions.sha256}:{tag}:".encode() + rows.astype(np.int64).tobytes()
+    ).hexdigest()
     take = (lambda a: None) if transitions.qpos is None else (lambda a: a[rows])
     stats = {**transitions.stats, "sha256": digest, "subset_of": transitions.sha256, "subset": tag,
              "transitions": int(len(rows)), "episodes": int(len(np.unique(transitions.episode[rows])))}  # fmt: skip
@@ -79,7 +85,9 @@ def subset(transitions, rows: np.ndarray, tag: str):
     )
 
 
-def train_recipe(transitions, train_rows: np.ndarray, out_dir, *, seed: int = 0, max_epochs: int | None = None, **overrides):
+def train_recipe(
+    transitions, train_rows: np.ndarray, out_dir, *, seed: int = 0, max_epochs: int | None = None, **overrides
+):
     """Train CleanDiffuser's recipe (or the recipe with `overrides`) on `train_rows` only; returns TrainResult."""
     from .trainer import TrainConfig, train
 
@@ -93,7 +101,7 @@ def train_recipe(transitions, train_rows: np.ndarray, out_dir, *, seed: int = 0,
 
 
 def evaluate_record(record: dict, *, with_recipe: bool, work_dir: Path, horizon: int, starts: int, samples: int,
-                    recipe_max_epochs: int | None = None, progress: bool = True) -> dict:  # fmt: skip
+                    recipe_max_epochs: int | None = None, threads: int | None = None, progress: bool = True) -> dict:  # fmt: skip
     """Evaluate one champion (and optionally the recipe on the same split) -> a report entry."""
     import invdyn
 
@@ -101,9 +109,17 @@ def evaluate_record(record: dict, *, with_recipe: bool, work_dir: Path, horizon:
     from .evaluate import evaluate, heldout_rows
 
     model = invdyn.read_model_dir(record["model_dir"])
-    transitions = load_transitions(record.get("spec") or record.get("dataset") or model.params["dataset"]["name"])
+    transitions = load_transitions(
+        record.get("spec") or record.get("dataset") or model.params["dataset"]["name"]
+    )
     rows = heldout_rows(transitions, model.params)
-    kw = {"horizon": horizon, "tracking_starts": starts, "one_step_samples": samples, "rows": rows, "progress": progress}
+    kw = {
+        "horizon": horizon,
+        "tracking_starts": starts,
+        "one_step_samples": samples,
+        "rows": rows,
+        "progress": progress,
+    }
     entry = {
         "dataset": transitions.name,
         "champion": evaluate(model, transitions, **kw),
@@ -113,7 +129,8 @@ def evaluate_record(record: dict, *, with_recipe: bool, work_dir: Path, horizon:
         "recipe": None,
     }
     if with_recipe:
-        trained = train_recipe(transitions, rows[0], work_dir / "recipe" / transitions.name, max_epochs=recipe_max_epochs)
+        trained = train_recipe(transitions, rows[0], work_dir / "recipe" / transitions.name,
+                               max_epochs=recipe_max_epochs, threads=threads)  # fmt: skip
         recipe = invdyn.read_model_dir(trained.model_dir)
         entry.update(
             recipe=evaluate(recipe, transitions, **kw),
@@ -129,7 +146,9 @@ def read_summary(path) -> list[dict]:
     try:
         records = json.loads(path.read_text())
     except FileNotFoundError:
-        raise InvdynError(f"{path} does not exist: run `python -m pipeline.pretrain_all` first, or pass --models") from None
+        raise InvdynError(
+            f"{path} does not exist: run `python -m pipeline.pretrain_all` first, or pass --models"
+        ) from None
     except json.JSONDecodeError as e:
         raise InvdynError(f"{path} is not valid JSON ({e})") from None
     if isinstance(records, dict):
@@ -210,11 +229,18 @@ def markdown(entries: list[dict], horizon: int, failed: list[dict] = ()) -> str:
                 f"{_fmt(c.get(BASELINE_OF[key]))} | {_fmt(_ratio(c.get(key), r.get(key)), 3)} |"
             )
     if not has_recipe:
-        lines += ["", "Recipe column empty: run with `--with-recipe` to train and score CleanDiffuser's recipe."]
+        lines += [
+            "",
+            "Recipe column empty: run with `--with-recipe` to train and score CleanDiffuser's recipe.",
+        ]
     if failed:
         lines += ["", "Datasets whose training failed (no model to evaluate):", ""]
         lines += [f"- {rec.get('dataset')}: {rec.get('error', 'unknown error')}" for rec in failed]
-    notes = [f"- {e['dataset']}: {e['champion']['physics_reason']}" for e in entries if e["champion"].get("physics_reason")]
+    notes = [
+        f"- {e['dataset']}: {e['champion']['physics_reason']}"
+        for e in entries
+        if e["champion"].get("physics_reason")
+    ]
     if notes:
         lines += ["", "Physics metrics not available:", "", *notes]
     lines += [
@@ -268,7 +294,10 @@ def _grid(n: int):
 def plot_learning_curves(entries: list[dict], path: Path) -> None:
     fig, axes = _grid(len(entries))
     for ax, e in zip(axes, entries, strict=False):
-        for key, label, style in (("champion_curve", "champion", "-"), ("recipe_curve", "recipe (val: random transitions)", "--")):
+        for key, label, style in (
+            ("champion_curve", "champion", "-"),
+            ("recipe_curve", "recipe (val: random transitions)", "--"),
+        ):
             xs, ys = curve_values(e.get(key))
             if ys:
                 ax.plot(xs, ys, style, label=label)
@@ -292,7 +321,12 @@ def plot_heldout_mse(entries: list[dict], path: Path) -> None:
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(names) + 2), 3.8))
     for k, (label, vals) in enumerate(series):
-        ax.bar(x + (k - (len(series) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width, label=label)
+        ax.bar(
+            x + (k - (len(series) - 1) / 2) * width,
+            [np.nan if v is None else v for v in vals],
+            width,
+            label=label,
+        )
     ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
     ax.set(ylabel="held-out action MSE", yscale="log", title="held-out action MSE per dataset")
     ax.legend(fontsize=8)
@@ -350,10 +384,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--summary", help="summary.json written by pipeline.pretrain_all")
-    src.add_argument("--models", nargs="+", metavar="MODEL_DIR", help="model directories (dataset from params.json)")
+    src.add_argument(
+        "--models", nargs="+", metavar="MODEL_DIR", help="model directories (dataset from params.json)"
+    )
     ap.add_argument("--out", required=True, help="report directory (report.md, results.json, *.png)")
-    ap.add_argument("--with-recipe", action="store_true", help="train + score CleanDiffuser's recipe on the same split")
-    ap.add_argument("--recipe-max-epochs", type=int, default=None, help="cap the recipe's epochs (default: its own stop)")
+    ap.add_argument(
+        "--with-recipe", action="store_true", help="train + score CleanDiffuser's recipe on the same split"
+    )
+    ap.add_argument(
+        "--recipe-max-epochs", type=int, default=None, help="cap the recipe's epochs (default: its own stop)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the recipe's training (default: all)"
+    )
     ap.add_argument("--horizon", type=int, default=32)
     ap.add_argument("--starts", type=int, default=128, help="tracking start points per dataset")
     ap.add_argument("--samples", type=int, default=2000, help="one-step transitions per dataset")
@@ -361,11 +404,21 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     try:
-        records = read_summary(args.summary) if args.summary else [{"model_dir": Path(m)} for m in args.models]
+        records = (
+            read_summary(args.summary) if args.summary else [{"model_dir": Path(m)} for m in args.models]
+        )
         failed = [rec for rec in records if rec.get("status") == "failed"]
         entries = [
-            evaluate_record(rec, with_recipe=args.with_recipe, work_dir=Path(args.out), horizon=args.horizon,
-                            starts=args.starts, samples=args.samples, recipe_max_epochs=args.recipe_max_epochs)  # fmt: skip
+            evaluate_record(
+                rec,
+                with_recipe=args.with_recipe,
+                work_dir=Path(args.out),
+                horizon=args.horizon,
+                starts=args.starts,
+                samples=args.samples,
+                recipe_max_epochs=args.recipe_max_epochs,
+                threads=args.threads,
+            )  # fmt: skip
             for rec in tqdm([r for r in records if r not in failed], desc="report", unit="dataset")
         ]
         path = write_report(entries, args.out, args.horizon, failed=failed)

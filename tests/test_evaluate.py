@@ -13,7 +13,16 @@ from pipeline.datasets import load_transitions
 from pipeline.evaluate import EvaluationError, attach_evaluation, evaluate, evaluation_tags
 from pipeline.trainer import TrainConfig, train
 
-QUICK = {"hidden_dim": 128, "dropout": 0.0, "lr": 1e-3, "batch_size": 256, "max_epochs": 8, "patience": 8, "seed": 0}
+QUICK = {
+    "hidden_dim": 128,
+    "dropout": 0.0,
+    "lr": 1e-3,
+    "batch_size": 256,
+    "max_epochs": 8,
+    "patience": 8,
+    "seed": 0,
+    "threads": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +39,9 @@ def trained(cheetah, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(trained, cheetah):
-    return evaluate(invdyn.read_model_dir(trained), cheetah, horizon=32, one_step_samples=400, tracking_starts=16)
+    return evaluate(
+        invdyn.read_model_dir(trained), cheetah, horizon=32, one_step_samples=400, tracking_starts=16
+    )
 
 
 def test_trained_model_beats_the_mean_action_in_mujoco(result, trained):
@@ -64,7 +75,9 @@ def test_evaluate_json_contract_from_the_command_line(trained, sim_files):
 
 def test_dims_mismatch_is_a_clear_error(trained, sim_files):
     hopper = load_transitions(str(sim_files["sim-hopper-random-v0"]))
-    with pytest.raises(EvaluationError, match=r"obs_dim=17, act_dim=6 .*'sim-hopper-random-v0' has obs_dim=11, act_dim=3"):
+    with pytest.raises(
+        EvaluationError, match=r"obs_dim=17, act_dim=6 .*'sim-hopper-random-v0' has obs_dim=11, act_dim=3"
+    ):
         evaluate(invdyn.read_model_dir(trained), hopper)
     proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", str(trained), str(sim_files["sim-hopper-random-v0"]),
                            "--json"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
@@ -100,7 +113,9 @@ def test_attach_evaluation_updates_params_and_card_atomically(trained, result, t
     np.testing.assert_array_equal(loaded.predict(obs, obs), invdyn.read_model_dir(trained).predict(obs, obs))
     assert sorted(p.name for p in model_dir.parent.iterdir()) == ["m"]  # no temp dirs left behind
     tags = evaluation_tags(result)
-    assert tags["eval.tracking_drift"] == result["tracking_drift"] and all(isinstance(v, float) for v in tags.values())
+    assert tags["eval.tracking_drift"] == result["tracking_drift"] and all(
+        isinstance(v, float) for v in tags.values()
+    )
 
 
 def test_bad_horizon_is_refused(trained, cheetah):
@@ -112,10 +127,17 @@ def test_res_mlp_trains_saves_and_evaluates(cheetah, tmp_path):
     """invdyn's residual architecture goes through the trainer, the model format and the evaluation."""
     config = TrainConfig(**{**QUICK, "arch": "res_mlp", "max_epochs": 2, "patience": 2})
     model = invdyn.read_model_dir(train(cheetah, config, tmp_path / "res").model_dir)
-    assert model.params["architecture"] == {"name": "res_mlp", "n_blocks": 2, "dropout": 0.0, "delta_input": True}
+    assert model.params["architecture"] == {
+        "name": "res_mlp",
+        "n_blocks": 2,
+        "dropout": 0.0,
+        "delta_input": True,
+    }
     scale = model.net.delta_scale
     delta = model.normalizer.normalize(cheetah.next_obs) - model.normalizer.normalize(cheetah.obs)
-    assert scale.count.item() > len(cheetah)  # learned from the data (2 epochs of training rows), not the init
+    assert scale.count.item() > len(
+        cheetah
+    )  # learned from the data (2 epochs of training rows), not the init
     np.testing.assert_allclose(scale.sq_mean.numpy(), (delta**2).mean(0), rtol=0.25)
     obs, nxt = cheetah.obs[:5], cheetah.next_obs[:5]
     one_by_one = np.concatenate([model.predict(obs[i : i + 1], nxt[i : i + 1]) for i in range(5)])

@@ -104,10 +104,14 @@ def test_zero_padded_observations_like_d4rl_ant_replay(tmp_path):
     """D4RL's ant: Ant-v5's 27 dims (no contact forces) then 84 zeros; the env's obs is padded to match."""
     from pipeline.simulate import simulate
 
-    t = load_transitions(str(simulate("sim-ant-random-v0", transitions=400, out_dir=tmp_path, workers=1, progress=False)))
+    t = load_transitions(
+        str(simulate("sim-ant-random-v0", transitions=400, out_dir=tmp_path, workers=1, progress=False))
+    )
     assert t.obs_dim == 27
     pad = lambda x: np.concatenate([x, np.zeros((len(x), 84), np.float32)], 1)  # noqa: E731
-    d4rl_like = dataclasses.replace(t, name="ant-medium-v2", obs=pad(t.obs), next_obs=pad(t.next_obs), stats={})
+    d4rl_like = dataclasses.replace(
+        t, name="ant-medium-v2", obs=pad(t.obs), next_obs=pad(t.next_obs), stats={}
+    )
     m = _metrics(d4rl_like, horizon=4)
     assert m["physics_reason"] is None and m["env_id"] == "Ant-v5"
     assert m["one_step_floor"] < 1e-8 < m["one_step_baseline"]

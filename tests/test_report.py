@@ -10,7 +10,15 @@ from pipeline.report import main, read_summary, subset
 from pipeline.trainer import TrainConfig, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-QUICK = {"hidden_dim": 64, "dropout": 0.0, "lr": 1e-3, "batch_size": 256, "max_epochs": 4, "patience": 4}
+QUICK = {
+    "hidden_dim": 64,
+    "dropout": 0.0,
+    "lr": 1e-3,
+    "batch_size": 256,
+    "max_epochs": 4,
+    "patience": 4,
+    "threads": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +31,9 @@ def summary(sim_files, tmp_path_factory):
         records.append({"dataset": str(path), "heldout_mse": result.metrics["heldout_mse"],
                         "baseline_mse": result.metrics["baseline_mse"], "config": QUICK,
                         "model_dir": f"models/{name}"})  # fmt: skip
-    records.append({"dataset": "sim-walker2d-random-v0", "status": "failed", "error": "trial crashed: planted"})
+    records.append(
+        {"dataset": "sim-walker2d-random-v0", "status": "failed", "error": "trial crashed: planted"}
+    )
     (root / "summary.json").write_text(json.dumps(records))
     return root / "summary.json"
 
@@ -36,7 +46,7 @@ def _png_size(path):
 
 def test_report_renders_table_and_plots_with_recipe(summary, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["--summary", str(summary), "--out", str(out), "--with-recipe", "--recipe-max-epochs", "1",
+    assert main(["--summary", str(summary), "--out", str(out), "--with-recipe", "--recipe-max-epochs", "1", "--threads", "1",
                  "--starts", "6", "--samples", "200", "--horizon", "8"]) == 0  # fmt: skip
     md = (out / "report.md").read_text()
     for name in ("sim-halfcheetah-random-v0", "sim-hopper-random-v0"):
