@@ -1,0 +1,49 @@
+"""`python -m pipeline.train`: the no-cluster path writes a loadable model directory with its metrics."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import invdyn
+from pipeline.train import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_model_dir(sim_files, tmp_path):
+    out = tmp_path / "hopper-idm"
+    proc = run_cli("--dataset", str(sim_files["sim-hopper-random-v0"]), "--out", str(out), "--max-epochs", "3",
+                   "--patience", "5", "--seed", "1", "--split", "transitions", "--hidden-dim", "64", "--threads", "1")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("val_mse") == 3  # one progress line per evaluation
+    assert "held-out MSE (actions)" in proc.stdout and "mean-action baseline MSE" in proc.stdout
+    params = json.loads((out / "params.json").read_text())
+    m = params["metrics"]
+    assert m["epochs"] == 3 and 0 < m["heldout_mse"] < m["baseline_mse"]
+    assert [r["epoch"] for r in params["learning_curve"]] == [1, 2, 3]
+    assert params["training"]["split"] == "transitions" and params["training"]["seed"] == 1
+    assert params["config"]["hidden_dim"] == 64 and params["config"]["obs_dim"] == 11
+    model = invdyn.read_model_dir(out)
+    assert model.predict(params["normalizers"]["state"]["mean"], params["normalizers"]["state"]["mean"]).shape == (3,)
+
+
+def test_cli_bad_config_fails_clearly(sim_files, tmp_path, capsys):
+    data = str(sim_files["sim-hopper-random-v0"])
+    assert main(["--dataset", data, "--out", str(tmp_path / "m"), "--hidden-dim", "0"]) == 2
+    assert "hidden_dim must be a positive integer, got 0" in capsys.readouterr().err
+    assert main(["--dataset", data, "--out", str(tmp_path / "m"), "--batch-size", "100000"]) == 2
+    assert "batch_size=100000 is larger than the training split" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["--dataset", data, "--out", str(tmp_path / "m"), "--split", "bogus"])
+    assert exc.value.code == 2 and "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_cli_unknown_dataset(tmp_path, capsys):
+    assert main(["--dataset", "no-such-dataset-v9", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-dataset-v9" in err and "Traceback" not in err

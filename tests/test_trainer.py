@@ -1,0 +1,227 @@
+"""The training loop: early stopping, honest split, determinism, learning, model directory, bad configs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import invdyn
+from pipeline.trainer import (
+    EarlyStopping,
+    TrainConfig,
+    TrainConfigError,
+    TrainingError,
+    split_from_training,
+    split_indices,
+    train,
+)
+from pipeline.transitions import Transitions
+
+
+def linear_transitions(episodes=20, length=50, obs_dim=5, act_dim=2, seed=0, noise_actions=False) -> Transitions:
+    """next_obs = obs + B @ act (+ small noise): the action is recoverable from the state change.
+
+    With noise_actions the actions are independent of the states, so a model can only memorize them
+    (its validation MSE gets worse as it trains: a planted loss curve with an early minimum).
+    """
+    rng = np.random.default_rng(seed)
+    n = episodes * length
+    obs = rng.normal(size=(n, obs_dim)).astype(np.float32) * 3 + 1
+    act = rng.uniform(-0.9, 0.9, size=(n, act_dim)).astype(np.float32)
+    b = rng.normal(size=(act_dim, obs_dim)).astype(np.float32)
+    nxt = obs + act @ b + 0.01 * rng.normal(size=(n, obs_dim)).astype(np.float32)
+    if noise_actions:
+        act = rng.uniform(-0.9, 0.9, size=(n, act_dim)).astype(np.float32)
+    episode = np.repeat(np.arange(episodes), length).astype(np.int64)
+    return Transitions("synthetic-linear", obs, act, nxt.astype(np.float32), episode, stats={"sha256": "0" * 64})
+
+
+def small(**kw) -> TrainConfig:
+    base = dict(hidden_dim=64, batch_size=64, max_epochs=3, device="cpu", precision="fp32", threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_on_planted_curve():
+    curve = [1.0, 0.8, 0.9, 0.85, 0.81, 0.7, 0.6]
+    stopper, stopped_at = EarlyStopping(patience=3), None
+    for i, value in enumerate(curve):
+        stopper.update(value, at=i)
+        if stopper.should_stop:
+            stopped_at = i
+            break
+    assert stopped_at == 4 and stopper.best == 0.8 and stopper.best_at == 1
+
+
+def test_early_stopping_min_delta_needs_a_real_improvement():
+    stopper = EarlyStopping(patience=2, min_delta=0.1)
+    assert stopper.update(1.0) is True
+    assert stopper.update(0.95) is False  # better, but by less than min_delta
+    assert not stopper.should_stop
+    assert stopper.update(0.91) is False
+    assert stopper.should_stop and stopper.best == 1.0
+
+
+def test_loop_stops_at_best_plus_patience_and_keeps_best_weights(tmp_path):
+    data = linear_transitions(episodes=10, length=100, noise_actions=True)
+    cfg = small(hidden_dim=128, dropout=0.0, lr=3e-3, max_epochs=40, patience=2, batch_size=32)
+    result = train(data, cfg, tmp_path / "best")
+    m, curve = result.metrics, result.curve
+    vals = [r["val_mse"] for r in curve]
+    best = int(np.argmin(vals))
+    assert m["stopped_early"] and best < len(curve) - 1
+    assert m["epochs"] == len(curve) == curve[best]["epoch"] + cfg.patience
+    assert m["best_epoch"] == curve[best]["epoch"]
+    assert m["heldout_mse"] == pytest.approx(vals[best], rel=1e-6)  # best weights, not the last ones
+    assert m["heldout_mse"] < vals[-1]
+    # recompute from the saved directory on the re-created held-out split
+    model = invdyn.read_model_dir(result.model_dir)
+    _, val_idx = split_from_training(data, model.params["training"])
+    pred = model.predict(data.obs[val_idx], data.next_obs[val_idx])
+    assert float(((pred - data.act[val_idx]) ** 2).mean()) == pytest.approx(m["heldout_mse"], rel=1e-4)
+
+    last = train(data, cfg.__class__(**{**cfg.to_dict(), "keep": "last"}), tmp_path / "last")
+    assert last.metrics["heldout_mse"] == pytest.approx(last.curve[-1]["val_mse"], rel=1e-6)
+    assert last.metrics["heldout_mse"] > m["heldout_mse"]
+
+
+def test_zero_learning_rate_stops_after_patience(tmp_path):
+    records = []
+    result = train(linear_transitions(), small(lr=0.0, patience=2, max_epochs=10), tmp_path / "m", on_eval=records.append)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records == [{k: v for k, v in r.items()} for r in result.curve]
+    assert set(records[0]) >= {"epoch", "step", "train_loss", "val_mse", "best_val_mse", "elapsed_s", "train_time_s"}
+    assert result.metrics["stopped_early"] and result.metrics["best_epoch"] == 1
+
+
+def test_eval_every_steps(tmp_path):
+    data = linear_transitions()  # 800 training rows -> 13 steps per epoch at batch 64
+    result = train(data, small(eval_every=5, max_epochs=2, patience=100), tmp_path / "m")
+    assert [r["step"] for r in result.curve] == [5, 10, 15, 20, 25, 26]
+    assert result.curve[-1]["epoch"] == 2 and result.metrics["steps"] == 26
+
+
+# ---------------------------------------------------------------- split
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 30), min_size=2, max_size=40),
+    fraction=st.floats(0.05, 0.95),
+    seed=st.integers(0, 2**31),
+)
+def test_episode_split_never_shares_an_episode(lengths, fraction, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(10_000)[: len(lengths)]
+    episode = np.repeat(ids, lengths)
+    train_idx, val_idx = split_indices(episode, "episodes", fraction, seed)
+    assert not set(episode[train_idx]) & set(episode[val_idx])
+    assert np.array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(episode.shape[0]))
+    assert len(train_idx) and len(val_idx)
+    again = split_indices(episode.copy(), "episodes", fraction, seed)
+    assert np.array_equal(again[0], train_idx) and np.array_equal(again[1], val_idx)
+
+
+def test_transition_split_is_random_80_20_and_seeded():
+    episode = np.repeat(np.arange(10), 100)
+    train_idx, val_idx = split_indices(episode, "transitions", 0.2, 0)
+    assert len(val_idx) == 200 and len(train_idx) == 800
+    assert len(set(episode[val_idx])) == 10  # neighbours of held-out rows are in training: why it is the dishonest one
+    assert not np.array_equal(split_indices(episode, "transitions", 0.2, 1)[1], val_idx)
+
+
+def test_single_episode_cannot_be_split_by_episode():
+    with pytest.raises(TrainConfigError, match="at least 2 episodes.*--split transitions"):
+        split_indices(np.zeros(100, dtype=np.int64), "episodes", 0.2, 0)
+
+
+# ---------------------------------------------------------------- determinism, learning, model dir
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_same_weights_on_cpu(tmp_path, precision):
+    data = linear_transitions()
+    runs = [train(data, small(seed=s, precision=precision), tmp_path / f"{i}") for i, s in enumerate([3, 3, 4])]
+    weights = [torch.load(r.model_dir / "model.ckpt", weights_only=True)["state_dict"] for r in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [r["val_mse"] for r in runs[0].curve] == [r["val_mse"] for r in runs[1].curve]
+    assert not torch.equal(weights[0]["mlp.0.weight"], weights[2]["mlp.0.weight"])
+
+
+def test_learns_on_simulated_halfcheetah_and_loads(sim_files, tmp_path):
+    from pipeline.datasets import load_transitions
+
+    data = load_transitions(str(sim_files["sim-halfcheetah-random-v0"]))
+    cfg = TrainConfig(hidden_dim=256, max_epochs=25, patience=3, batch_size=256, threads=1)
+    result = train(data, cfg, tmp_path / "cheetah", dataset_name="sim-halfcheetah-random-v0")
+    m = result.metrics
+    assert m["heldout_mse"] < 0.25 * m["baseline_mse"], m
+    assert m["heldout_mse_normalized"] < 0.25 * m["baseline_mse_normalized"]
+    assert m["samples_per_s"] > 0 and m["train_time_s"] > 0
+
+    params = json.loads((result.model_dir / "params.json").read_text())
+    assert params["dataset"]["name"] == "sim-halfcheetah-random-v0"
+    assert params["dataset"]["transitions"] == len(data) and params["dataset"]["obs_dim"] == 17
+    assert params["dataset"]["sha256"] == data.sha256
+    assert params["training"]["split"] == "episodes" and params["training"]["split_info"]["val_episodes"]
+    assert len(params["learning_curve"]) == m["epochs"]
+    # all observations' statistics, like CleanDiffuser
+    assert np.allclose(params["normalizers"]["state"]["mean"], data.obs.astype(np.float64).mean(0))
+
+    model = invdyn.load("sim-halfcheetah-random-v0", source=result.model_dir)
+    _, val_idx = split_from_training(data, model.params["training"])
+    pred = model.predict(data.obs[val_idx], data.next_obs[val_idx])
+    assert float(((pred - data.act[val_idx]) ** 2).mean()) == pytest.approx(m["heldout_mse"], rel=1e-4)
+
+
+def test_split_from_training_detects_other_data():
+    data = linear_transitions()
+    training = {**small().to_dict(), "split_info": {"val_digest": "0123456789abcdef"}}
+    with pytest.raises(TrainConfigError, match="differs from the one the model was trained with"):
+        split_from_training(data, training)
+
+
+# ---------------------------------------------------------------- bad configs
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_dim": 0}, "hidden_dim must be a positive integer, got 0"),
+        ({"arch": "transformer"}, "arch='transformer' is not a known architecture"),
+        ({"optimizer": "sgd"}, r"optimizer='sgd' is not one of \['adam', 'adamw'\]"),
+        ({"batch_size": 801}, "batch_size=801 is larger than the training split \\(800 of 1000"),
+        ({"val_fraction": 1.0}, "val_fraction must be in"),
+        ({"dropout": -0.1}, "dropout must be in"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+    ],
+)
+def test_bad_config_fails_clearly(tmp_path, change, message):
+    with pytest.raises(TrainConfigError, match=message):
+        train(linear_transitions(), small(**change), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_unknown_config_key():
+    with pytest.raises(TrainConfigError, match=r"unknown training config key\(s\) \['hiden_dim'\]"):
+        TrainConfig.from_dict({"hiden_dim": 3})
+    assert TrainConfig.from_dict(TrainConfig(lr=1e-3).to_dict()) == TrainConfig(lr=1e-3)
+
+
+def test_nan_loss_stops_with_the_epoch(tmp_path):
+    # an absurd learning rate really overflows the weights: the loss turns inf/NaN in the first epoch
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) in epoch 1 .*lower --lr"):
+        train(linear_transitions(), small(lr=1e38, dropout=0.0), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_nan_in_data_is_refused(tmp_path):
+    data = linear_transitions()
+    data.obs[3, 1] = np.nan
+    with pytest.raises(TrainConfigError, match="synthetic-linear.*NaN"):
+        train(data, small(), tmp_path / "m")
