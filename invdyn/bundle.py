@@ -183,7 +183,7 @@ def _check_member(info: zipfile.ZipInfo, zip_path: Path) -> None:
         or "\x00" in name
         or name.startswith("/")
         or path.is_absolute()
-        or ":" in path.parts[0]
+        or ":" in name.split("/")[0]  # "C:..." (a drive on Windows)
         or any(part in ("..", ".", "") for part in name.split("/"))
     )
     if bad:

@@ -75,7 +75,9 @@ def _load_from_source(name: str, source, device) -> PretrainedIDM:
         return _load_installed(name, installed, redact_url(text), device)
     if "://" in text:
         raise DownloadError(f"source {redact_url(text)!r}: only http(s) URLs, MLflow models:/ URIs and local paths are supported")
-    path = Path(text).expanduser()
+    path = _local_path(text)
+    if path is None:
+        raise ModelNotFoundError(f"source {text[:200]!r} is not a usable path (too long, NUL byte or unknown ~user)")
     if path.is_file():
         installed = fetch(path)
         return _load_installed(name, installed, text, device)
@@ -141,7 +143,9 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
     if not is_url(text):
         if "://" in text:
             raise DownloadError(f"cannot fetch {redact_url(text)!r}: only http(s) URLs and local .zip paths are supported")
-        path = Path(text).expanduser()
+        path = _local_path(text)
+        if path is None:
+            raise BundleNotFoundError(f"bundle {text[:200]!r} is not a usable path (too long, NUL byte or unknown ~user)")
         if not path.is_file():
             what = "is a directory, not a bundle .zip" if path.is_dir() else "does not exist"
             raise BundleNotFoundError(f"bundle {path} {what}")
@@ -160,6 +164,16 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
             return _install(dest, redact_url(text), force)  # the install record never holds a password
         finally:
             dest.unlink(missing_ok=True)
+
+
+def _local_path(text: str) -> Path | None:
+    """`text` as a local path, or None when the OS cannot even look it up (name too long, NUL, unknown ~user)."""
+    try:
+        path = Path(text).expanduser()
+        path.exists()
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return path
 
 
 def _install(zip_path: Path, source: str, force: bool) -> list[str]:
