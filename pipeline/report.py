@@ -35,6 +35,7 @@ RECIPE = {
     "patience": 3,
     "split": "transitions",
     "keep": "last",
+    "precision": "fp32",  # CleanDiffuser trains in fp32 (bf16 inputs lose the small s' - s, see bench)
 }
 
 #: "well served": held-out MSE under this fraction of the mean-action baseline's ...

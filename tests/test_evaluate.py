@@ -144,3 +144,15 @@ def test_res_mlp_trains_saves_and_evaluates(cheetah, tmp_path):
     np.testing.assert_allclose(one_by_one, model.predict(obs, nxt), atol=1e-6)  # no batch statistics at eval
     r = evaluate(model, cheetah, horizon=4, one_step_samples=50, tracking_starts=2)
     assert r["heldout_mse"] < r["baseline_mse"] and r["one_step_error"] < r["one_step_baseline"]
+
+
+def test_a_cleandiffuser_checkpoint_is_evaluated_on_all_rows(sim_files):
+    """A model CleanDiffuser itself saved (no split recorded) is scored on every row, physics included."""
+    from invdyn_testutil import CD_DIR
+
+    from pipeline.evaluate import load_model
+
+    hopper = load_transitions(str(sim_files["sim-hopper-random-v0"]))
+    r = evaluate(load_model(str(CD_DIR)), hopper, horizon=4, one_step_samples=50, tracking_starts=2)
+    assert r["heldout"].startswith("all rows") and r["heldout_transitions"] == len(hopper)
+    assert r["physics_reason"] is None and r["one_step_floor"] < 1e-8 < r["one_step_error"]
