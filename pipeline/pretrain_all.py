@@ -349,10 +349,11 @@ def mlflow_callbacks(args, out: Path, job_name: str) -> tuple[str | None, list]:
     return uri, [tracking.tune_callback(uri, args.experiment or job_name, job_name)]
 
 
-def register_and_export(args, uri: str | None, records: list[dict], callbacks: list) -> None:
-    """After all trials: register each dataset's best model (driver only), then export the bundle."""
+def register_and_export(args, uri: str | None, records: list[dict], callbacks: list) -> bool:
+    """After all trials: register each dataset's best model (driver only), then export the bundle.
+    Failures leave the models in place (`pipeline.register --from-storage OUT` finishes); returns False."""
     if uri is None:
-        return
+        return True
     from . import tracking
 
     cb = callbacks[0] if callbacks else None
@@ -368,11 +369,18 @@ def register_and_export(args, uri: str | None, records: list[dict], callbacks: l
             except Exception as e:  # noqa: BLE001 - keep the models; `pipeline.register` finishes later
                 rec["registration"] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"warning: {rec['dataset']}: not registered: {e}", file=sys.stderr)
+    ok = not any("error" in (r.get("registration") or {}) for r in records)
     if args.export:
         from .export import export_bundle
 
-        path = export_bundle(uri, args.export, datasets=[r["dataset"] for r in records if r.get("status") == "ok"])
-        print(f"bundle: {path}")
+        try:
+            path = export_bundle(uri, args.export, datasets=[r["dataset"] for r in records if r.get("status") == "ok"])
+            print(f"bundle: {path}")
+        except Exception as e:  # noqa: BLE001 - the summary says what was trained; export can be re-run
+            print(f"error: export to {args.export} failed: {type(e).__name__}: {e}; "
+                  f"re-run `python -m pipeline.export --out {args.export}`", file=sys.stderr)  # fmt: skip
+            ok = False
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -437,9 +445,15 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         return _run(args, out, started)
-    except InvdynError as e:
+    except (InvdynError, placement.PlacementError, *_tracking_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _tracking_errors() -> tuple:
+    """MLflow errors, when the MLflow module was loaded (it is imported only if tracking is on)."""
+    tracking = sys.modules.get(f"{__package__}.tracking")
+    return (tracking.TrackingError,) if tracking else ()
 
 
 def _run(args, out: Path, started: float) -> int:
@@ -493,20 +507,21 @@ def _run(args, out: Path, started: float) -> int:
             import ray
 
             ray.shutdown()
-    register_and_export(args, uri, records, callbacks)
-    table = job_summary.write_summary(out, records)
+    job_summary.write_summary(out, records)  # the models are safe before MLflow is touched again
     ran = [e for e in Ledger(out).done().values() if e["key"] in {t["key"] for t in todo}]
     train_s = sum(e.get("train_time_s") or 0 for e in ran)
     job_summary.write_json_atomic(out / job_summary.JOB_JSON, {
         **state, "datasets": specs, "storage_path": storage, "placement": pl.to_dict(), "search_space": space,
-        "mlflow_uri": _redact(uri),
+        "mlflow_uri": _redact(uri), "executor": args.executor,
         "last_run": {"trials": len(trials), "skipped": len(trials) - len(todo), "ran": len(ran),
                      "failed": len(errors), "wall_s": time.time() - started, "tune_wall_s": tune_wall,
                      "train_time_s": train_s,
                      "overhead_share": (1 - train_s / (tune_wall * pl.max_concurrent)) if ran and tune_wall else None},
     })  # fmt: skip
+    exported = register_and_export(args, uri, records, callbacks)
+    table = job_summary.write_summary(out, records)
     print(f"\n{table}\n\nsummary: {out / job_summary.SUMMARY_JSON}  ({time.time() - started:.0f} s)")
-    return 0 if all(r.get("status") == "ok" for r in records) else 1
+    return 0 if exported and all(r.get("status") == "ok" for r in records) else 1
 
 
 if __name__ == "__main__":
