@@ -467,6 +467,8 @@ def _run(args, out: Path, started: float) -> int:
                               ("batch_size", args.batch_size), ("seed", args.seed)) if v is not None}  # fmt: skip
     state = _job_state(out, args.resume)
     job_name = state["job"]
+    # Written now so that a resumed job keeps its name (MLflow groups its runs by it) even after a kill.
+    job_summary.write_json_atomic(out / job_summary.JOB_JSON, {**state, "datasets": specs, "started": started})
     uri, callbacks = mlflow_callbacks(args, out, job_name)  # fails fast, before any training
 
     started_ray = placement.connect(num_cpus=args.num_cpus, log_to_driver=args.verbose >= 2)

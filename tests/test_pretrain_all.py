@@ -129,6 +129,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_pa
     first = ledger(out)
     assert len(first) == 1, "the driver was killed after its first trial finished"
     assert not (out / "summary.json").exists()
+    job_name = json.loads((out / "job.json").read_text())["job"]
 
     again = run_job([*args, "--resume"], env)
     assert again.returncode == 0
@@ -136,8 +137,9 @@ def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_pa
     assert len(after) == 3
     kept = next(e for e in after if e["key"] == first[0]["key"])
     assert kept["trial_id"] == first[0]["trial_id"] and kept["finished_at"] == first[0]["finished_at"]
-    last = json.loads((out / "job.json").read_text())["last_run"]
-    assert (last["skipped"], last["ran"]) == (1, 2)
+    state = json.loads((out / "job.json").read_text())
+    assert state["job"] == job_name and state["runs"] == 2  # the same job, run a second time
+    assert (state["last_run"]["skipped"], state["last_run"]["ran"]) == (1, 2)
     rec = json.loads((out / "summary.json").read_text())[0]
     assert rec["trials_finished"] == 3 and rec["heldout_mse"] == min(e["heldout_mse"] for e in after)
 
