@@ -15,6 +15,7 @@ Run locally it starts its own Ray; under `ray job submit` ($RAY_ADDRESS set) it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -167,6 +168,8 @@ def prepare_datasets(specs: list[str], *, download: bool) -> tuple[dict, list[di
         if t.name in ready:
             continue
         info = {k: t.stats.get(k) for k in ("transitions", "episodes", "obs_dim", "act_dim", "source", "env_id")}
+        # Training needs no simulator state: qpos / qvel (float64) stay out of the object store.
+        t = dataclasses.replace(t, qpos=None, qvel=None)
         ready[t.name] = {"ref": ray.put(t), "sha256": t.sha256, "info": info, "spec": spec}
     return ready, failed
 
