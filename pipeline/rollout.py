@@ -1,11 +1,16 @@
 """Rolling out Gymnasium MuJoCo envs under a behaviour policy: the work each simulation process does.
 
-Kept free of invdyn / torch imports so that spawned worker processes start in a fraction of a second.
+Kept free of invdyn / torch imports: `python -m pipeline.rollout` worker processes start in a fraction of a
+second (a multiprocessing "spawn" child would re-import the parent's main module, and with it torch).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -85,6 +90,19 @@ def rollout_chunk(env_name: str, policy_name: str, seed: int, chunk: int, size: 
     return out
 
 
-def rollout_job(job):
-    """Process-pool entry point: one chunk from a (env, policy, seed, chunk, size) tuple."""
-    return rollout_chunk(*job)
+def run_worker(job_dir: Path, worker: int, workers: int) -> None:
+    """Worker process: roll out chunks worker, worker + workers, ... of job_dir/jobs.json.
+
+    Each chunk is saved as job_dir/chunk-<c>.npz (written under a temp name, then renamed), so the parent
+    sees only finished chunks.
+    """
+    jobs = json.loads((job_dir / "jobs.json").read_text())
+    for job in jobs[worker::workers]:
+        part = rollout_chunk(*job)
+        tmp = job_dir / f".chunk-{job[3]}.tmp.npz"
+        np.savez(tmp, **part)
+        os.replace(tmp, job_dir / f"chunk-{job[3]}.npz")
+
+
+if __name__ == "__main__":  # python -m pipeline.rollout JOB_DIR WORKER WORKERS (started by pipeline.simulate)
+    run_worker(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -14,17 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+import time
 from pathlib import Path
 
 import numpy as np
 
 from .catalog import CATALOG, DEFAULT_SIM_TRANSITIONS, SIM_ENVS, SIM_POLICIES, DatasetError, d4rl_dir, unknown
-from .rollout import MAX_EPISODE_STEPS, rollout_job
+from .rollout import MAX_EPISODE_STEPS, rollout_chunk
 
+_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the `pipeline` package, for worker processes
 #: transitions per independently seeded chunk (the unit of parallel work)
 CHUNK = 5000
 GENERATOR = "simulated by invdyn"
@@ -90,26 +91,64 @@ def default_transitions() -> int:
 
 
 def _run(jobs, workers: int, progress: bool, desc: str) -> list[dict]:
+    """Roll out every job, in this process (workers <= 1) or in `workers` processes; parts in job order."""
     from tqdm.auto import tqdm
 
-    total = sum(j[-1] for j in jobs)
-    bar = tqdm(total=total, desc=f"simulate {desc}", unit="step", unit_scale=True, disable=not progress)
-    parts = []
+    bar = tqdm(total=sum(j[-1] for j in jobs), desc=f"simulate {desc}", unit="step", unit_scale=True,
+               disable=not progress)  # fmt: skip
     with bar:
         if workers <= 1 or len(jobs) == 1:
-            results = map(rollout_job, jobs)
-            pool = None
-        else:  # spawn: safe from any parent (Ray workers, torch threads); each worker builds its own env
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn"))
-            results = pool.map(rollout_job, jobs)  # yields in job order: a deterministic merge
-        try:
-            for part in results:
-                parts.append(part)
-                bar.update(len(part["actions"]))
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-    return parts
+            parts = []
+            for job in jobs:
+                parts.append(rollout_chunk(*job))
+                bar.update(job[-1])
+            return parts
+        with tempfile.TemporaryDirectory(prefix="invdyn-simulate-") as tmp:
+            return _run_processes(jobs, min(workers, len(jobs)), Path(tmp), bar)
+
+
+def _run_processes(jobs, workers: int, job_dir: Path, bar) -> list[dict]:
+    """`python -m pipeline.rollout` worker processes (lean: no torch); chunks come back as .npz files."""
+    (job_dir / "jobs.json").write_text(json.dumps(jobs))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.rollout", str(job_dir), str(k), str(workers)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for k in range(workers)
+    ]
+    try:
+        done: set[int] = set()
+        while len(done) < len(jobs):
+            for c, job in enumerate(jobs):
+                if c not in done and (job_dir / f"chunk-{c}.npz").exists():
+                    done.add(c)
+                    bar.update(job[-1])
+            failed = [p for p in procs if p.poll() not in (None, 0)]
+            if failed:
+                raise DatasetError(f"simulation worker failed:\n{failed[0].communicate()[1][-2000:]}")
+            if len(done) < len(jobs):
+                time.sleep(0.05)
+        for p in procs:
+            p.wait()
+        parts = []
+        for c in range(len(jobs)):
+            with np.load(job_dir / f"chunk-{c}.npz") as z:
+                parts.append({k: z[k] for k in KEYS})
+        return parts
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            if p.stderr:
+                p.stderr.close()
 
 
 def write_hdf5(path: Path, data: dict[str, np.ndarray], attrs: dict) -> None:
@@ -136,7 +175,12 @@ def main(argv=None) -> int:
         description="Write a simulated D4RL-layout dataset (real MuJoCo rollouts) to DIR/NAME.hdf5.",
     )
     ap.add_argument("names", nargs="+", metavar="NAME", help="sim-<env>-<policy>-v0, e.g. sim-hopper-gait-v0")
-    ap.add_argument("--transitions", type=int, default=None, help=f"default $INVDYN_SIM_TRANSITIONS or {DEFAULT_SIM_TRANSITIONS}")
+    ap.add_argument(
+        "--transitions",
+        type=int,
+        default=None,
+        help=f"default $INVDYN_SIM_TRANSITIONS or {DEFAULT_SIM_TRANSITIONS}",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default: $D4RL_DATASET_DIR)")
     ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
