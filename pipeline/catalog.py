@@ -110,7 +110,13 @@ def entry_for_file(path) -> dict | None:
 
 
 def is_path_spec(spec: str) -> bool:
-    return spec.lower().endswith(DATA_SUFFIXES) or os.sep in spec or Path(spec).exists()
+    if not spec.strip() or "://" in spec:  # empty, or a URL: never a local path
+        return False
+    try:
+        Path(spec).expanduser()
+        return spec.lower().endswith(DATA_SUFFIXES) or os.sep in spec or Path(spec).exists()
+    except (OSError, ValueError, RuntimeError):  # name too long, NUL byte, ~user that does not exist
+        return False
 
 
 def nearest_names(name: str, n: int = 5) -> list[str]:
@@ -122,6 +128,8 @@ def nearest_names(name: str, n: int = 5) -> list[str]:
 def unknown(name: str) -> UnknownDatasetError:
     near = nearest_names(name)
     hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    if "://" in name:
+        hint += " URLs are not dataset specs: download the file and pass its path (or a catalog name)."
     return UnknownDatasetError(
         f"unknown dataset {name!r}: not a catalog name, suite ({', '.join(SUITES)}), `minari:<id>` or a "
         f"path to an existing .hdf5/.h5/.parquet file.{hint} See `python -m pipeline.datasets list`."
@@ -150,4 +158,6 @@ def resolve_datasets(spec) -> list[str]:
             out.append(item)
         else:
             raise unknown(item)
+    if not out:
+        raise UnknownDatasetError(f"no dataset names in {spec!r}; give names, suites or paths separated by commas")
     return list(dict.fromkeys(out))

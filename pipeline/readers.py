@@ -6,6 +6,7 @@ crossing an episode boundary and drops non-finite rows. Every error names the fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,6 +63,9 @@ def make_transitions(
     o, a = obs[idx], act[idx]
     if len(idx) == 0:
         raise DatasetError(f"{where}: no transitions (empty data, or every episode has a single step)")
+    for key, arr in (("observations", o), ("actions", a)):
+        if arr.shape[1] == 0:
+            raise DatasetError(f"{where}: key {key!r} has 0 values per row; a dataset needs at least one")
     finite = np.isfinite(o).all(1) & np.isfinite(a).all(1) & np.isfinite(nxt).all(1)
     bad = int(len(idx) - finite.sum())
     if bad:
@@ -147,9 +151,22 @@ def open_hdf5(path):
         ) from None
 
 
+@contextlib.contextmanager
+def _damaged_hdf5(where: str):
+    """h5py reports damaged metadata from any call, as OSError, KeyError, RuntimeError or ValueError: name the file."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        raise DatasetError(
+            f"{where}: damaged HDF5 file ({type(e).__name__}: {e}); delete it and download or generate it again"
+        ) from None
+
+
 def check_hdf5(path) -> None:
     """Validity check of a D4RL-layout file without reading its arrays: opens, required keys, row counts."""
-    with open_hdf5(path) as f:
+    with _damaged_hdf5(str(path)), open_hdf5(path) as f:
         _row_counts(f, str(path))
 
 
@@ -172,14 +189,47 @@ def _row_counts(f, where: str) -> int:
         "infos/qpos",
         "infos/qvel",
     ):
-        if key in f and f[key].shape[:1] != (n,):
+        if key not in f:
+            continue
+        if not isinstance(f[key], h5py.Dataset) or not _numeric(f[key].dtype):
+            raise DatasetError(f"{where}: key {key!r} must be an array of numbers, got {_describe(f[key])}")
+        if f[key].shape[:1] != (n,):
             raise DatasetError(
                 f"{where}: key {key!r} has {f[key].shape[0] if f[key].ndim else 0} rows but 'observations' "
                 f"has {n}; every per-step key must have one row per step"
             )
+        if key in ("terminals", "timeouts") and f[key].shape not in ((n,), (n, 1)):
+            raise DatasetError(
+                f"{where}: key {key!r} must hold one flag per step, shape ({n},), got {f[key].shape}"
+            )
     if n == 0:
         raise DatasetError(f"{where}: key 'observations' is empty")
+    if not _numeric(f["observations"].dtype):
+        raise DatasetError(
+            f"{where}: key 'observations' must be an array of numbers, got {_describe(f['observations'])}"
+        )
     return n
+
+
+def _numeric(dtype) -> bool:
+    return (
+        np.issubdtype(dtype, np.integer)
+        or np.issubdtype(dtype, np.floating)
+        or np.issubdtype(dtype, np.bool_)
+    )
+
+
+def _describe(obj) -> str:
+    return f"dtype {obj.dtype}" if hasattr(obj, "dtype") else type(obj).__name__
+
+
+def _attr(value):
+    """An HDF5 attribute as a plain Python value (a one-element array as its item, bytes as str)."""
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else value.tolist()
+    elif hasattr(value, "item"):
+        value = value.item()
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def read_hdf5(
@@ -192,7 +242,7 @@ def read_hdf5(
     path = Path(path)
     where = str(path)
     name = name or path.stem
-    with open_hdf5(path) as f:
+    with _damaged_hdf5(where), open_hdf5(path) as f:
         _row_counts(f, where)
         try:
             arrays = {
@@ -205,7 +255,15 @@ def read_hdf5(
             raise DatasetError(
                 f"{where}: cannot read its data ({e}); the file is truncated or damaged"
             ) from None
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        except MemoryError:
+            shapes = {k: f[k].shape for k in ("observations", "actions")}
+            raise DatasetError(
+                f"{where}: its arrays {shapes} do not fit in memory; is the file damaged?"
+            ) from None
+        try:
+            attrs = {k: _attr(v) for k, v in f.attrs.items()}
+        except (OSError, ValueError, TypeError) as e:
+            raise DatasetError(f"{where}: unreadable file attributes ({e})") from None
     obs = _as_2d(where, "observations", arrays["observations"])
     act = _as_2d(where, "actions", arrays["actions"])
     nxt = arrays.get("next_observations")
@@ -225,17 +283,27 @@ def read_hdf5(
         "source": str(path.resolve()),
         "format": "d4rl-hdf5",
         "sha256": sha256 or sha256_file(path),
-        "env_id": attrs.get("env_id") or (expect or {}).get("env_id"),
+        "env_id": env_id
+        if isinstance(env_id := attrs.get("env_id"), str) and env_id
+        else (expect or {}).get("env_id"),
         "has_next_observations": nxt is not None,
         "timeouts_inferred": inferred,
     }
     if attrs.get("generator"):
         stats.update(generator=attrs["generator"], policy=attrs.get("policy"), seed=attrs.get("seed"))
     if attrs.get("env_kwargs"):
-        stats["env_kwargs"] = json.loads(attrs["env_kwargs"])
+        try:
+            stats["env_kwargs"] = json.loads(attrs["env_kwargs"])
+        except (TypeError, ValueError, RecursionError):
+            stats["env_kwargs"] = None
+        if not isinstance(stats["env_kwargs"], dict):
+            raise DatasetError(
+                f"{where}: attribute 'env_kwargs' must be a JSON object, got {attrs['env_kwargs']!r:.80}"
+            )
+    qpos, qvel = (_as_2d(where, f"infos/{k}", arrays[k]) if k in arrays else None for k in ("qpos", "qvel"))
     return make_transitions(
         name, where, obs, act, terminals=terminals, timeouts=timeouts, next_obs=nxt,
-        qpos=arrays.get("qpos"), qvel=arrays.get("qvel"), stats=stats,
+        qpos=qpos, qvel=qvel, stats=stats,
     )  # fmt: skip
 
 
@@ -277,6 +345,13 @@ def read_parquet(
             raise DatasetError(
                 f"{where}: column {col!r} must hold one list of numbers per row, got {arr.type}"
             )
+        value_type = arr.type.value_type
+        if not (
+            pa.types.is_integer(value_type)
+            or pa.types.is_floating(value_type)
+            or pa.types.is_boolean(value_type)
+        ):
+            raise DatasetError(f"{where}: column {col!r} must hold lists of numbers, got {arr.type}")
         lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
         if arr.null_count or len(set(lengths.tolist())) != 1:
             raise DatasetError(f"{where}: column {col!r} has rows of different lengths or nulls")
