@@ -67,6 +67,7 @@ def ledger(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "trials").glob("*.json"))]
 
 
+@pytest.mark.slow
 def test_two_datasets_complete_and_best_per_dataset_loads(job):
     summary = job["summary"]
     entries = ledger(job["out"])
@@ -93,6 +94,7 @@ def test_two_datasets_complete_and_best_per_dataset_loads(job):
     assert summary[CHEETAH]["registration"]["champion"] is True  # the default SQLite MLflow store
 
 
+@pytest.mark.slow
 def test_injected_crash_is_retried_and_the_job_succeeds(job):
     marker = job["out"] / f".crash-once-{HOPPER}"
     assert marker.exists(), "the crash hook never fired"
@@ -101,6 +103,7 @@ def test_injected_crash_is_retried_and_the_job_succeeds(job):
     assert json.loads((job["out"] / "job.json").read_text())["last_run"]["failed"] == 0
 
 
+@pytest.mark.slow
 def test_broken_dataset_fails_alone_with_its_reason(job):
     failed = [r for r in job["records"] if r["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["dataset"].endswith("broken.hdf5")
@@ -109,6 +112,7 @@ def test_broken_dataset_fails_alone_with_its_reason(job):
     assert "broken.hdf5" in job["proc"].stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_path):
     out = tmp_path / "out"
