@@ -153,7 +153,9 @@ def table(headers, rows) -> str:
     cells = [[str(c) for c in r] for r in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, cells[1:])])
+    return "\n".join(
+        [fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, cells[1:])]
+    )
 
 
 def machine() -> str:
@@ -174,9 +176,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="sim-halfcheetah-mixed-v0")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run in table 1")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions in table 1 (median reported)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved repetitions in table 1 (median reported)"
+    )
     p.add_argument("--max-epochs", type=int, default=300, help="cap for table 2's early-stopping runs")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: CPUs given)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads for every contender (default: CPUs given)"
+    )
     p.add_argument("--workers", type=int, default=0, help="recipe DataLoader workers (CleanDiffuser uses 8; 0 is "
                    "fastest on a 2-core machine)")  # fmt: skip
     p.add_argument("--skip-early-stop", action="store_true", help="table 1 only")

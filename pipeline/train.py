@@ -47,7 +47,9 @@ def _field_type(f: dataclasses.Field):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", required=True, help="catalog name, sim-* name, minari:<id> or .hdf5/.parquet path")
+    p.add_argument(
+        "--dataset", required=True, help="catalog name, sim-* name, minari:<id> or .hdf5/.parquet path"
+    )
     p.add_argument("--out", required=True, help="model directory to write (replaced atomically)")
     p.add_argument("--name", default=None, help="model name in params.json (default: the dataset's name)")
     p.add_argument("--download", action="store_true", help="download a missing D4RL file")

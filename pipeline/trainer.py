@@ -105,7 +105,9 @@ class TrainConfig:
                 raise TrainConfigError(f"{key} must be a positive integer, got {value!r}")
 
         if self.arch not in ARCHITECTURES:
-            raise TrainConfigError(f"arch={self.arch!r} is not a known architecture; known: {sorted(ARCHITECTURES)}")
+            raise TrainConfigError(
+                f"arch={self.arch!r} is not a known architecture; known: {sorted(ARCHITECTURES)}"
+            )
         for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
                              ("split", SPLITS), ("keep", KEEPS), ("precision", PRECISIONS), ("device", DEVICES)):  # fmt: skip
             choice(key, allowed)
@@ -115,20 +117,32 @@ class TrainConfig:
             positive_int("eval_every")
         if self.threads is not None:
             positive_int("threads")
-        if isinstance(self.patience, bool) or not isinstance(self.patience, (int, np.integer)) or self.patience < 0:
+        if (
+            isinstance(self.patience, bool)
+            or not isinstance(self.patience, (int, np.integer))
+            or self.patience < 0
+        ):
             raise TrainConfigError(f"patience must be an integer >= 0, got {self.patience!r}")
-        if not (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool) and self.seed >= 0):
+        if not (
+            isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool) and self.seed >= 0
+        ):
             raise TrainConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
         for key, low, high in (("dropout", 0.0, 1.0), ("val_fraction", 0.0, 1.0)):
             value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and low <= value < high) or (key == "val_fraction" and value == 0):
-                raise TrainConfigError(f"{key} must be in {'(' if key == 'val_fraction' else '['}{low}, {high}), got {value!r}")
+            if not (isinstance(value, (int, float)) and low <= value < high) or (
+                key == "val_fraction" and value == 0
+            ):
+                raise TrainConfigError(
+                    f"{key} must be in {'(' if key == 'val_fraction' else '['}{low}, {high}), got {value!r}"
+                )
         for key in ("lr", "weight_decay", "min_delta"):
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise TrainConfigError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.action_scale is not None and not (math.isfinite(self.action_scale) and self.action_scale > 0):
-            raise TrainConfigError(f"action_scale must be a positive number or None, got {self.action_scale!r}")
+            raise TrainConfigError(
+                f"action_scale must be a positive number or None, got {self.action_scale!r}"
+            )
 
 
 @dataclass
@@ -186,9 +200,13 @@ def split_digest(val_idx) -> str:
 def split_from_training(transitions, training: dict):
     """Re-create the split a model was trained with from its params.json["training"]; checks the fingerprint."""
     try:
-        train_idx, val_idx = split_indices(transitions, training["split"], training["val_fraction"], training["seed"])
+        train_idx, val_idx = split_indices(
+            transitions, training["split"], training["val_fraction"], training["seed"]
+        )
     except KeyError as e:
-        raise TrainConfigError(f"params.json 'training' lacks key {e} needed to re-create the split") from None
+        raise TrainConfigError(
+            f"params.json 'training' lacks key {e} needed to re-create the split"
+        ) from None
     info = training.get("split_info") or {}
     if info.get("val_digest") and info["val_digest"] != split_digest(val_idx):
         raise TrainConfigError(
@@ -259,7 +277,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> bf16 where it is native (measured faster at equal held-out MSE, see bench/train_throughput.py)."""
+    """ "auto" -> bf16 where it is native (measured faster at equal held-out MSE, see bench/train_throughput.py)."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision
@@ -268,28 +286,89 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 # ---------------------------------------------------------------- the loop
 
 
-def _metrics_on(net, x_obs, x_next, act, act_var, idx, chunk=EVAL_CHUNK):
-    """fp32 (mse, normalized mse) of `net` on rows `idx`, in eval mode, without gradients."""
-    was_training = net.training
-    net.eval()
-    sq = torch.zeros(act.shape[1], dtype=torch.float64, device=act.device)
-    with torch.no_grad():
-        for start in range(0, idx.shape[0], chunk):
-            rows = idx[start : start + chunk]
-            err = net(x_obs[rows], x_next[rows]).float() - act[rows]
-            sq += (err.double() ** 2).sum(0)
-    net.train(was_training)
-    per_dim = sq / max(int(idx.shape[0]), 1)
-    return float(per_dim.mean()), float((per_dim / act_var).mean())
+@dataclass
+class _Resident:
+    """The dataset on the device, observations already normalized: what every step and evaluation reads."""
+
+    obs: torch.Tensor
+    next_obs: torch.Tensor
+    act: torch.Tensor
+    act_var: torch.Tensor  # per-dimension action variance over the dataset (0 -> 1), for normalized MSE
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+
+    @classmethod
+    def build(cls, t: Transitions, normalizer: GaussianNormalizer, train_idx, val_idx, device) -> _Resident:
+        mean = torch.as_tensor(normalizer.mean, dtype=torch.float64)
+        std = torch.as_tensor(normalizer.std, dtype=torch.float64)
+
+        def normalized(a):
+            return ((torch.as_tensor(np.asarray(a, dtype=np.float64)) - mean) / std).float().to(device)
+
+        var = np.asarray(t.act, dtype=np.float64).var(0)
+        return cls(
+            normalized(t.obs),
+            normalized(t.next_obs),
+            torch.as_tensor(np.array(t.act, dtype=np.float32)).to(device),
+            torch.as_tensor(np.where(var > 0, var, 1.0), device=device),
+            torch.as_tensor(train_idx, device=device),
+            torch.as_tensor(val_idx, device=device),
+        )
+
+    def mse(self, net, idx, chunk=EVAL_CHUNK) -> tuple[float, float]:
+        """fp32 (action MSE, normalized action MSE) of `net` on rows `idx`, in eval mode, without gradients."""
+        was_training = net.training
+        net.eval()
+        sq = torch.zeros(self.act.shape[1], dtype=torch.float64, device=self.act.device)
+        with torch.no_grad():
+            for start in range(0, idx.shape[0], chunk):
+                rows = idx[start : start + chunk]
+                err = net(self.obs[rows], self.next_obs[rows]).float() - self.act[rows]
+                sq += (err.double() ** 2).sum(0)
+        net.train(was_training)
+        per_dim = sq / max(int(idx.shape[0]), 1)
+        return float(per_dim.mean()), float((per_dim / self.act_var).mean())
+
+    def baseline_mse(self) -> tuple[float, float]:
+        """(MSE, normalized MSE) of predicting the training split's mean action on the held-out rows."""
+        mean_act = self.act[self.train_idx].double().mean(0)
+        per_dim = ((self.act[self.val_idx].double() - mean_act) ** 2).mean(0)
+        return float(per_dim.mean()), float((per_dim / self.act_var).mean())
 
 
-def _action_scale(config: TrainConfig, act: np.ndarray) -> float:
-    if config.action_scale is not None:
-        return float(config.action_scale)
-    return max(1.0, float(np.abs(act).max())) if act.size else 1.0
+def _build_model(config: TrainConfig, t: Transitions, device):
+    """The network, seeded; tanh output scaled by `action_scale` (1.0 for actions in [-1, 1], like CleanDiffuser)."""
+    torch.manual_seed(config.seed)
+    scale = config.action_scale or (max(1.0, float(np.abs(t.act).max())) if t.act.size else 1.0)
+    model_config = {"obs_dim": t.obs_dim, "act_dim": t.act_dim, "hidden_dim": config.hidden_dim,
+                    "tanh_out_activation": True, "action_scale": float(scale)}  # fmt: skip
+    accepts_dropout = "dropout" in inspect.signature(ARCHITECTURES[config.arch]).parameters
+    options = {"dropout": config.dropout} if accepts_dropout else {}
+    try:
+        return build_model(config.arch, model_config, options).to(device).train()
+    except (TypeError, ValueError) as e:
+        raise TrainConfigError(
+            f"arch={config.arch!r} cannot be built with {model_config} {options}: {e}"
+        ) from None
 
 
-def train(transitions: Transitions, config: TrainConfig, out_dir, *, on_eval=None, dataset_name=None) -> TrainResult:
+def _build_optimizer(config: TrainConfig, net, total_steps: int):
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    try:  # the fused kernel (CPU and CUDA) is ~15% faster per step than the foreach one
+        opt = opt_cls(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # fused kernel unavailable for this device / build
+        opt = opt_cls(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+        if config.schedule == "cosine"
+        else None
+    )
+    return opt, sched
+
+
+def train(
+    transitions: Transitions, config: TrainConfig, out_dir, *, on_eval=None, dataset_name=None
+) -> TrainResult:
     """Train one IDM on `transitions`; write the kept model to `out_dir` (invdyn format) and return it.
 
     `on_eval(record)` is called at every evaluation with the learning-curve record (epoch, step,
@@ -302,158 +381,68 @@ def train(transitions: Transitions, config: TrainConfig, out_dir, *, on_eval=Non
     n = len(transitions)
     if n == 0:
         raise TrainConfigError(f"dataset {transitions.name!r} has no transitions")
-    if not (np.isfinite(transitions.obs).all() and np.isfinite(transitions.next_obs).all()
-            and np.isfinite(transitions.act).all()):  # fmt: skip
+    if not all(np.isfinite(a).all() for a in (transitions.obs, transitions.next_obs, transitions.act)):
         raise TrainConfigError(f"dataset {transitions.name!r} contains NaN or inf in obs/next_obs/actions")
-    train_idx_np, val_idx_np = split_indices(transitions, config.split, config.val_fraction, config.seed)
-    if config.batch_size > train_idx_np.shape[0]:
+    train_idx, val_idx = split_indices(transitions, config.split, config.val_fraction, config.seed)
+    if config.batch_size > train_idx.shape[0]:
         raise TrainConfigError(
-            f"batch_size={config.batch_size} is larger than the training split ({train_idx_np.shape[0]} of {n} "
+            f"batch_size={config.batch_size} is larger than the training split ({train_idx.shape[0]} of {n} "
             f"transitions of {transitions.name!r}); use a smaller --batch-size"
         )
-
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     threads = config.threads or available_cpus()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _train(transitions, config, out_dir, on_eval, dataset_name, device, precision, threads,
-                      train_idx_np, val_idx_np, started)  # fmt: skip
+        normalizer = GaussianNormalizer.from_data(transitions.obs)  # all observations, as CleanDiffuser
+        data = _Resident.build(transitions, normalizer, train_idx, val_idx, device)
+        net = _build_model(config, transitions, device)
+        net, curve, stats = _fit(net, data, config, device, precision, on_eval, started)
     finally:
         torch.set_num_threads(old_threads)
 
-
-def _train(transitions, config, out_dir, on_eval, dataset_name, device, precision, threads, train_idx_np,
-           val_idx_np, started):  # fmt: skip
-    # Normalize once with all observations' statistics (CleanDiffuser's normalizer) and keep it resident.
-    normalizer = GaussianNormalizer.from_data(transitions.obs)
-    mean = torch.as_tensor(normalizer.mean, dtype=torch.float64)
-    std = torch.as_tensor(normalizer.std, dtype=torch.float64)
-
-    def resident(a):
-        return ((torch.as_tensor(np.asarray(a, dtype=np.float64)) - mean) / std).float().to(device)
-
-    x_obs, x_next = resident(transitions.obs), resident(transitions.next_obs)
-    act = torch.as_tensor(np.array(transitions.act, dtype=np.float32)).to(device)
-    act_var64 = np.asarray(transitions.act, dtype=np.float64).var(0)
-    act_var = torch.as_tensor(np.where(act_var64 > 0, act_var64, 1.0), device=device)
-    train_idx = torch.as_tensor(train_idx_np, device=device)
-    val_idx = torch.as_tensor(val_idx_np, device=device)
-
-    torch.manual_seed(config.seed)
-    accepts_dropout = "dropout" in inspect.signature(ARCHITECTURES[config.arch]).parameters
-    options = {"dropout": config.dropout} if accepts_dropout else {}
-    model_config = {"obs_dim": transitions.obs_dim, "act_dim": transitions.act_dim, "hidden_dim": config.hidden_dim,
-                    "tanh_out_activation": True, "action_scale": _action_scale(config, transitions.act)}  # fmt: skip
-    try:
-        net = build_model(config.arch, model_config, options).to(device)
-    except (TypeError, ValueError) as e:
-        raise TrainConfigError(f"arch={config.arch!r} cannot be built with {model_config} {options}: {e}") from None
-    net.train()
-
-    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    try:  # the fused kernel (CPU and CUDA) is ~15% faster per step than the foreach one
-        opt = opt_cls(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # fused kernel unavailable for this device / build
-        opt = opt_cls(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    n_train = int(train_idx.shape[0])
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    sched = None
-    if config.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.max_epochs * steps_per_epoch)
-    loss_fn = F.huber_loss if config.loss == "huber" else F.mse_loss
-    eval_every = config.eval_every or steps_per_epoch
-    gen = torch.Generator(device=device)
-    gen.manual_seed(config.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    stopper = EarlyStopping(config.patience, config.min_delta)
-    best_state, curve = None, []
-    step, train_time, loss_sum, loss_count = 0, 0.0, torch.zeros((), device=device), 0
-    stop = False
-    for _epoch in range(config.max_epochs):
-        perm = train_idx[torch.randperm(n_train, device=device, generator=gen)]
-        t0 = time.perf_counter()
-        for start in range(0, n_train, config.batch_size):
-            rows = perm[start : start + config.batch_size]
-            with autocast:
-                pred = net(x_obs[rows], x_next[rows])
-            loss = loss_fn(pred.float(), act[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            loss_sum += loss.detach()
-            loss_count += 1
-            step += 1
-            if step % eval_every == 0 or step == config.max_epochs * steps_per_epoch:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                train_time += time.perf_counter() - t0
-                record = _evaluate(net, x_obs, x_next, act, act_var, val_idx, step, steps_per_epoch,
-                                   loss_sum, loss_count, stopper, started, train_time)  # fmt: skip
-                if record["improved"] or best_state is None:
-                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-                del record["improved"]
-                curve.append(record)
-                if on_eval is not None:
-                    on_eval(dict(record))
-                loss_sum, loss_count = torch.zeros((), device=device), 0
-                if stopper.should_stop:
-                    stop = True
-                    break
-                t0 = time.perf_counter()
-        else:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_time += time.perf_counter() - t0
-        if stop:
-            break
-
-    if config.keep == "best" and best_state is not None:
-        net.load_state_dict(best_state)
-    net.eval()
-    heldout, heldout_norm = _metrics_on(net, x_obs, x_next, act, act_var, val_idx)
-    train_mse, _ = _metrics_on(net, x_obs, x_next, act, act_var, train_idx)
-    mean_act = act[train_idx].double().mean(0)
-    base_per_dim = ((act[val_idx].double() - mean_act) ** 2).mean(0)
-
-    best_record = min(curve, key=lambda r: r["val_mse"]) if curve else {}
+    heldout, heldout_norm = data.mse(net, data.val_idx)
+    baseline, baseline_norm = data.baseline_mse()
+    best = min(curve, key=lambda r: r["val_mse"])
     metrics = {
         "heldout_mse": heldout,
         "heldout_mse_normalized": heldout_norm,
-        "baseline_mse": float(base_per_dim.mean()),
-        "baseline_mse_normalized": float((base_per_dim / act_var).mean()),
-        "train_mse": train_mse,
-        "epochs": math.ceil(step / steps_per_epoch),
-        "steps": step,
-        "best_epoch": best_record.get("epoch"),
-        "best_step": best_record.get("step"),
-        "stopped_early": stop,
-        "train_time_s": train_time,
+        "baseline_mse": baseline,
+        "baseline_mse_normalized": baseline_norm,
+        "train_mse": data.mse(net, data.train_idx)[0],
+        "epochs": math.ceil(stats["steps"] / stats["steps_per_epoch"]),
+        "steps": stats["steps"],
+        "best_epoch": best["epoch"],
+        "best_step": best["step"],
+        "stopped_early": stats["stopped_early"],
+        "train_time_s": stats["train_time_s"],
         "wall_time_s": time.perf_counter() - started,
-        "samples_per_s": step * config.batch_size / train_time if train_time > 0 else None,
+        "samples_per_s": stats["samples"] / stats["train_time_s"] if stats["train_time_s"] > 0 else None,
     }
     split_info = {
-        "train_transitions": int(train_idx_np.shape[0]),
-        "val_transitions": int(val_idx_np.shape[0]),
-        "val_digest": split_digest(val_idx_np),
+        "train_transitions": int(train_idx.shape[0]),
+        "val_transitions": int(val_idx.shape[0]),
+        "val_digest": split_digest(val_idx),
     }
     if config.split == "episodes":
-        split_info["val_episodes"] = np.unique(transitions.episode[val_idx_np]).astype(int).tolist()
+        split_info["val_episodes"] = np.unique(transitions.episode[val_idx]).astype(int).tolist()
     training = {
         **config.to_dict(),
-        "resolved": {"device": str(device), "precision": precision, "threads": threads,
-                     "torch": torch.__version__, "steps_per_epoch": steps_per_epoch},  # fmt: skip
+        "resolved": {
+            "device": str(device),
+            "precision": precision,
+            "threads": threads,
+            "torch": torch.__version__,
+            "steps_per_epoch": stats["steps_per_epoch"],
+        },  # fmt: skip
         "split_info": split_info,
     }
     name = dataset_name or transitions.name
     dataset = {
         "name": name,
         "sha256": transitions.sha256,
-        "transitions": len(transitions),
+        "transitions": n,
         "episodes": int(np.unique(transitions.episode).shape[0]),
         "obs_dim": transitions.obs_dim,
         "act_dim": transitions.act_dim,
@@ -463,19 +452,80 @@ def _train(transitions, config, out_dir, on_eval, dataset_name, device, precisio
     return TrainResult(Path(model_dir), metrics, curve, config, split_info)
 
 
-def _evaluate(net, x_obs, x_next, act, act_var, val_idx, step, steps_per_epoch, loss_sum, loss_count, stopper,
-              started, train_time) -> dict:  # fmt: skip
+def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_eval, started):
+    """The optimization loop; returns (net holding the kept weights, learning curve, counters)."""
+    n_train = int(data.train_idx.shape[0])
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total_steps = config.max_epochs * steps_per_epoch
+    opt, sched = _build_optimizer(config, net, total_steps)
+    loss_fn = F.huber_loss if config.loss == "huber" else F.mse_loss
+    eval_every = config.eval_every or steps_per_epoch
+    gen = torch.Generator(device=device)
+    gen.manual_seed(config.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    stopper = EarlyStopping(config.patience, config.min_delta)
+    best_state, curve = None, []
+    step, samples, train_time = 0, 0, 0.0
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no per-step sync
+    stopped = False
+    while not stopped and step < total_steps:
+        perm = data.train_idx[torch.randperm(n_train, device=device, generator=gen)]
+        t0 = time.perf_counter()
+        for start in range(0, n_train, config.batch_size):
+            rows = perm[start : start + config.batch_size]
+            with autocast:
+                pred = net(data.obs[rows], data.next_obs[rows])
+            loss = loss_fn(pred.float(), data.act[rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach()
+            loss_count += 1
+            samples += int(rows.shape[0])
+            step += 1
+            if step % eval_every and step < total_steps:
+                continue
+            sync()
+            train_time += time.perf_counter() - t0
+            record = _evaluate(
+                net, data, step, steps_per_epoch, float(loss_sum) / loss_count, stopper, started, train_time
+            )
+            if record.pop("improved") or best_state is None:
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            curve.append(record)
+            if on_eval is not None:
+                on_eval(dict(record))
+            loss_sum, loss_count = torch.zeros((), device=device), 0
+            if stopper.should_stop:
+                stopped = True
+                break
+            t0 = time.perf_counter()
+        else:
+            sync()
+            train_time += time.perf_counter() - t0
+    if config.keep == "best":
+        net.load_state_dict(best_state)
+    stats = {"steps": step, "steps_per_epoch": steps_per_epoch, "samples": samples, "train_time_s": train_time,
+             "stopped_early": stopped}  # fmt: skip
+    return net.eval(), curve, stats
+
+
+def _evaluate(net, data: _Resident, step, steps_per_epoch, train_loss, stopper, started, train_time) -> dict:
     epoch = step / steps_per_epoch
     epoch = int(epoch) if float(epoch).is_integer() else round(epoch, 4)
-    train_loss = float(loss_sum) / max(loss_count, 1)
+    where = f"epoch {math.ceil(step / steps_per_epoch)} (step {step})"
     if not math.isfinite(train_loss):
         raise TrainingError(
-            f"training loss became {train_loss} in epoch {math.ceil(step / steps_per_epoch)} (step {step}); "
-            "lower --lr, check the data for extreme values, or use --precision fp32"
+            f"training loss became {train_loss} in {where}; lower --lr, check the data for extreme values, "
+            "or use --precision fp32"
         )
-    val_mse, val_norm = _metrics_on(net, x_obs, x_next, act, act_var, val_idx)
+    val_mse, val_norm = data.mse(net, data.val_idx)
     if not math.isfinite(val_mse):
-        raise TrainingError(f"validation MSE became {val_mse} in epoch {math.ceil(step / steps_per_epoch)} (step {step})")
+        raise TrainingError(f"validation MSE became {val_mse} in {where}; lower --lr")
     improved = stopper.update(val_mse, at=step)
     return {
         "epoch": epoch,

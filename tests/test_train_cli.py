@@ -11,7 +11,9 @@ from pipeline.train import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_writes_model_dir(sim_files, tmp_path):
@@ -28,7 +30,9 @@ def test_cli_writes_model_dir(sim_files, tmp_path):
     assert params["training"]["split"] == "transitions" and params["training"]["seed"] == 1
     assert params["config"]["hidden_dim"] == 64 and params["config"]["obs_dim"] == 11
     model = invdyn.read_model_dir(out)
-    assert model.predict(params["normalizers"]["state"]["mean"], params["normalizers"]["state"]["mean"]).shape == (3,)
+    assert model.predict(
+        params["normalizers"]["state"]["mean"], params["normalizers"]["state"]["mean"]
+    ).shape == (3,)
 
 
 def test_cli_bad_config_fails_clearly(sim_files, tmp_path, capsys):

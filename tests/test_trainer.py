@@ -21,7 +21,9 @@ from pipeline.trainer import (
 from pipeline.transitions import Transitions
 
 
-def linear_transitions(episodes=20, length=50, obs_dim=5, act_dim=2, seed=0, noise_actions=False) -> Transitions:
+def linear_transitions(
+    episodes=20, length=50, obs_dim=5, act_dim=2, seed=0, noise_actions=False
+) -> Transitions:
     """next_obs = obs + B @ act (+ small noise): the action is recoverable from the state change.
 
     With noise_actions the actions are independent of the states, so a model can only memorize them
@@ -36,7 +38,9 @@ def linear_transitions(episodes=20, length=50, obs_dim=5, act_dim=2, seed=0, noi
     if noise_actions:
         act = rng.uniform(-0.9, 0.9, size=(n, act_dim)).astype(np.float32)
     episode = np.repeat(np.arange(episodes), length).astype(np.int64)
-    return Transitions("synthetic-linear", obs, act, nxt.astype(np.float32), episode, stats={"sha256": "0" * 64})
+    return Transitions(
+        "synthetic-linear", obs, act, nxt.astype(np.float32), episode, stats={"sha256": "0" * 64}
+    )
 
 
 def small(**kw) -> TrainConfig:
@@ -92,10 +96,20 @@ def test_loop_stops_at_best_plus_patience_and_keeps_best_weights(tmp_path):
 
 def test_zero_learning_rate_stops_after_patience(tmp_path):
     records = []
-    result = train(linear_transitions(), small(lr=0.0, patience=2, max_epochs=10), tmp_path / "m", on_eval=records.append)
+    result = train(
+        linear_transitions(), small(lr=0.0, patience=2, max_epochs=10), tmp_path / "m", on_eval=records.append
+    )
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records == [{k: v for k, v in r.items()} for r in result.curve]
-    assert set(records[0]) >= {"epoch", "step", "train_loss", "val_mse", "best_val_mse", "elapsed_s", "train_time_s"}
+    assert set(records[0]) >= {
+        "epoch",
+        "step",
+        "train_loss",
+        "val_mse",
+        "best_val_mse",
+        "elapsed_s",
+        "train_time_s",
+    }
     assert result.metrics["stopped_early"] and result.metrics["best_epoch"] == 1
 
 
@@ -131,7 +145,9 @@ def test_transition_split_is_random_80_20_and_seeded():
     episode = np.repeat(np.arange(10), 100)
     train_idx, val_idx = split_indices(episode, "transitions", 0.2, 0)
     assert len(val_idx) == 200 and len(train_idx) == 800
-    assert len(set(episode[val_idx])) == 10  # neighbours of held-out rows are in training: why it is the dishonest one
+    assert (
+        len(set(episode[val_idx])) == 10
+    )  # neighbours of held-out rows are in training: why it is the dishonest one
     assert not np.array_equal(split_indices(episode, "transitions", 0.2, 1)[1], val_idx)
 
 
@@ -146,7 +162,9 @@ def test_single_episode_cannot_be_split_by_episode():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_same_seed_same_weights_on_cpu(tmp_path, precision):
     data = linear_transitions()
-    runs = [train(data, small(seed=s, precision=precision), tmp_path / f"{i}") for i, s in enumerate([3, 3, 4])]
+    runs = [
+        train(data, small(seed=s, precision=precision), tmp_path / f"{i}") for i, s in enumerate([3, 3, 4])
+    ]
     weights = [torch.load(r.model_dir / "model.ckpt", weights_only=True)["state_dict"] for r in runs]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert [r["val_mse"] for r in runs[0].curve] == [r["val_mse"] for r in runs[1].curve]
