@@ -1,7 +1,7 @@
 """Prepared transitions cached as Arrow IPC files, one per source content (sha256), memory-mapped on read.
 
 Layout under `$INVDYN_HOME/transitions/`:
-  <sha256>-r<reader version>.arrow   columns obs, act, next_obs (fixed-size lists), episode, optional qpos /
+  <sha256>-<reader>-r<version>.arrow columns obs, act, next_obs (fixed-size lists), episode, optional qpos /
                                      qvel; the stats as JSON in the schema metadata
   sources/<hash of path>.json        (path, size, mtime, inode) -> sha256, so an unchanged source is not
                                      re-hashed on every load; any change of the file re-hashes it
@@ -36,8 +36,9 @@ def cache_dir() -> Path:
     return invdyn_home() / "transitions"
 
 
-def cache_path(sha256: str) -> Path:
-    return cache_dir() / f"{sha256}-r{READER_VERSION}.arrow"
+def cache_path(sha256: str, kind: str = "hdf5") -> Path:
+    """The cache file of a source: its content, the reader that parsed it (hdf5 / parquet / minari), its version."""
+    return cache_dir() / f"{sha256}-{kind}-r{READER_VERSION}.arrow"
 
 
 def _index_path(source: Path) -> Path:
@@ -148,8 +149,8 @@ def _numpy_view(values) -> np.ndarray:
     return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize)
 
 
-def is_cached(sha256: str) -> bool:
-    return cache_path(sha256).is_file()
+def is_cached(sha256: str, kind: str = "hdf5") -> bool:
+    return cache_path(sha256, kind).is_file()
 
 
 def lock(sha256: str):

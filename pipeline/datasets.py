@@ -128,7 +128,7 @@ def load_transitions(
         return _finish(_parse(src), src)
     # a file (D4RL, sim, yours, Minari's main_data.hdf5) goes through the source index; a folder is hashed
     sha = cache.source_sha256(src.path) if src.path.is_file() else readers.minari_sha256(src.path)
-    path = cache.cache_path(sha)
+    path = cache.cache_path(sha, src.kind)
     t = _read_cache(path, src)
     if t is None:
         with cache.lock(sha):

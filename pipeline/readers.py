@@ -175,9 +175,15 @@ def _row_counts(f, where: str) -> int:
 
     for key in REQUIRED_KEYS:
         if key not in f or not isinstance(f[key], h5py.Dataset):
+            found = sorted(f.keys())
+            hint = (
+                " It looks like a Minari file: pass minari:<dataset-id>."
+                if any(k.startswith("episode_") for k in found)
+                else ""
+            )
             raise DatasetError(
                 f"{where}: missing key {key!r} (a D4RL-layout file needs {', '.join(REQUIRED_KEYS)}; "
-                f"found: {', '.join(sorted(f.keys())) or 'nothing'})"
+                f"found: {', '.join(found[:12]) or 'nothing'}{', ...' if len(found) > 12 else ''}).{hint}"
             )
     n = f["observations"].shape[0] if f["observations"].ndim else 0
     for key in (

@@ -52,6 +52,8 @@ def test_minari_dataset_is_read(minari_dataset, tmp_path):
         np.testing.assert_allclose(t.obs[rows], e.observations[:-1].astype(np.float32))
         np.testing.assert_allclose(t.next_obs[rows], e.observations[1:].astype(np.float32))
         np.testing.assert_allclose(t.act[rows], e.actions.astype(np.float32))
+    with pytest.raises(DatasetError, match="looks like a Minari file: pass minari:<dataset-id>"):
+        load_transitions(t.stats["source"])  # the Minari file by path is not D4RL layout
     info = dataset_info("minari:test/hopper-random-v0")
     assert (info["transitions"], info["obs_dim"], info["act_dim"]) == (len(t), 11, 3) and len(info["sha256"]) == 64
 
