@@ -126,3 +126,18 @@ def test_cli_writes_the_file(tmp_path, capsys):
         assert f["actions"].shape == (300, 3) and f.attrs["seed"] == 2
     assert pipeline.simulate.main(["hopper-medium-v2"]) != 0  # a D4RL name is never simulated
     assert "'hopper-medium-v2': it is a D4RL dataset" in capsys.readouterr().err
+
+
+def test_gait_and_ou_reach_states_random_never_reaches():
+    """Hopper: a fifth of gait / ou rows lie outside everything a random policy visited; random itself ~1 %."""
+    from pipeline.rollout import rollout_chunk
+
+    base = rollout_chunk("hopper", "random", 0, 0, 3000)["observations"]
+    lo, hi = base.min(0), base.max(0)
+
+    def outside(policy):
+        obs = rollout_chunk("hopper", policy, 1, 0, 3000)["observations"]
+        return np.mean(((obs < lo) | (obs > hi)).any(1))
+
+    assert outside("random") < 0.05
+    assert outside("gait") > 0.1 and outside("ou") > 0.1 and outside("mixed") > 0.05
