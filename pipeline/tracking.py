@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
 import invdyn
+from invdyn.errors import InvdynError
 from invdyn.model_dir import PARAMS_FILE, read_model_dir
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ _TUNE_KEYS = {
 _CURVE_INDEX_KEYS = {"epoch", "step"}
 
 
-class TrackingError(RuntimeError):
+class TrackingError(InvdynError, RuntimeError):
     """MLflow is unreachable or refused a write; the message names the URI and what to do."""
 
 
@@ -140,9 +141,11 @@ def _check_http(uri: str, timeout: float) -> None:
             body = response.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
+            said = e.read(300).decode(errors="replace").strip()
             raise TrackingError(
-                f"MLflow server {redact(uri)} refused access (HTTP {e.code}); set MLFLOW_TRACKING_USERNAME / "
-                "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+                f"MLflow server {redact(uri)} refused access (HTTP {e.code}: {said!r}); set MLFLOW_TRACKING_USERNAME"
+                " / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, or start the server with --allowed-hosts "
+                "naming the host in this URI"
             ) from None
         raise TrackingError(
             f"{redact(uri)} answered HTTP {e.code} to {url}: is it an MLflow tracking server? {fix}"
@@ -177,6 +180,8 @@ def _client(uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # one "View run" line per finished run drowns the job's progress; the callback prints the experiment once
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     db = sqlite_path(uri)
     if db is None or uri in _initialized:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -420,6 +425,12 @@ class MlflowTrialLogger(Callback):
     def _experiment(self) -> str:
         if self._experiment_id is None:
             self._experiment_id = get_experiment_id(self._client, self.uri, self.experiment)
+            where = (
+                f"{redact(self.uri)}/#/experiments/{self._experiment_id}"
+                if _is_http(self.uri)
+                else redact(self.uri)
+            )
+            print(f"MLflow: experiment {self.experiment!r} at {where}", flush=True)
         return self._experiment_id
 
     def _find_run(self, filter_string: str) -> str | None:
@@ -747,6 +758,7 @@ def _register(uri: str, record: dict, model_dir: Path, sha: str, alias: str) -> 
     reason = _reason(mine, versions, before, after, created)
     if created:  # the decision made when the version was registered, shown in the registry UI
         client.set_model_version_tag(name, str(version.version), "champion_decision", reason)
+        _summarize_in_parent(client, mine.run_id, name, mine, after == str(version.version))
     return {
         "model_name": name,
         "version": str(version.version),
@@ -759,6 +771,29 @@ def _register(uri: str, record: dict, model_dir: Path, sha: str, alias: str) -> 
         "source": mine.source,
         "heldout_mse": _mse(mine),
     }
+
+
+def _summarize_in_parent(client: MlflowClient, run_id: str, name: str, version, champion: bool) -> None:
+    """Show the dataset's outcome on its parent run (the row a user sees first in the experiment)."""
+    try:
+        parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        if not parent:
+            return
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(version.tags[k]), now, 0)
+            for k in ("heldout_mse", "baseline_mse")
+            if version.tags.get(k)
+        ]
+        tags = [
+            RunTag("registered_model", name),
+            RunTag("registered_version", str(version.version)),
+            RunTag("champion", "yes" if champion else "no"),
+            RunTag("best_trial_run", run_id),
+        ]
+        _log_batch(client, parent, metrics=metrics, tags=tags)
+    except MlflowException as e:  # cosmetic: the registration itself is done
+        log.warning("could not summarize %s v%s on its dataset run: %s", name, version.version, e)
 
 
 def _reason(mine, versions: dict, before: str | None, after: str | None, created: bool) -> str:

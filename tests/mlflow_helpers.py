@@ -30,6 +30,8 @@ class MlflowServer:
         self.log = self.root / "server.log"
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         self.root.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
