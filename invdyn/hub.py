@@ -54,8 +54,7 @@ def load(name: str, *, source=None, device="cpu") -> PretrainedIDM:
         return _load_from_source(name, source, device)
     cached = model_cache_dir() / name
     if cached.is_dir():
-        _verify_installed(cached)
-        return read_model_dir(cached, device)._with_source("invdyn cache")
+        return _read_installed(cached, device)._with_source("invdyn cache")
     theirs = cleandiffuser_dir(name)
     if theirs.is_dir():
         return read_model_dir(theirs, device)._with_source("CleanDiffuser")
@@ -69,8 +68,8 @@ def _load_from_source(name: str, source, device) -> PretrainedIDM:
     if is_url(text):
         cached = model_cache_dir() / name
         if (_install_record(cached) or {}).get("source") == redact_url(text):
-            _verify_installed(cached)  # installed from this URL before: no network (fetch(url, force=True) refreshes)
-            return read_model_dir(cached, device)._with_source(redact_url(text))
+            # installed from this URL before: no network (fetch(url, force=True) refreshes)
+            return _read_installed(cached, device)._with_source(redact_url(text))
         installed = fetch(text)
         return _load_installed(name, installed, redact_url(text), device)
     if "://" in text:
@@ -213,6 +212,30 @@ def _install(zip_path: Path, source: str, force: bool) -> list[str]:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return names
+
+
+def _read_installed(model_dir: Path, device) -> PretrainedIDM:
+    """Verify and read an installed model; if a concurrent fetch swapped the directory mid-read, read the new one.
+
+    Each install is one rename, but reading takes several opens: a swap in between shows up as a missing or
+    mismatching file of a directory whose inode has changed. Then the new copy is read; a real fault repeats.
+    """
+    for _ in range(5):
+        try:
+            inode = model_dir.stat().st_ino
+        except FileNotFoundError:
+            raise _not_found(model_dir.name) from None
+        try:
+            _verify_installed(model_dir)
+            return read_model_dir(model_dir, device)
+        except (InvdynError, OSError):
+            try:
+                swapped = model_dir.stat().st_ino != inode
+            except FileNotFoundError:
+                swapped = True
+            if not swapped:
+                raise
+    raise ChecksumError(f"{model_dir} keeps being replaced while it is read; try again when the fetch is done")
 
 
 def _install_record(model_dir: Path) -> dict | None:

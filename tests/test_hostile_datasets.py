@@ -111,7 +111,7 @@ def test_hdf5_with_keys_missing_mistyped_or_misshapen(tmp_path, isolated_dirs, h
 
 
 attr_values = st.one_of(
-    st.text(max_size=20), st.integers(-5, 5), st.floats(allow_nan=True), st.lists(st.integers(0, 3), min_size=0, max_size=3),
+    st.text(st.characters(blacklist_characters="\x00"), max_size=20), st.integers(-5, 5), st.floats(allow_nan=True), st.lists(st.integers(0, 3), min_size=0, max_size=3),
     st.sampled_from(["{", "[1, 2]", '{"a": 1}', "null", "[" * 50, '{"render_mode": "human"}']),
 )  # fmt: skip
 
