@@ -18,11 +18,13 @@ checkpoint written each epoch; ours: defaults) and is scored on the test episode
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +123,9 @@ def recipe_fit(data: Transitions, train_idx, val_idx, *, max_epochs, patience, s
         def on_train_epoch_end(self, *_):
             self.train_time += self.last - self.t0
 
+    for logger in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(logger).setLevel(logging.ERROR)  # no tips / device banners between table rows
+    warnings.filterwarnings("ignore", module="pytorch_lightning|torch.utils.data")
     pl.seed_everything(seed, verbose=False)
     kw = {"num_workers": workers, "persistent_workers": workers > 0}
     train_loader = DataLoader(PerItem(train_idx), batch_size=512, shuffle=True, **kw)

@@ -1,6 +1,8 @@
 """The training loop: early stopping, honest split, determinism, learning, model directory, bad configs."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -243,3 +245,24 @@ def test_nan_in_data_is_refused(tmp_path):
     data.obs[3, 1] = np.nan
     with pytest.raises(TrainConfigError, match="synthetic-linear.*NaN"):
         train(data, small(), tmp_path / "m")
+
+
+def test_adamw_cosine_huber_variant_learns(tmp_path):
+    data = linear_transitions()
+    cfg = small(optimizer="adamw", weight_decay=1e-4, schedule="cosine", loss="huber", lr=1e-3, max_epochs=4)
+    result = train(data, cfg, tmp_path / "m")
+    vals = [r["val_mse"] for r in result.curve]
+    assert vals[-1] < vals[0] and result.metrics["heldout_mse"] < result.metrics["baseline_mse"]
+    params = json.loads((result.model_dir / "params.json").read_text())
+    assert params["training"]["optimizer"] == "adamw" and params["training"]["schedule"] == "cosine"
+
+
+def test_threads_default_to_the_cpus_given():
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from pipeline.trainer import available_cpus; print(available_cpus())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "1"
