@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from .catalog import (
     unknown,
 )
 from .transitions import Transitions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,12 +134,22 @@ def load_transitions(
     path = cache.cache_path(sha, src.kind)
     t = _read_cache(path, src)
     if t is None:
-        with cache.lock(sha):
+        try:
+            t = _build_cache(src, sha, path)
+        except OSError as e:  # read-only or full $INVDYN_HOME: still usable, just parsed every time
+            log.warning("cannot write the dataset cache %s (%s); using %s without a cache", path, e, src.name)
+            t = _finish(_parse(src, sha), src)
+    return t
+
+
+def _build_cache(src: Source, sha: str, path: Path) -> Transitions:
+    """Parse and write the cache once, even when many processes (Ray workers) ask at the same time."""
+    with cache.lock(sha):
+        t = _read_cache(path, src)
+        if t is None:
+            cache.write(_finish(_parse(src, sha), src), path)
             t = _read_cache(path, src)
-            if t is None:
-                cache.write(_finish(_parse(src, sha), src), path)
-                t = _read_cache(path, src)
-                t.stats["cache_hit"] = False
+            t.stats["cache_hit"] = False
     return t
 
 

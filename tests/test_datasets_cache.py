@@ -71,3 +71,13 @@ def test_use_cache_false_writes_nothing(d4rl_file):
     t = load_transitions(str(path), use_cache=False)
     assert len(t) == 16 and "cache" not in t.stats
     assert not cache.cache_dir().exists() or not list(cache.cache_dir().glob("*.arrow"))
+
+
+def test_unwritable_cache_folder_still_loads(d4rl_file, monkeypatch, tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where INVDYN_HOME should be a folder")
+    monkeypatch.setenv("INVDYN_HOME", str(blocker))
+    path, raw = d4rl_file()
+    t = load_transitions(str(path))
+    assert len(t) == 16 and "cache" not in t.stats
+    assert "cannot write the dataset cache" in caplog.text
