@@ -163,6 +163,7 @@ def write_hdf5(path: Path, data: dict[str, np.ndarray], attrs: dict) -> None:
             for key, value in data.items():
                 f.create_dataset(f"infos/{key}" if key in ("qpos", "qvel") else key, data=value)
             f.attrs.update(attrs)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a dataset is as readable as a downloaded one
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
