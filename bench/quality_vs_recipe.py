@@ -61,12 +61,20 @@ def run(args) -> list[dict]:
     from pipeline.trainer import TrainConfig, split_indices, train
 
     out = Path(args.out)
+    done = {}  # --resume: runs already in OUT/results.json whose model directory is still there
+    if args.resume and (out / "results.json").is_file():
+        done = {(r["dataset"], r["candidate"]): r for r in json.loads((out / "results.json").read_text())}
+        done = {k: r for k, r in done.items() if Path(r["model_dir"]).is_dir()}
     rows = []
     for name in args.datasets.split(","):
         t = load_transitions(name)
         dev, test = split_indices(t, "episodes", 0.2, args.test_seed)
         dev_set = subset(t, dev, f"bench-dev-{args.test_seed}")
         for cand in args.candidates.split(","):
+            if (name, cand) in done:
+                rows.append(done[(name, cand)])
+                print(f"{name:28} {cand:14} (from {out / 'results.json'})", flush=True)
+                continue
             config = {**RECIPE, **CANDIDATES[cand], "seed": args.seed, "threads": args.threads}
             if args.max_epochs:
                 config["max_epochs"] = min(config.get("max_epochs", args.max_epochs), args.max_epochs)
@@ -82,8 +90,17 @@ def run(args) -> list[dict]:
             print(f"{name:28} {cand:14} test MSE {ev['heldout_mse']:.5f}  drift@{args.horizon} "
                   f"{ev['tracking_drift']:.4f}  one-step {ev['one_step_error']:.4f}  epochs {row['epochs']:3d}  "
                   f"{wall:6.0f}s", flush=True)  # fmt: skip
-            (out / "results.json").write_text(json.dumps(rows, indent=2, default=str))
-    return rows
+            _save(out, done, rows)
+    return _save(out, done, rows)
+
+
+def _save(out: Path, done: dict, rows: list[dict]) -> list[dict]:
+    """OUT/results.json: this run's rows plus earlier ones it did not redo, recipe first per dataset."""
+    ran = {(r["dataset"], r["candidate"]) for r in rows}
+    every = [r for k, r in done.items() if k not in ran] + rows
+    every.sort(key=lambda r: (r["dataset"], r["candidate"] != "recipe"))
+    (out / "results.json").write_text(json.dumps(every, indent=2, default=str))
+    return every
 
 
 def table(rows: list[dict], horizon: int) -> str:
@@ -148,6 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--starts", type=int, default=128)
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--max-epochs", type=int, default=None, help="cap every candidate's epochs (quick looks)")
+    ap.add_argument("--resume", action="store_true", help="reuse runs already in OUT/results.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads per run (1 on a shared, busy machine)"
