@@ -79,6 +79,8 @@ def test_recipe_never_trains_on_held_out_episodes(sim_files):
 def test_bad_summary_is_a_clear_error(tmp_path, capsys):
     assert main(["--summary", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r")]) == 2
     assert "pretrain_all" in capsys.readouterr().err
+    assert main(["--models", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "r")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
     bad = tmp_path / "summary.json"
     bad.write_text(json.dumps([{"dataset": "x"}]))
     with pytest.raises(Exception, match="record 0 has no 'model_dir'"):
