@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from invdyn._files import sigterm_raises
+
 from .catalog import CATALOG, DEFAULT_SIM_TRANSITIONS, SIM_ENVS, SIM_POLICIES, DatasetError, d4rl_dir, unknown
 from .rollout import MAX_EPISODE_STEPS, rollout_chunk
 
@@ -156,18 +158,19 @@ def write_hdf5(path: Path, data: dict[str, np.ndarray], attrs: dict) -> None:
     import h5py
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for key, value in data.items():
-                f.create_dataset(f"infos/{key}" if key in ("qpos", "qvel") else key, data=value)
-            f.attrs.update(attrs)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a dataset is as readable as a downloaded one
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with sigterm_raises():  # SIGTERM mid-write still removes the temp file
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        try:
+            with h5py.File(tmp, "w") as f:
+                for key, value in data.items():
+                    f.create_dataset(f"infos/{key}" if key in ("qpos", "qvel") else key, data=value)
+                f.attrs.update(attrs)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a dataset is as readable as a downloaded one
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def main(argv=None) -> int:
