@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ._files import file_lock, sha256_file
+from ._files import file_lock, sha256_file, storage_errors
 from .errors import ChecksumError, DownloadError
 
 CHUNK = 1 << 16
@@ -93,6 +93,11 @@ def download(
         return dest
     if offline():
         raise DownloadError(f"INVDYN_OFFLINE=1: refusing to download {shown}; unset it or put the file at {dest}")
+    with storage_errors(dest):
+        return _download_locked(url, dest, expected, desc, progress, timeout, shown)
+
+
+def _download_locked(url, dest: Path, expected, desc, progress, timeout, shown) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     with file_lock(dest.with_name(f".{dest.name}.lock")):

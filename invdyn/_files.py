@@ -11,6 +11,33 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import InvdynError, StorageError
+
+#: errno -> what a user is told when a write fails for a reason of the storage, not of the data
+_STORAGE_ERRNOS = {
+    errno.EROFS: "the file system is read-only",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextlib.contextmanager
+def storage_errors(path):
+    """Turn a read-only / full / forbidden file system under `path` into a StorageError naming the path."""
+    try:
+        yield
+    except InvdynError:
+        raise
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        raise StorageError(
+            f"cannot write {path}: {_STORAGE_ERRNOS[e.errno]}; free space there or choose a writable location "
+            f"(for invdyn's caches: set INVDYN_HOME)"
+        ) from None
+
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -57,8 +84,8 @@ def atomic_dir(target):
     processes replace the same `target` at once: the last rename wins and every copy is complete.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with sigterm_raises():
+    with storage_errors(target), sigterm_raises():
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             yield tmp
@@ -92,8 +119,8 @@ def replace_dir(src: Path, target: Path) -> None:
 def atomic_file(target, mode: str = "wb"):
     """Yield a file object writing to a temp file beside `target`; renamed over `target` only on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with sigterm_raises():
+    with storage_errors(target), sigterm_raises():
+        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
         try:
             with os.fdopen(fd, mode) as f:

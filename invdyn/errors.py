@@ -27,3 +27,7 @@ class DownloadError(InvdynError, OSError):
 
 class BundleNotFoundError(InvdynError, FileNotFoundError):
     """A bundle path that does not exist or is not a file."""
+
+
+class StorageError(InvdynError, OSError):
+    """A place invdyn must write to is read-only, full or not permitted (the message names the path)."""

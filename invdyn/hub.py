@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import __version__
 from ._download import download, is_url, offline, redact_url
-from ._files import atomic_file, file_lock, replace_dir, sha256_file
+from ._files import atomic_file, file_lock, replace_dir, sha256_file, storage_errors
 from .bundle import extract_verified, open_bundle, verify_open
 from .errors import (
     BundleNotFoundError,
@@ -148,9 +148,15 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
         if not path.is_file():
             what = "is a directory, not a bundle .zip" if path.is_dir() else "does not exist"
             raise BundleNotFoundError(f"bundle {path} {what}")
-        return _install(path, str(path.resolve()), force)
+        with storage_errors(model_cache_dir()):
+            return _install(path, str(path.resolve()), force)
     if offline():
         raise DownloadError(f"INVDYN_OFFLINE=1: refusing to fetch {redact_url(text)}; unset it or fetch a local .zip path")
+    with storage_errors(invdyn_home()):
+        return _fetch_url(text, force, progress)
+
+
+def _fetch_url(text: str, force: bool, progress: bool) -> list[str]:
     downloads = invdyn_home() / "downloads"
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     base = Path(urllib.parse.urlsplit(text).path).name

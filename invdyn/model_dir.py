@@ -13,6 +13,7 @@ CleanDiffuser's own directories (params.json with only "normalizers" + "config",
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -69,7 +70,9 @@ def save_model_dir(
         **(extra or {}),
     }
     with atomic_dir(out_dir) as tmp:
-        torch.save({"state_dict": state_dict}, tmp / WEIGHTS_FILE)
+        buf = io.BytesIO()  # serialized in memory: a full disk then fails as an OSError, not torch's RuntimeError
+        torch.save({"state_dict": state_dict}, buf)
+        (tmp / WEIGHTS_FILE).write_bytes(buf.getvalue())
         params["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(tmp / WEIGHTS_FILE)}
         write_json(tmp / PARAMS_FILE, _finite(params))
         (tmp / CARD_FILE).write_text(model_card(params))

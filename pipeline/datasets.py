@@ -269,7 +269,7 @@ def _cmd_prepare(args) -> int:
         try:
             info = prepare(spec, download=args.download, simulate=not args.no_simulate)
             tqdm.write(f"{info['name']}: {info['transitions']} transitions, {info['episodes']} episodes, "
-                       f"obs {info['obs_dim']} act {info['act_dim']} -> {info['cache']}")  # fmt: skip
+                       f"obs {info['obs_dim']} act {info['act_dim']} -> {info.get('cache', 'not cached')}")  # fmt: skip
         except InvdynError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr)

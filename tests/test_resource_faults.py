@@ -1,0 +1,166 @@
+"""Read-only and full storage under the dataset cache, the model cache, a training run's output and a bundle
+export: each gives a StorageError (an InvdynError) that names the path, leaves no temp file, and the CLIs
+print one `error:` line.
+
+The faults are real where the machine allows it: a tmpfs mounted read-only, and a 1 MiB tmpfs that fills
+up (needs root with CAP_SYS_ADMIN, as in this project's CI container). Elsewhere the same errno is raised
+by the file-creating calls under that folder (os.open / os.mkdir / os.fsync), the one fault we then fake.
+"""
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import write_d4rl_file
+from invdyn_testutil import FileServer, make_bundle, make_model_dir
+
+import invdyn
+from invdyn.errors import StorageError
+
+
+def _try_mount(path: Path, opts: str) -> bool:
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, f"invdyn-test-{uuid.uuid4().hex[:6]}", str(path)],
+                       capture_output=True)  # fmt: skip
+    return r.returncode == 0
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _fake_errno_under(monkeypatch, root: Path, code: int) -> None:
+    """Fallback: creating / writing files under `root` fails with `code` (the fault we cannot cause)."""
+    root = str(root)
+    real_open, real_mkdir, real_fsync = os.open, os.mkdir, os.fsync
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def under(p) -> bool:
+        return os.path.abspath(os.fspath(p)).startswith(root)
+
+    def fake_open(path, flags, *a, **kw):
+        if flags & writes and under(path):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return real_open(path, flags, *a, **kw)
+
+    def fake_mkdir(path, *a, **kw):
+        if under(path) and not os.path.isdir(path):
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    if code == errno.ENOSPC:
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+    else:
+        monkeypatch.setattr(os, "fsync", real_fsync)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path, monkeypatch):
+    """A folder (with a file in it) on a read-only file system."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if _try_mount(path, "size=4m,mode=0755"):
+        (path / "existing.txt").write_text("x")
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)
+        yield path
+        _umount(path)
+    else:
+        (path / "existing.txt").write_text("x")
+        _fake_errno_under(monkeypatch, path, errno.EROFS)
+        yield path
+
+
+@pytest.fixture
+def full_dir(tmp_path, monkeypatch):
+    """A folder on a 1 MiB file system: the first large write fills it."""
+    path = tmp_path / "full"
+    path.mkdir()
+    if _try_mount(path, "size=1m,mode=0755"):
+        yield path
+        _umount(path)
+    else:
+        _fake_errno_under(monkeypatch, path, errno.ENOSPC)
+        yield path
+
+
+def _temps(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if ".tmp-" in p.name or ".fetch-" in p.name)
+
+
+@pytest.mark.parametrize("fault", ["readonly", "full"])
+def test_dataset_cache_on_bad_storage(request, tmp_path, monkeypatch, caplog, fault):
+    """The Arrow cache is only a cache: loads still work (parsed each time), with a warning naming the path."""
+    where = request.getfixturevalue(f"{fault}_dir")
+    monkeypatch.setenv("INVDYN_HOME", str(where / "home"))
+    if fault == "full":
+        (where / "home").mkdir()
+    data = tmp_path / "data.hdf5"
+    write_d4rl_file(data, episodes=(20000, 20000), obs_dim=11, act_dim=3)  # ~4 MB of arrays: more than 1 MiB
+    from pipeline.datasets import load_transitions, main
+
+    with caplog.at_level("WARNING"):
+        t = load_transitions(str(data))
+    assert len(t) == 40000 and t.stats.get("cache_hit") is not True
+    assert f"cannot write the dataset cache {where}" in caplog.text
+    assert ("read-only" if fault == "readonly" else "no space") in caplog.text.lower()
+    assert main(["prepare", str(data)]) == 0
+    assert _temps(where) == [] and not list(where.rglob("*.arrow"))
+
+
+@pytest.mark.parametrize("fault", ["readonly", "full"])
+def test_model_cache_on_bad_storage(request, tmp_path, monkeypatch, capsys, fault):
+    where = request.getfixturevalue(f"{fault}_dir")
+    monkeypatch.setenv("INVDYN_HOME", str(where / "home"))
+    if fault == "full":
+        (where / "home").mkdir()
+    small = make_bundle(tmp_path, names=("a-v0",))
+    big = invdyn.write_bundle(tmp_path / "big.zip", [make_model_dir(tmp_path / "big" / "b-v0", hidden_dim=700)])
+    with pytest.raises(StorageError, match=str(where)):
+        invdyn.fetch(big if fault == "full" else small, progress=False)
+    with FileServer(tmp_path) as server:  # and over HTTP (the download itself hits the fault)
+        with pytest.raises(StorageError, match=str(where)):
+            invdyn.fetch(server.url(big.name), progress=False)
+        from invdyn.__main__ import main
+
+        assert main(["fetch", server.url(big.name), "--quiet"]) == 1
+    assert f"error: cannot write {where}" in capsys.readouterr().err
+    assert _temps(where) == []
+
+
+@pytest.mark.parametrize("fault", ["readonly", "full"])
+def test_export_location_on_bad_storage(request, tmp_path, fault):
+    where = request.getfixturevalue(f"{fault}_dir")
+    dirs = [make_model_dir(tmp_path / "m" / f"m{i}-v0", hidden_dim=500, seed=i) for i in range(2)]
+    with pytest.raises(StorageError, match=str(where / "bundle.zip")):
+        invdyn.write_bundle(where / "bundle.zip", dirs)
+    assert not (where / "bundle.zip").exists() and _temps(where) == []
+    with pytest.raises(StorageError, match=str(where)):
+        invdyn.extract_bundle(invdyn.write_bundle(tmp_path / "ok.zip", dirs), where / "extracted")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["readonly", "full"])
+def test_training_output_on_bad_storage(request, tmp_path, fault):
+    where = request.getfixturevalue(f"{fault}_dir")
+    data = tmp_path / "data.hdf5"
+    write_d4rl_file(data, episodes=(500, 500), obs_dim=5, act_dim=2)
+    out = where / "model"
+    cmd = [sys.executable, "-m", "pipeline.train", "--dataset", str(data), "--out", str(out), "--max-epochs", "1",
+           "--hidden-dim", "1024", "--batch-size", "64", "--quiet"]  # fmt: skip
+    if os.path.ismount(where):  # a real fault: the CLI as a user runs it
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        assert f"error: cannot write {out}" in r.stderr and "Traceback" not in r.stderr
+    else:
+        from pipeline.train import main
+
+        assert main(cmd[3:]) == 2
+    assert not out.exists() and _temps(where) == []
