@@ -164,3 +164,76 @@ def test_training_output_on_bad_storage(request, tmp_path, fault):
 
         assert main(cmd[3:]) == 2
     assert not out.exists() and _temps(where) == []
+
+
+# ------------------------------------------------------------------ a Ray worker node killed mid-trial
+
+
+def _busy_ray_workers(node) -> list[str]:
+    """Titles of the Ray worker processes of `node` (children of its raylet) that run a trial right now."""
+    import psutil
+
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    titles = []
+    for p in raylet.children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::") and "IDLE" not in title and "Train" in title:
+            titles.append(title)
+    return titles
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_worker_node_killed_mid_trial_is_retried_and_nothing_is_lost(sim_files, tmp_path):
+    """Head (no CPUs for trials) + two 1-CPU worker nodes; the node running a trial is killed (its raylet and
+    workers, as a lost instance) and a fresh node joins: Tune retries the trial, the job ends with every trial
+    finished on a surviving node and every model loadable."""
+    import json
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    out, storage = tmp_path / "out", tmp_path / "shared-storage"
+    data = str(sim_files["sim-hopper-random-v0"])
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--datasets", data, "--search-space",
+           '{"hidden_dim": [32, 48]}', "--max-epochs", "150", "--patience", "150", "--batch-size", "256",
+           "--no-mlflow", "--verbose", "0", "--max-failures", "3", "--storage-path", str(storage), "--out", str(out)]  # fmt: skip
+    log = tmp_path / "job.log"
+    killed = None
+    try:
+        with open(log, "w") as sink:
+            job = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 240
+        while killed is None:
+            assert job.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial ever ran on a worker node"
+            for node in nodes:
+                if _busy_ray_workers(node):
+                    killed = node
+                    break
+            time.sleep(0.2)
+        killed_id = killed.node_id
+        cluster.remove_node(killed, allow_graceful=False)  # SIGKILL: raylet, object store, trial workers
+        cluster.add_node(num_cpus=1)  # the autoscaler's replacement instance
+        rc = job.wait(300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+        cluster.shutdown()
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    entries = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
+    assert sorted(e["config"]["hidden_dim"] for e in entries) == [32, 48]  # nothing lost
+    assert all(e["status"] == "finished" and e["node_id"] != killed_id for e in entries)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["status"] for r in summary] == ["ok"]
+    model = invdyn.read_model_dir(out / "models" / summary[0]["dataset"])
+    assert model.params["config"]["hidden_dim"] in (32, 48)
