@@ -351,8 +351,9 @@ class MlflowTrialLogger(Callback):
     Logs the trial's config and dataset as params, each learning-curve point (`result["curve"]`: dicts
     with "step"/"epoch" and metrics) at its training step, the final numeric results, and at the end
     the trial's model directory (`result["model_dir"]`, else the model directory inside the trial's
-    latest checkpoint) as artifacts under `model/`. If MLflow fails three times in a row, tracking
-    is switched off for the rest of the job with a warning: training never stops for tracking.
+    latest checkpoint) as artifacts under `model/`. A transient failure (server restarting) is retried
+    with backoff; if MLflow still fails three times in a row, tracking is switched off for the rest of the
+    job with a warning: training never stops for tracking.
     """
 
     def __init__(self, uri: str, experiment: str, job_name: str):
@@ -400,7 +401,9 @@ class MlflowTrialLogger(Callback):
         if self._disabled:
             return
         try:
-            fn(*args)
+            # A server restart or a short outage is waited out (1, 2, 4, ... s), so no trial goes unrecorded;
+            # meanwhile only the driver's event handling waits, the trials keep training.
+            _retry(f"MLflow: {what}", lambda: fn(*args))
             self._failures = 0
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self._failures += 1
