@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from invdyn._files import atomic_dir
+from invdyn._files import atomic_dir, storage_errors
 from invdyn.errors import InvdynError
 
 from . import job_summary, placement, search
@@ -427,6 +427,16 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def check_writable(path: Path) -> None:
+    """Fail before any training (StorageError naming `path`) when the output / storage folder is read-only
+    or full: otherwise every trial would train and then fail to save its checkpoint."""
+    with storage_errors(path):
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+
+
 def _job_state(out: Path, resume: bool) -> dict:
     """The job's name (stable across --resume) and its previous state."""
     path = out / job_summary.JOB_JSON
@@ -445,8 +455,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
     out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        check_writable(out)
+        if args.storage_path and "://" not in args.storage_path:
+            check_writable(Path(args.storage_path).expanduser().resolve())
         return _run(args, out, started)
     except (InvdynError, placement.PlacementError, *_tracking_errors()) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ by the file-creating calls under that folder (os.open / os.mkdir / os.fsync), th
 """
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -237,3 +238,87 @@ def test_worker_node_killed_mid_trial_is_retried_and_nothing_is_lost(sim_files, 
     assert [r["status"] for r in summary] == ["ok"]
     model = invdyn.read_model_dir(out / "models" / summary[0]["dataset"])
     assert model.params["config"]["hidden_dim"] in (32, 48)
+
+
+# ------------------------------------------------------------------ the MLflow server restarted mid-job
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path):
+    """A real `mlflow server` is stopped and started again (same port and store) while trials run: the job
+    completes, every trial has its finished MLflow run with metrics and model, both champions are registered.
+    The job runs with MLflow / cloud credentials in its environment: none of them reaches MLflow, the job's
+    output or the bundle (checked here, on the same real job, to keep the suite short)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+    from mlflow_helpers import MlflowServer
+
+    canary = "c4nary-S3CRET-mlflow"
+    server = MlflowServer(tmp_path / "mlflow").start()
+    out, bundle, log = tmp_path / "out", tmp_path / "bundle.zip", tmp_path / "job.log"
+    datasets = f"{sim_files['sim-halfcheetah-random-v0']},{sim_files['sim-hopper-random-v0']}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_TRACKING_USERNAME="invdyn",
+               MLFLOW_TRACKING_PASSWORD=canary, AWS_SECRET_ACCESS_KEY=canary, RAY_AUTH_TOKEN_UNUSED=canary,
+               INVDYN_MLFLOW_RETRIES="8")  # fmt: skip
+    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--datasets", datasets, "--search-space",
+           '{"hidden_dim": [32, 48]}', "--max-epochs", "40", "--batch-size", "256", "--num-cpus", "2",
+           "--verbose", "0", "--mlflow-uri", server.uri, "--export", str(bundle), "--out", str(out)]  # fmt: skip
+    restarted = False
+    try:
+        with open(log, "w") as sink:
+            job = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while not restarted:
+            assert job.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished"
+            if "[1/4 done" in log.read_text():  # one trial finished, three still to finish
+                server.restart()
+                restarted = True
+            time.sleep(0.2)
+        rc = job.wait(400)
+        text = log.read_text()
+        assert rc == 0, text[-5000:]
+        client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+        trials = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
+        assert len(trials) == 4
+        runs = {
+            r.data.tags.get("ray_trial_id"): r
+            for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], "tags.invdyn_kind = 'trial'")
+        }
+        for t in trials:
+            run = runs.get(t["trial_id"])
+            assert run is not None, f"trial {t['trial_id']} has no MLflow run"
+            assert run.info.status == "FINISHED" and "heldout_mse" in run.data.metrics
+            assert client.list_artifacts(run.info.run_id, "model"), f"trial {t['trial_id']}: no model logged"
+        for name in ("invdyn-sim-halfcheetah-random-v0", "invdyn-sim-hopper-random-v0"):
+            assert client.get_model_version_by_alias(name, "champion")
+        # no secret anywhere: run params / tags, the job's log and outputs, the bundle
+        for run in runs.values():
+            assert canary not in json.dumps([run.data.params, run.data.tags])
+        assert canary not in text
+        assert [str(p) for p in out.rglob("*") if p.is_file() and canary.encode() in p.read_bytes()] == []
+        assert canary.encode() not in bundle.read_bytes()
+    finally:
+        if "job" in locals() and job.poll() is None:
+            job.kill()
+            job.wait()
+        server.stop()
+
+
+@pytest.mark.parametrize("where", ["out", "storage"])
+def test_job_output_or_storage_path_read_only_fails_before_training(readonly_dir, tmp_path, capsys, where):
+    """pretrain_all checks its output folder and a local --storage-path before starting Ray or any trial."""
+    from pipeline import pretrain_all
+
+    out = readonly_dir / "out" if where == "out" else tmp_path / "out"
+    storage = readonly_dir / "ray" if where == "storage" else tmp_path / "ray"
+    code = pretrain_all.main(["--datasets", "sim-hopper-random-v0", "--no-mlflow", "--out", str(out),
+                              "--storage-path", str(storage), "--verbose", "0"])  # fmt: skip
+    assert code == 2
+    bad = out if where == "out" else storage
+    assert f"error: cannot write {bad}: the file system is read-only" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "trials").exists() and not list(Path(os.environ["D4RL_DATASET_DIR"]).iterdir())
