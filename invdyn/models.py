@@ -219,7 +219,9 @@ class ResMlpInvDynamic(_InvDynBase):
 
     Why the extra input: the action shows up in the *change* of state (joint accelerations), a small
     difference of two large normalized vectors; feeding s' - s rescaled to unit RMS makes it as easy to
-    read as the states themselves. Residual blocks let depth help instead of hurt.
+    read as the states themselves. Residual blocks let depth help instead of hurt. `obs_noise` (training
+    only, normalized units) perturbs the current state: a planner's IDM runs from states slightly off
+    the data, and this teaches it to still head for s'.
     """
 
     arch_name = "res_mlp"
@@ -234,13 +236,17 @@ class ResMlpInvDynamic(_InvDynBase):
         n_blocks: int = 2,
         dropout: float = 0.0,
         delta_input: bool = True,
+        obs_noise: float = 0.0,
     ):
         super().__init__(obs_dim, act_dim, hidden_dim, tanh_out_activation, action_scale)
         if isinstance(n_blocks, bool) or not isinstance(n_blocks, (int, np.integer)) or n_blocks < 0:
             raise ValueError(f"n_blocks must be an integer >= 0, got {n_blocks!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not 0.0 <= float(obs_noise) < 10.0:
+            raise ValueError(f"obs_noise must be in [0, 10), got {obs_noise!r}")
         self.n_blocks, self.dropout, self.delta_input = int(n_blocks), float(dropout), bool(delta_input)
+        self.obs_noise = float(obs_noise)
         self.delta_scale = _RunningScale(obs_dim) if self.delta_input else None
         self.mlp = nn.Sequential(
             nn.Linear((3 if self.delta_input else 2) * obs_dim, hidden_dim),
@@ -253,9 +259,16 @@ class ResMlpInvDynamic(_InvDynBase):
 
     @property
     def options(self) -> dict:
-        return {"n_blocks": self.n_blocks, "dropout": self.dropout, "delta_input": self.delta_input}
+        return {
+            "n_blocks": self.n_blocks,
+            "dropout": self.dropout,
+            "delta_input": self.delta_input,
+            "obs_noise": self.obs_noise,
+        }
 
     def forward(self, obs: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
+        if self.training and self.obs_noise > 0:  # the current state a little off, as in closed loop
+            obs = obs + self.obs_noise * torch.randn_like(obs)
         parts = [obs, next_obs]
         if self.delta_scale is not None:
             parts.append(self.delta_scale(next_obs - obs))
