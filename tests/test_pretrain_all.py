@@ -33,7 +33,7 @@ def job_env(root: Path, **extra) -> dict:
     return env
 
 
-def run_job(args: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_job(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
@@ -113,7 +113,7 @@ def test_broken_dataset_fails_alone_with_its_reason(job):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_path):
     out = tmp_path / "out"
     env = job_env(tmp_path)
@@ -122,7 +122,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_pa
     cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 180
+    deadline = time.time() + 400
     try:
         while time.time() < deadline and not list((out / "trials").glob("*.json")):
             assert proc.poll() is None, "the job ended before it could be killed"

@@ -42,7 +42,7 @@ def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
     proc.wait()
 
 
-def wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, timeout: float = 240) -> None:
     req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -56,7 +56,7 @@ def wait_for_dashboard(url: str, token: str, proc: subprocess.Popen, timeout: fl
     raise TimeoutError(f"no Ray dashboard at {url} after {timeout} s")
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_ray_job_submit_with_token_auth(sim_files, tmp_path):
     env = job_env(tmp_path, RAY_AUTH_MODE="token")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -84,7 +84,7 @@ def test_ray_job_submit_with_token_auth(sim_files, tmp_path):
             [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
              "python", "-m", "pipeline.pretrain_all", "--datasets", str(sim_files[HOPPER]), "--max-epochs", "2",
              "--no-mlflow", "--verbose", "0", "--out", str(out)],  # fmt: skip
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=360,
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=540,
         )
         print(submit.stdout[-5000:], submit.stderr[-3000:], sep="\n")
         assert submit.returncode == 0
@@ -96,7 +96,7 @@ def test_ray_job_submit_with_token_auth(sim_files, tmp_path):
     assert Path(record["model_dir"], "params.json").is_file()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_multi_node_cluster_runs_trials_on_both_nodes(sim_files, tmp_path, monkeypatch):
     from ray.cluster_utils import Cluster
 
