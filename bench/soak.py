@@ -6,7 +6,7 @@ Each job is `pipeline.pretrain_all` on one small simulated dataset (2 epochs, 2 
 SQLite store in the soak folder) with its own local Ray, started and stopped by the job. All temp files of
 the jobs go to one folder (TMPDIR / RAY_TMPDIR), so the figures are ours, not other programs' on the machine:
 
-- ray procs: processes still alive after the job whose environment points at that folder (0 = no leak);
+- ray procs: processes still alive 30 s after the job whose environment points at that folder (0 = no leak);
 - ports:     TCP ports those processes still listen on;
 - tmp MB:    size of the temp folder (Ray keeps one session folder of logs per run: expected growth,
              `--clean-ray-sessions` removes finished sessions between jobs to show the rest is flat);
@@ -128,8 +128,9 @@ def main(argv=None) -> int:
         a = job_args(data, soak / "out", soak, i)
         code, rss = run_inprocess(a) if args.mode == "inprocess" else run_subprocess(a, env)
         wall = time.time() - started
-        time.sleep(2)  # let exiting processes go
-        left = owned_processes(marker)
+        settle = time.time()
+        while (left := owned_processes(marker)) and time.time() - settle < 30:
+            time.sleep(0.5)  # ray.shutdown() returns before its processes are gone: give them 30 s
         if args.clean_ray_sessions:
             clean_ray_sessions(tmp)
         row = {"job": i + 1, "exit": code, "wall_s": round(wall, 1), "ray_procs": len(left),

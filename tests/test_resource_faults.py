@@ -247,7 +247,7 @@ def test_worker_node_killed_mid_trial_is_retried_and_nothing_is_lost(sim_files, 
 @pytest.mark.timeout(500)
 def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path):
     """A real `mlflow server` is stopped and started again (same port and store) while trials run: the job
-    completes, every trial has its finished MLflow run with metrics and model, both champions are registered.
+    completes, every trial has its finished MLflow run with metrics and model, the champion is registered.
     The job runs with MLflow / cloud credentials in its environment: none of them reaches MLflow, the job's
     output or the bundle (checked here, on the same real job, to keep the suite short)."""
     import time
@@ -258,7 +258,7 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
     canary = "c4nary-S3CRET-mlflow"
     server = MlflowServer(tmp_path / "mlflow").start()
     out, bundle, log = tmp_path / "out", tmp_path / "bundle.zip", tmp_path / "job.log"
-    datasets = f"{sim_files['sim-halfcheetah-random-v0']},{sim_files['sim-hopper-random-v0']}"
+    datasets = str(sim_files["sim-hopper-random-v0"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_TRACKING_USERNAME="invdyn",
                MLFLOW_TRACKING_PASSWORD=canary, AWS_SECRET_ACCESS_KEY=canary, RAY_AUTH_TOKEN_UNUSED=canary,
@@ -274,7 +274,7 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
         while not restarted:
             assert job.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no trial finished"
-            if "[1/4 done" in log.read_text():  # one trial finished, three still to finish
+            if "[1/2 done" in log.read_text():  # one trial finished, the other still training
                 server.restart()
                 restarted = True
             time.sleep(0.2)
@@ -283,7 +283,7 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
         assert rc == 0, text[-5000:]
         client = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
         trials = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
-        assert len(trials) == 4
+        assert len(trials) == 2
         runs = {
             r.data.tags.get("ray_trial_id"): r
             for e in client.search_experiments()
@@ -294,8 +294,7 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
             assert run is not None, f"trial {t['trial_id']} has no MLflow run"
             assert run.info.status == "FINISHED" and "heldout_mse" in run.data.metrics
             assert client.list_artifacts(run.info.run_id, "model"), f"trial {t['trial_id']}: no model logged"
-        for name in ("invdyn-sim-halfcheetah-random-v0", "invdyn-sim-hopper-random-v0"):
-            assert client.get_model_version_by_alias(name, "champion")
+        assert client.get_model_version_by_alias("invdyn-sim-hopper-random-v0", "champion")
         # no secret anywhere: run params / tags, the job's log and outputs, the bundle
         for run in runs.values():
             assert canary not in json.dumps([run.data.params, run.data.tags])
