@@ -3,7 +3,16 @@
 __version__ = "0.1.0"
 
 from .bundle import extract_bundle, verify_bundle, write_bundle  # noqa: E402
-from .errors import ChecksumError, DownloadError, FormatError, InvdynError, ModelNotFoundError, ShapeError  # noqa: E402
+from .errors import (  # noqa: E402
+    BundleNotFoundError,
+    ChecksumError,
+    DownloadError,
+    FormatError,
+    InvdynError,
+    ModelNotFoundError,
+    ShapeError,
+    StorageError,
+)
 from .hub import fetch, list_models, load  # noqa: E402
 from .model_dir import read_model_dir, save_model_dir  # noqa: E402
 from .models import ARCHITECTURES, FancyMlpInvDynamic, MlpInvDynamic, build_model  # noqa: E402
@@ -12,6 +21,7 @@ from .pretrained import PretrainedIDM  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
+    "BundleNotFoundError",
     "ChecksumError",
     "DownloadError",
     "FancyMlpInvDynamic",
@@ -22,6 +32,7 @@ __all__ = [
     "ModelNotFoundError",
     "PretrainedIDM",
     "ShapeError",
+    "StorageError",
     "__version__",
     "build_model",
     "extract_bundle",
