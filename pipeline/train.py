@@ -36,6 +36,7 @@ HELP = {
     "precision": "training-step precision; auto = bf16 where the hardware has native bf16",
     "threads": "CPU threads (default: the CPUs this process was given)",
     "action_scale": "tanh output scale (default 1, or max |action| when actions leave [-1, 1])",
+    "fp32_input_layer": "under bf16, keep the first layer (it sees raw s, s') in fp32",
 }
 
 
@@ -58,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         default_txt = f"default: {f.default}"
-        p.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name),
-                       help=f"{HELP.get(f.name, f.name.replace('_', ' '))} ({default_txt})")  # fmt: skip
+        text = f"{HELP.get(f.name, f.name.replace('_', ' '))} ({default_txt})"
+        if kind is bool:
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text
+            )
+            continue
+        p.add_argument(
+            flag, dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name), help=text
+        )
     return p
 
 

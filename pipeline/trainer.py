@@ -15,6 +15,7 @@ variance over the dataset (1.0 = no better than predicting the mean). Early stop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -80,6 +81,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # None = the CPUs this process was given (affinity / Ray's assignment)
     action_scale: float | None = None  # None = 1.0, or max |action| when actions leave [-1, 1]
+    fp32_input_layer: bool = True  # under bf16, keep the first Linear (it sees raw s, s') in fp32
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,6 +141,8 @@ class TrainConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise TrainConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+        if not isinstance(self.fp32_input_layer, bool):
+            raise TrainConfigError(f"fp32_input_layer must be true or false, got {self.fp32_input_layer!r}")
         if self.action_scale is not None and not (math.isfinite(self.action_scale) and self.action_scale > 0):
             raise TrainConfigError(
                 f"action_scale must be a positive number or None, got {self.action_scale!r}"
@@ -352,6 +356,35 @@ def _build_model(config: TrainConfig, t: Transitions, device):
         ) from None
 
 
+@contextlib.contextmanager
+def _fp32_input_layer(net, device_type: str, enabled: bool):
+    """Run the first Linear (the one that sees the normalized s and s') outside autocast, in fp32.
+
+    An IDM reads the small difference s' - s out of two inputs of order 1; rounding them to bf16 (8
+    significant bits) loses much of that difference. The first layer is ~6% of the FLOPs, so keeping it
+    fp32 costs little; every later layer sees features, where bf16 rounding is harmless.
+    """
+    first = next((m for m in net.modules() if isinstance(m, torch.nn.Linear)), None)
+    if not enabled or first is None:
+        yield
+        return
+    saved = []
+
+    def before(module, args):
+        saved.append(torch.is_autocast_enabled(device_type))
+        torch.set_autocast_enabled(device_type, False)
+
+    def after(module, args, output):
+        torch.set_autocast_enabled(device_type, saved.pop())
+
+    handles = [first.register_forward_pre_hook(before), first.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _build_optimizer(config: TrainConfig, net, total_steps: int):
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     try:  # the fused kernel (CPU and CUDA) is ~15% faster per step than the foreach one
@@ -470,43 +503,52 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
     step, samples, train_time = 0, 0, 0.0
     loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no per-step sync
     stopped = False
-    while not stopped and step < total_steps:
-        perm = data.train_idx[torch.randperm(n_train, device=device, generator=gen)]
-        t0 = time.perf_counter()
-        for start in range(0, n_train, config.batch_size):
-            rows = perm[start : start + config.batch_size]
-            with autocast:
-                pred = net(data.obs[rows], data.next_obs[rows])
-            loss = loss_fn(pred.float(), data.act[rows])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            loss_sum += loss.detach()
-            loss_count += 1
-            samples += int(rows.shape[0])
-            step += 1
-            if step % eval_every and step < total_steps:
-                continue
-            sync()
-            train_time += time.perf_counter() - t0
-            record = _evaluate(
-                net, data, step, steps_per_epoch, float(loss_sum) / loss_count, stopper, started, train_time
-            )
-            if record.pop("improved") or best_state is None:
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            curve.append(record)
-            if on_eval is not None:
-                on_eval(dict(record))
-            loss_sum, loss_count = torch.zeros((), device=device), 0
-            if stopper.should_stop:
-                stopped = True
-                break
+    fp32_input = precision == "bf16" and config.fp32_input_layer
+    with _fp32_input_layer(net, device.type, fp32_input):
+        while not stopped and step < total_steps:
+            perm = data.train_idx[torch.randperm(n_train, device=device, generator=gen)]
             t0 = time.perf_counter()
-        else:
-            sync()
-            train_time += time.perf_counter() - t0
+            for start in range(0, n_train, config.batch_size):
+                rows = perm[start : start + config.batch_size]
+                with autocast:
+                    pred = net(data.obs[rows], data.next_obs[rows])
+                loss = loss_fn(pred.float(), data.act[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                loss_sum += loss.detach()
+                loss_count += 1
+                samples += int(rows.shape[0])
+                step += 1
+                if step % eval_every and step < total_steps:
+                    continue
+                sync()
+                train_time += time.perf_counter() - t0
+                record = _evaluate(
+                    net,
+                    data,
+                    step,
+                    steps_per_epoch,
+                    float(loss_sum) / loss_count,
+                    stopper,
+                    started,
+                    train_time,
+                )
+                if record.pop("improved") or best_state is None:
+                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                curve.append(record)
+                if on_eval is not None:
+                    on_eval(dict(record))
+                loss_sum, loss_count = torch.zeros((), device=device), 0
+                if stopper.should_stop:
+                    stopped = True
+                    break
+                t0 = time.perf_counter()
+            else:
+                sync()
+                train_time += time.perf_counter() - t0
     if config.keep == "best":
         net.load_state_dict(best_state)
     stats = {"steps": step, "steps_per_epoch": steps_per_epoch, "samples": samples, "train_time_s": train_time,

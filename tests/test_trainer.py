@@ -266,3 +266,22 @@ def test_threads_default_to_the_cpus_given():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "1"
+
+
+def test_bf16_keeps_the_input_layer_fp32_to_keep_accuracy(tmp_path):
+    """s' - s is small next to s: rounding the inputs to bf16 costs accuracy, the fp32 first layer does not."""
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(2000, 5)).astype(np.float32)
+    act = rng.uniform(-0.9, 0.9, (2000, 2)).astype(np.float32)
+    nxt = (obs + 0.05 * act @ rng.normal(size=(2, 5))).astype(np.float32)
+    data = Transitions(
+        "small-delta", obs, act, nxt, np.repeat(np.arange(20), 100), stats={"sha256": "0" * 64}
+    )
+    mse = {}
+    for precision, fp32_in in (("fp32", True), ("bf16", False), ("bf16", True)):
+        cfg = small(
+            precision=precision, fp32_input_layer=fp32_in, max_epochs=30, lr=1e-3, dropout=0.0, patience=100
+        )
+        mse[precision, fp32_in] = train(data, cfg, tmp_path / f"{precision}-{fp32_in}").metrics["heldout_mse"]
+    assert mse["bf16", True] < 1.03 * mse["fp32", True], mse
+    assert mse["bf16", False] > 1.05 * mse["fp32", True], mse
