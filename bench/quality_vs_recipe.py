@@ -70,10 +70,16 @@ def run(args) -> list[dict]:
         t = load_transitions(name)
         dev, test = split_indices(t, "episodes", 0.2, args.test_seed)
         dev_set = subset(t, dev, f"bench-dev-{args.test_seed}")
+        held = f"bench test episodes (seed {args.test_seed})"
         for cand in args.candidates.split(","):
             if (name, cand) in done:
-                rows.append(done[(name, cand)])
-                print(f"{name:28} {cand:14} (from {out / 'results.json'})", flush=True)
+                row = done[(name, cand)]
+                if args.reevaluate:  # same weights, the current evaluation settings
+                    row["eval"] = evaluate(invdyn.read_model_dir(row["model_dir"]), t, rows=(dev, test, held),
+                                           horizon=args.horizon, tracking_starts=args.starts,
+                                           one_step_samples=args.samples)  # fmt: skip
+                rows.append(row)
+                _print(row, args.horizon, f"(trained earlier, {out / 'results.json'})")
                 continue
             config = {**RECIPE, **CANDIDATES[cand], "seed": args.seed, "threads": args.threads}
             if args.max_epochs:
@@ -82,16 +88,21 @@ def run(args) -> list[dict]:
             result = train(dev_set, TrainConfig(**config), out / "models" / name / cand, dataset_name=name)
             wall = time.perf_counter() - started
             model = invdyn.read_model_dir(result.model_dir)
-            ev = evaluate(model, t, rows=(dev, test, f"bench test episodes (seed {args.test_seed})"),
+            ev = evaluate(model, t, rows=(dev, test, held),
                           horizon=args.horizon, tracking_starts=args.starts, one_step_samples=args.samples)  # fmt: skip
             row = {"dataset": name, "candidate": cand, "config": config, "train_wall_s": wall,
                    "epochs": result.metrics["epochs"], "model_dir": str(result.model_dir), "eval": ev}  # fmt: skip
             rows.append(row)
-            print(f"{name:28} {cand:14} test MSE {ev['heldout_mse']:.5f}  drift@{args.horizon} "
-                  f"{ev['tracking_drift']:.4f}  one-step {ev['one_step_error']:.4f}  epochs {row['epochs']:3d}  "
-                  f"{wall:6.0f}s", flush=True)  # fmt: skip
+            _print(row, args.horizon, f"{wall:6.0f}s")
             _save(out, done, rows)
     return _save(out, done, rows)
+
+
+def _print(row: dict, horizon: int, note: str) -> None:
+    e = row["eval"]
+    print(f"{row['dataset']:28} {row['candidate']:14} test MSE {e['heldout_mse']:.5f}  drift@{horizon} "
+          f"{e['tracking_drift']:.4f}  one-step {e['one_step_error']:.4f}  epochs {row['epochs']:3d}  {note}",
+          flush=True)  # fmt: skip
 
 
 def _save(out: Path, done: dict, rows: list[dict]) -> list[dict]:
@@ -162,10 +173,11 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma list of {', '.join(CANDIDATES)}")
     ap.add_argument("--out", default="runs/bench-quality")
     ap.add_argument("--horizon", type=int, default=32)
-    ap.add_argument("--starts", type=int, default=128)
+    ap.add_argument("--starts", type=int, default=400, help="tracking starts (128 leaves ~10%% noise)")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--max-epochs", type=int, default=None, help="cap every candidate's epochs (quick looks)")
     ap.add_argument("--resume", action="store_true", help="reuse runs already in OUT/results.json")
+    ap.add_argument("--reevaluate", action="store_true", help="with --resume: evaluate reused models again")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads per run (1 on a shared, busy machine)"
