@@ -7,6 +7,7 @@ Modes (same datasets, same --search grid, same epochs, same seeds):
   train       pretrain_all --executor train: each trial a Ray Train TorchTrainer (the default)
   tune        pretrain_all --executor tune: the Tune trial trains in its own (reused) process
   sequential  the same trainings one after another in this process, with all CPUs as torch threads
+              (--sequential-threads 1: as one pipeline trial gets; on a busy machine 2 threads thrash)
 
 overhead share = 1 - (sum of the trials' time inside training steps) / (Tune's wall time x trials at once);
 for `sequential` the denominator is its wall time. overhead s/trial = the slot-seconds not spent in training
@@ -61,7 +62,8 @@ def run_sequential(args, out: Path) -> dict:
     for spec in resolve_datasets(args.datasets):
         t = load_transitions(spec)
         for i, point in enumerate(points):
-            cfg = TrainConfig(**point, max_epochs=args.max_epochs, seed=0, threads=available_cpus(), device="cpu")
+            threads = args.sequential_threads or available_cpus()
+            cfg = TrainConfig(**point, max_epochs=args.max_epochs, seed=0, threads=threads, device="cpu")
             r = train(t, cfg, out / t.name / str(i), dataset_name=t.name)
             train_s += r.metrics["train_time_s"]
             n += 1
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-epochs", type=int, default=15)
     ap.add_argument("--modes", default="train,tune,sequential")
     ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--sequential-threads", type=int, help="torch threads of `sequential` (default: all CPUs)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
