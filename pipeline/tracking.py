@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
 import invdyn
+from invdyn._files import sha256_file
 from invdyn.errors import InvdynError
 from invdyn.model_dir import PARAMS_FILE, read_model_dir
 
@@ -197,6 +198,7 @@ def _client(uri: str) -> MlflowClient:
 
 
 _initialized: set[str] = set()
+_gave_up: dict[str, float] = {}  # uri -> when a registration last failed after all retries
 
 
 def is_transient(error: BaseException) -> bool:
@@ -288,8 +290,6 @@ def weights_sha256(model_dir) -> str:
     model = read_model_dir(model_dir)  # refuses a broken or half-written directory
     sha = (model.params.get("weights") or {}).get("sha256")
     if not sha:
-        from invdyn._files import sha256_file
-
         ckpts = sorted(Path(model_dir).glob("*.ckpt"))
         sha = sha256_file(ckpts[0])
     return sha
@@ -685,11 +685,14 @@ def _source_for(client: MlflowClient, uri: str, record: dict, model_dir: Path, s
         ]
         _log_batch(client, run.info.run_id, metrics=metrics, params=params)
         path = MODEL_ARTIFACT
-    else:
+    elif client.list_artifacts(run.info.run_id, MODEL_ARTIFACT):
         path = f"{MODEL_ARTIFACT}-{sha[:12]}"  # the trial's run logged other weights under model/
+    else:
+        path = MODEL_ARTIFACT  # the trial's upload never happened (MLflow was down when it finished)
     client.log_artifacts(run.info.run_id, str(model_dir), path)
     if path == MODEL_ARTIFACT:
         client.set_tag(run.info.run_id, "weights_sha256", sha)
+    if run.info.status == "RUNNING":  # its trial is over: we hold its model
         client.set_terminated(run.info.run_id, "FINISHED")
     return f"{run.info.artifact_uri}/{path}", run.info.run_id
 
@@ -713,12 +716,17 @@ def register_dataset(uri: str, record: dict, *, alias: str = CHAMPION, attempts:
     if not model_dir.is_dir():
         raise TrackingError(f"{record['dataset']}: model directory {model_dir} does not exist")
     sha = weights_sha256(model_dir)
+    if attempts is None and time.monotonic() - _gave_up.get(uri, -1e9) < 120:
+        attempts = 1  # it just failed after every retry: the next datasets of this job fail fast
     try:
-        return _retry(f"registering {record['dataset']} in {redact(uri)}",
-                      lambda: _register(uri, record, model_dir, sha, alias), attempts=attempts)  # fmt: skip
+        result = _retry(f"registering {record['dataset']} in {redact(uri)}",
+                        lambda: _register(uri, record, model_dir, sha, alias), attempts=attempts)  # fmt: skip
+        _gave_up.pop(uri, None)
+        return result
     except TrackingError:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow / HTTP / SQL errors all become one actionable error
+        _gave_up[uri] = time.monotonic()
         raise TrackingError(
             f"could not register {record['dataset']} in MLflow at {redact(uri)} ({type(e).__name__}: {e}). "
             f"The model stays at {model_dir}; once MLflow is reachable run "

@@ -29,7 +29,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "server.log"
 
-    def start(self, timeout: float = 120.0) -> MlflowServer:
+    def start(self, timeout: float = 240.0) -> MlflowServer:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
