@@ -8,7 +8,7 @@ Protocol (the same for every candidate, so the comparison is fair): per dataset,
 with its own validation split and stopping rule (the recipe: random 80/20 of transitions, patience 3,
 last weights), and is scored on the test episodes: action MSE, and the closed-loop drift of MuJoCo
 following the recorded trajectory for --horizon steps (pipeline.evaluate). Writes OUT/results.json,
-OUT/table.md, and a report (OUT/report.md + plots) with the best candidate as champion.
+OUT/table.md, and a report (OUT/report/report.md + plots) with the best candidate as champion.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def champion_report(rows: list[dict], out: Path, horizon: int) -> None:
                 "learning_curve", []
             )
         entries.append(entry)
-    write_report(entries, out, horizon)
+    write_report(entries, out / "report", horizon)
 
 
 def main(argv=None) -> int:
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     champion_report(rows, Path(args.out), args.horizon)
     print()
     print(text)
-    print(f"written: {args.out}/table.md, results.json, report.md")
+    print(f"written: {args.out}/table.md, {args.out}/results.json, {args.out}/report/report.md")
     return 0
 
 
