@@ -87,9 +87,15 @@ def slow_server(tmp_path):
     server.close()
 
 
+def _default_sigint():
+    """A shell runs background jobs with SIGINT ignored, and children inherit that: give Ctrl-C back."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_when(cmd, ready, sig, *, timeout=60, env=None):
     """Run `cmd`; as soon as `ready()` is true send `sig`; return (returncode, stderr). Fails if never ready."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)  # fmt: skip
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -193,7 +199,7 @@ def test_training_run_interrupted_writes_nothing(tmp_path, sig):
     cmd = [sys.executable, "-m", "pipeline.train", "--dataset", str(data), "--out", str(out),
            "--max-epochs", "1000", "--patience", "1000", "--hidden-dim", "64", "--threads", "1"]  # fmt: skip
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 120
         while "val_mse" not in log.read_text():  # training has begun: at least one evaluation done

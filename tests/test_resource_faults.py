@@ -204,7 +204,7 @@ def test_worker_node_killed_mid_trial_is_retried_and_nothing_is_lost(sim_files, 
     data = str(sim_files["sim-hopper-random-v0"])
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--datasets", data, "--search-space",
-           '{"hidden_dim": [32, 48]}', "--max-epochs", "150", "--patience", "150", "--batch-size", "256",
+           '{"hidden_dim": [32, 48]}', "--max-epochs", "60", "--patience", "60", "--batch-size", "256",
            "--no-mlflow", "--verbose", "0", "--max-failures", "3", "--storage-path", str(storage), "--out", str(out)]  # fmt: skip
     log = tmp_path / "job.log"
     killed = None
@@ -264,7 +264,7 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
                MLFLOW_TRACKING_PASSWORD=canary, AWS_SECRET_ACCESS_KEY=canary, RAY_AUTH_TOKEN_UNUSED=canary,
                INVDYN_MLFLOW_RETRIES="8")  # fmt: skip
     cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--datasets", datasets, "--search-space",
-           '{"hidden_dim": [32, 48]}', "--max-epochs", "40", "--batch-size", "256", "--num-cpus", "2",
+           '{"hidden_dim": [32, 48]}', "--max-epochs", "15", "--batch-size", "256", "--num-cpus", "2",
            "--verbose", "0", "--mlflow-uri", server.uri, "--export", str(bundle), "--out", str(out)]  # fmt: skip
     restarted = False
     try:
