@@ -266,12 +266,13 @@ def physics_metrics(
     # padding dims are zero in data and simulation alike: leave them out of the RMSE instead of diluting it
     std = np.asarray(std, np.float64)[: replay.env_obs_dim]
     mean_action = np.asarray(mean_action, np.float64)
-    rng = np.random.default_rng(seed)
+    # separate streams: the tracking starts do not depend on how many one-step samples were drawn
+    rng_one, rng_track = (np.random.default_rng([seed, k]) for k in (0, 1))
     try:
         rows = np.flatnonzero(replay.successor & allowed)
         if len(rows) == 0:
             return {**null, "physics_reason": "no held-out transition has a recorded next state"}
-        rows = np.sort(rng.choice(rows, min(one_step_samples, len(rows)), replace=False))
+        rows = np.sort(rng_one.choice(rows, min(one_step_samples, len(rows)), replace=False))
         ref, ref_kind = replay.references(rows, std)
         tr = transitions
         pred = predict(tr.obs[rows], tr.next_obs[rows])
@@ -293,7 +294,7 @@ def physics_metrics(
                 **result,
                 "physics_reason": f"no held-out episode has {horizon + 1} consecutive recorded states",
             }
-        starts = np.sort(rng.choice(starts, min(tracking_starts, len(starts)), replace=False))
+        starts = np.sort(rng_track.choice(starts, min(tracking_starts, len(starts)), replace=False))
         steps = starts[:, None] + np.arange(1, horizon + 1)[None, :]
         ref_traj, _ = replay.references(steps.reshape(-1) - 1, std)
         ref_traj = ref_traj.reshape(len(starts), horizon, -1)
