@@ -190,6 +190,19 @@ def evaluation_tags(result: dict) -> dict:
     return out
 
 
+def log_to_registry(model_uri: str, result: dict, mlflow_uri: str | None = None) -> dict:
+    """Attach `evaluation_tags(result)` to the registered version `model_uri` points at (MLflow lives in
+    pipeline.tracking, the one module that talks to it)."""
+    import os
+
+    from . import tracking
+
+    uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise EvaluationError("--log-to-registry needs --mlflow-uri or MLFLOW_TRACKING_URI")
+    return tracking.tag_model_version(uri, model_uri, evaluation_tags(result))
+
+
 def card_section(result: dict) -> dict:
     """What goes into params.json["evaluation"]: the headline metrics, drift curves and provenance."""
     keep = (*HEADLINE, "horizon", "dataset", "heldout", "heldout_transitions", "heldout_episodes", "env_id",
@@ -291,6 +304,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-physics", action="store_true", help="skip the MuJoCo metrics")
     ap.add_argument("--attach", action="store_true", help="also write the results into MODEL's directory")
+    ap.add_argument(
+        "--log-to-registry",
+        action="store_true",
+        help="MODEL is a models:/ URI: set the headline metrics as eval.* tags on that registered version",
+    )
+    ap.add_argument("--mlflow-uri", default=None, help="registry for --log-to-registry (default: $MLFLOW_TRACKING_URI)")
     args = ap.parse_args(argv)
     from .datasets import load_transitions
 
@@ -313,6 +332,8 @@ def main(argv=None) -> int:
                     f"--attach needs a model directory; {args.model} was not loaded from one"
                 )
             attach_evaluation(model.path, result)
+        if args.log_to_registry:
+            result["registry"] = log_to_registry(args.model, result, args.mlflow_uri)
     except (InvdynError, ShapeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -878,3 +878,30 @@ def download_version(uri: str, name: str, version: str, dst) -> Path:
             f"{name} v{version} ({artifact_uri}) holds no model directory (params.json + *.ckpt)"
         )
     return found
+
+
+def tag_model_version(uri: str, model_uri: str, tags: dict) -> dict:
+    """Set `tags` on the registered version that `model_uri` (`models:/<name>/<version>` or
+    `models:/<name>@<alias>`) points at; used to attach evaluation metrics to a registered model.
+    Returns {"model_name", "version"}."""
+    if not model_uri.startswith("models:/"):
+        raise TrackingError(f"{model_uri!r} is not a registry URI: use models:/<name>@<alias> or models:/<name>/<version>")
+    try:
+        return _tag_model_version(_client(uri), model_uri[len("models:/"):], tags)
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow / HTTP / SQL errors become one actionable error
+        raise TrackingError(f"could not tag {model_uri} in MLflow at {redact(uri)} ({type(e).__name__}: {e})") from None
+
+
+def _tag_model_version(client: MlflowClient, ref: str, tags: dict) -> dict:
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = _retry(f"reading alias {alias} of {name}", lambda: client.get_model_version_by_alias(name, alias)).version
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+    else:
+        raise TrackingError(f"models:/{ref} names no version or alias: use models:/<name>@<alias>")
+    for key, value in sorted(tags.items()):
+        _retry(f"tagging {name} v{version}", lambda k=key, v=value: client.set_model_version_tag(name, version, k, str(v)))
+    return {"model_name": name, "version": str(version)}

@@ -150,3 +150,31 @@ def test_a_cleandiffuser_checkpoint_is_evaluated_on_all_rows(sim_files):
     r = evaluate(load_model(str(CD_DIR)), hopper, horizon=4, one_step_samples=50, tracking_starts=2)
     assert r["heldout"].startswith("all rows") and r["heldout_transitions"] == len(hopper)
     assert r["physics_reason"] is None and r["one_step_floor"] < 1e-8 < r["one_step_error"]
+
+
+def test_evaluation_is_logged_to_the_registered_champion(trained, cheetah, sim_files, tmp_path, monkeypatch, capsys):
+    """`evaluate models:/...@champion --log-to-registry` puts the headline metrics on that registered version."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.evaluate import main
+
+    uri = tracking.default_uri(tmp_path / "job")
+    params = invdyn.read_model_dir(trained).params
+    record = {"dataset": "sim-halfcheetah-random-v0", "sha256": cheetah.sha256, "model_dir": str(trained),
+              "heldout_mse": params["metrics"]["heldout_mse"], "baseline_mse": params["metrics"]["baseline_mse"]}  # fmt: skip
+    registered = tracking.register_dataset(uri, record)
+    assert registered["champion"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model_uri = f"models:/{registered['model_name']}@champion"
+    args = [model_uri, str(sim_files["sim-halfcheetah-random-v0"]), "--json", "--starts", "4", "--samples", "100"]
+    assert main([*args, "--log-to-registry"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(
+        registered["model_name"], registered["version"]
+    )
+    assert float(version.tags["eval.tracking_drift"]) == pytest.approx(result["tracking_drift"])
+    assert float(version.tags["eval.heldout_mse"]) == pytest.approx(result["heldout_mse"])
+    # a version that does not exist is a clear error, not a traceback
+    assert main([f"models:/{registered['model_name']}@no-such-alias", *args[1:], "--log-to-registry"]) == 2
+    assert "error:" in capsys.readouterr().err
