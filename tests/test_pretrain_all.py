@@ -117,8 +117,11 @@ def test_broken_dataset_fails_alone_with_its_reason(job):
 def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_path):
     out = tmp_path / "out"
     env = job_env(tmp_path)
-    args = ["--datasets", str(sim_files[HOPPER]), "--search-space", '{"hidden_dim": [16, 32, 48]}',
-            "--max-epochs", "2", "--max-concurrent", "1", "--no-mlflow", "--executor", "tune", "--out", str(out)]  # fmt: skip
+    # The first trial takes 2 epochs, the others 60 (no early stop): the kill lands between the first and the
+    # second finishing however slowly this machine runs (the ledger file appears within ~0.2 s of the first).
+    space = '{"max_epochs": [2, 60, 61], "patience": [1000], "hidden_dim": [256]}'
+    args = ["--datasets", str(sim_files[HOPPER]), "--search-space", space,
+            "--max-concurrent", "1", "--no-mlflow", "--executor", "tune", "--out", str(out)]  # fmt: skip
     cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
