@@ -33,6 +33,9 @@ HEADLINE = (
     "tracking_baseline",
     "tracking_floor",
 )
+#: metrics that can pick a dataset's model (`pretrain_all --select-by`) and the registry's champion
+#: (registered-model tag `champion_metric`); lower is better for each
+SELECT_METRICS = ("heldout_mse", "one_step_error", "tracking_drift")
 
 
 class EvaluationError(InvdynError, ValueError):
@@ -188,6 +191,12 @@ def evaluation_tags(result: dict) -> dict:
     out = {f"eval.{k}": float(result[k]) for k in HEADLINE if isinstance(result.get(k), (int, float))}
     out["eval.horizon"] = float(result.get("horizon") or 0)
     return out
+
+
+def headline(result: dict) -> dict:
+    """The headline metrics of an evaluation and what they were measured on (for summary.json records)."""
+    keep = (*HEADLINE, "horizon", "tracking_starts", "one_step_samples", "env_id", "physics_reason")
+    return {k: result.get(k) for k in keep if k in result}
 
 
 def log_to_registry(model_uri: str, result: dict, mlflow_uri: str | None = None) -> dict:

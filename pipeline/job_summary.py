@@ -1,7 +1,9 @@
 """What a job leaves in its output directory, and the ledger that makes `--resume` skip finished trials.
 
     DIR/summary.json          one record per dataset (the contract): dataset, heldout_mse, baseline_mse,
-                              config, model_dir, epochs, wall_s, trial_id, ... or status "failed" + error
+                              config, model_dir, epochs, wall_s, trial_id, selected_by, evaluation (headline
+                              metrics of the selected model), candidates (the trials evaluated, with their
+                              metrics), champion_metric, ... or status "failed" + error
     DIR/summary.md            the same as a table (also printed)
     DIR/job.json              the job: name, datasets, placement, timing (wall, time in training steps)
     DIR/models/<dataset>/     the best model directory of each dataset (invdyn format)
@@ -133,7 +135,8 @@ def _fmt(v, spec=".4g") -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    head = "| dataset | status | held-out MSE | baseline MSE | best config | epochs | trials | wall s | champion |"
+    head = ("| dataset | status | held-out MSE | baseline MSE | one-step error | tracking drift | selected by | "
+            "best config | epochs | trials | wall s | champion |")  # fmt: skip
     rows = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in records:
         cfg = r.get("config") or {}
@@ -143,9 +146,11 @@ def format_table(records: list[dict]) -> str:
         status = r.get("status", "")
         if status == "failed":
             status = f"failed: {str(r.get('error', ''))[:80]}"
+        ev = r.get("evaluation") or {}
+        drift = _fmt(ev.get("tracking_drift")) + (f" @{ev['horizon']}" if _finite(ev.get("tracking_drift")) else "")
         rows.append(
             f"| {r['dataset']} | {status} | {_fmt(r.get('heldout_mse'))} | {_fmt(r.get('baseline_mse'))} | "
-            f"{best or '-'} | {r.get('epochs', '-')} | {r.get('trials_finished', 0)}/{r.get('trials', 0)} | "
+            f"{_fmt(ev.get('one_step_error'))} | {drift} | {r.get('selected_by') or '-'} | {best or '-'} | {r.get('epochs', '-')} | {r.get('trials_finished', 0)}/{r.get('trials', 0)} | "
             f"{_fmt(r.get('wall_s'), '.0f')} | {champion} |"
         )
     return "\n".join(rows)

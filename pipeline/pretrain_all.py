@@ -30,7 +30,8 @@ from ray.tune import Callback
 from invdyn._files import atomic_dir, storage_errors
 from invdyn.errors import InvdynError
 
-from . import job_summary, placement, search
+from . import job_summary, placement, search, selection
+from .evaluate import SELECT_METRICS, attach_evaluation
 from .job_summary import Ledger, safe_name
 
 #: Test hook: crash the first attempt of this dataset's first trial (a fault a test cannot cause otherwise).
@@ -147,13 +148,16 @@ def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -
 # ------------------------------------------------------------------------------------------ driver
 
 
-def prepare_datasets(specs: list[str], *, download: bool) -> tuple[dict, list[dict]]:
+def prepare_datasets(specs: list[str], *, download: bool, keep_state: bool = False) -> tuple[dict, list[dict]]:
     """Load each dataset once on the driver (the Arrow cache makes this cheap) and put it in the object
-    store. Returns ({name: {"ref", "sha256", "info", "spec"}}, [failed records])."""
+    store. Returns ({name: {"ref", "sha256", "info", "spec", "physics_reason"[, "state_ref"]}}, [failed
+    records]); with `keep_state`, a simulatable dataset's (qpos, qvel) go in as a separate object for
+    the evaluation tasks."""
     import ray
     from tqdm.auto import tqdm
 
     from .datasets import load_transitions
+    from .selection import physics_reason
 
     ready, failed = {}, []
     for spec in tqdm(specs, desc="prepare datasets", unit="dataset", disable=len(specs) < 2):
@@ -168,9 +172,13 @@ def prepare_datasets(specs: list[str], *, download: bool) -> tuple[dict, list[di
         if t.name in ready:
             continue
         info = {k: t.stats.get(k) for k in ("transitions", "episodes", "obs_dim", "act_dim", "source", "env_id")}
-        # Training needs no simulator state: qpos / qvel (float64) stay out of the object store.
+        reason = physics_reason(t)
+        state = ray.put((t.qpos, t.qvel)) if keep_state and reason is None else None
+        # Training needs no simulator state: qpos / qvel (float64) stay out of the trials' object.
         t = dataclasses.replace(t, qpos=None, qvel=None)
-        ready[t.name] = {"ref": ray.put(t), "sha256": t.sha256, "info": info, "spec": spec}
+        ready[t.name] = {"ref": ray.put(t), "sha256": t.sha256, "info": info, "spec": spec, "physics_reason": reason}
+        if state is not None:
+            ready[t.name]["state_ref"] = state
     return ready, failed
 
 
@@ -293,10 +301,16 @@ def fetch_model(checkpoint_path: str, dest: Path) -> Path:
 
 
 def collect(out: Path, datasets: list[str], ready: dict, failed: list[dict], trials: list[dict],
-            errors: dict[str, str], job_name: str) -> list[dict]:  # fmt: skip
-    """One record per dataset: the best finished trial's metrics and model dir, or why it failed."""
+            errors: dict[str, str], job_name: str, opts: selection.Options | None = None) -> list[dict]:  # fmt: skip
+    """One record per dataset: the selected trial's metrics, evaluation and model dir, or why it failed.
+
+    Without `opts` (or with `opts.evaluate` off) the trial with the best held-out MSE, unevaluated; else
+    see pipeline.selection: candidates evaluated as Ray tasks, the result written into the model
+    directory (card + params.json) before anything registers it.
+    """
+    opts = opts or selection.Options(evaluate=False)
     done = Ledger(out).done()
-    records = []
+    records, chosen = [], {}
     failed_by_spec = {f["spec"]: f for f in failed}
     spec_to_name = {d["spec"]: n for n, d in ready.items()}
     for spec in datasets:
@@ -313,12 +327,33 @@ def collect(out: Path, datasets: list[str], ready: dict, failed: list[dict], tri
         best = job_summary.best_entry(entries)
         if entries:
             rec["curves"] = str(job_summary.write_curves(out, name, entries))
+        records.append(rec)
         if best is None:
             errs = [errors[k] for k in keys if k in errors]
             rec.update(status="failed", error=errs[0] if errs else "no trial finished")
-            records.append(rec)
             continue
+        rec["trials_failed"] = sum(1 for k in keys if k in errors and k not in done)
+        chosen[name] = (rec, selection.candidates(entries, opts, ready[name].get("physics_reason") is None))
+    results = {}
+    if opts.evaluate:
+        results = selection.evaluate_all({n: c for n, (_, c) in chosen.items()}, ready, opts)
+    for name, (rec, cands) in chosen.items():
+        reason = ready[name].get("physics_reason")
+        choice = selection.choose(cands, results, opts, reason)
+        best = choice["entry"]
         model_dir = fetch_model(best["checkpoint_path"], out / "models" / safe_name(name))
+        result = results.get(best["key"])
+        if result and not result.get("error"):
+            attach_evaluation(model_dir, result)  # before registration: the registered card shows it
+        rec["selected_by"] = choice["selected_by"]
+        if opts.evaluate:
+            rec.update(selection.record_fields(choice, result, opts))
+            ev = rec.get("evaluation") or {}
+            print(f"{name}: trial {best.get('trial_id')} selected by {choice['selected_by']} of {len(cands)} "
+                  f"evaluated: held-out MSE {_num(best['heldout_mse'])}, one-step error "
+                  f"{_num(ev.get('one_step_error'))}, tracking drift {_num(ev.get('tracking_drift'))}"
+                  + (f"; note: {choice['note']}" if choice.get("note") else
+                     f"; note: cannot be simulated ({reason}), non-physics metrics only" if reason else ""))  # fmt: skip
         rec.update(
             status="ok",
             heldout_mse=best["heldout_mse"],
@@ -332,10 +367,12 @@ def collect(out: Path, datasets: list[str], ready: dict, failed: list[dict], tri
             trial_id=best["trial_id"],
             key=best["key"],
             node_ip=best.get("node_ip"),
-            trials_failed=sum(1 for k in keys if k in errors and k not in done),
         )
-        records.append(rec)
     return records
+
+
+def _num(v) -> str:
+    return "n/a" if not isinstance(v, (int, float)) else f"{v:.4g}"
 
 
 # ------------------------------------------------------------------------------- MLflow (issue 6)
@@ -424,7 +461,32 @@ def parse_args(argv=None):
     ap.add_argument("--no-mlflow", action="store_true", help="no MLflow at all")
     ap.add_argument("--export", metavar="PATH", help="write the registered champions as a bundle zip")
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune verbosity (1: live table)")
-    return ap.parse_args(argv)
+    ev = ap.add_argument_group("evaluation and selection (pipeline.selection)")
+    ev.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                    help="evaluate the selected model on its held-out episodes (MuJoCo metrics where the dataset "
+                         "can be simulated) into its model card and registry tags (default: on)")  # fmt: skip
+    ev.add_argument("--select-by", choices=SELECT_METRICS, default="heldout_mse",
+                    help="metric that picks each dataset's model among its trials, and the registry's champion "
+                         "rule (default heldout_mse)")  # fmt: skip
+    ev.add_argument("--select-top", type=int, default=selection.DEFAULT_TOP, metavar="K",
+                    help=f"with a physics --select-by: evaluate the best K trials by held-out MSE (default "
+                         f"{selection.DEFAULT_TOP}; 0: all)")  # fmt: skip
+    ev.add_argument("--eval-horizon", type=int, default=32, help="tracking horizon (default 32)")
+    ev.add_argument("--eval-starts", type=int, default=128, help="tracking start points per model (default 128)")
+    ev.add_argument("--eval-samples", type=int, default=2000, help="one-step transitions per model (default 2000)")
+    args = ap.parse_args(argv)
+    if args.select_by != "heldout_mse" and not args.evaluate:
+        ap.error(f"--select-by {args.select_by} needs the evaluation: drop --no-evaluate")
+    if args.select_top < 0 or min(args.eval_horizon, args.eval_starts, args.eval_samples) < 1:
+        ap.error("--select-top must be >= 0 and --eval-horizon, --eval-starts, --eval-samples >= 1")
+    return args
+
+
+def selection_options(args, pl: placement.Placement) -> selection.Options:
+    """The evaluation / selection asked for; each evaluation task holds a trial's CPUs."""
+    return selection.Options(evaluate=args.evaluate, select_by=args.select_by, top=args.select_top,
+                             horizon=args.eval_horizon, starts=args.eval_starts, samples=args.eval_samples,
+                             seed=args.seed, num_cpus=pl.cpus)  # fmt: skip
 
 
 def check_writable(path: Path) -> None:
@@ -488,7 +550,7 @@ def _run(args, out: Path, started: float) -> int:
 
     started_ray = placement.connect(num_cpus=args.num_cpus, log_to_driver=args.verbose >= 2)
     try:
-        ready, failed = prepare_datasets(specs, download=args.download)
+        ready, failed = prepare_datasets(specs, download=args.download, keep_state=args.evaluate)
         trials = make_trials(ready, points, base)
         done = Ledger(out).done() if args.resume else {}
         todo = [t for t in trials if t["key"] not in done]
@@ -518,7 +580,8 @@ def _run(args, out: Path, started: float) -> int:
                               name=f"{job_name}-run{state['runs']}", callbacks=callbacks,
                               max_failures=args.max_failures, verbose=args.verbose)  # fmt: skip
         tune_wall = time.time() - tune_started
-        records = collect(out, specs, ready, failed, trials, errors, job_name)
+        opts = selection_options(args, pl)
+        records = collect(out, specs, ready, failed, trials, errors, job_name, opts)
     finally:
         if started_ray:
             import ray
@@ -529,7 +592,7 @@ def _run(args, out: Path, started: float) -> int:
     train_s = sum(e.get("train_time_s") or 0 for e in ran)
     job_summary.write_json_atomic(out / job_summary.JOB_JSON, {
         **state, "datasets": specs, "storage_path": storage, "placement": pl.to_dict(), "search_space": space,
-        "mlflow_uri": _redact(uri), "executor": args.executor,
+        "mlflow_uri": _redact(uri), "executor": args.executor, "selection": dataclasses.asdict(opts),
         "last_run": {"trials": len(trials), "skipped": len(trials) - len(todo), "ran": len(ran),
                      "failed": len(errors), "wall_s": time.time() - started, "tune_wall_s": tune_wall,
                      "train_time_s": train_s,

@@ -43,6 +43,7 @@ from invdyn.model_dir import PARAMS_FILE, read_model_dir
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+CHAMPION_METRIC_TAG = "champion_metric"  # registered-model tag: the metric that picks the champion
 MODEL_ARTIFACT = "model"  # artifact path of a model directory inside a run
 MODEL_PREFIX = "invdyn-"
 REGISTRY_EXPERIMENT = "invdyn-registry"  # runs made for registrations whose trial was never tracked
@@ -557,6 +558,7 @@ class MlflowTrialLogger(Callback):
     def _log_model_dir(self, run_id: str, model_dir: Path) -> None:
         self._client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
         self._client.set_tag(run_id, "weights_sha256", weights_sha256(model_dir))
+        self._client.set_tag(run_id, "params_sha256", sha256_file(Path(model_dir) / PARAMS_FILE))
 
 
 def _q(text: str) -> str:
@@ -573,29 +575,72 @@ def tune_callback(uri: str, experiment: str, job_name: str) -> MlflowTrialLogger
 # Registry: one version per dataset per job, champion only for a better model
 
 
-def _mse(version) -> float | None:
+def _tag_number(version, tag: str) -> float | None:
     try:
-        value = float(version.tags.get("heldout_mse", "nan"))
+        value = float(version.tags.get(tag, "nan"))
     except ValueError:
         return None
     return value if math.isfinite(value) else None
 
 
-def choose_champion(versions) -> str | None:
-    """The version that should hold `champion`: the lowest held-out MSE among the versions trained on
-    the current data (the dataset sha256 of the newest registered version); ties go to the older version.
+def _mse(version) -> float | None:
+    return _tag_number(version, "heldout_mse")
 
-    Versions on older data are never compared with newer data: their MSEs were measured on other
-    transitions, so the first version registered on new data becomes champion and better versions on
-    that data replace it. Deterministic from the registry alone, so concurrent registrations agree.
-    """
+
+def _score(version, metric: str) -> float | None:
+    """A version's value of a champion metric: the `heldout_mse` tag, else the `eval.<metric>` tag."""
+    return _mse(version) if metric == "heldout_mse" else _tag_number(version, f"eval.{metric}")
+
+
+_LABELS = {"heldout_mse": "held-out MSE", "one_step_error": "one-step error", "tracking_drift": "tracking drift"}
+
+
+def _ranking(versions, metric: str = "heldout_mse") -> tuple[str, list]:
+    """(the metric that decides, the versions it ranks): the versions on the current data (the dataset
+    sha256 of the newest version with a held-out MSE) that carry `eval.<metric>` (tracking drift: at the
+    horizon of the newest of them), else, when none carries it, all of them by held-out MSE."""
     scored = [v for v in versions if _mse(v) is not None]
     if not scored:
-        return None
-    newest = max(scored, key=lambda v: int(v.version))
-    current = newest.tags.get("dataset_sha256")
+        return "heldout_mse", []
+    current = max(scored, key=lambda v: int(v.version)).tags.get("dataset_sha256")
     same = [v for v in scored if v.tags.get("dataset_sha256") == current]
-    return str(min(same, key=lambda v: (_mse(v), int(v.version))).version)
+    if metric != "heldout_mse":
+        carrying = [v for v in same if _score(v, metric) is not None]
+        if metric == "tracking_drift" and carrying:  # drift at another horizon is another quantity
+            horizon = max(carrying, key=lambda v: int(v.version)).tags.get("eval.horizon")
+            carrying = [v for v in carrying if v.tags.get("eval.horizon") == horizon]
+        if carrying:
+            return metric, carrying
+    return "heldout_mse", same
+
+
+def choose_champion(versions, metric: str = "heldout_mse") -> str | None:
+    """The version that should hold `champion`: the lowest `metric` (the registered model's
+    `champion_metric` tag: heldout_mse, one_step_error or tracking_drift) among the versions trained on
+    the current data (the dataset sha256 of the newest registered version); ties go to the older version.
+
+    Versions on older data are never compared with newer data: their metrics were measured on other
+    transitions, so the first version registered on new data becomes champion and better versions on
+    that data replace it. A physics metric compares only the versions that carry its `eval.*` tag; if
+    none does, held-out MSE decides. Deterministic from the registry alone, so concurrent registrations
+    agree.
+    """
+    rule, ranked = _ranking(versions, metric)
+    if not ranked:
+        return None
+    return str(min(ranked, key=lambda v: (_score(v, rule), int(v.version))).version)
+
+
+def champion_metric(client: MlflowClient, name: str) -> str:
+    """The champion rule of registered model `name`: its `champion_metric` tag (default heldout_mse)."""
+    from .evaluate import SELECT_METRICS
+
+    metric = client.get_registered_model(name).tags.get(CHAMPION_METRIC_TAG) or "heldout_mse"
+    if metric not in SELECT_METRICS:
+        log.warning("%s: tag %s=%r is not one of %s; using heldout_mse", name, CHAMPION_METRIC_TAG, metric,
+                    SELECT_METRICS)  # fmt: skip
+        return "heldout_mse"
+    return metric
 
 
 def _champion_version(client: MlflowClient, name: str, alias: str = CHAMPION) -> str | None:
@@ -614,14 +659,15 @@ def _all_versions(client: MlflowClient, name: str) -> list:
 def settle_champion(
     client: MlflowClient, name: str, alias: str = CHAMPION, max_rounds: int = 50
 ) -> str | None:
-    """Point `alias` at `choose_champion(all versions)`; loop until a fresh read agrees.
+    """Point `alias` at `choose_champion(all versions, the model's champion_metric)`; loop until a fresh
+    read agrees.
 
     MLflow has no compare-and-set for aliases. Every registering process ends with a read in which the
     alias already equals the best version it sees, and every version exists before its creator's reads;
     so after the last read of all no write follows and the alias is on the best version of all.
     """
     for _ in range(max_rounds):
-        target = choose_champion(_all_versions(client, name))
+        target = choose_champion(_all_versions(client, name), champion_metric(client, name))
         current = _champion_version(client, name, alias)
         if target is None or current == target:
             return current
@@ -634,7 +680,8 @@ def _ensure_registered_model(client: MlflowClient, name: str, dataset: str) -> N
         client.create_registered_model(
             name,
             tags={"dataset": dataset},
-            description=f"invdyn inverse dynamics model for dataset {dataset}; alias `{CHAMPION}` = best held-out MSE",
+            description=f"invdyn inverse dynamics model for dataset {dataset}; alias `{CHAMPION}` = best version "
+            f"by the metric in tag `{CHAMPION_METRIC_TAG}` (default: held-out MSE)",
         )
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -664,9 +711,11 @@ def _find_trial_run(client: MlflowClient, record: dict):
 
 def _source_for(client: MlflowClient, uri: str, record: dict, model_dir: Path, sha: str) -> tuple[str, str]:
     """(artifact URI of the model directory, run id): the trial's logged artifacts when they are the
-    same weights, else a fresh upload (into the trial's run, or a new run in `invdyn-registry`)."""
+    same files (weights and params.json: an evaluation attached after the trial changes params.json and
+    the card), else a fresh upload (into the trial's run, or a new run in `invdyn-registry`)."""
     run = _find_trial_run(client, record)
-    if run is not None and run.data.tags.get("weights_sha256") == sha:
+    params_sha = sha256_file(model_dir / PARAMS_FILE)
+    if run is not None and (run.data.tags.get("weights_sha256"), run.data.tags.get("params_sha256")) == (sha, params_sha):
         return f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run.info.run_id
     if run is None:
         experiment = get_experiment_id(client, uri, record.get("experiment") or REGISTRY_EXPERIMENT)
@@ -686,12 +735,13 @@ def _source_for(client: MlflowClient, uri: str, record: dict, model_dir: Path, s
         _log_batch(client, run.info.run_id, metrics=metrics, params=params)
         path = MODEL_ARTIFACT
     elif client.list_artifacts(run.info.run_id, MODEL_ARTIFACT):
-        path = f"{MODEL_ARTIFACT}-{sha[:12]}"  # the trial's run logged other weights under model/
+        path = f"{MODEL_ARTIFACT}-{params_sha[:12]}"  # the trial's run logged other files under model/
     else:
         path = MODEL_ARTIFACT  # the trial's upload never happened (MLflow was down when it finished)
     client.log_artifacts(run.info.run_id, str(model_dir), path)
     if path == MODEL_ARTIFACT:
         client.set_tag(run.info.run_id, "weights_sha256", sha)
+        client.set_tag(run.info.run_id, "params_sha256", params_sha)
     if run.info.status == "RUNNING":  # its trial is over: we hold its model
         client.set_terminated(run.info.run_id, "FINISHED")
     return f"{run.info.artifact_uri}/{path}", run.info.run_id
@@ -702,7 +752,10 @@ def register_dataset(uri: str, record: dict, *, alias: str = CHAMPION, attempts:
     it only if it is better (see `choose_champion`). Idempotent: the same weights are registered once.
 
     `record` holds at least dataset, heldout_mse, model_dir (+ sha256, baseline_mse, config, trial_id,
-    mlflow_run_id, job when known). Returns {"model_name", "version", "champion", "reason", ...}.
+    mlflow_run_id, job when known). `record["evaluation"]` (pipeline.evaluate's headline metrics) becomes
+    the version's `eval.*` tags, set when it is created; `record["champion_metric"]` sets the registered
+    model's champion rule (tag `champion_metric`) before the alias is settled.
+    Returns {"model_name", "version", "champion", "reason", "champion_metric", ...}.
     Transient failures (server restarting, SQLite locked) are retried with backoff.
     """
     missing = [k for k in ("dataset", "heldout_mse", "model_dir") if record.get(k) in (None, "")]
@@ -711,6 +764,12 @@ def register_dataset(uri: str, record: dict, *, alias: str = CHAMPION, attempts:
     if _number(record["heldout_mse"]) is None:
         raise TrackingError(
             f"{record['dataset']}: heldout_mse {record['heldout_mse']!r} is not a finite number"
+        )
+    from .evaluate import SELECT_METRICS
+
+    if record.get("champion_metric") not in (None, *SELECT_METRICS):
+        raise TrackingError(
+            f"{record['dataset']}: champion_metric {record['champion_metric']!r} is not one of {list(SELECT_METRICS)}"
         )
     model_dir = Path(record["model_dir"])
     if not model_dir.is_dir():
@@ -739,10 +798,17 @@ def _register(uri: str, record: dict, model_dir: Path, sha: str, alias: str) -> 
     dataset = record["dataset"]
     name = model_name(dataset)
     _ensure_registered_model(client, name, dataset)
+    metric = record.get("champion_metric")
+    if metric and client.get_registered_model(name).tags.get(CHAMPION_METRIC_TAG) != metric:
+        client.set_registered_model_tag(name, CHAMPION_METRIC_TAG, metric)
+    eval_tags = _eval_tags(record)
     before = _champion_version(client, name, alias)
     same = [v for v in _all_versions(client, name) if v.tags.get("weights_sha256") == sha]
     if same:
         version, created = min(same, key=lambda v: int(v.version)), False
+        if eval_tags and not any(k.startswith("eval.") for k in version.tags):  # registered before evaluation
+            for key, value in sorted(eval_tags.items()):
+                client.set_model_version_tag(name, str(version.version), key, value)
     else:
         source, run_id = _source_for(client, uri, record, model_dir, sha)
         tags = {
@@ -758,6 +824,7 @@ def _register(uri: str, record: dict, model_dir: Path, sha: str, alias: str) -> 
             "weights_sha256": sha,
             "model_dir": str(model_dir.resolve()),
             "job": str(record.get("job") or ""),
+            **eval_tags,
         }
         version = client.create_model_version(
             name, source=source, run_id=run_id, tags=tags, await_creation_for=60
@@ -766,7 +833,8 @@ def _register(uri: str, record: dict, model_dir: Path, sha: str, alias: str) -> 
     after = settle_champion(client, name, alias)
     versions = {str(v.version): v for v in _all_versions(client, name)}
     mine = versions[str(version.version)]
-    reason = _reason(mine, versions, before, after, created)
+    rule = champion_metric(client, name)
+    reason = _reason(mine, versions, before, after, created, rule)
     if created:  # the decision made when the version was registered, shown in the registry UI
         client.set_model_version_tag(name, str(version.version), "champion_decision", reason)
         _summarize_in_parent(client, mine.run_id, name, mine, after == str(version.version))
@@ -781,7 +849,19 @@ def _register(uri: str, record: dict, model_dir: Path, sha: str, alias: str) -> 
         "run_id": mine.run_id,
         "source": mine.source,
         "heldout_mse": _mse(mine),
+        "champion_metric": rule,
+        "eval_tags": {k: v for k, v in mine.tags.items() if k.startswith("eval.")},
     }
+
+
+def _eval_tags(record: dict) -> dict:
+    """`eval.*` version tags (strings) from the record's evaluation (pipeline.evaluate.evaluation_tags)."""
+    evaluation = record.get("evaluation")
+    if not isinstance(evaluation, dict) or not evaluation:
+        return {}
+    from .evaluate import evaluation_tags
+
+    return {k: repr(v) for k, v in evaluation_tags(evaluation).items()}
 
 
 def _summarize_in_parent(client: MlflowClient, run_id: str, name: str, version, champion: bool) -> None:
@@ -793,8 +873,8 @@ def _summarize_in_parent(client: MlflowClient, run_id: str, name: str, version, 
         now = int(time.time() * 1000)
         metrics = [
             Metric(k, float(version.tags[k]), now, 0)
-            for k in ("heldout_mse", "baseline_mse")
-            if version.tags.get(k)
+            for k in sorted(version.tags)
+            if (k in ("heldout_mse", "baseline_mse") or k.startswith("eval.")) and version.tags.get(k)
         ]
         tags = [
             RunTag("registered_model", name),
@@ -807,25 +887,27 @@ def _summarize_in_parent(client: MlflowClient, run_id: str, name: str, version, 
         log.warning("could not summarize %s v%s on its dataset run: %s", name, version.version, e)
 
 
-def _reason(mine, versions: dict, before: str | None, after: str | None, created: bool) -> str:
+def _reason(mine, versions: dict, before: str | None, after: str | None, created: bool,
+            metric: str = "heldout_mse") -> str:  # fmt: skip
     me = str(mine.version)
     prefix = "" if created else f"already registered as version {me} (same weights); "
-    mse = _mse(mine)
+    rule, _ = _ranking(list(versions.values()), metric)
+    label = _LABELS[rule] + ("" if rule == metric else f" ({_LABELS[metric]}: no version on this data carries it)")
+    score = _score(mine, rule)
     old = versions.get(before) if before else None
     if after == me:
         if before is None:
-            return prefix + f"first champion: held-out MSE {mse:.6g}"
+            return prefix + f"first champion: {label} {_g(score)}"
         if before == me:
             return prefix + "already the champion"
         if old is not None and old.tags.get("dataset_sha256") != mine.tags.get("dataset_sha256"):
             return prefix + (
                 f"new data (sha256 {mine.tags.get('dataset_sha256', '')[:12]} differs from champion v{before}'s "
-                f"{old.tags.get('dataset_sha256', '')[:12]}): MSEs are not comparable, champion moves to the newest data"
+                f"{old.tags.get('dataset_sha256', '')[:12]}): metrics are not comparable, champion moves to the newest data"
             )
-        return (
-            prefix
-            + f"held-out MSE {mse:.6g} beats champion v{before}'s {_mse(old) if old else float('nan'):.6g}"
-        )
+        if old is None or _score(old, rule) is None:
+            return prefix + f"{label} {_g(score)}: champion v{before} has no {rule} to compare, this version has"
+        return prefix + f"{label} {_g(score)} beats champion v{before}'s {_g(_score(old, rule))}"
     champ = versions.get(after) if after else None
     if champ is None:
         return prefix + "no champion (no version has a held-out MSE)"
@@ -834,10 +916,19 @@ def _reason(mine, versions: dict, before: str | None, after: str | None, created
             f"registered without {CHAMPION}: trained on other data (sha256 {mine.tags.get('dataset_sha256', '')[:12]}) "
             f"than the newest version; champion is v{after}"
         )
+    if score is None:
+        return prefix + (
+            f"registered without {CHAMPION}: the champion is chosen by {label} (registered-model tag "
+            f"{CHAMPION_METRIC_TAG}) and this version has no eval.{rule} tag; champion is v{after}"
+        )
     return prefix + (
-        f"registered without {CHAMPION}: held-out MSE {mse:.6g} does not beat champion v{after}'s "
-        f"{_mse(champ):.6g} on the same data"
+        f"registered without {CHAMPION}: {label} {_g(score)} does not beat champion v{after}'s "
+        f"{_g(_score(champ, rule))} on the same data"
     )
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
 
 
 # ----------------------------------------------------------------------------------------------

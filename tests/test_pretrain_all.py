@@ -80,6 +80,10 @@ def test_two_datasets_complete_and_best_per_dataset_loads(job):
         assert rec["heldout_mse"] == best["heldout_mse"] and rec["trial_id"] == best["trial_id"]
         assert rec["config"]["hidden_dim"] == best["config"]["hidden_dim"]
         assert rec["heldout_mse"] < rec["baseline_mse"]
+        # evaluated by default (the selected model only), into its card and the registered version's tags
+        assert rec["selected_by"] == "heldout_mse" and len(rec["candidates"]) == 1
+        assert rec["evaluation"]["heldout_mse"] == pytest.approx(rec["heldout_mse"], rel=1e-4)
+        assert "eval.heldout_mse" in rec["registration"]["eval_tags"]
         for key in ("dataset", "heldout_mse", "baseline_mse", "config", "model_dir", "epochs", "wall_s", "trial_id"):
             assert key in rec
         assert Path(rec["model_dir"]).parent == job["out"] / "models"
