@@ -94,6 +94,12 @@ def window_starts(successor: np.ndarray, allowed: np.ndarray, horizon: int) -> n
     return np.flatnonzero((run[:-1] >= horizon) & allowed)
 
 
+def seeded_sample(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
+    """Up to `n` of `rows`, sorted, drawn from stream `stream` of `seed` (0: one-step rows, 1: tracking starts)."""
+    rng = np.random.default_rng([seed, stream])
+    return np.sort(rng.choice(rows, min(n, len(rows)), replace=False))
+
+
 class Replay:
     """One unwrapped Gymnasium MuJoCo env that can be put into any recorded (qpos, qvel) and stepped.
 
@@ -135,6 +141,8 @@ class Replay:
         self.transitions = transitions
         self.successor = successor_mask(transitions)
         self.bar = None  # an optional tqdm bar counting env steps
+        #: during `rollout`, each start's current MuJoCo integration state (for act_fns that search in the sim)
+        self.states = None
 
     def close(self) -> None:
         self.env.close()
@@ -177,6 +185,12 @@ class Replay:
             return self.observe(rows + 1), "env observation of the recorded next state (float64)"
         return self.transitions.next_obs[rows].astype(np.float64), "recorded next_obs"
 
+    def reference_trajectory(self, starts, horizon: int, std) -> np.ndarray:
+        """Reference observations (len(starts), horizon, obs_dim) of the `horizon` recorded steps after each start."""
+        steps = np.asarray(starts)[:, None] + np.arange(1, horizon + 1)[None, :]
+        ref, _ = self.references(steps.reshape(-1) - 1, std)
+        return ref.reshape(len(starts), horizon, -1)
+
     def step_from(self, rows, actions) -> np.ndarray:
         """Observation after one env step from each recorded state `rows[k]` with `actions[k]`."""
         tr = self.transitions
@@ -204,6 +218,7 @@ class Replay:
             mujoco.mj_getState(self.model, self.data, states[s], spec)
             obs[s] = self._obs()
         out = np.empty((len(starts), horizon, tr.obs_dim))
+        self.states = states
         for k in range(horizon):
             actions = np.asarray(act_fn(k, obs, tr.obs[np.asarray(starts) + k + 1]), dtype=np.float64)
             for s in range(len(starts)):
@@ -266,13 +281,12 @@ def physics_metrics(
     # padding dims are zero in data and simulation alike: leave them out of the RMSE instead of diluting it
     std = np.asarray(std, np.float64)[: replay.env_obs_dim]
     mean_action = np.asarray(mean_action, np.float64)
-    # separate streams: the tracking starts do not depend on how many one-step samples were drawn
-    rng_one, rng_track = (np.random.default_rng([seed, k]) for k in (0, 1))
     try:
         rows = np.flatnonzero(replay.successor & allowed)
         if len(rows) == 0:
             return {**null, "physics_reason": "no held-out transition has a recorded next state"}
-        rows = np.sort(rng_one.choice(rows, min(one_step_samples, len(rows)), replace=False))
+        # separate streams: the tracking starts do not depend on how many one-step samples were drawn
+        rows = seeded_sample(rows, one_step_samples, seed, 0)
         ref, ref_kind = replay.references(rows, std)
         tr = transitions
         pred = predict(tr.obs[rows], tr.next_obs[rows])
@@ -294,10 +308,8 @@ def physics_metrics(
                 **result,
                 "physics_reason": f"no held-out episode has {horizon + 1} consecutive recorded states",
             }
-        starts = np.sort(rng_track.choice(starts, min(tracking_starts, len(starts)), replace=False))
-        steps = starts[:, None] + np.arange(1, horizon + 1)[None, :]
-        ref_traj, _ = replay.references(steps.reshape(-1) - 1, std)
-        ref_traj = ref_traj.reshape(len(starts), horizon, -1)
+        starts = seeded_sample(starts, tracking_starts, seed, 1)
+        ref_traj = replay.reference_trajectory(starts, horizon, std)
         policies = {
             "drift_per_step": lambda k, o, target: predict(o.astype(np.float32), target),
             "baseline_drift_per_step": lambda k, o, target: np.broadcast_to(

@@ -1,0 +1,423 @@
+"""What could ANY inverse dynamics model I(s, s') reach? A simulator-in-the-loop oracle on the bench's test set.
+
+    python bench/idm_floor.py --models /tmp/ev/bench3/models      # sim suite; models/<dataset>/<candidate>/
+
+Same test episodes (bench/quality_vs_recipe.py: 20% of episodes, --test-seed), normalizer (the dev set's
+observations, as the trainer fits it), tracking starts, reference observations and metrics as
+pipeline.physics. Two measurements per dataset:
+
+1. Greedy oracle tracking drift. The closed loop of pipeline.physics (from a recorded state, H steps, each
+   step an action toward the next recorded observation from the *simulated* state), but the action is found
+   in the real simulator: least squares on the normalized distance between the observation reached and the
+   recorded next one, over the action box, started from the recorded action and from 0 (the better is
+   kept). No one-step IDM can land closer to each next observation; what drift remains comes from state the
+   actions cannot reach in one step. Next to it: recorded actions (floor), the mean action, and the models.
+2. Identifiability. From the recorded state of a held-out transition, least squares from 0 and --restarts
+   random actions for the action that reproduces the recorded next observation. Reported (action MSE in
+   raw units, as evaluate's heldout_mse): "solved", a start reached it (normalized RMSE <= TOL; the rest
+   are solver misses on contact discontinuities, the recorded action always reaches it); "ambiguous", an
+   exact solution differs from the recorded action by > SAME; "oracle MSE", best fit vs recorded action
+   (misses included); "exact-solution MSE", exact solutions vs the recorded action (0 where only the
+   recorded one is known): the error of an IDM that picks any action consistent with (s, s').
+   "full state" knows the recorded (qpos, qvel); "observed" frees the velocities that the observation of s
+   clips (Hopper / Walker2d show qvel clipped at +-10), as an IDM seeing only (s, s') must. The linearized
+   `gain` = trace((J^T J)^-1) / act_dim (J: d normalized s' / d action, nuisance velocities eliminated) is
+   the action MSE per unit of squared normalized state error: how sharply s' pins the action down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: a solution "reaches" the recorded next observation when its normalized RMSE is at most this
+TOL = 1e-6
+#: two actions (raw units, max over dims) that both reach it are "the same" when this close
+SAME = 1e-3
+SIM_SUITE = "sim-halfcheetah-mixed-v0,sim-hopper-mixed-v0,sim-walker2d-mixed-v0"
+
+
+class Oracle:
+    """Actions found in the simulator: bounded least squares on (observation reached - target) / std."""
+
+    def __init__(self, replay, std: np.ndarray):
+        import mujoco
+
+        self.replay, self.std, self.mujoco = replay, np.asarray(std, np.float64), mujoco
+        space = replay.env.action_space
+        self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
+        self.spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        self.evals = 0
+
+    def _from_state(self, state, action) -> np.ndarray:
+        """Observation after one env step from MuJoCo integration state `state` with `action`."""
+        self.mujoco.mj_setState(self.replay.model, self.replay.data, state, self.spec)
+        self.evals += 1
+        return self.replay._step(action)
+
+    def _from_qpos_qvel(self, qpos, qvel, action) -> np.ndarray:
+        self.replay._set(qpos, qvel)
+        self.evals += 1
+        return self.replay._step(action)
+
+    def _residual(self, reach, target):
+        d = len(self.std)
+        return lambda x: (reach(x)[:d] - target[:d]) / self.std
+
+    def fit(self, residual, x0, low, high):
+        """(x, normalized RMSE of its residual) of one bounded least-squares run from x0."""
+        from scipy.optimize import least_squares
+
+        x0 = np.clip(x0, low, high)
+        # dogbox: exact to ~1e-15 in a few steps where trf stalls at 1e-6 on actions at the box's edge
+        sol = least_squares(
+            residual,
+            x0,
+            bounds=(low, high),
+            method="dogbox",
+            xtol=1e-12,
+            ftol=1e-12,
+            gtol=1e-12,
+            max_nfev=200,
+        )
+        return sol.x, float(np.sqrt(np.mean(sol.fun**2)))
+
+    def greedy(self, state, target, starts) -> np.ndarray:
+        """The action from `state` that lands closest to `target`: the best fit from each start in turn."""
+        residual = self._residual(lambda a: self._from_state(state, a), target)
+        best, best_cost = None, np.inf
+        for x0 in starts:
+            x, cost = self.fit(residual, x0, self.low, self.high)
+            if cost < best_cost:
+                best, best_cost = x, cost
+            if best_cost <= TOL:  # reached: another start cannot do better
+                break
+        return best
+
+    def solutions(self, qpos, qvel, target, free, vel_bounds, starts):
+        """Every start's fit of (action, velocities qvel[free]) to `target`: [(action, cost)]; x0 = (a0, v0)."""
+        act_dim = len(self.low)
+
+        def reach(x):
+            v = np.array(qvel, np.float64)
+            v[free] = x[act_dim:]
+            return self._from_qpos_qvel(qpos, v, x[:act_dim])
+
+        residual = self._residual(reach, target)
+        low = np.concatenate([self.low, vel_bounds[0]])
+        high = np.concatenate([self.high, vel_bounds[1]])
+        out = []
+        for x0 in starts:
+            x, cost = self.fit(residual, x0, low, high)
+            out.append((x[:act_dim], cost))
+        return out
+
+    def gain(self, qpos, qvel, action, target, free, step: float = 1e-6) -> float:
+        """trace(Cov(action)) / act_dim per unit normalized state variance, linearized at the recorded action.
+
+        Columns: one per action dim, one per free (unobserved) velocity; the velocity block is eliminated
+        (Schur complement), so the gain is what (s, s') tell about the action alone. inf: not identifiable.
+        """
+        act_dim = len(self.low)
+        x = np.concatenate([np.asarray(action, np.float64), np.asarray(qvel, np.float64)[free]])
+        high = np.concatenate([self.high, np.full(len(free), np.inf)])
+
+        def f(x):
+            v = np.array(qvel, np.float64)
+            v[free] = x[act_dim:]
+            return self._from_qpos_qvel(qpos, v, x[:act_dim])[: len(self.std)] / self.std
+
+        f0 = f(x)
+        jac = np.empty((len(f0), len(x)))
+        for j in range(len(x)):
+            h = step if x[j] + step <= high[j] else -step  # stay inside the action box
+            xj = x.copy()
+            xj[j] += h
+            jac[:, j] = (f(xj) - f0) / h
+        s = np.linalg.svd(jac, compute_uv=False)
+        if s.min() <= 1e-9 * s.max():
+            return float("inf")
+        cov = np.linalg.inv(jac.T @ jac)[:act_dim, :act_dim]
+        return float(np.trace(cov) / act_dim)
+
+
+def shown_velocities(replay, rows) -> np.ndarray:
+    """The velocities the env's observation of the recorded states shows (these envs' obs end with qvel)."""
+    nv, end = replay.transitions.qvel.shape[1], replay.env_obs_dim
+    return replay.observe(rows)[:, end - nv : end]
+
+
+def clipped(replay, rows) -> np.ndarray:
+    """(rows, nv) bool: the qvel dims the observation of the recorded state clips (Hopper/Walker2d: |v| > 10)."""
+    return shown_velocities(replay, rows) != replay.transitions.qvel[rows]
+
+
+def tracking(replay, oracle, starts, horizon, std, mean_action, models, noise, seed, progress) -> dict:
+    """Drift per step (normalized RMSE vs the reference trajectory) of oracle, recorded, mean action, models.
+
+    `noise`: action-MSE levels; "oracle+noise=L" adds N(0, L) per action dim to the oracle's action (clipped
+    to the box) at every step: the drift of an IDM that errs by L but corrects greedily like the oracle.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline.physics import normalized_rmse
+
+    tr = replay.transitions
+    ref = replay.reference_trajectory(starts, horizon, std)
+    bar = tqdm(
+        total=len(starts) * horizon * (1 + len(noise)),
+        desc=f"oracle tracking {tr.name}",
+        unit="step",
+        disable=not progress,
+    )
+
+    def oracle_act(level):
+        rng = np.random.default_rng([seed, 3])
+
+        def act(k, obs, target):
+            out = np.empty((len(obs), tr.act_dim))
+            for s in range(len(obs)):
+                state = replay.states[s].copy()
+                out[s] = oracle.greedy(state, target[s], (tr.act[starts[s] + k], np.zeros(tr.act_dim)))
+                bar.update()
+            if level:
+                out = np.clip(out + rng.normal(0, np.sqrt(level), out.shape), oracle.low, oracle.high)
+            return out
+
+        return act
+
+    policies = {
+        "oracle": oracle_act(0.0),
+        **{f"oracle+noise={level:g}": oracle_act(level) for level in noise},
+        "recorded": lambda k, o, target: tr.act[starts + k],
+        "mean_action": lambda k, o, target: np.broadcast_to(mean_action, (len(o), len(mean_action))),
+    }
+    for name, model in models.items():
+        policies[name] = lambda k, o, target, m=model: m.predict(o.astype(np.float32), target).astype(
+            np.float64
+        )
+    drift = {}
+    for name, act_fn in policies.items():
+        sim = replay.rollout(starts, horizon, act_fn)
+        drift[name] = normalized_rmse(sim, ref, std, axis=(0, 2)).tolist()
+    bar.close()
+    return drift
+
+
+def identifiability(replay, oracle, rows, std, restarts, seed, progress) -> dict:
+    """Multi-start fits of the action to each recorded transition, full state and observed state."""
+    from tqdm.auto import tqdm
+
+    tr = replay.transitions
+    rng = np.random.default_rng([seed, 2])
+    ref, _ = replay.references(rows, std)
+    shown = shown_velocities(replay, rows)
+    clip_s, clip_next = shown != tr.qvel[rows], clipped(replay, rows + 1)
+    vmax = np.abs(tr.qvel).max(0)
+    per_row = []
+    for k, i in enumerate(tqdm(rows, desc=f"identifiability {tr.name}", unit="row", disable=not progress)):
+        a0 = [np.zeros(tr.act_dim)] + [rng.uniform(oracle.low, oracle.high) for _ in range(restarts)]
+        row = {"row": int(i), "clipped_s": bool(clip_s[k].any()), "clipped_next": bool(clip_next[k].any())}
+        # a velocity shown at the clip value c may be anything from c to the data's largest |v| (same sign)
+        free = np.flatnonzero(clip_s[k])
+        edge, up = shown[k, free], tr.qvel[i, free] > 0
+        bounds = (np.where(up, edge, -vmax[free]), np.where(up, vmax[free], edge))
+        for kind, dims, vb in (
+            ("full", np.array([], int), (np.empty(0), np.empty(0))),
+            ("observed", free, bounds),
+        ):
+            if kind == "observed" and len(free) == 0:
+                row["observed"] = row["full"]
+                continue
+            x0 = [np.concatenate([a, rng.uniform(vb[0], vb[1])]) for a in a0]
+            sols = oracle.solutions(tr.qpos[i], tr.qvel[i], ref[k], dims, vb, x0)
+            acts = np.array([a for a, _ in sols])
+            costs = np.array([c for _, c in sols])
+            exact = acts[costs <= TOL]
+            known = np.concatenate([exact, tr.act[i][None]])  # the recorded action is a solution too
+            row[kind] = {
+                "reached": int(len(exact)),
+                "spread": float(np.abs(known - tr.act[i]).max()),
+                "best_cost": float(costs.min()),
+                # the best fit vs the recorded action: the oracle's action MSE (a solver miss counts)
+                "sq_err": float(((acts[costs.argmin()] - tr.act[i]) ** 2).mean()),
+                # exact solutions vs the recorded action: what picking any consistent action costs
+                "exact_sq_err": float(((exact - tr.act[i]) ** 2).mean()) if len(exact) else 0.0,
+                "gain": oracle.gain(tr.qpos[i], tr.qvel[i], tr.act[i], ref[k], dims),
+            }
+        per_row.append(row)
+    return {"rows": per_row, "summary": summarize(per_row)}
+
+
+def summarize(per_row: list[dict]) -> dict:
+    """Per subset (all / s' clipped / s' unclipped / s clipped) and kind (full / observed): the headline numbers."""
+    subsets = {
+        "all": lambda r: True,
+        "next_clipped": lambda r: r["clipped_next"],
+        "next_unclipped": lambda r: not r["clipped_next"],
+        "s_clipped": lambda r: r["clipped_s"],
+    }
+    out = {}
+    for sub, keep in subsets.items():
+        rows = [r for r in per_row if keep(r)]
+        if not rows:
+            continue
+        out[sub] = {"rows": len(rows)}
+        for kind in ("full", "observed"):
+            res = [r[kind] for r in rows]
+            reached = np.array([x["reached"] for x in res])
+            spread = np.array([x["spread"] for x in res])
+            gain = np.array([x["gain"] for x in res])
+            out[sub][kind] = {
+                "solved": float((reached > 0).mean()),
+                "determined": float(((reached > 0) & (spread <= SAME)).mean()),
+                "ambiguous": float((spread > SAME).mean()),
+                "oracle_mse": float(np.mean([x["sq_err"] for x in res])),
+                "exact_mse": float(np.mean([x["exact_sq_err"] for x in res])),
+                "gain_median": float(np.median(gain)),
+                "gain_p90": float(np.quantile(gain, 0.9)),
+                "not_identifiable": float(np.isinf(gain).mean()),
+            }
+    return out
+
+
+def run_dataset(name: str, args, progress: bool) -> dict:
+    import invdyn
+    from invdyn.normalizer import GaussianNormalizer
+    from pipeline.datasets import load_transitions
+    from pipeline.physics import Replay, seeded_sample, window_starts
+    from pipeline.trainer import split_indices
+
+    t = load_transitions(name)
+    dev, test = split_indices(t, "episodes", 0.2, args.test_seed)
+    allowed = np.zeros(len(t), bool)
+    allowed[test] = True
+    replay = Replay(t)
+    std = GaussianNormalizer.from_data(t.obs[dev]).std[: replay.env_obs_dim]  # what the trainer fits
+    mean_action = t.act[dev].astype(np.float64).mean(0)
+    models = {}
+    if args.models:
+        for d in sorted((Path(args.models) / name).glob("*/params.json")):
+            model = invdyn.read_model_dir(d.parent)
+            np.testing.assert_allclose(
+                model.normalizer.std[: len(std)], std, rtol=1e-6, err_msg=str(d.parent)
+            )
+            models[d.parent.name] = model
+    oracle = Oracle(replay, std)
+    started = time.perf_counter()
+    try:
+        starts = seeded_sample(
+            window_starts(replay.successor, allowed, args.horizon), args.starts, args.seed, 1
+        )
+        drift = tracking(
+            replay, oracle, starts, args.horizon, std, mean_action, models, args.noise, args.seed, progress
+        )
+        tracking_s = time.perf_counter() - started
+        rows = seeded_sample(np.flatnonzero(replay.successor & allowed), args.samples, args.seed, 0)
+        ident = identifiability(replay, oracle, rows, std, args.restarts, args.seed, progress)
+    finally:
+        replay.close()
+    return {
+        "dataset": name,
+        "env_id": replay.env_id,
+        "tracking_starts": int(len(starts)),
+        "horizon": args.horizon,
+        "drift_per_step": drift,
+        "identifiability": ident["summary"],
+        "identifiability_rows": ident["rows"],
+        "mean_action_mse": float(((t.act[test] - mean_action) ** 2).mean()),
+        "tracking_s": tracking_s,
+        "wall_s": time.perf_counter() - started,
+        "sim_evals": oracle.evals,
+    }
+
+
+def table(results: list[dict], horizon: int) -> str:
+    """Markdown: drift at H per policy, identifiability per subset."""
+    names = list(dict.fromkeys(k for r in results for k in r["drift_per_step"]))
+    lines = ["| dataset | starts | " + " | ".join(f"{n} drift@{horizon}" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]  # fmt: skip
+    for r in results:
+        d = r["drift_per_step"]
+        lines.append(f"| {r['dataset']} | {r['tracking_starts']} | "
+                     + " | ".join(f"{d[n][-1]:.4f}" if n in d else "n/a" for n in names) + " |")  # fmt: skip
+    lines += ["", "| dataset | rows | subset | state | solved | determined | ambiguous | oracle action MSE | "
+              "exact-solution MSE | gain median | gain p90 | gain inf |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        for sub, s in r["identifiability"].items():
+            for kind in ("full", "observed"):
+                k = s[kind]
+                lines.append(f"| {r['dataset']} | {s['rows']} | {sub} | {kind} | {k['solved']:.2f} | "
+                             f"{k['determined']:.2f} | {k['ambiguous']:.2f} | {k['oracle_mse']:.2e} | {k['exact_mse']:.2e} | "
+                             f"{k['gain_median']:.3g} | {k['gain_p90']:.3g} | {k['not_identifiable']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        for name, curve in r["drift_per_step"].items():
+            if name != "recorded":
+                ax.plot(np.arange(1, len(curve) + 1), curve, label=name)
+        ax.set(title=r["dataset"], xlabel="step", ylabel="drift (normalized RMSE)", yscale="log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", default=SIM_SUITE)
+    ap.add_argument("--models", default=None, help="folder of <dataset>/<candidate>/ model dirs to track too")
+    ap.add_argument("--out", default="runs/idm-floor")
+    ap.add_argument("--horizon", type=int, default=32)
+    ap.add_argument("--starts", type=int, default=100, help="tracking starts per dataset")
+    ap.add_argument("--samples", type=int, default=200, help="held-out transitions for identifiability")
+    ap.add_argument("--restarts", type=int, default=6, help="random starts per transition (besides 0)")
+    ap.add_argument(
+        "--noise",
+        type=lambda s: [float(x) for x in s.split(",") if x],
+        default=[1e-4, 1e-3],
+        help="action-MSE levels of noise added to the oracle's tracking actions (comma list; '' for none)",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-seed", type=int, default=1234, help="as bench/quality_vs_recipe.py")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.datasets.split(","):
+        results.append(run_dataset(name, args, progress=True))
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        r = results[-1]
+        print(f"{name}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in r["drift_per_step"].items())
+              + f"  ({r['wall_s']:.0f}s, {r['sim_evals']} sim steps)", flush=True)  # fmt: skip
+    text = table(results, args.horizon)
+    (out / "table.md").write_text(text)
+    plot(results, out / "drift.png")
+    print()
+    print(text)
+    print(f"written: {out}/results.json, {out}/table.md, {out}/drift.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
