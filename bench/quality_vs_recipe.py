@@ -48,6 +48,9 @@ CANDIDATES = {
     "adamw_cosine": LONG,
     "res_mlp": {**LONG, "arch": "res_mlp"},
     "res_mlp_bf16": {**LONG, "arch": "res_mlp", "precision": "bf16"},
+    "long_bf16": {**LONG, "precision": "bf16"},
+    "long_p10_bf16": {**LONG, "precision": "bf16", "patience": 10},
+    "defaults": None,  # TrainConfig() as it ships: what `pipeline.train` and `pretrain_all` use
 }
 DEFAULT_CANDIDATES = "recipe,adamw_cosine,res_mlp"
 SIM_SUITE = "sim-halfcheetah-mixed-v0,sim-hopper-mixed-v0,sim-walker2d-mixed-v0"
@@ -81,7 +84,8 @@ def run(args) -> list[dict]:
                 rows.append(row)
                 _print(row, args.horizon, f"(trained earlier, {out / 'results.json'})")
                 continue
-            config = {**RECIPE, **CANDIDATES[cand], "seed": args.seed, "threads": args.threads}
+            base = {} if CANDIDATES[cand] is None else {**RECIPE, **CANDIDATES[cand]}
+            config = {**base, "seed": args.seed, "threads": args.threads}
             if args.max_epochs:
                 config["max_epochs"] = min(config.get("max_epochs", args.max_epochs), args.max_epochs)
             started = time.perf_counter()

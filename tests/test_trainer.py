@@ -280,7 +280,8 @@ def test_bf16_keeps_the_input_layer_fp32_to_keep_accuracy(tmp_path):
     mse = {}
     for precision, fp32_in in (("fp32", True), ("bf16", False), ("bf16", True)):
         cfg = small(
-            precision=precision, fp32_input_layer=fp32_in, max_epochs=30, lr=1e-3, dropout=0.0, patience=100
+            precision=precision, fp32_input_layer=fp32_in, max_epochs=30, lr=1e-3, dropout=0.0, patience=100,
+            optimizer="adam", schedule="none", weight_decay=0.0,
         )
         mse[precision, fp32_in] = train(data, cfg, tmp_path / f"{precision}-{fp32_in}").metrics["heldout_mse"]
     assert mse["bf16", True] < 1.03 * mse["fp32", True], mse
