@@ -204,12 +204,25 @@ def tracking(replay, oracle, starts, horizon, std, mean_action, models, noise, s
         policies[name] = lambda k, o, target, m=model: m.predict(o.astype(np.float32), target).astype(
             np.float64
         )
-    drift = {}
+    drift, at_h = {}, {}
     for name, act_fn in policies.items():
         sim = replay.rollout(starts, horizon, act_fn)
         drift[name] = normalized_rmse(sim, ref, std, axis=(0, 2)).tolist()
+        at_h[name] = normalized_rmse(sim[:, -1], ref[:, -1], std, axis=0).tolist()
     bar.close()
-    return drift
+    return drift, at_h
+
+
+def actuated_obs_dims(replay) -> np.ndarray | None:
+    """Bool per observation dim: position or velocity of an actuated joint (obs = qpos[1:], qvel), else None."""
+    m = replay.model
+    if replay.env_obs_dim != m.nq - 1 + m.nv:
+        return None
+    joints = m.actuator_trnid[:, 0]
+    mask = np.zeros(replay.env_obs_dim, bool)
+    mask[m.jnt_qposadr[joints] - 1] = True  # qpos[0], the x position, is not observed
+    mask[m.nq - 1 + m.jnt_dofadr[joints]] = True
+    return mask
 
 
 def identifiability(replay, oracle, rows, std, restarts, seed, progress) -> dict:
@@ -317,9 +330,10 @@ def run_dataset(name: str, args, progress: bool) -> dict:
         starts = seeded_sample(
             window_starts(replay.successor, allowed, args.horizon), args.starts, args.seed, 1
         )
-        drift = tracking(
+        drift, at_h = tracking(
             replay, oracle, starts, args.horizon, std, mean_action, models, args.noise, args.seed, progress
         )
+        actuated = actuated_obs_dims(replay)
         tracking_s = time.perf_counter() - started
         rows = seeded_sample(np.flatnonzero(replay.successor & allowed), args.samples, args.seed, 0)
         ident = identifiability(replay, oracle, rows, std, args.restarts, args.seed, progress)
@@ -331,6 +345,12 @@ def run_dataset(name: str, args, progress: bool) -> dict:
         "tracking_starts": int(len(starts)),
         "horizon": args.horizon,
         "drift_per_step": drift,
+        "drift_per_dim_at_h": at_h,
+        "actuated_obs_dims": None if actuated is None else actuated.tolist(),
+        # how much of the squared drift at H sits in the root's (unactuated) position and velocity dims
+        "unactuated_share_at_h": None
+        if actuated is None
+        else {k: float(np.sum(np.square(v)[~actuated]) / np.sum(np.square(v))) for k, v in at_h.items()},
         "identifiability": ident["summary"],
         "identifiability_rows": ident["rows"],
         "mean_action_mse": float(((t.act[test] - mean_action) ** 2).mean()),
@@ -349,6 +369,15 @@ def table(results: list[dict], horizon: int) -> str:
         d = r["drift_per_step"]
         lines.append(f"| {r['dataset']} | {r['tracking_starts']} | "
                      + " | ".join(f"{d[n][-1]:.4f}" if n in d else "n/a" for n in names) + " |")  # fmt: skip
+    shares = [r for r in results if r.get("unactuated_share_at_h")]
+    if shares:
+        lines += ["", f"Share of the squared drift at {horizon} in unactuated (root) dims:", "",
+                  "| dataset | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+        for r in shares:
+            u = r["unactuated_share_at_h"]
+            lines.append(
+                f"| {r['dataset']} | " + " | ".join(f"{u[n]:.2f}" if n in u else "n/a" for n in names) + " |"
+            )
     lines += ["", "| dataset | rows | subset | state | solved | determined | ambiguous | oracle action MSE | "
               "exact-solution MSE | gain median | gain p90 | gain inf |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -392,7 +421,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--noise",
         type=lambda s: [float(x) for x in s.split(",") if x],
-        default=[1e-4, 1e-3],
+        default=[1e-3, 1e-2],
         help="action-MSE levels of noise added to the oracle's tracking actions (comma list; '' for none)",
     )
     ap.add_argument("--seed", type=int, default=0)

@@ -58,11 +58,12 @@ def test_oracle_cannot_reach_an_observation_from_another_state(cheetah):
 def test_greedy_oracle_tracks_better_than_the_mean_action(cheetah):
     t, replay, std, oracle = cheetah
     starts = seeded_sample(window_starts(replay.successor, np.ones(len(t), bool), 8), 4, seed=0, stream=1)
-    drift = idm_floor.tracking(
+    drift, at_h = idm_floor.tracking(
         replay, oracle, starts, 8, std, t.act.mean(0), models={}, noise=[1e-3], seed=0, progress=False
     )
     assert set(drift) == {"oracle", "oracle+noise=0.001", "recorded", "mean_action"}
     assert all(len(curve) == 8 for curve in drift.values())
+    assert set(at_h) == set(drift) and all(len(v) == replay.env_obs_dim for v in at_h.values())
     assert drift["recorded"][-1] < 1e-6 and drift["oracle"][-1] < 1e-4  # exact actions exist and are found
     # off the recorded track (noisy actions), the greedy solver still pulls back toward it
     assert drift["oracle+noise=0.001"][-1] < 0.5 * drift["mean_action"][-1]
