@@ -160,11 +160,17 @@ def clipped(replay, rows) -> np.ndarray:
     return shown_velocities(replay, rows) != replay.transitions.qvel[rows]
 
 
-def tracking(replay, oracle, starts, horizon, std, mean_action, models, noise, seed, progress) -> dict:
-    """Drift per step (normalized RMSE vs the reference trajectory) of oracle, recorded, mean action, models.
+def tracking(
+    replay, oracle, starts, horizon, std, mean_action, models, noise, seed, progress, *, bias=(), shadow=False
+):
+    """(drift per step, per-dim drift at H, models' action MSE vs the oracle per step) of each policy.
 
-    `noise`: action-MSE levels; "oracle+noise=L" adds N(0, L) per action dim to the oracle's action (clipped
-    to the box) at every step: the drift of an IDM that errs by L but corrects greedily like the oracle.
+    Drift is the normalized RMSE vs the reference trajectory. `noise`: action-MSE levels; "oracle+noise=L"
+    adds N(0, L) per action dim to the oracle's action (clipped to the box) at every step: an IDM that errs
+    by L, independently each step, but corrects greedily like the oracle. "oracle+bias=L" (levels `bias`)
+    adds one N(0, L) offset per start, the same at every step: errors that persist. `shadow`: also solve
+    for the oracle's action at every state a model's closed loop visits, and report the model's action
+    MSE against it, step by step (its error where the rollout takes it, not on recorded pairs).
     """
     from tqdm.auto import tqdm
 
@@ -173,23 +179,40 @@ def tracking(replay, oracle, starts, horizon, std, mean_action, models, noise, s
     tr = replay.transitions
     ref = replay.reference_trajectory(starts, horizon, std)
     bar = tqdm(
-        total=len(starts) * horizon * (1 + len(noise)),
+        total=len(starts) * horizon * (1 + len(noise) + len(bias) + (len(models) if shadow else 0)),
         desc=f"oracle tracking {tr.name}",
         unit="step",
         disable=not progress,
     )
 
-    def oracle_act(level):
+    def greedy(k, obs, target):
+        out = np.empty((len(obs), tr.act_dim))
+        for s in range(len(obs)):
+            state = replay.states[s].copy()
+            out[s] = oracle.greedy(state, target[s], (tr.act[starts[s] + k], np.zeros(tr.act_dim)))
+            bar.update()
+        return out
+
+    def oracle_act(level, persistent=False):
         rng = np.random.default_rng([seed, 3])
+        offset = rng.normal(0, np.sqrt(level), (len(starts), tr.act_dim))
 
         def act(k, obs, target):
-            out = np.empty((len(obs), tr.act_dim))
-            for s in range(len(obs)):
-                state = replay.states[s].copy()
-                out[s] = oracle.greedy(state, target[s], (tr.act[starts[s] + k], np.zeros(tr.act_dim)))
-                bar.update()
+            out = greedy(k, obs, target)
             if level:
-                out = np.clip(out + rng.normal(0, np.sqrt(level), out.shape), oracle.low, oracle.high)
+                err = offset if persistent else rng.normal(0, np.sqrt(level), out.shape)
+                out = np.clip(out + err, oracle.low, oracle.high)
+            return out
+
+        return act
+
+    vs_oracle = {}
+
+    def model_act(name, model):
+        def act(k, obs, target):
+            out = model.predict(obs.astype(np.float32), target).astype(np.float64)
+            if shadow:
+                vs_oracle.setdefault(name, []).append(float(np.mean((out - greedy(k, obs, target)) ** 2)))
             return out
 
         return act
@@ -197,20 +220,18 @@ def tracking(replay, oracle, starts, horizon, std, mean_action, models, noise, s
     policies = {
         "oracle": oracle_act(0.0),
         **{f"oracle+noise={level:g}": oracle_act(level) for level in noise},
+        **{f"oracle+bias={level:g}": oracle_act(level, persistent=True) for level in bias},
         "recorded": lambda k, o, target: tr.act[starts + k],
         "mean_action": lambda k, o, target: np.broadcast_to(mean_action, (len(o), len(mean_action))),
     }
-    for name, model in models.items():
-        policies[name] = lambda k, o, target, m=model: m.predict(o.astype(np.float32), target).astype(
-            np.float64
-        )
+    policies.update({name: model_act(name, model) for name, model in models.items()})
     drift, at_h = {}, {}
     for name, act_fn in policies.items():
         sim = replay.rollout(starts, horizon, act_fn)
         drift[name] = normalized_rmse(sim, ref, std, axis=(0, 2)).tolist()
         at_h[name] = normalized_rmse(sim[:, -1], ref[:, -1], std, axis=0).tolist()
     bar.close()
-    return drift, at_h
+    return drift, at_h, vs_oracle
 
 
 def actuated_obs_dims(replay) -> np.ndarray | None:
@@ -330,8 +351,19 @@ def run_dataset(name: str, args, progress: bool) -> dict:
         starts = seeded_sample(
             window_starts(replay.successor, allowed, args.horizon), args.starts, args.seed, 1
         )
-        drift, at_h = tracking(
-            replay, oracle, starts, args.horizon, std, mean_action, models, args.noise, args.seed, progress
+        drift, at_h, vs_oracle = tracking(
+            replay,
+            oracle,
+            starts,
+            args.horizon,
+            std,
+            mean_action,
+            models,
+            args.noise,
+            args.seed,
+            progress,
+            bias=args.bias,
+            shadow=args.shadow,
         )
         actuated = actuated_obs_dims(replay)
         tracking_s = time.perf_counter() - started
@@ -346,6 +378,7 @@ def run_dataset(name: str, args, progress: bool) -> dict:
         "horizon": args.horizon,
         "drift_per_step": drift,
         "drift_per_dim_at_h": at_h,
+        "model_vs_oracle_mse_per_step": vs_oracle,
         "actuated_obs_dims": None if actuated is None else actuated.tolist(),
         # how much of the squared drift at H sits in the root's (unactuated) position and velocity dims
         "unactuated_share_at_h": None
@@ -369,6 +402,18 @@ def table(results: list[dict], horizon: int) -> str:
         d = r["drift_per_step"]
         lines.append(f"| {r['dataset']} | {r['tracking_starts']} | "
                      + " | ".join(f"{d[n][-1]:.4f}" if n in d else "n/a" for n in names) + " |")  # fmt: skip
+    shadowed = [
+        (r["dataset"], n, v)
+        for r in results
+        for n, v in (r.get("model_vs_oracle_mse_per_step") or {}).items()
+    ]
+    if shadowed:
+        lines += ["", "Models' action MSE vs the oracle's action at the states of their own closed loop:", "",
+                  "| dataset | model | step 1 | step 8 | step H | mean over steps |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for d, n, v in shadowed:
+            lines.append(
+                f"| {d} | {n} | {v[0]:.4f} | {v[min(7, len(v) - 1)]:.4f} | {v[-1]:.4f} | {np.mean(v):.4f} |"
+            )
     shares = [r for r in results if r.get("unactuated_share_at_h")]
     if shares:
         lines += ["", f"Share of the squared drift at {horizon} in unactuated (root) dims:", "",
@@ -423,6 +468,15 @@ def main(argv=None) -> int:
         type=lambda s: [float(x) for x in s.split(",") if x],
         default=[1e-3, 1e-2],
         help="action-MSE levels of noise added to the oracle's tracking actions (comma list; '' for none)",
+    )
+    ap.add_argument(
+        "--bias",
+        type=lambda s: [float(x) for x in s.split(",") if x],
+        default=[],
+        help="action-MSE levels of a per-start constant offset added to the oracle's actions (comma list)",
+    )
+    ap.add_argument(
+        "--shadow", action="store_true", help="models' action MSE vs the oracle in their own loop"
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-seed", type=int, default=1234, help="as bench/quality_vs_recipe.py")

@@ -58,7 +58,7 @@ def test_oracle_cannot_reach_an_observation_from_another_state(cheetah):
 def test_greedy_oracle_tracks_better_than_the_mean_action(cheetah):
     t, replay, std, oracle = cheetah
     starts = seeded_sample(window_starts(replay.successor, np.ones(len(t), bool), 8), 4, seed=0, stream=1)
-    drift, at_h = idm_floor.tracking(
+    drift, at_h, _ = idm_floor.tracking(
         replay, oracle, starts, 8, std, t.act.mean(0), models={}, noise=[1e-3], seed=0, progress=False
     )
     assert set(drift) == {"oracle", "oracle+noise=0.001", "recorded", "mean_action"}
