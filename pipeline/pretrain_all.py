@@ -4,7 +4,8 @@ Ray Tune runs one trial per (dataset, search point); each trial is a Ray Train `
 holding the trial's CPUs / GPU fraction) that runs `pipeline.trainer.train` and reports once, at the end,
 with the whole learning curve and the model directory as its checkpoint (in `--storage-path`). The driver
 prepares every dataset once and puts it in Ray's object store; it records each finished trial in
-DIR/trials/ so that `--resume` skips it; it picks the best trial per dataset (lowest held-out MSE) and
+DIR/trials/ so that `--resume` skips it; it picks each dataset's model (lowest held-out MSE, or lowest
+MuJoCo metric with `--select-by`: pipeline.selection), evaluates it into its model card and
 writes DIR/summary.json, DIR/summary.md, DIR/models/<dataset>/ and DIR/curves/; MLflow tracks every
 trial, registers the best model per dataset and exports the bundle (see `mlflow_callbacks` and
 `register_and_export`).

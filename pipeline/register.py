@@ -3,6 +3,8 @@
 When MLflow was down at the end of `pipeline.pretrain_all`, the trained model directories stay in the
 job's output (DIR/summary.json lists them). This registers each record exactly as the job would have;
 it is idempotent (a version is identified by its weights sha256), so running it twice is harmless.
+Records keep what the job measured: `evaluation` becomes the version's `eval.*` tags and `champion_metric`
+the registered model's champion rule, so the champion is chosen as the job would have chosen it.
 """
 
 from __future__ import annotations

@@ -664,7 +664,8 @@ def settle_champion(
 
     MLflow has no compare-and-set for aliases. Every registering process ends with a read in which the
     alias already equals the best version it sees, and every version exists before its creator's reads;
-    so after the last read of all no write follows and the alias is on the best version of all.
+    so after the last read of all no write follows and the alias is on the best version of all. The rule
+    (the registered model's `champion_metric`) is read afresh in every round, like the versions.
     """
     for _ in range(max_rounds):
         target = choose_champion(_all_versions(client, name), champion_metric(client, name))
