@@ -34,79 +34,18 @@ from invdyn.errors import InvdynError
 from . import job_summary, placement, search, selection
 from .evaluate import SELECT_METRICS, attach_evaluation
 from .job_summary import Ledger, safe_name
+from .trial_worker import train_one, train_worker
 
 #: Test hook: crash the first attempt of this dataset's first trial (a fault a test cannot cause otherwise).
 CRASH_ENV = "INVDYN_TEST_CRASH_ONCE"
 DEFAULT_OUT = "invdyn-out"
 #: What the ledger keeps of a trial's final result (besides key, config, checkpoint path, wall time).
-LEDGER_METRICS = ("heldout_mse", "baseline_mse", "heldout_mse_normalized", "epochs", "steps", "train_time_s",
+LEDGER_METRICS = ("heldout_mse", "baseline_mse", "heldout_mse_normalized", "epochs", "steps", "train_time_s", "eval_time_s",
                   "wall_time_s", "worker_wall_s", "node_ip", "node_id", "hostname", "curve", "stopped_early",
                   "best_epoch")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ in Ray
-
-
-def train_one(loop_config: dict, *, in_train_worker: bool = True) -> None:
-    """Train one config and report once, with the learning curve and the model dir as checkpoint.
-
-    Runs in the Ray Train worker (executor "train") or in the Tune trial itself (executor "tune").
-    """
-    import platform
-
-    import ray
-    import torch
-
-    from .trainer import TrainConfig, train
-
-    trial = loop_config["trial"]
-    threads = loop_config["threads"]
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # Ray set 1 for a 1-CPU worker; match the CPUs we hold
-    torch.set_num_threads(threads)
-    _maybe_crash(loop_config.get("crash_once"), trial["dataset"])
-    started = time.time()
-    transitions = ray.get(loop_config["data"])  # zero-copy from the object store, once per node
-    config = TrainConfig.from_dict({**loop_config["train"], "threads": threads, "device": loop_config["device"]})
-    with tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
-        result = train(transitions, config, Path(tmp) / "model", dataset_name=trial["dataset"])
-        metrics = {
-            **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
-            "dataset": trial["dataset"],
-            "sha256": trial["sha256"],
-            "key": trial["key"],
-            "curve": result.curve,
-            "worker_wall_s": time.time() - started,
-            "node_ip": ray.util.get_node_ip_address(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "hostname": platform.node(),
-        }
-        if in_train_worker:
-            import ray.train
-
-            metrics["model_dir"] = f"{loop_config['run_path']}/model"  # where the checkpoint below lands
-            checkpoint = ray.train.Checkpoint.from_directory(str(result.model_dir))
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="model")
-        else:
-            from ray import tune
-
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(result.model_dir)))
-
-
-def train_worker(loop_config: dict) -> None:
-    """The Ray Train worker's loop (executor "train")."""
-    train_one(loop_config, in_train_worker=True)
-
-
-def _maybe_crash(crash_once: dict | None, dataset: str) -> None:
-    if not crash_once or crash_once.get("dataset") != dataset:
-        return
-    marker = Path(crash_once["marker"])
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # only the first attempt gets here
-    except FileExistsError:
-        return
-    os.close(fd)
-    os._exit(17)  # a hard crash of the worker process, as an OOM kill or a segfault would be
 
 
 def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -> None:
@@ -591,13 +530,17 @@ def _run(args, out: Path, started: float) -> int:
     job_summary.write_summary(out, records)  # the models are safe before MLflow is touched again
     ran = [e for e in Ledger(out).done().values() if e["key"] in {t["key"] for t in todo}]
     train_s = sum(e.get("train_time_s") or 0 for e in ran)
+    eval_s = sum(e.get("eval_time_s") or 0 for e in ran)
+    slot_s = tune_wall * pl.max_concurrent if ran and tune_wall else None
     job_summary.write_json_atomic(out / job_summary.JOB_JSON, {
         **state, "datasets": specs, "storage_path": storage, "placement": pl.to_dict(), "search_space": space,
         "mlflow_uri": _redact(uri), "executor": args.executor, "selection": dataclasses.asdict(opts),
         "last_run": {"trials": len(trials), "skipped": len(trials) - len(todo), "ran": len(ran),
                      "failed": len(errors), "wall_s": time.time() - started, "tune_wall_s": tune_wall,
-                     "train_time_s": train_s,
-                     "overhead_share": (1 - train_s / (tune_wall * pl.max_concurrent)) if ran and tune_wall else None},
+                     "train_time_s": train_s, "eval_time_s": eval_s,
+                     # not in training steps / not in the training loop (steps + per-epoch validation)
+                     "overhead_share": 1 - train_s / slot_s if slot_s else None,
+                     "orchestration_share": 1 - (train_s + eval_s) / slot_s if slot_s else None},
     })  # fmt: skip
     exported = register_and_export(args, uri, records, callbacks)
     table = job_summary.write_summary(out, records)
