@@ -400,6 +400,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-register", action="store_true", help="track trials but register nothing")
     ap.add_argument("--no-mlflow", action="store_true", help="no MLflow at all")
     ap.add_argument("--export", metavar="PATH", help="write the registered champions as a bundle zip")
+    ap.add_argument("--report", metavar="DIR", help="then write the quality report (pipeline.report --with-recipe) "
+                    "of the chosen models to DIR")  # fmt: skip
     ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune verbosity (1: live table)")
     ev = ap.add_argument_group("evaluation and selection (pipeline.selection)")
     ev.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
@@ -545,7 +547,14 @@ def _run(args, out: Path, started: float) -> int:
     exported = register_and_export(args, uri, records, callbacks)
     table = job_summary.write_summary(out, records)
     print(f"\n{table}\n\nsummary: {out / job_summary.SUMMARY_JSON}  ({time.time() - started:.0f} s)")
-    return 0 if exported and all(r.get("status") == "ok" for r in records) else 1
+    reported = True
+    if args.report and any(r.get("status") == "ok" for r in records):
+        from . import report
+
+        print("\nreport: training CleanDiffuser's recipe on each dataset's training episodes for comparison")
+        reported = report.main(["--summary", str(out / job_summary.SUMMARY_JSON), "--out", args.report,
+                                "--with-recipe"]) == 0  # fmt: skip
+    return 0 if exported and reported and all(r.get("status") == "ok" for r in records) else 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,9 +59,10 @@ def job(sim_files, tmp_path_factory):
     datasets = [str(sim_files[CHEETAH]), str(sim_files[HOPPER]), str(broken_file(root / "broken.hdf5"))]
     env = job_env(root, INVDYN_TEST_CRASH_ONCE=HOPPER)
     proc = run_job(["--datasets", ",".join(datasets), "--search-space", '{"hidden_dim": [32, 64]}',
-                    "--max-epochs", "2", "--out", str(out)], env)  # fmt: skip
+                    "--max-epochs", "2", "--out", str(out), "--report", str(root / "report")], env)  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
-    return {"proc": proc, "out": out, "summary": {r["dataset"]: r for r in summary}, "records": summary}
+    return {"proc": proc, "out": out, "summary": {r["dataset"]: r for r in summary}, "records": summary,
+            "report": root / "report"}  # fmt: skip
 
 
 def ledger(out: Path) -> list[dict]:
@@ -105,6 +107,18 @@ def test_injected_crash_is_retried_and_the_job_succeeds(job):
     assert job["summary"][HOPPER]["status"] == "ok"
     assert job["summary"][HOPPER]["trials_finished"] == 2
     assert json.loads((job["out"] / "job.json").read_text())["last_run"]["failed"] == 0
+
+
+@pytest.mark.slow
+def test_report_flag_writes_the_quality_report_of_the_chosen_models(job):
+    md = (job["report"] / "report.md").read_text()
+    for name in (CHEETAH, HOPPER):
+        row = re.search(rf"^\| {name} \| held-out action MSE \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", md, re.M)
+        assert row, f"no held-out MSE row for {name} in the report"
+        champion, recipe, baseline = (float(v) for v in row.groups())  # the recipe was trained too
+        assert champion == pytest.approx(job["summary"][name]["heldout_mse"], rel=1e-2) and champion < baseline
+    assert "broken.hdf5" in md  # the failed dataset is listed, not evaluated
+    assert all((job["report"] / png).stat().st_size > 0 for png in ("learning_curves.png", "heldout_mse.png"))
 
 
 @pytest.mark.slow
