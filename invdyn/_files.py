@@ -76,6 +76,27 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _hold_signals():
+    """Block SIGINT/SIGTERM (main thread) while a temp path is created and named; returns the old mask.
+
+    An interrupt landing between the temp file appearing on disk and the `try` that removes it on failure
+    would leave it behind (seen under load). Released inside that `try`, a pending signal raises there.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _release_signals(mask) -> None:
+    if mask is not None:
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(target):
     """Yield a temp directory beside `target`; on success it replaces `target` by rename, else it is removed.
@@ -86,13 +107,18 @@ def atomic_dir(target):
     target = Path(target)
     with storage_errors(target), sigterm_raises():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp, mask = None, _hold_signals()
         try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            _release_signals(mask)
+            mask = None
             yield tmp
             os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a model directory is meant to be shared
             replace_dir(tmp, target)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            _release_signals(mask)
             raise
 
 
@@ -121,8 +147,11 @@ def atomic_file(target, mode: str = "wb"):
     target = Path(target)
     with storage_errors(target), sigterm_raises():
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        tmp, mask = None, _hold_signals()
         try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+            _release_signals(mask)
+            mask = None
             with os.fdopen(fd, mode) as f:
                 yield f
                 f.flush()
@@ -130,8 +159,10 @@ def atomic_file(target, mode: str = "wb"):
             os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are meant to be read by others
             os.replace(tmp, target)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+            _release_signals(mask)
             raise
 
 

@@ -237,3 +237,25 @@ def test_bundle_export_interrupted_leaves_no_partial_zip(tmp_path, sig):
     assert out.read_bytes() == old_bytes and _temps(out.parent) == []
     invdyn.write_bundle(out, dirs)
     assert len(invdyn.verify_bundle(out)["models"]) == 3
+
+
+@pytest.mark.parametrize("maker", ["mkstemp", "mkdtemp"])
+def test_interrupt_right_after_the_temp_appears_still_removes_it(tmp_path, monkeypatch, maker):
+    """The window between the temp path appearing on disk and the clean-up `try` (hit once under load)."""
+    import tempfile
+
+    from invdyn._files import atomic_dir, atomic_file
+
+    real = getattr(tempfile, maker)
+
+    def make_then_interrupt(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered as soon as Python checks for signals
+        return made
+
+    monkeypatch.setattr(tempfile, maker, make_then_interrupt)
+    target = tmp_path / "target"
+    atomic = atomic_file(target) if maker == "mkstemp" else atomic_dir(target)
+    with pytest.raises(KeyboardInterrupt), atomic as t:
+        t.write(b"x") if maker == "mkstemp" else (t / "f").write_text("x")
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temp
