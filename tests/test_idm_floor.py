@@ -68,3 +68,34 @@ def test_greedy_oracle_tracks_better_than_the_mean_action(cheetah):
     # off the recorded track (noisy actions), the greedy solver still pulls back toward it
     assert drift["oracle+noise=0.001"][-1] < 0.5 * drift["mean_action"][-1]
     assert drift["oracle"][-1] < drift["mean_action"][-1]
+
+
+def test_observed_state_oracle_recovers_the_action_behind_a_clipped_velocity(sim_files):
+    """Hopper-v5 shows qvel clipped at +-10: with that velocity unknown, the action is still found from s'."""
+    t = load_transitions(str(sim_files["sim-hopper-random-v0"]))
+    replay = Replay(t)
+    try:
+        std = GaussianNormalizer.from_data(t.obs).std[: replay.env_obs_dim]
+        oracle = idm_floor.Oracle(replay, std)
+        i, j = 100, 3  # a thigh joint spinning at 15 rad/s: the observation shows 10
+        qvel = t.qvel[i].astype(np.float64).copy()
+        qvel[j] = 15.0
+        replay._set(t.qpos[i], qvel)
+        shown = replay._obs()[replay.env_obs_dim - len(qvel) + j]
+        assert shown == 10.0
+        action = np.array([0.3, -0.5, 0.8])
+        target = replay._step(action)
+        free, bounds = np.array([j]), (np.array([10.0]), np.array([30.0]))
+        starts = [np.array([0.0, 0.0, 0.0, 12.0]), np.array([-0.5, 0.5, 0.0, 25.0])]  # (action, velocity)
+        sols = oracle.solutions(t.qpos[i], qvel, target, free, bounds, starts)
+        best, cost = min(sols, key=lambda s: s[1])
+        assert cost <= idm_floor.TOL
+        np.testing.assert_allclose(best, action, atol=1e-6)
+        # the velocity matters: pretending it is the shown 10 leaves no action that reaches s'
+        at_edge = qvel.copy()
+        at_edge[j] = 10.0
+        none = (np.array([], int), (np.empty(0), np.empty(0)))
+        sols = oracle.solutions(t.qpos[i], at_edge, target, *none, [np.zeros(3)])
+        assert sols[0][1] > 100 * idm_floor.TOL
+    finally:
+        replay.close()
