@@ -1,6 +1,8 @@
 """What could ANY inverse dynamics model I(s, s') reach? A simulator-in-the-loop oracle on the bench's test set.
 
-    python bench/idm_floor.py --models /tmp/ev/bench3/models      # sim suite; models/<dataset>/<candidate>/
+    python bench/idm_floor.py --models runs/bench-quality/models   # sim suite; MODELS/<dataset>/<candidate>/
+    python bench/idm_floor.py --datasets sim-halfcheetah-mixed-v0 --models runs/bench-quality/models \
+        --noise '' --bias 1e-4,1e-3,1e-2 --shadow --samples 0          # how action errors turn into drift
 
 Same test episodes (bench/quality_vs_recipe.py: 20% of episodes, --test-seed), normalizer (the dev set's
 observations, as the trainer fits it), tracking starts, reference observations and metrics as
@@ -11,7 +13,10 @@ pipeline.physics. Two measurements per dataset:
    in the real simulator: least squares on the normalized distance between the observation reached and the
    recorded next one, over the action box, started from the recorded action and from 0 (the better is
    kept). No one-step IDM can land closer to each next observation; what drift remains comes from state the
-   actions cannot reach in one step. Next to it: recorded actions (floor), the mean action, and the models.
+   actions cannot reach in one step. Next to it: recorded actions (floor), the mean action, the models, and
+   the oracle with action errors of a given MSE added (--noise: fresh each step; --bias: fixed per start).
+   --shadow: the models' action MSE against the oracle's at the states of their own closed loop.
+   Results and their reading: bench/idm_floor.md.
 2. Identifiability. From the recorded state of a held-out transition, least squares from 0 and --restarts
    random actions for the action that reproduces the recorded next observation. Reported (action MSE in
    raw units, as evaluate's heldout_mse): "solved", a start reached it (normalized RMSE <= TOL; the rest
