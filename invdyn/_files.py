@@ -77,24 +77,38 @@ def sigterm_raises():
 
 
 def _hold_signals():
-    """Block SIGINT/SIGTERM (main thread) while a temp path is created and named; returns the old mask.
+    """Defer SIGINT/SIGTERM (main thread) while a temp path is created and named.
 
     An interrupt landing between the temp file appearing on disk and the `try` that removes it on failure
-    would leave it behind (seen under load). Released inside that `try`, a pending signal raises there.
+    would leave it behind (seen under load). Until `_release_signals` (called inside that `try`) they are
+    only recorded; then the previous handler runs, so KeyboardInterrupt / SystemExit raise inside the `try`.
+    Python-level handlers, not a thread signal mask: another thread (torch's, Ray's) could take the signal.
     """
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    return previous, pending
 
 
-def _release_signals(mask) -> None:
-    if mask is not None:
-        import signal
+def _release_signals(held) -> None:
+    if held is None:
+        return
+    import signal
 
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    previous, pending = held
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if pending:
+        handler = previous[pending[0]]
+        if callable(handler):
+            handler(pending[0], None)
+        elif handler in (signal.SIG_DFL, None):
+            signal.raise_signal(pending[0])
 
 
 @contextlib.contextmanager
