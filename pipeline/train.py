@@ -30,6 +30,7 @@ CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES, "spli
 HELP = {
     "arch": "architecture (invdyn.models.ARCHITECTURES key)",
     "patience": "evaluations without val MSE improvement before stopping",
+    "min_epochs": "no early stop before this epoch (default: half of a cosine schedule, else 0)",
     "eval_every": "evaluate every N steps (default: once per epoch)",
     "split": "held-out set: whole episodes (default) or random transitions (CleanDiffuser)",
     "keep": "weights to save: best on validation (default) or last (CleanDiffuser)",

@@ -10,7 +10,9 @@ appear in training, and every number reported is computed in fp32 on the weights
 Units: `val_mse` / `heldout_mse` is the MSE of actions as stored (what CleanDiffuser reports as its
 validation loss); `*_normalized` divides each action dimension's squared error by that dimension's
 variance over the dataset (1.0 = no better than predicting the mean). Early stopping watches `val_mse`;
-`patience` counts evaluations without an improvement larger than `min_delta`.
+`patience` counts evaluations without an improvement larger than `min_delta`; no early stop happens before
+`min_epochs` (default: half the epochs under a cosine schedule, else 0; measured: with AdamW at lr 1e-3 early in a cosine schedule the validation MSE of one split rose
+for 10 epochs after epoch 4 and stopped training at 0.025, where the full schedule reaches 0.008).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class TrainConfig:
     batch_size: int = 512
     max_epochs: int = 60
     patience: int = 10  # evaluations without val_mse improving by more than min_delta
+    min_epochs: int | None = None  # no early stop before this epoch; None = half of a cosine schedule, else 0
     min_delta: float = 0.0
     eval_every: int | None = None  # steps; None = once per epoch
     split: str = "episodes"  # episodes | transitions (CleanDiffuser's random 80/20 of transitions)
@@ -128,6 +131,11 @@ class TrainConfig:
             or self.patience < 0
         ):
             raise TrainConfigError(f"patience must be an integer >= 0, got {self.patience!r}")
+        if self.min_epochs is not None and (
+            isinstance(self.min_epochs, bool) or not isinstance(self.min_epochs, (int, np.integer)) or self.min_epochs < 0
+        ):
+            raise TrainConfigError(f"min_epochs must be an integer >= 0, got {self.min_epochs!r}")
+
         if not (
             isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool) and self.seed >= 0
         ):
@@ -150,6 +158,12 @@ class TrainConfig:
             raise TrainConfigError(
                 f"action_scale must be a positive number or None, got {self.action_scale!r}"
             )
+
+    def resolved_min_epochs(self) -> int:
+        """The first epoch early stopping may end: set, or half of a cosine schedule (its noisy high-LR part)."""
+        if self.min_epochs is not None:
+            return int(self.min_epochs)
+        return self.max_epochs // 2 if self.schedule == "cosine" else 0
 
 
 @dataclass
@@ -503,6 +517,7 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     stopper = EarlyStopping(config.patience, config.min_delta)
+    min_epochs = config.resolved_min_epochs()
     best_state, curve = None, []
     step, samples, train_time, eval_time = 0, 0, 0.0, 0.0
     loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: no per-step sync
@@ -548,7 +563,7 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
                 if on_eval is not None:
                     on_eval(dict(record))
                 loss_sum, loss_count = torch.zeros((), device=device), 0
-                if stopper.should_stop:
+                if stopper.should_stop and step >= min_epochs * steps_per_epoch:
                     stopped = True
                     break
                 t0 = time.perf_counter()

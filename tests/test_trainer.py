@@ -46,7 +46,7 @@ def linear_transitions(
 
 
 def small(**kw) -> TrainConfig:
-    base = dict(hidden_dim=64, batch_size=64, max_epochs=3, device="cpu", precision="fp32", threads=1)
+    base = dict(hidden_dim=64, batch_size=64, max_epochs=3, device="cpu", precision="fp32", threads=1, min_epochs=0)
     return TrainConfig(**{**base, **kw})
 
 
@@ -286,3 +286,15 @@ def test_bf16_keeps_the_input_layer_fp32_to_keep_accuracy(tmp_path):
         mse[precision, fp32_in] = train(data, cfg, tmp_path / f"{precision}-{fp32_in}").metrics["heldout_mse"]
     assert mse["bf16", True] < 1.03 * mse["fp32", True], mse
     assert mse["bf16", False] > 1.05 * mse["fp32", True], mse
+
+
+def test_no_early_stop_before_min_epochs_half_a_cosine_schedule_by_default(tmp_path):
+    """A run that never improves stops after `patience` evaluations, but not before min_epochs."""
+    cfg = small(lr=0.0, patience=2, max_epochs=10, schedule="cosine", min_epochs=None)
+    assert cfg.resolved_min_epochs() == 5 and small(schedule="none", min_epochs=None).resolved_min_epochs() == 0
+    result = train(linear_transitions(), cfg, tmp_path / "cosine")
+    assert result.metrics["stopped_early"] and [r["epoch"] for r in result.curve] == [1, 2, 3, 4, 5]
+    result = train(linear_transitions(), small(lr=0.0, patience=2, max_epochs=10, min_epochs=4), tmp_path / "m4")
+    assert [r["epoch"] for r in result.curve] == [1, 2, 3, 4]
+    with pytest.raises(TrainConfigError, match="min_epochs"):
+        small(min_epochs=-1).validate()
