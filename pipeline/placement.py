@@ -4,7 +4,10 @@ Measured with Ray 2.60 on a 2-core machine, the traps this module avoids:
 - A Tune trial that reserves a CPU while its Train worker reserves another deadlocks a 2-CPU node once
   two trials start (each holds the trial CPU, waits for a worker CPU; Ray waits forever). The Tune trial
   here reserves no CPU/GPU, only a little memory (Tune refuses an all-zero bundle); the Train worker holds
-  the CPUs / GPU fraction the training uses. `max_concurrent` caps running trials at what fits.
+  the CPUs / GPU fraction the training uses. `slots` is how many trials fit; with the TorchTrainer executor
+  `max_concurrent` is a quarter more (at least one): a TorchTrainer takes ~13 s to start (controller and
+  worker processes, placement group), so the next trials start up while the others train and their workers
+  take a CPU the moment one frees. Their worker-group start timeout is raised so that waiting is no error.
 - Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker, and torch follows; the trainer gets `threads` = the
   worker's CPUs, so a 2-CPU worker trains on 2 threads.
 - The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a finished run waits
@@ -25,6 +28,8 @@ TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     # One actor less per run; a preempted trial is retried by Tune's FailureConfig anyway.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # A trial started ahead (see `slots`) or waiting for an autoscaled node waits for its CPU, not 60 s.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600",
 }
 #: Trials started at once when the cluster cannot fit one yet (autoscaling adds the nodes).
 AUTOSCALE_CONCURRENCY = 16
@@ -40,6 +45,7 @@ class Placement:
     gpus: float
     max_concurrent: int
     threads: int
+    slots: int  # trials that fit at once (train at once); max_concurrent may start more
     cluster_cpus: float
     cluster_gpus: float
     nodes: int
@@ -61,7 +67,8 @@ class Placement:
         gpu = f", {self.gpus:g} GPU" if self.gpus else ""
         return (
             f"{self.nodes} node(s), {self.cluster_cpus:g} CPU, {self.cluster_gpus:g} GPU; each trial: "
-            f"{self.cpus:g} CPU{gpu}, {self.threads} torch thread(s); up to {self.max_concurrent} at once"
+            f"{self.cpus:g} CPU{gpu}, {self.threads} torch thread(s); {self.slots} train at once, "
+            f"up to {self.max_concurrent} started"
         )
 
 
@@ -105,8 +112,10 @@ def decide(
     gpus_per_trial: float | None = None,
     max_concurrent: int | None = None,
     totals: tuple[float, float, int] | None = None,
+    start_ahead: bool = False,
 ) -> Placement:
-    """Trial resources from the flags, defaulting from what the cluster has (see module doc)."""
+    """Trial resources from the flags, defaulting from what the cluster has (see module doc).
+    `start_ahead`: trials reserve no CPU until their Train worker starts (executor "train")."""
     cpus_total, gpus_total, nodes = totals if totals is not None else cluster_totals()
     cpus = 1.0 if cpus_per_trial is None else float(cpus_per_trial)
     if cpus <= 0:
@@ -125,12 +134,15 @@ def decide(
     if max_concurrent is None:
         # Nothing fits now: an autoscaling cluster adds nodes for the pending trials.
         max_concurrent = slots if slots > 0 else AUTOSCALE_CONCURRENCY
+        if start_ahead and slots > 0:
+            max_concurrent = slots + max(1, slots // 4)
     max_concurrent = max(1, min(max_concurrent, max(n_trials, 1)))
     return Placement(
         cpus=cpus,
         gpus=gpus,
         max_concurrent=max_concurrent,
         threads=max(1, round(cpus)),
+        slots=max(slots, 0),
         cluster_cpus=cpus_total,
         cluster_gpus=gpus_total,
         nodes=nodes,

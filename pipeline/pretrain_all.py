@@ -497,7 +497,7 @@ def _run(args, out: Path, started: float) -> int:
         done = Ledger(out).done() if args.resume else {}
         todo = [t for t in trials if t["key"] not in done]
         pl = placement.decide(len(todo), cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                              max_concurrent=args.max_concurrent)  # fmt: skip
+                              max_concurrent=args.max_concurrent, start_ahead=args.executor == "train")  # fmt: skip
         storage = args.storage_path or str(out / "ray")
         if "://" not in storage:
             storage = str(Path(storage).expanduser().resolve())
@@ -533,7 +533,7 @@ def _run(args, out: Path, started: float) -> int:
     ran = [e for e in Ledger(out).done().values() if e["key"] in {t["key"] for t in todo}]
     train_s = sum(e.get("train_time_s") or 0 for e in ran)
     eval_s = sum(e.get("eval_time_s") or 0 for e in ran)
-    slot_s = tune_wall * pl.max_concurrent if ran and tune_wall else None
+    slot_s = tune_wall * min(pl.slots or pl.max_concurrent, pl.max_concurrent) if ran and tune_wall else None
     job_summary.write_json_atomic(out / job_summary.JOB_JSON, {
         **state, "datasets": specs, "storage_path": storage, "placement": pl.to_dict(), "search_space": space,
         "mlflow_uri": _redact(uri), "executor": args.executor, "selection": dataclasses.asdict(opts),

@@ -5,7 +5,8 @@ observations are normalized and kept on the device once, batches are gathers by 
 per-item DataLoader), Adam is the fused kernel, bf16 autocast runs where the hardware has native bf16,
 and the loss is only read back at evaluations (no per-step device sync). Why it is honest: by default
 the held-out set is whole episodes (`split="episodes"`), so neighbours of a validation transition never
-appear in training, and every number reported is computed in fp32 on the weights that are saved.
+appear in training, and every metric reported is computed in fp32 on the weights that are saved (the
+per-epoch validation that early stopping watches runs in the training precision, as the steps do).
 
 Units: `val_mse` / `heldout_mse` is the MSE of actions as stored (what CleanDiffuser reports as its
 validation loss); `*_normalized` divides each action dimension's squared error by that dimension's
@@ -546,16 +547,17 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
                 sync()
                 t_eval = time.perf_counter()
                 train_time += t_eval - t0
-                record = _evaluate(
-                    net,
-                    data,
-                    step,
-                    steps_per_epoch,
-                    float(loss_sum) / loss_count,
-                    stopper,
-                    started,
-                    train_time,
-                )
+                with autocast:  # validation in the training precision (bf16: ~40% cheaper than fp32);
+                    record = _evaluate(  # the metrics reported below are recomputed in fp32
+                        net,
+                        data,
+                        step,
+                        steps_per_epoch,
+                        float(loss_sum) / loss_count,
+                        stopper,
+                        started,
+                        train_time,
+                    )
                 if record.pop("improved") or best_state is None:
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
                 curve.append(record)

@@ -177,6 +177,11 @@ def test_placement_never_reserves_more_than_the_cluster_has():
     assert (p.cpus, p.gpus, p.max_concurrent, p.threads) == (1.0, 0.0, 2, 1)
     p = decide(9, cpus_per_trial=2, totals=(2.0, 0.0, 1))
     assert (p.max_concurrent, p.threads) == (1, 2)
+    p = decide(9, totals=(2.0, 0.0, 1), start_ahead=True)  # TorchTrainer trials: one starts up ahead
+    assert (p.slots, p.max_concurrent, p.worker_resources()) == (2, 3, {"CPU": 1.0})
+    assert (decide(40, totals=(16.0, 0.0, 2), start_ahead=True).max_concurrent, decide(2, totals=(16.0, 0.0, 2),
+            start_ahead=True).max_concurrent, decide(9, max_concurrent=2, totals=(2.0, 0.0, 1), start_ahead=True)
+            .max_concurrent) == (20, 2, 2)  # fmt: skip
     p = decide(20, totals=(16.0, 2.0, 2))  # GPUs: a quarter GPU per trial by default
     assert (p.gpus, p.max_concurrent, p.worker_resources()) == (0.25, 8, {"CPU": 1.0, "GPU": 0.25})
     p = decide(3, gpus_per_trial=1, totals=(4.0, 0.0, 1))  # autoscaling: nothing fits yet, all trials wait

@@ -119,4 +119,4 @@ def test_multi_node_cluster_runs_trials_on_both_nodes(sim_files, tmp_path, monke
     assert len({e["node_id"] for e in entries}) == 2, "both trials ran on one node"
     assert all(e["checkpoint_path"].startswith(str(storage)) for e in entries)
     job = json.loads((out / "job.json").read_text())
-    assert job["placement"]["nodes"] == 2 and job["placement"]["max_concurrent"] == 2
+    assert job["placement"]["nodes"] == 2 and job["placement"]["slots"] == 2 and job["placement"]["max_concurrent"] == 2
