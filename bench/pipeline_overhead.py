@@ -47,8 +47,7 @@ def run_pipeline(executor: str, args, out: Path) -> dict:
         "train_time_s": last["train_time_s"],
         "eval_time_s": last.get("eval_time_s") or 0.0,
         "trials": last["ran"],
-        "slots": min(job["placement"].get("slots") or job["placement"]["max_concurrent"],
-                     job["placement"]["max_concurrent"]),  # trials training at once
+        "slots": last["training_slots"],  # trials training at once
         "overhead_share": last["overhead_share"],
         "best": {r["dataset"]: r.get("heldout_mse") for r in records},
     }

@@ -33,11 +33,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.report import RECIPE  # noqa: E402
 from pipeline.trainer import TrainConfig, available_cpus, resolve_precision, split_indices, train  # noqa: E402
 from pipeline.transitions import Transitions  # noqa: E402
 
 #: our loop with the recipe's model and optimizer settings: separates the loop's speed from the defaults
-RECIPE_SETTINGS = {"dropout": 0.1, "optimizer": "adam", "lr": 3e-4, "weight_decay": 0.0, "schedule": "none"}
+RECIPE_SETTINGS = {k: RECIPE[k] for k in ("dropout", "optimizer", "lr", "weight_decay", "schedule")}
 
 
 def flops_per_sample(obs_dim: int, act_dim: int, hidden: int) -> float:

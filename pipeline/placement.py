@@ -51,6 +51,11 @@ class Placement:
     nodes: int
 
     @property
+    def training_slots(self) -> int:
+        """Trials training at once: the slots that fit, or fewer when max_concurrent is lower."""
+        return min(self.slots or self.max_concurrent, self.max_concurrent)
+
+    @property
     def device(self) -> str:
         return "cuda" if self.gpus > 0 else "cpu"
 

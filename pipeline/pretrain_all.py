@@ -533,13 +533,13 @@ def _run(args, out: Path, started: float) -> int:
     ran = [e for e in Ledger(out).done().values() if e["key"] in {t["key"] for t in todo}]
     train_s = sum(e.get("train_time_s") or 0 for e in ran)
     eval_s = sum(e.get("eval_time_s") or 0 for e in ran)
-    slot_s = tune_wall * min(pl.slots or pl.max_concurrent, pl.max_concurrent) if ran and tune_wall else None
+    slot_s = tune_wall * pl.training_slots if ran and tune_wall else None
     job_summary.write_json_atomic(out / job_summary.JOB_JSON, {
         **state, "datasets": specs, "storage_path": storage, "placement": pl.to_dict(), "search_space": space,
         "mlflow_uri": _redact(uri), "executor": args.executor, "selection": dataclasses.asdict(opts),
         "last_run": {"trials": len(trials), "skipped": len(trials) - len(todo), "ran": len(ran),
                      "failed": len(errors), "wall_s": time.time() - started, "tune_wall_s": tune_wall,
-                     "train_time_s": train_s, "eval_time_s": eval_s,
+                     "train_time_s": train_s, "eval_time_s": eval_s, "training_slots": pl.training_slots,
                      # not in training steps / not in the training loop (steps + per-epoch validation)
                      "overhead_share": 1 - train_s / slot_s if slot_s else None,
                      "orchestration_share": 1 - (train_s + eval_s) / slot_s if slot_s else None},
