@@ -135,7 +135,8 @@ def make_trials(ready: dict, points: list[dict], base: dict) -> list[dict]:
             for k in ("device", "threads"):  # decided by placement, not part of what is searched
                 cfg.pop(k)
             trials.append({"dataset": name, "sha256": d["sha256"], "key": search.trial_key(name, d["sha256"], cfg), **cfg})
-    return trials
+    # Longest first: Tune starts trials in this order, so the biggest ones no longer run alone at the end.
+    return sorted(trials, key=lambda t: -search.estimated_cost(t, ready[t["dataset"]]["info"]))
 
 
 class LedgerCallback(Callback):

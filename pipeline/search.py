@@ -57,3 +57,13 @@ def trial_key(dataset: str, dataset_sha256: str, config: dict) -> str:
     """A stable id for one (dataset content, full training config): `--resume` skips keys already done."""
     blob = json.dumps({"dataset": dataset, "sha256": dataset_sha256, "config": config}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def estimated_cost(config: dict, info: dict) -> float:
+    """Relative FLOPs of a trial at its full epoch budget (transitions x epochs x the hidden layers' size):
+    enough to start the longest trials first, which keeps the end of a job from waiting on one of them."""
+    h = int(config.get("hidden_dim") or 512)
+    dims = int(info.get("obs_dim") or 0) * 2 + int(info.get("act_dim") or 0)
+    blocks = 2 * int(config.get("n_blocks", 2)) if config.get("arch") == "res_mlp" else 1
+    per_sample = h * dims + blocks * h * h
+    return float(info.get("transitions") or 0) * int(config.get("max_epochs") or 1) * per_sample

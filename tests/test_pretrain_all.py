@@ -135,7 +135,7 @@ def test_broken_dataset_fails_alone_with_its_reason(job):
 def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_path):
     out = tmp_path / "out"
     env = job_env(tmp_path)
-    # The first trial takes 2 epochs, the others 60 (no early stop): the kill lands between the first and the
+    # Trials run longest first (61, 60, then 2 epochs; no early stop): the kill lands between the first and the
     # second finishing however slowly this machine runs (the ledger file appears within ~0.2 s of the first).
     space = '{"max_epochs": [2, 60, 61], "patience": [1000], "hidden_dim": [256]}'
     args = ["--datasets", str(sim_files[HOPPER]), "--search-space", space,
@@ -190,6 +190,17 @@ def test_placement_never_reserves_more_than_the_cluster_has():
         decide(1, cpus_per_trial=0, totals=(2.0, 0.0, 1))
     with pytest.raises(PlacementError, match="--gpus-per-trial"):
         decide(1, gpus_per_trial=1.5, totals=(2.0, 1.0, 1))
+
+
+def test_trials_are_ordered_longest_first():
+    from pipeline.pretrain_all import make_trials
+
+    info = {"obs_dim": 11, "act_dim": 3}
+    ready = {"small": {"sha256": "a", "info": {**info, "transitions": 1000}},
+             "big": {"sha256": "b", "info": {**info, "transitions": 9000}}}  # fmt: skip
+    trials = make_trials(ready, grid_points({"hidden_dim": [256, 1024]}), {"max_epochs": 5})
+    order = [(t["dataset"], t["hidden_dim"]) for t in trials]
+    assert order == [("big", 1024), ("small", 1024), ("big", 256), ("small", 256)]
 
 
 def test_search_space_and_trial_keys():
