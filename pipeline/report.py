@@ -39,6 +39,7 @@ RECIPE = {
     "patience": 3,
     "split": "transitions",
     "keep": "last",
+    "ema": 0.0,  # the raw weights
     "precision": "fp32",  # CleanDiffuser trains in fp32 (bf16 inputs lose the small s' - s, see bench)
 }
 

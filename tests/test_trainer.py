@@ -281,7 +281,7 @@ def test_bf16_keeps_the_input_layer_fp32_to_keep_accuracy(tmp_path):
     for precision, fp32_in in (("fp32", True), ("bf16", False), ("bf16", True)):
         cfg = small(
             precision=precision, fp32_input_layer=fp32_in, max_epochs=30, lr=1e-3, dropout=0.0, patience=100,
-            optimizer="adam", schedule="none", weight_decay=0.0,
+            optimizer="adam", schedule="none", weight_decay=0.0, ema=0.0,
         )
         mse[precision, fp32_in] = train(data, cfg, tmp_path / f"{precision}-{fp32_in}").metrics["heldout_mse"]
     assert mse["bf16", True] < 1.03 * mse["fp32", True], mse
@@ -298,3 +298,38 @@ def test_no_early_stop_before_min_epochs_half_a_cosine_schedule_by_default(tmp_p
     assert [r["epoch"] for r in result.curve] == [1, 2, 3, 4]
     with pytest.raises(TrainConfigError, match="min_epochs"):
         small(min_epochs=-1).validate()
+
+
+def test_weight_average_is_what_is_validated_and_kept(tmp_path):
+    """With `ema`, the curve scores the averaged weights and the model directory holds them: the kept
+    model reproduces the best val_mse, and it differs from the raw weights' run."""
+    runs = {}
+    for ema in (0.0, 0.99):
+        r = train(linear_transitions(), small(max_epochs=4, patience=100, ema=ema), tmp_path / f"ema{ema}")
+        best = min(c["val_mse"] for c in r.curve)
+        assert r.metrics["heldout_mse"] == pytest.approx(best, rel=1e-6)
+        runs[ema] = [c["val_mse"] for c in r.curve]
+    assert runs[0.0] != runs[0.99]
+
+
+def test_weight_average_update_and_swap():
+    from pipeline.trainer import _WeightAverage
+
+    net = torch.nn.Linear(3, 2)
+    raw = [p.detach().clone() for p in net.parameters()]
+    avg = _WeightAverage(net, decay=0.5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    for _ in range(50):  # past the warm-up the decay is 0.5: the average converges to the moved weights
+        avg.update()
+    for a, r in zip(avg.avg, raw, strict=True):
+        assert torch.allclose(a, r + 1.0, atol=1e-6)
+    with torch.no_grad():
+        net.weight.zero_()
+    with pytest.raises(RuntimeError), avg.swapped():
+        assert torch.allclose(net.weight, raw[0] + 1.0, atol=1e-6)
+        raise RuntimeError("validation failed")
+    assert torch.count_nonzero(net.weight) == 0  # the raw weights are back, even after an error
+    with pytest.raises(TrainConfigError, match="ema"):
+        TrainConfig(ema=1.0).validate()
