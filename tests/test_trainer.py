@@ -333,3 +333,25 @@ def test_weight_average_update_and_swap():
     assert torch.count_nonzero(net.weight) == 0  # the raw weights are back, even after an error
     with pytest.raises(TrainConfigError, match="ema"):
         TrainConfig(ema=1.0).validate()
+
+
+def _subnormals_flushed() -> bool:
+    """DAZ on: a subnormal input reads as zero."""
+    return float(torch.tensor([1e-39], dtype=torch.float32) * 2.0) == 0.0
+
+
+def test_subnormals_are_flushed_while_training_only_without_changing_results(sim_files, tmp_path, monkeypatch):
+    import contextlib
+
+    import pipeline.trainer as trainer
+    from pipeline.datasets import load_transitions
+
+    data = load_transitions(str(sim_files["sim-halfcheetah-random-v0"]))
+    seen = []
+    cfg = small(max_epochs=2, hidden_dim=128, batch_size=256)
+    flushed = train(data, cfg, tmp_path / "ftz", on_eval=lambda r: seen.append(_subnormals_flushed()))
+    assert seen and all(seen)  # on during the fit ...
+    assert not _subnormals_flushed()  # ... and back to PyTorch's default after it
+    monkeypatch.setattr(trainer, "_flush_denormals", lambda device: contextlib.nullcontext())
+    plain = train(data, cfg, tmp_path / "plain")
+    assert flushed.metrics["heldout_mse"] == pytest.approx(plain.metrics["heldout_mse"], rel=1e-4)
