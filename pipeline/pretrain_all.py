@@ -42,7 +42,7 @@ DEFAULT_OUT = "invdyn-out"
 #: What the ledger keeps of a trial's final result (besides key, config, checkpoint path, wall time).
 LEDGER_METRICS = ("heldout_mse", "baseline_mse", "heldout_mse_normalized", "epochs", "steps", "train_time_s", "eval_time_s",
                   "wall_time_s", "worker_wall_s", "node_ip", "node_id", "hostname", "curve", "stopped_early",
-                  "best_epoch")  # fmt: skip
+                  "best_epoch", "trial_entered_at", "worker_entered_at", "worker_finished_at")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ in Ray
@@ -51,6 +51,7 @@ LEDGER_METRICS = ("heldout_mse", "baseline_mse", "heldout_mse_normalized", "epoc
 def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -> None:
     """The Tune trial. Executor "train": reserves no CPU and builds a TorchTrainer whose one worker holds
     the trial's resources. Executor "tune": holds the resources itself and trains in this process."""
+    entered = time.time()
     pl = job["placement"]
     run_name = f"train-{config['key']}-{uuid.uuid4().hex[:6]}"
     train_keys = set(job["train_fields"])
@@ -62,6 +63,7 @@ def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -
         "device": "cuda" if pl["gpus"] > 0 else "cpu",
         "crash_once": job.get("crash_once"),
         "run_path": f"{job['storage_path'].rstrip('/')}/{run_name}",
+        "trial_entered_at": entered,
     }
     if job["executor"] == "tune":
         train_one(loop_config, in_train_worker=False)
@@ -168,6 +170,7 @@ class LedgerCallback(Callback):
             "config": {k: v for k, v in cfg.items() if k not in ("dataset", "sha256", "key")},
             "trial_id": trial.trial_id,
             "checkpoint_path": r.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None),
+            "started_at": self.started.get(trial.trial_id),
             "wall_s": time.time() - self.started.get(trial.trial_id, time.time()),
             "finished_at": time.time(),
             **{k: r.get(k) for k in LEDGER_METRICS},

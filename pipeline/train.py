@@ -38,6 +38,7 @@ HELP = {
     "threads": "CPU threads (default: the CPUs this process was given)",
     "action_scale": "tanh output scale (default 1, or max |action| when actions leave [-1, 1])",
     "fp32_input_layer": "under bf16, keep the first layer (it sees raw s, s') in fp32",
+    "ema": "decay of the weight average that is validated and saved; 0 = the raw weights",
 }
 
 

@@ -18,6 +18,7 @@ def train_one(loop_config: dict, *, in_train_worker: bool = True) -> None:
 
     Runs in the Ray Train worker (executor "train") or in the Tune trial itself (executor "tune").
     """
+    entered = time.time()  # with the driver's trial start and end: where a trial's time outside training goes
     import platform
 
     import ray
@@ -45,6 +46,9 @@ def train_one(loop_config: dict, *, in_train_worker: bool = True) -> None:
             "node_ip": ray.util.get_node_ip_address(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": platform.node(),
+            "trial_entered_at": loop_config.get("trial_entered_at"),
+            "worker_entered_at": entered,
+            "worker_finished_at": time.time(),
         }
         if in_train_worker:
             import ray.train
