@@ -672,8 +672,20 @@ def settle_champion(
         current = _champion_version(client, name, alias)
         if target is None or current == target:
             return current
-        client.set_registered_model_alias(name, alias, target)
+        try:
+            client.set_registered_model_alias(name, alias, target)
+        except Exception as e:  # noqa: BLE001 - a REST error via a server, SQLAlchemy's directly on a SQL store
+            if not _is_alias_write_conflict(e):
+                raise
+            log.info("%s: alias %r was written concurrently (%s); reading it again", name, alias, e)
     raise TrackingError(f"{name}: alias {alias!r} kept changing under concurrent registrations; run again")
+
+
+def _is_alias_write_conflict(error: Exception) -> bool:
+    """Another process set the same alias at the same moment: a SQL store rejects the second insert with a
+    unique-constraint error. Nothing is lost; the next round of `settle_champion` reads the alias again."""
+    text = str(error)
+    return "UNIQUE constraint failed" in text or "IntegrityError" in text or "Duplicate entry" in text
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, dataset: str) -> None:

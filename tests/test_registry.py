@@ -116,6 +116,39 @@ for r in records:
 """
 
 
+def test_an_alias_written_concurrently_is_read_again_not_an_error(tmp_path, monkeypatch):
+    """Two registrations setting the alias at the same instant: the SQL store rejects the second insert
+    (seen once in CI through a server). Planted here, since the real one needs a lucky interleaving."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking.default_uri(tmp_path / "job")
+    tracking.check_server(uri)
+    ds, name = "sim-alias-race-v0", "invdyn-sim-alias-race-v0"
+    tracking.register_dataset(uri, model_record(tmp_path, ds, 1, 0.5))
+    tracking.register_dataset(uri, model_record(tmp_path, ds, 2, 0.3))
+    client = MlflowClient(uri, registry_uri=uri)
+    client.set_registered_model_alias(name, "champion", "1")  # stale: version 2 is better
+    real, calls = MlflowClient.set_registered_model_alias, []
+
+    def conflict_once(self, *args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name")
+        return real(self, *args)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", conflict_once)
+    assert tracking.settle_champion(client, name) == "2"
+    assert len(calls) == 2 and _champion(uri, name) == "2"
+    real(client, name, "champion", "1")  # stale again; now every write fails for another reason
+
+    def refused(self, *args):
+        raise MlflowException("permission denied")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refused)
+    with pytest.raises(MlflowException, match="permission denied"):  # any other error still fails
+        tracking.settle_champion(client, name)
+
+
 @pytest.mark.parametrize("store", ["server", "sqlite"])
 def test_concurrent_registrations_leave_champion_on_the_best(store, request, tmp_path):
     uri = (
