@@ -1,15 +1,20 @@
 """Where trials run and with what: connecting to Ray and choosing the resources of a trial.
 
-Measured with Ray 2.60 on a 2-core machine, the traps this module avoids:
-- A Tune trial that reserves a CPU while its Train worker reserves another deadlocks a 2-CPU node once
-  two trials start (each holds the trial CPU, waits for a worker CPU; Ray waits forever). The Tune trial
-  here reserves no CPU/GPU, only a little memory (Tune refuses an all-zero bundle); the Train worker holds
-  the CPUs / GPU fraction the training uses. `slots` is how many trials fit; with the TorchTrainer executor
-  `max_concurrent` is a quarter more (at least one): a TorchTrainer takes ~13 s to start (controller and
-  worker processes, placement group), so the next trials start up while the others train and their workers
-  take a CPU the moment one frees. Their worker-group start timeout is raised so that waiting is no error.
-- Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker, and torch follows; the trainer gets `threads` = the
-  worker's CPUs, so a 2-CPU worker trains on 2 threads.
+Two executors run a trial's TorchTrainer. Measured with Ray 2.60 on a 2-core machine:
+- "local" (default): the Tune trial reserves the trial's CPUs / GPU fraction and runs the TorchTrainer in
+  Ray Train's local mode (`num_workers=0`: the training function runs in the trial's own process). Tune
+  reuses that process from trial to trial, so a trial costs no process start-up at all (~0.2 s between
+  trials). The models are small: one process per trial trains them well, on a CPU or a GPU fraction.
+- "train": the TorchTrainer gets one Train worker holding the CPUs / GPU fraction (process isolation per
+  trial; the shape a multi-worker trial would take). Every fit starts five processes (controller, worker,
+  synchronization actor, dataset manager, placement-group cleaner), ~10 CPU-seconds and 6-13 s before the
+  training function runs. A Tune trial that also reserved a CPU would deadlock a 2-CPU node once two trials
+  start (each holds the trial CPU, waits for a worker CPU; Ray waits forever), so the Tune trial here
+  reserves no CPU/GPU, only a little memory (Tune refuses an all-zero bundle). `slots` is how many trials
+  fit; `max_concurrent` is a quarter more (at least one), so the next trials start up while the others
+  train, and their worker-group start timeout is raised so that waiting is no error.
+- Both: Ray sets OMP_NUM_THREADS=1 in a 1-CPU process, and torch follows; the trainer gets `threads` = the
+  trial's CPUs, so a 2-CPU trial trains on 2 threads.
 - The Train controller polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a finished run waits
   up to that long to be noticed. TRAIN_ENV lowers it; it is set in the trial process, from where Train
   propagates it to its controller and workers.

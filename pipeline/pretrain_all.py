@@ -1,8 +1,10 @@
 """Pretrain an IDM per dataset with Ray: `python -m pipeline.pretrain_all --datasets sim [--search] --out DIR`.
 
-Ray Tune runs one trial per (dataset, search point); each trial is a Ray Train `TorchTrainer` (one worker
-holding the trial's CPUs / GPU fraction) that runs `pipeline.trainer.train` and reports once, at the end,
-with the whole learning curve and the model directory as its checkpoint (in `--storage-path`). The driver
+Ray Tune runs one trial per (dataset, search point); each trial is a Ray Train `TorchTrainer` that runs
+`pipeline.trainer.train` and reports once, at the end, with the whole learning curve and the model directory
+as its checkpoint (in `--storage-path`). By default the trainer runs in Train's local mode in the Tune trial's
+own process, which holds the trial's CPUs / GPU fraction and is reused from trial to trial; `--executor train`
+gives each trial a Train worker process instead (pipeline.placement says when and why). The driver
 prepares every dataset once and puts it in Ray's object store; it records each finished trial in
 DIR/trials/ so that `--resume` skips it; it picks each dataset's model (lowest held-out MSE, or lowest
 MuJoCo metric with `--select-by`: pipeline.selection), evaluates it into its model card and
@@ -34,14 +36,16 @@ from invdyn.errors import InvdynError
 from . import job_summary, placement, search, selection
 from .evaluate import SELECT_METRICS, attach_evaluation
 from .job_summary import Ledger, safe_name
-from .trial_worker import train_one, train_worker
+from .trial_worker import train_worker
 
 #: Test hook: crash the first attempt of this dataset's first trial (a fault a test cannot cause otherwise).
 CRASH_ENV = "INVDYN_TEST_CRASH_ONCE"
 DEFAULT_OUT = "invdyn-out"
+#: How a trial runs its TorchTrainer (pipeline.placement's module doc).
+EXECUTORS = ("local", "train")
 #: What the ledger keeps of a trial's final result (besides key, config, checkpoint path, wall time).
 LEDGER_METRICS = ("heldout_mse", "baseline_mse", "heldout_mse_normalized", "epochs", "steps", "train_time_s", "eval_time_s",
-                  "wall_time_s", "worker_wall_s", "node_ip", "node_id", "hostname", "curve", "stopped_early",
+                  "wall_time_s", "worker_wall_s", "node_ip", "node_id", "hostname", "pid", "curve", "stopped_early",
                   "best_epoch", "trial_entered_at", "worker_entered_at", "worker_finished_at")  # fmt: skip
 
 
@@ -49,8 +53,8 @@ LEDGER_METRICS = ("heldout_mse", "baseline_mse", "heldout_mse_normalized", "epoc
 
 
 def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -> None:
-    """The Tune trial. Executor "train": reserves no CPU and builds a TorchTrainer whose one worker holds
-    the trial's resources. Executor "tune": holds the resources itself and trains in this process."""
+    """The Tune trial: builds the trial's TorchTrainer and runs it (see `pipeline.placement` for the two
+    executors: "local" trains in this process, "train" in a Train worker of its own)."""
     entered = time.time()
     pl = job["placement"]
     run_name = f"train-{config['key']}-{uuid.uuid4().hex[:6]}"
@@ -65,13 +69,27 @@ def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -
         "run_path": f"{job['storage_path'].rstrip('/')}/{run_name}",
         "trial_entered_at": entered,
     }
-    if job["executor"] == "tune":
-        train_one(loop_config, in_train_worker=False)
-        return
     for k, v in placement.TRAIN_ENV.items():
         os.environ.setdefault(k, v)  # read by TorchTrainer here and propagated to its controller/workers
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    if job["executor"] == "local":
+        # Ray Train's local mode: the training function runs here, in the Tune trial's process, which holds
+        # the trial's resources and which Tune reuses for the next trial. It returns its metrics (Ray refuses
+        # `ray.train.report` inside a Tune trial); the model is reported to Tune, which persists it to the
+        # storage path before the temp dir goes.
+        from ray import tune
+
+        with tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
+            result = TorchTrainer(
+                train_worker,
+                train_loop_config={**loop_config, "model_root": tmp},
+                scaling_config=ray.train.ScalingConfig(num_workers=0),
+                run_config=ray.train.RunConfig(name=run_name),
+            ).fit()
+            tune.report(result.return_value, checkpoint=tune.Checkpoint.from_directory(f"{tmp}/model"))
+        return
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trainer = TorchTrainer(
@@ -213,7 +231,7 @@ def run_tune(trials: list[dict], *, job: dict, data_refs: dict, pl: placement.Pl
     from ray import tune
 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files per trial
-    resources = pl.worker_resources() if job["executor"] == "tune" else placement.trial_resources()
+    resources = pl.worker_resources() if job["executor"] == "local" else placement.trial_resources()
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, data=data_refs), resources)
     ledger_cb = LedgerCallback(Ledger(job["out"]), total=len(trials))
     tuner = tune.Tuner(
@@ -390,9 +408,10 @@ def parse_args(argv=None):
     ap.add_argument("--cpus-per-trial", type=float, help="CPUs of a trial's Train worker (default 1)")
     ap.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial (default: 1/4 when the cluster has GPUs)")
     ap.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
-    ap.add_argument("--executor", choices=("train", "tune"), default="train",
-                    help="train: each trial a Ray Train TorchTrainer (default); tune: the Tune trial trains "
-                         "itself, without Train's ~12-17 s of fixed cost per trial (small machines)")  # fmt: skip
+    ap.add_argument("--executor", choices=EXECUTORS, default="local",
+                    help="local (default): each trial's TorchTrainer runs in Train's local mode in the Tune trial's "
+                         "process, reused from trial to trial; train: a Train worker process per trial (~10 CPU-s "
+                         "of process start-up per trial; see pipeline.placement)")  # fmt: skip
     ap.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (default 2)")
     ap.add_argument("--storage-path", help="checkpoints and Tune state: a local dir, NFS or s3:// (default: DIR/ray)")
     ap.add_argument("--resume", action="store_true", help="skip trials DIR/trials/ records as finished")

@@ -1,22 +1,25 @@
-"""What runs inside a trial's Ray Train worker (or the Tune trial itself): train one config, report once.
+"""The training function of a trial's TorchTrainer: train one config, report once.
 
-Its own module so that a Train worker process imports only torch, Ray Train and the trainer, not the
-driver's Tune, MLflow and evaluation imports: every trial starts a fresh worker process, and those imports
-cost seconds per trial on a small machine.
+Its own module so that a Train worker process (executor "train": a fresh process per trial) imports only
+torch, Ray Train and the trainer, not the driver's Tune, MLflow and evaluation imports, which cost seconds
+per trial on a small machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
 
 
-def train_one(loop_config: dict, *, in_train_worker: bool = True) -> None:
+def train_one(loop_config: dict) -> dict | None:
     """Train one config and report once, with the learning curve and the model dir as checkpoint.
 
-    Runs in the Ray Train worker (executor "train") or in the Tune trial itself (executor "tune").
+    Runs in a Ray Train worker (executor "train") or in the Tune trial's own process (executor "local": a
+    TorchTrainer in Train's local mode). With `model_root` in the loop config, the model directory is written
+    there and the metrics are returned, for the caller to report; else into a temp dir reported from here.
     """
     entered = time.time()  # with the driver's trial start and end: where a trial's time outside training goes
     import platform
@@ -34,7 +37,8 @@ def train_one(loop_config: dict, *, in_train_worker: bool = True) -> None:
     started = time.time()
     transitions = ray.get(loop_config["data"])  # zero-copy from the object store, once per node
     config = TrainConfig.from_dict({**loop_config["train"], "threads": threads, "device": loop_config["device"]})
-    with tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
+    root = loop_config.get("model_root")
+    with contextlib.nullcontext(root) if root else tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
         result = train(transitions, config, Path(tmp) / "model", dataset_name=trial["dataset"])
         metrics = {
             **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
@@ -46,25 +50,24 @@ def train_one(loop_config: dict, *, in_train_worker: bool = True) -> None:
             "node_ip": ray.util.get_node_ip_address(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": platform.node(),
+            "pid": os.getpid(),  # executor "local": the same process trains trial after trial
             "trial_entered_at": loop_config.get("trial_entered_at"),
             "worker_entered_at": entered,
             "worker_finished_at": time.time(),
         }
-        if in_train_worker:
-            import ray.train
+        if root:  # Train's local mode inside a Tune trial, where Ray refuses `ray.train.report`: return it
+            return metrics
+        import ray.train
 
-            metrics["model_dir"] = f"{loop_config['run_path']}/model"  # where the checkpoint below lands
-            checkpoint = ray.train.Checkpoint.from_directory(str(result.model_dir))
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="model")
-        else:
-            from ray import tune
-
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(result.model_dir)))
+        metrics["model_dir"] = f"{loop_config['run_path']}/model"  # where the checkpoint below lands
+        checkpoint = ray.train.Checkpoint.from_directory(str(result.model_dir))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="model")
+        return None
 
 
-def train_worker(loop_config: dict) -> None:
-    """The Ray Train worker's loop (executor "train")."""
-    train_one(loop_config, in_train_worker=True)
+def train_worker(loop_config: dict) -> dict | None:
+    """The TorchTrainer's training function (both executors)."""
+    return train_one(loop_config)
 
 
 def _maybe_crash(crash_once: dict | None, dataset: str) -> None:

@@ -127,7 +127,7 @@ def test_worse_run_registers_a_version_but_keeps_the_champion(first_job, server,
     root = first_job["root"] / "worse"
     out = root / "out"
     args = ["--datasets", sim_files[HOPPER], "--max-epochs", 1, "--search-space", '{"hidden_dim": [16]}',
-            "--executor", "tune", "--mlflow-uri", server.uri, "--export", root / "b.zip", "--out", out]  # fmt: skip
+            "--mlflow-uri", server.uri, "--export", root / "b.zip", "--out", out]  # fmt: skip
     proc = run_job(args, job_env(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     reg = summary(out)[HOPPER]["registration"]
@@ -142,7 +142,7 @@ def test_worse_run_registers_a_version_but_keeps_the_champion(first_job, server,
 def test_server_stopped_before_registration_then_register_from_storage(server, sim_files, tmp_path):
     out = tmp_path / "out"
     args = ["--datasets", sim_files[CHEETAH], "--max-epochs", 2, "--search-space", '{"hidden_dim": [24]}',
-            "--executor", "tune", "--mlflow-uri", server.uri, "--export", tmp_path / "b.zip", "--out", out]  # fmt: skip
+            "--mlflow-uri", server.uri, "--export", tmp_path / "b.zip", "--out", out]  # fmt: skip
     env = job_env(tmp_path, INVDYN_MLFLOW_RETRIES="2")
     with open(tmp_path / "stderr.txt", "w") as err:
         job = subprocess.Popen(

@@ -95,6 +95,8 @@ def test_two_datasets_complete_and_best_per_dataset_loads(job):
         assert model.params["config"]["hidden_dim"] == rec["config"]["hidden_dim"]
         curves = json.loads(Path(rec["curves"]).read_text())
         assert len(curves) == 2 and all(len(c["curve"]) >= 1 for c in curves.values())
+    # The default executor trains in the Tune trial's process, which Tune reuses: no process per trial.
+    assert len({(e["node_id"], e["pid"]) for e in entries}) < len(entries)
     md = (job["out"] / "summary.md").read_text()
     assert CHEETAH in md and HOPPER in md and "| failed" in md
     assert summary[CHEETAH]["registration"]["champion"] is True  # the default SQLite MLflow store
@@ -107,6 +109,25 @@ def test_injected_crash_is_retried_and_the_job_succeeds(job):
     assert job["summary"][HOPPER]["status"] == "ok"
     assert job["summary"][HOPPER]["trials_finished"] == 2
     assert json.loads((job["out"] / "job.json").read_text())["last_run"]["failed"] == 0
+
+
+@pytest.mark.slow
+def test_train_executor_retries_a_crashed_train_worker(sim_files, tmp_path):
+    """`--executor train`: each trial's TorchTrainer has a Train worker process of its own; its crash (the
+    worker process exits hard) is retried and the model reaches the storage path and the summary."""
+    out = tmp_path / "out"
+    proc = run_job(["--datasets", str(sim_files[HOPPER]), "--search-space", '{"hidden_dim": [32]}', "--max-epochs",
+                    "2", "--executor", "train", "--no-mlflow", "--no-evaluate", "--out", str(out)],
+                   job_env(tmp_path, INVDYN_TEST_CRASH_ONCE=HOPPER))  # fmt: skip
+    assert proc.returncode == 0
+    assert (out / f".crash-once-{HOPPER}").exists(), "the crash hook never fired"
+    [entry] = ledger(out)
+    assert entry["status"] == "finished" and entry["worker_entered_at"] >= entry["trial_entered_at"]
+    assert Path(entry["checkpoint_path"]).is_relative_to(out / "ray")
+    state = json.loads((out / "job.json").read_text())
+    assert state["executor"] == "train" and state["last_run"]["failed"] == 0
+    [rec] = json.loads((out / "summary.json").read_text())
+    assert rec["status"] == "ok" and invdyn.read_model_dir(rec["model_dir"]).params["config"]["hidden_dim"] == 32
 
 
 @pytest.mark.slow
@@ -139,7 +160,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_pa
     # second finishing however slowly this machine runs (the ledger file appears within ~0.2 s of the first).
     space = '{"max_epochs": [2, 60, 61], "patience": [1000], "hidden_dim": [256]}'
     args = ["--datasets", str(sim_files[HOPPER]), "--search-space", space,
-            "--max-concurrent", "1", "--no-mlflow", "--executor", "tune", "--out", str(out)]  # fmt: skip
+            "--max-concurrent", "1", "--no-mlflow", "--out", str(out)]  # fmt: skip
     cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -97,7 +97,8 @@ def test_ray_job_submit_with_token_auth(sim_files, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_multi_node_cluster_runs_trials_on_both_nodes(sim_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("executor", ["local", "train"])
+def test_multi_node_cluster_runs_trials_on_both_nodes(sim_files, tmp_path, monkeypatch, executor):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -109,7 +110,7 @@ def test_multi_node_cluster_runs_trials_on_both_nodes(sim_files, tmp_path, monke
     try:
         code = pretrain_all.main([
             "--datasets", f"{sim_files[CHEETAH]},{sim_files[HOPPER]}", "--max-epochs", "2", "--no-mlflow",
-            "--verbose", "0", "--storage-path", str(storage), "--out", str(out),
+            "--verbose", "0", "--storage-path", str(storage), "--out", str(out), "--executor", executor,
         ])  # fmt: skip
     finally:
         cluster.shutdown()

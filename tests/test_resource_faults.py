@@ -171,7 +171,8 @@ def test_training_output_on_bad_storage(request, tmp_path, fault):
 
 
 def _busy_ray_workers(node) -> list[str]:
-    """Titles of the Ray worker processes of `node` (children of its raylet) that run a trial right now."""
+    """Titles of the Ray worker processes of `node` (children of its raylet) that run a trial right now: a
+    Tune trial (ImplicitFunc, executor "local") or a Train controller / worker (executor "train")."""
     import psutil
 
     raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
@@ -181,7 +182,7 @@ def _busy_ray_workers(node) -> list[str]:
             title = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::") and "IDLE" not in title and "Train" in title:
+        if title.startswith("ray::") and "IDLE" not in title and ("Train" in title or "ImplicitFunc" in title):
             titles.append(title)
     return titles
 

@@ -28,7 +28,7 @@ def select_job(sim_files, tmp_path_factory):
     plain = root / "plain-data.hdf5"
     write_d4rl_file(plain, episodes=(40, 50, 45, 60, 38, 42), obs_dim=4, act_dim=2)
     proc = run_job(["--datasets", f"{sim_files[CHEETAH]},{plain}", "--search-space", '{"hidden_dim": [32, 64]}',
-                    "--max-epochs", "2", "--batch-size", "64", "--executor", "tune", "--select-by", "tracking_drift",
+                    "--max-epochs", "2", "--batch-size", "64", "--select-by", "tracking_drift",
                     "--eval-starts", "16", "--eval-samples", "200", "--out", str(out)], job_env(root))  # fmt: skip
     records = {r["dataset"]: r for r in json.loads((out / "summary.json").read_text())}
     return {"proc": proc, "out": out, "records": records, "uri": tracking.default_uri(out)}
