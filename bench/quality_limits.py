@@ -2,6 +2,8 @@
 
     python bench/quality_limits.py                              # walker2d, ~6 min on 2 cores
     python bench/quality_limits.py --datasets sim-halfcheetah-mixed-v0 --scaling-only --ensemble 1
+    python bench/quality_limits.py --config '{"arch": "res_mlp"}' --scaling-only --ensemble 5 \
+        --variants '{"hidden 1024": {"hidden_dim": 1024}}'
 
 Same protocol as bench/quality_vs_recipe.py (20% of the episodes, seed 1234, are the test set; every model
 trains on the rest). Four questions, each answered by test-episode action MSE:
@@ -85,6 +87,8 @@ def run(args) -> list[dict]:
             ens = float(((np.mean(preds, 0) - t.act[test]) ** 2).mean())
             rows.append({"dataset": name, "label": f"ensemble of {args.ensemble} (config)", "seed": None,
                          "train_transitions": int(len(dev)), "test_mse": ens, "epochs": None, "wall_s": None})  # fmt: skip
+        for label, over in json.loads(args.variants).items():
+            fit(t, dev, test, label, {**base, **over})
         if args.scaling_only:
             continue
         for label, over in (("dropout 0.2", {"dropout": 0.2}), ("dropout 0.3", {"dropout": 0.3}),
@@ -126,7 +130,10 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="sim-walker2d-mixed-v0")
     ap.add_argument("--config", default="{}", help="TrainConfig overrides (JSON) for the runs; {} = the defaults")
     ap.add_argument("--ensemble", type=int, default=3, help="seeds averaged in the ensemble row")
-    ap.add_argument("--scaling-only", action="store_true", help="only the recipe, the data fractions and the ensemble")
+    ap.add_argument("--scaling-only", action="store_true",
+                    help="only the recipe, the data fractions, the ensemble and --variants")
+    ap.add_argument("--variants", default="{}", metavar="JSON",
+                    help='{"label": {TrainConfig overrides on top of --config}, ...}: one run each, seed 0')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--test-seed", type=int, default=1234)
     ap.add_argument("--out", default="runs/quality-limits")
