@@ -47,16 +47,20 @@ def flops_per_sample(obs_dim: int, act_dim: int, hidden: int) -> float:
     return 3 * 2 * macs
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """Best-of-3 GFLOP/s of an n x n matmul at this process's thread count."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, device: str = "cpu") -> float:
+    """Best-of-3 GFLOP/s of an n x n matmul at this process's thread count (on a GPU: n = 8192)."""
+    n = 8192 if device == "cuda" else n
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(2):
         a @ b
     best = 0.0
     for _ in range(3):
+        sync()
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        sync()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -68,7 +72,8 @@ def subset(t: Transitions, idx: np.ndarray, name: str) -> Transitions:
 # ---------------------------------------------------------------- the recipe (pytorch-lightning)
 
 
-def recipe_fit(data: Transitions, train_idx, val_idx, *, max_epochs, patience, seed, workers, ckpt_dir=None):
+def recipe_fit(data: Transitions, train_idx, val_idx, *, max_epochs, patience, seed, workers, ckpt_dir=None,
+               device="cpu"):
     """CleanDiffuser's pretrain script: per-item dict Dataset, DataLoader(batch 512, shuffle), Adam 3e-4,
     EarlyStopping(val_loss, patience) and ModelCheckpoint (the last epoch's weights are what it ships)."""
     import pytorch_lightning as pl
@@ -138,7 +143,7 @@ def recipe_fit(data: Transitions, train_idx, val_idx, *, max_epochs, patience, s
     callbacks = [timer, EarlyStopping(monitor="val_loss", mode="min", patience=patience)]
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=max_epochs, callbacks=callbacks, logger=False,
+    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=max_epochs, callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=ckpt_dir is not None)  # fmt: skip
     t = time.perf_counter()
@@ -149,6 +154,7 @@ def recipe_fit(data: Transitions, train_idx, val_idx, *, max_epochs, patience, s
 
 
 def mse_on(net, norm, data: Transitions, idx) -> float:
+    net = net.cpu()
     with torch.no_grad():
         o = torch.as_tensor(norm.normalize(data.obs[idx].astype(np.float64)), dtype=torch.float32)
         o2 = torch.as_tensor(norm.normalize(data.next_obs[idx].astype(np.float64)), dtype=torch.float32)
@@ -195,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="recipe DataLoader workers (CleanDiffuser uses 8; 0 is "
                    "fastest on a 2-core machine)")  # fmt: skip
     p.add_argument("--skip-early-stop", action="store_true", help="table 1 only")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run every contender on this device")
     args = p.parse_args(argv)
 
     from pipeline.datasets import load_transitions
@@ -202,12 +209,13 @@ def main(argv=None) -> int:
     threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
     data = load_transitions(args.dataset)
-    auto = resolve_precision("auto", torch.device("cpu"))
+    auto = resolve_precision("auto", torch.device(args.device))
     print(f"machine: {machine()}; threads {threads}; load average {os.getloadavg()[0]:.1f} at start")
     print(f"data: {data.name}: {len(data):,} transitions, {len(np.unique(data.episode))} episodes, "
           f"obs_dim {data.obs_dim}, act_dim {data.act_dim}")  # fmt: skip
     flop = flops_per_sample(data.obs_dim, data.act_dim, 512)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = {"fp32": matmul_peak(torch.float32, device=args.device),
+             "bf16": matmul_peak(torch.bfloat16, device=args.device)}
     print(f"{flop / 1e6:.2f} MFLOP per training sample; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s; precision 'auto' here = {auto}\n")  # fmt: skip
 
@@ -220,20 +228,21 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             if r:  # re-measure the peak between rounds: a busy moment must not lower the reference
                 peaks = {
-                    k: max(v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16))
+                    k: max(v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16, device=args.device))
                     for k, v in peaks.items()
                 }
             for name in results:
                 if name == "recipe":
                     net, norm, info = recipe_fit(data, train_idx, val_idx, max_epochs=args.epochs, patience=10**6,
-                                                 seed=r, workers=args.workers)  # fmt: skip
+                                                 seed=r, workers=args.workers, device=args.device)  # fmt: skip
                     results[name].append(info["samples"] / info["train_time_s"])
                     val.setdefault(name, []).append(mse_on(net, norm, data, val_idx))
                 else:
                     precision = "fp32" if name == "ours fp32" else "auto"
                     settings = RECIPE_SETTINGS if name == same_recipe else {}
                     cfg = TrainConfig(split="transitions", keep="last", max_epochs=args.epochs, patience=10**6,
-                                      precision=precision, threads=threads, seed=r, **settings)  # fmt: skip
+                                      precision=precision, threads=threads, seed=r, device=args.device,
+                                      **settings)  # fmt: skip
                     res = train(data, cfg, Path(tmp) / f"{r}-{precision}")
                     results[name].append(res.metrics["samples_per_s"])
                     val.setdefault(name, []).append(res.metrics["heldout_mse"])
