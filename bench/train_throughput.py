@@ -143,8 +143,8 @@ def recipe_fit(data: Transitions, train_idx, val_idx, *, max_epochs, patience, s
     callbacks = [timer, EarlyStopping(monitor="val_loss", mode="min", patience=patience)]
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir))
-    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=max_epochs, callbacks=callbacks, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
+    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=max_epochs,
+                         callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=ckpt_dir is not None)  # fmt: skip
     t = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)

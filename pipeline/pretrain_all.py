@@ -69,8 +69,6 @@ def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -
         "run_path": f"{job['storage_path'].rstrip('/')}/{run_name}",
         "trial_entered_at": entered,
     }
-    for k, v in placement.TRAIN_ENV.items():
-        os.environ.setdefault(k, v)  # read by TorchTrainer here and propagated to its controller/workers
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -90,6 +88,8 @@ def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -
             ).fit()
             tune.report(result.return_value, checkpoint=tune.Checkpoint.from_directory(f"{tmp}/model"))
         return
+    for k, v in placement.TRAIN_ENV.items():
+        os.environ.setdefault(k, v)  # read by TorchTrainer here and propagated to its controller/workers
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trainer = TorchTrainer(
@@ -405,7 +405,7 @@ def parse_args(argv=None):
     ap.add_argument("--patience", type=int, help="early-stopping patience in evaluations (default: the trainer's)")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cpus-per-trial", type=float, help="CPUs of a trial's Train worker (default 1)")
+    ap.add_argument("--cpus-per-trial", type=float, help="CPUs of a trial (default 1)")
     ap.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial (default: 1/4 when the cluster has GPUs)")
     ap.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
     ap.add_argument("--executor", choices=EXECUTORS, default="local",

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 
-def train_one(loop_config: dict) -> dict | None:
-    """Train one config and report once, with the learning curve and the model dir as checkpoint.
+def train_worker(loop_config: dict) -> dict | None:
+    """The TorchTrainer's training function: train one config and report once, with the learning curve and
+    the model dir as checkpoint.
 
     Runs in a Ray Train worker (executor "train") or in the Tune trial's own process (executor "local": a
     TorchTrainer in Train's local mode). With `model_root` in the loop config, the model directory is written
@@ -63,11 +64,6 @@ def train_one(loop_config: dict) -> dict | None:
         checkpoint = ray.train.Checkpoint.from_directory(str(result.model_dir))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="model")
         return None
-
-
-def train_worker(loop_config: dict) -> dict | None:
-    """The TorchTrainer's training function (both executors)."""
-    return train_one(loop_config)
 
 
 def _maybe_crash(crash_once: dict | None, dataset: str) -> None:
