@@ -6,8 +6,10 @@
 Table 1 (equal epochs, the recipe's random 80/20 transition split, last weights): train samples/s
 (time inside training batches, validation excluded) and validation MSE after --epochs epochs, for
 the recipe (LightningModule, DataLoader of per-item dicts, batch 512, Adam 3e-4) and our loop in
-fp32 and in the precision "auto" picks here; the speed ratio, and our GFLOP/s against the matmul
-peak of the precision we train in, measured in this run. Runs are interleaved over --rounds and the
+fp32, in bf16, and with the recipe's model and optimizer settings (the loop alone); on CUDA also with
+the eager step instead of the CUDA graph (what the graph adds). The "step" column says how each ran
+(a graph step that could not be captured shows as such). The speed ratio, and our GFLOP/s against the
+matmul peak of the precision trained in, measured in this run. Runs are interleaved over --rounds and the
 median is reported, because a shared machine's load changes from minute to minute.
 
 Table 2 (time to early-stop): 20% of the episodes are set aside as a test set; each contender trains
@@ -18,6 +20,7 @@ checkpoint written each epoch; ours: defaults) and is scored on the test episode
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -63,6 +66,14 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, device: str =
         sync()
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def step_label(model_dir) -> str:
+    """How our steps ran, from the model's params.json: eager, a captured CUDA graph, or the graph step uncaptured."""
+    resolved = json.loads((Path(model_dir) / "params.json").read_text())["training"]["resolved"]
+    if resolved["step"] == "graph":
+        return "CUDA graph" if resolved["cuda_graph"] else "graph, NOT captured"
+    return resolved["step"]
 
 
 def subset(t: Transitions, idx: np.ndarray, name: str) -> Transitions:
@@ -221,9 +232,16 @@ def main(argv=None) -> int:
 
     # ---- table 1: equal epochs, recipe's split
     train_idx, val_idx = split_indices(data, "transitions", 0.2, 0)
-    same_recipe = f"ours {auto}, recipe settings"  # the loop alone: dropout 0.1, Adam 3e-4, no schedule
-    results = {"recipe": [], "ours fp32": [], f"ours auto ({auto})": [], same_recipe: []}
-    val = {}
+    contenders = {  # name -> TrainConfig changes; "recipe" is the Lightning re-creation
+        "recipe": None,
+        "ours fp32": {"precision": "fp32"},
+        "ours bf16": {"precision": "bf16"},
+        f"ours {auto}, recipe settings": {"precision": auto, **RECIPE_SETTINGS},  # the loop alone
+    }
+    if args.device == "cuda":  # what the CUDA graph adds: the same loop with the eager step
+        contenders[f"ours {auto}, eager step"] = {"precision": auto, "step": "eager"}
+    results = {name: [] for name in contenders}
+    val, steps = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             if r:  # re-measure the peak between rounds: a busy moment must not lower the reference
@@ -231,22 +249,21 @@ def main(argv=None) -> int:
                     k: max(v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16, device=args.device))
                     for k, v in peaks.items()
                 }
-            for name in results:
-                if name == "recipe":
+            for name, change in contenders.items():
+                if change is None:
                     net, norm, info = recipe_fit(data, train_idx, val_idx, max_epochs=args.epochs, patience=10**6,
                                                  seed=r, workers=args.workers, device=args.device)  # fmt: skip
                     results[name].append(info["samples"] / info["train_time_s"])
                     val.setdefault(name, []).append(mse_on(net, norm, data, val_idx))
+                    steps[name] = "Lightning"
                 else:
-                    precision = "fp32" if name == "ours fp32" else "auto"
-                    settings = RECIPE_SETTINGS if name == same_recipe else {}
                     cfg = TrainConfig(split="transitions", keep="last", max_epochs=args.epochs, patience=10**6,
-                                      precision=precision, threads=threads, seed=r, device=args.device,
-                                      **settings)  # fmt: skip
-                    res = train(data, cfg, Path(tmp) / f"{r}-{precision}")
+                                      threads=threads, seed=r, device=args.device, **change)  # fmt: skip
+                    res = train(data, cfg, Path(tmp) / f"{r}-{len(val)}")
                     results[name].append(res.metrics["samples_per_s"])
                     val.setdefault(name, []).append(res.metrics["heldout_mse"])
-                print(f"  round {r + 1}/{args.rounds} {name:>18}: {results[name][-1]:>9,.0f} samples/s, "
+                    steps[name] = step_label(res.model_dir)
+                print(f"  round {r + 1}/{args.rounds} {name:>24}: {results[name][-1]:>9,.0f} samples/s, "
                       f"val MSE {val[name][-1]:.5f}", flush=True)  # fmt: skip
     print(f"matmul peak, best of every measurement (the load changes): fp32 {peaks['fp32']:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
@@ -254,14 +271,14 @@ def main(argv=None) -> int:
     rows = []
     for name, speeds in results.items():
         sps = statistics.median(speeds)
-        prec = "fp32" if name in ("recipe", "ours fp32") else auto
+        prec = (contenders[name] or {}).get("precision", "fp32")
         gflops = sps * flop / 1e9
-        rows.append([name, prec, f"{sps:,.0f}", f"{sps / base:.2f}x", f"{statistics.mean(val[name]):.5f}",
-                     f"{gflops:.0f}", f"{gflops / peaks[prec]:.0%} of {peaks[prec]:.0f}"])  # fmt: skip
+        rows.append([name, prec, steps[name], f"{sps:,.0f}", f"{sps / base:.2f}x", f"{statistics.mean(val[name]):.5f}",
+                     f"{gflops:.0f}", f"{gflops / peaks[prec]:.1%} of {peaks[prec]:.0f}"])  # fmt: skip
     print(f"\nTable 1: {args.epochs} epochs, random 80/20 transition split, batch 512, hidden 512, median of "
           f"{args.rounds} interleaved rounds (val MSE: mean over rounds). recipe: dropout 0.1, Adam 3e-4; ours: our "
           f"defaults (no dropout, AdamW + cosine) unless 'recipe settings'")  # fmt: skip
-    print(table(["contender", "precision", "train samples/s", "vs recipe", f"val MSE after {args.epochs} ep",
+    print(table(["contender", "precision", "step", "train samples/s", "vs recipe", f"val MSE after {args.epochs} ep",
                  "GFLOP/s", "of matmul peak"], rows))  # fmt: skip
     if args.skip_early_stop:
         return 0

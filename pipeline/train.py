@@ -21,12 +21,13 @@ from .trainer import (
     PRECISIONS,
     SCHEDULES,
     SPLITS,
+    STEPS,
     TrainConfig,
     train,
 )
 
 CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES, "split": SPLITS, "keep": KEEPS,
-           "precision": PRECISIONS, "device": DEVICES}  # fmt: skip
+           "precision": PRECISIONS, "device": DEVICES, "step": STEPS}  # fmt: skip
 HELP = {
     "arch": "architecture (invdyn.models.ARCHITECTURES key)",
     "patience": "evaluations without val MSE improvement before stopping",
@@ -34,7 +35,8 @@ HELP = {
     "eval_every": "evaluate every N steps (default: once per epoch)",
     "split": "held-out set: whole episodes (default) or random transitions (CleanDiffuser)",
     "keep": "weights to save: best on validation (default) or last (CleanDiffuser)",
-    "precision": "training-step precision; auto = bf16 where the hardware has native bf16",
+    "precision": "training-step precision; auto = bf16 on a CPU with native bf16, else fp32",
+    "step": "how a step runs; auto = one CUDA graph per step on a GPU, eager on a CPU",
     "threads": "CPU threads (default: the CPUs this process was given)",
     "action_scale": "tanh output scale (default 1, or max |action| when actions leave [-1, 1])",
     "fp32_input_layer": "under bf16, keep the first layer (it sees raw s, s') in fp32",

@@ -313,11 +313,11 @@ def test_weight_average_is_what_is_validated_and_kept(tmp_path):
 
 
 def test_weight_average_update_and_swap():
-    from pipeline.trainer import _WeightAverage
+    from pipeline.steps import WeightAverage
 
     net = torch.nn.Linear(3, 2)
     raw = [p.detach().clone() for p in net.parameters()]
-    avg = _WeightAverage(net, decay=0.5)
+    avg = WeightAverage(net, decay=0.5)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1.0)
@@ -355,3 +355,59 @@ def test_subnormals_are_flushed_while_training_only_without_changing_results(sim
     monkeypatch.setattr(trainer, "_flush_denormals", lambda device: contextlib.nullcontext())
     plain = train(data, cfg, tmp_path / "plain")
     assert flushed.metrics["heldout_mse"] == pytest.approx(plain.metrics["heldout_mse"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- the CUDA-graph step, run uncaptured on CPU
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},  # the defaults: AdamW, cosine, weight average; 800 training rows = 12 batches of 64 and one of 32
+        {"loss": "huber", "optimizer": "adam", "schedule": "none", "ema": 0.0},
+        {"keep": "last", "eval_every": 5},
+        {"batch_size": 100},  # no partial batch
+    ],
+    ids=["defaults", "huber-adam-flat", "last-evalevery", "even-batches"],
+)
+def test_graph_step_matches_the_eager_step(tmp_path, change):
+    """The fixed-buffer step (device position, padded last batch, tensor LR from a device counter, average
+    decay on the device) takes the same optimization path as the eager step: same curve and weights."""
+    data = linear_transitions()
+    runs = [train(data, small(step=step, max_epochs=5, **change), tmp_path / step) for step in ("eager", "graph")]
+    for key in ("val_mse", "train_loss"):
+        eager, graph = ([r[key] for r in run.curve] for run in runs)
+        assert graph == pytest.approx(eager, rel=1e-4), key
+    assert runs[1].metrics["steps"] == runs[0].metrics["steps"] and runs[1].metrics["samples_per_s"] > 0
+    weights = [torch.load(r.model_dir / "model.ckpt", weights_only=True)["state_dict"] for r in runs]
+    for key in weights[0]:
+        assert torch.allclose(weights[1][key], weights[0][key], rtol=1e-3, atol=1e-5), key
+    resolved = [json.loads((r.model_dir / "params.json").read_text())["training"]["resolved"] for r in runs]
+    assert [r["step"] for r in resolved] == ["eager", "graph"]
+    assert not any(r["cuda_graph"] for r in resolved)  # nothing is captured without CUDA
+
+
+def test_graph_step_learning_rate_follows_the_cosine_schedule():
+    """The LR tensor the graph step writes equals CosineAnnealingLR's at every step, and the padded rows
+    of the last batch carry no weight."""
+    from pipeline.steps import GraphStep, build_optimizer
+    from pipeline.trainer import _build_model, _Resident, split_indices
+
+    data = linear_transitions(episodes=4, length=25)
+    train_idx, val_idx = split_indices(data, "episodes", 0.25, 0)
+    resident = _Resident.build(data, invdyn.GaussianNormalizer.from_data(data.obs), train_idx, val_idx, torch.device("cpu"))
+    config = small(batch_size=32)
+    net = _build_model(config, data, torch.device("cpu"))
+    total = 3 * 3  # 75 rows: 3 batches per epoch, the last one 11 rows and 21 padding
+    step = GraphStep(net, resident, config, total, "fp32", None)
+    _, sched = build_optimizer(config, _build_model(config, data, torch.device("cpu")), total)
+    assert float(step.weight.sum()) == 75 and float(step.weight[75:].sum()) == 0
+    for _ in range(3):
+        step.begin_epoch(resident.train_idx.flip(0))
+        for k in range(3):
+            step(k)
+            assert float(step.lr) == pytest.approx(sched.get_last_lr()[0], rel=1e-5)
+            sched.optimizer.step()
+            sched.step()
+        assert int(step.pos) == 96
+    assert step.loss.take_mean() > 0 and step.loss.count == 0
