@@ -121,6 +121,11 @@ def _as_2d(where: str, key: str, arr: np.ndarray) -> np.ndarray:
         arr = arr[:, None]
     if arr.ndim != 2:
         raise DatasetError(f"{where}: key {key!r} must be 2-D (rows, dims), got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise DatasetError(
+            f"{where}: key {key!r} has shape {arr.shape}, no dimensions; write it with one column per "
+            "dimension, or leave it out if it is optional (infos/*)"
+        )
     return arr
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_d4rl_file
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from invdyn.errors import InvdynError
@@ -93,6 +93,7 @@ key_change = st.tuples(
 
 @SETTINGS
 @given(changes=st.lists(key_change, min_size=1, max_size=3), seed=st.integers(0, 3), cache=st.booleans())
+@example(changes=[("infos/qpos", "float", N, 0)], seed=0, cache=True)  # found by this test: crashed the cache writer
 def test_hdf5_with_keys_missing_mistyped_or_misshapen(tmp_path, isolated_dirs, hostile_case, changes, seed, cache):
     hostile_case("hdf5 keys")
     rng = np.random.default_rng(seed)
@@ -107,6 +108,19 @@ def test_hdf5_with_keys_missing_mistyped_or_misshapen(tmp_path, isolated_dirs, h
             elif kind != "delete":
                 f.create_dataset(key, data=_array(kind, rows, width, rng))
     _load_ok_or_dataset_error(path, use_cache=cache)
+    _only_cache_written(isolated_dirs, path)
+
+
+@pytest.mark.parametrize("key", ["infos/qpos", "observations", "actions"])
+def test_hdf5_key_with_zero_columns_is_refused_by_name(tmp_path, isolated_dirs, key):
+    path = tmp_path / "data.hdf5"
+    write_d4rl_file(path, episodes=(5, 7), obs_dim=3, act_dim=2)
+    with h5py.File(path, "a") as f:
+        if key in f:
+            del f[key]
+        f.create_dataset(key, data=np.zeros((N, 0), np.float32))
+    with pytest.raises(DatasetError, match=f"{key}.*no dimensions"):
+        load_transitions(str(path))
     _only_cache_written(isolated_dirs, path)
 
 
