@@ -411,3 +411,40 @@ def test_graph_step_learning_rate_follows_the_cosine_schedule():
             sched.step()
         assert int(step.pos) == 96
     assert step.loss.take_mean() > 0 and step.loss.count == 0
+
+
+@pytest.mark.parametrize("change", [{}, {"loss": "huber", "optimizer": "adam", "schedule": "none"}], ids=["adamw-cosine", "adam-huber"])
+def test_graph_step_never_reads_a_device_value_on_the_host(change):
+    """A CUDA graph cannot capture a step that reads a tensor's value on the host (`.item()`, a bool mask,
+    a float LR taken from a tensor): every op the step dispatches is recorded and none is such a read; the
+    optimizer takes the tensor-LR kernel. The recorder does see such a read when there is one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipeline.steps import GraphStep, WeightAverage
+    from pipeline.trainer import _build_model, _Resident
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    data = linear_transitions()
+    train_idx, val_idx = split_indices(data, "episodes", 0.2, 0)
+    cpu = torch.device("cpu")
+    resident = _Resident.build(data, invdyn.GaussianNormalizer.from_data(data.obs), train_idx, val_idx, cpu)
+    config = small(**change)
+    net = _build_model(config, data, cpu)
+    step = GraphStep(net, resident, config, 100, "fp32", WeightAverage(net, 0.999))
+    step.begin_epoch(resident.train_idx)
+    step(0)  # the first step creates the optimizer state
+    with Recorder() as recorder:
+        step(1)
+    host_reads = [op for op in recorder.ops if "_local_scalar_dense" in op or "nonzero" in op or "masked_select" in op]
+    assert host_reads == [] and any("tensor_lr" in op for op in recorder.ops), recorder.ops
+    with Recorder() as recorder:
+        float(step.lr)
+    assert any("_local_scalar_dense" in op for op in recorder.ops)
