@@ -68,13 +68,23 @@ class WeightAverage:
             torch._foreach_copy_(self.raw, saved)
 
 
-def build_optimizer(config, net, total_steps: int):
-    """(optimizer, scheduler or None) for the eager step: fused Adam / AdamW, cosine over the steps."""
+def make_optimizer(config, net, lr=None, capturable: bool = False):
+    """Adam / AdamW as `config` says, the fused kernel where there is one (~15% faster per step than foreach).
+
+    `lr` may be a device tensor (the graph step's); `capturable` keeps the step count on the device too."""
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    try:  # the fused kernel (CPU and CUDA) is ~15% faster per step than the foreach one
-        opt = opt_cls(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # fused kernel unavailable for this device / build
-        opt = opt_cls(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    kwargs = {"lr": config.lr if lr is None else lr, "weight_decay": config.weight_decay}
+    if capturable:
+        kwargs["capturable"] = True
+    try:
+        return opt_cls(net.parameters(), fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # no fused kernel for this device / build (foreach takes a tensor LR if capturable)
+        return opt_cls(net.parameters(), **kwargs)
+
+
+def build_optimizer(config, net, total_steps: int):
+    """(optimizer, scheduler or None) for the eager step: cosine over all the steps, as CosineAnnealingLR."""
+    opt = make_optimizer(config, net)
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
         if config.schedule == "cosine"
@@ -152,18 +162,10 @@ class GraphStep:
         # cache_enabled=False: autocast's cast cache must not outlive a capture (torch.cuda.graphs notes)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
                                        cache_enabled=False)  # fmt: skip
-        self.opt = self._optimizer(config, device)
+        self.opt = make_optimizer(config, net, lr=self.lr, capturable=device.type == "cuda")
         self.loss = _LossSum(device)
         self.capture = device.type == "cuda"
         self.graph, self.eager_steps, self.captured = None, 0, False
-
-    def _optimizer(self, config, device):
-        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        kwargs = {"lr": self.lr, "weight_decay": config.weight_decay, "capturable": device.type == "cuda"}
-        try:
-            return opt_cls(self.net.parameters(), fused=True, **kwargs)
-        except (RuntimeError, TypeError):  # no fused kernel here: the foreach one takes a tensor LR when capturable
-            return opt_cls(self.net.parameters(), **kwargs)
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm[: self.n_train].copy_(perm)
