@@ -249,7 +249,7 @@ def main(argv=None) -> int:
                     k: max(v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16, device=args.device))
                     for k, v in peaks.items()
                 }
-            for name, change in contenders.items():
+            for i, (name, change) in enumerate(contenders.items()):
                 if change is None:
                     net, norm, info = recipe_fit(data, train_idx, val_idx, max_epochs=args.epochs, patience=10**6,
                                                  seed=r, workers=args.workers, device=args.device)  # fmt: skip
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
                 else:
                     cfg = TrainConfig(split="transitions", keep="last", max_epochs=args.epochs, patience=10**6,
                                       threads=threads, seed=r, device=args.device, **change)  # fmt: skip
-                    res = train(data, cfg, Path(tmp) / f"{r}-{len(val)}")
+                    res = train(data, cfg, Path(tmp) / f"{r}-{i}")
                     results[name].append(res.metrics["samples_per_s"])
                     val.setdefault(name, []).append(res.metrics["heldout_mse"])
                     steps[name] = step_label(res.model_dir)

@@ -509,7 +509,7 @@ def train(
         "resolved": {
             "device": str(device),
             "precision": precision,
-            "step": resolve_step(config.step, device),
+            "step": stats["step"],
             "cuda_graph": stats["cuda_graph"],
             "threads": threads,
             "torch": torch.__version__,
@@ -550,7 +550,8 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
     fp32_input = precision == "bf16" and config.fp32_input_layer
     average = WeightAverage(net, config.ema) if config.ema else None
     validated = average.swapped if average else contextlib.nullcontext
-    if resolve_step(config.step, device) == "graph":
+    step_kind = resolve_step(config.step, device)
+    if step_kind == "graph":
         take_step = GraphStep(net, data, config, total_steps, precision, average)
     else:
         take_step = EagerStep(net, data, config, total_steps, autocast, average)
@@ -598,7 +599,8 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
         with torch.no_grad():
             torch._foreach_copy_(average.raw, average.avg)
     stats = {"steps": step, "steps_per_epoch": steps_per_epoch, "samples": samples, "train_time_s": train_time,
-             "eval_time_s": eval_time, "stopped_early": stopped, "cuda_graph": take_step.captured}  # fmt: skip
+             "eval_time_s": eval_time, "stopped_early": stopped, "step": step_kind,
+             "cuda_graph": take_step.captured}  # fmt: skip
     return net.eval(), curve, stats
 
 
