@@ -57,8 +57,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["INVDYN_HOME"] = str(Path(tmp) / "home")  # a private cache: the bench never touches yours
-        from pipeline import cache
-        from pipeline.datasets import load_transitions
+        from pipeline.data import cache
+        from pipeline.data.sources import load_transitions
 
         path = Path(tmp) / "bench-halfcheetah.hdf5"
         write_file(path, args.transitions)
@@ -76,7 +76,7 @@ def main() -> None:
 
         t_touch, _ = best(touch, args.repeat)
         code = (
-            "import time, pyarrow, pyarrow.compute; from pipeline.datasets import load_transitions as L; "
+            "import time, pyarrow, pyarrow.compute; from pipeline.data.sources import load_transitions as L; "
             "t = time.perf_counter(); "
             f"x = L({str(path)!r}); assert x.stats['cache_hit']; print(time.perf_counter() - t)"
         )

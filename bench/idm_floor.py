@@ -6,9 +6,9 @@
 
 Same test episodes (bench/quality_vs_recipe.py: 20% of episodes, --test-seed), normalizer (the dev set's
 observations, as the trainer fits it), tracking starts, reference observations and metrics as
-pipeline.physics. Two measurements per dataset:
+pipeline.sim.physics. Two measurements per dataset:
 
-1. Greedy oracle tracking drift. The closed loop of pipeline.physics (from a recorded state, H steps, each
+1. Greedy oracle tracking drift. The closed loop of pipeline.sim.physics (from a recorded state, H steps, each
    step an action toward the next recorded observation from the *simulated* state), but the action is found
    in the real simulator: least squares on the normalized distance between the observation reached and the
    recorded next one, over the action box, started from the recorded action and from 0 (the better is
@@ -179,7 +179,7 @@ def tracking(
     """
     from tqdm.auto import tqdm
 
-    from pipeline.physics import normalized_rmse
+    from pipeline.sim.physics import normalized_rmse
 
     tr = replay.transitions
     ref = replay.reference_trajectory(starts, horizon, std)
@@ -331,9 +331,9 @@ def summarize(per_row: list[dict]) -> dict:
 def run_dataset(name: str, args, progress: bool) -> dict:
     import invdyn
     from invdyn.normalizer import GaussianNormalizer
-    from pipeline.datasets import load_transitions
-    from pipeline.physics import Replay, seeded_sample, window_starts
-    from pipeline.trainer import split_indices
+    from pipeline.data.sources import load_transitions
+    from pipeline.sim.physics import Replay, seeded_sample, window_starts
+    from pipeline.training.trainer import split_indices
 
     t = load_transitions(name)
     dev, test = split_indices(t, "episodes", 0.2, args.test_seed)

@@ -1,4 +1,4 @@
-"""Wall time of `pipeline.pretrain_all` and the share of it not spent in training steps.
+"""Wall time of `pipeline.job.pretrain_all` and the share of it not spent in training steps.
 
     python bench/pipeline_overhead.py [--datasets sim] [--max-epochs 15] [--modes local,train,sequential]
                                       [--out bench-out] [--json results.json]
@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def run_pipeline(executor: str, args, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--datasets", args.datasets, "--search",
+    cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--datasets", args.datasets, "--search",
            "--executor", executor, "--out", str(out), "--no-mlflow", "--verbose", "0"]  # fmt: skip
     if args.max_epochs:
         cmd += ["--max-epochs", str(args.max_epochs)]
@@ -56,10 +56,10 @@ def run_pipeline(executor: str, args, out: Path) -> dict:
 
 
 def run_sequential(args, out: Path) -> dict:
-    from pipeline import search
-    from pipeline.catalog import resolve_datasets
-    from pipeline.datasets import load_transitions
-    from pipeline.trainer import TrainConfig, available_cpus, train
+    from pipeline.data.catalog import resolve_datasets
+    from pipeline.data.sources import load_transitions
+    from pipeline.training import search
+    from pipeline.training.trainer import TrainConfig, available_cpus, train
 
     points = search.grid_points(search.DEFAULT_GRID)
     t0 = time.time()
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
-    from pipeline.catalog import resolve_datasets
-    from pipeline.datasets import prepare
+    from pipeline.data.catalog import resolve_datasets
+    from pipeline.data.sources import prepare
 
     for spec in resolve_datasets(args.datasets):  # simulate + cache outside the timed runs
         prepare(spec)

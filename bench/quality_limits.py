@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.report import RECIPE  # noqa: E402
+from pipeline.quality.report import RECIPE  # noqa: E402
 
 
 def _with_true_velocities(t):
@@ -50,9 +50,9 @@ def _with_true_velocities(t):
 
 def run(args) -> list[dict]:
     import invdyn
-    from pipeline.datasets import load_transitions
-    from pipeline.report import subset
-    from pipeline.trainer import TrainConfig, split_indices, train
+    from pipeline.data.sources import load_transitions
+    from pipeline.quality.report import subset
+    from pipeline.training.trainer import TrainConfig, split_indices, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

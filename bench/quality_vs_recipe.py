@@ -7,7 +7,7 @@ Protocol (the same for every candidate, so the comparison is fair): per dataset,
 (seeded) are set aside as the test set and never touched in training; each candidate trains on the rest
 with its own validation split and stopping rule (the recipe: random 80/20 of transitions, patience 3,
 last weights), and is scored on the test episodes: action MSE, and the closed-loop drift of MuJoCo
-following the recorded trajectory for --horizon steps (pipeline.evaluate). Writes OUT/results.json,
+following the recorded trajectory for --horizon steps (pipeline.quality.evaluate). Writes OUT/results.json,
 OUT/table.md, and a report (OUT/report/report.md + plots) with the best candidate as champion.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.report import RECIPE  # noqa: E402
+from pipeline.quality.report import RECIPE  # noqa: E402
 
 #: the recipe's fixes in one: honest episode split, best weights, no dropout, AdamW + cosine over 60 epochs
 LONG = {
@@ -50,7 +50,7 @@ CANDIDATES = {
     "res_mlp_bf16": {**LONG, "arch": "res_mlp", "precision": "bf16"},
     "long_bf16": {**LONG, "precision": "bf16"},
     "long_p10_bf16": {**LONG, "precision": "bf16", "patience": 10},
-    "defaults": None,  # TrainConfig() as it ships: what `pipeline.train` and `pretrain_all` use
+    "defaults": None,  # TrainConfig() as it ships: what `pipeline.training.cli` and `pretrain_all` use
 }
 DEFAULT_CANDIDATES = "recipe,adamw_cosine,res_mlp"
 SIM_SUITE = "sim-halfcheetah-mixed-v0,sim-hopper-mixed-v0,sim-walker2d-mixed-v0"
@@ -58,10 +58,10 @@ SIM_SUITE = "sim-halfcheetah-mixed-v0,sim-hopper-mixed-v0,sim-walker2d-mixed-v0"
 
 def run(args) -> list[dict]:
     import invdyn
-    from pipeline.datasets import load_transitions
-    from pipeline.evaluate import evaluate
-    from pipeline.report import subset
-    from pipeline.trainer import TrainConfig, split_indices, train
+    from pipeline.data.sources import load_transitions
+    from pipeline.quality.evaluate import evaluate
+    from pipeline.quality.report import subset
+    from pipeline.training.trainer import TrainConfig, split_indices, train
 
     out = Path(args.out)
     done = {}  # --resume: runs already in OUT/results.json whose model directory is still there
@@ -144,8 +144,8 @@ def table(rows: list[dict], horizon: int) -> str:
 
 
 def champion_report(rows: list[dict], out: Path, horizon: int) -> None:
-    """A pipeline.report with, per dataset, the candidate best on both metrics (sum of ratios) vs the recipe."""
-    from pipeline.report import write_report
+    """A pipeline.quality.report with, per dataset, the candidate best on both metrics (sum of ratios) vs the recipe."""
+    from pipeline.quality.report import write_report
 
     entries = []
     for name in dict.fromkeys(r["dataset"] for r in rows):

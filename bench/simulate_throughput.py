@@ -14,9 +14,9 @@ import resource
 import tempfile
 import time
 
-from pipeline.catalog import SIM_ENVS, SIM_POLICIES, SUITES
-from pipeline.rollout import rollout_chunk
-from pipeline.simulate import simulate
+from pipeline.data.catalog import SIM_ENVS, SIM_POLICIES, SUITES
+from pipeline.sim.rollout import rollout_chunk
+from pipeline.sim.simulate import simulate
 
 
 def main() -> None:

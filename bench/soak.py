@@ -2,7 +2,7 @@
 
     python bench/soak.py [--jobs 20] [--mode inprocess|subprocess] [--out soak-results.json]
 
-Each job is `pipeline.pretrain_all` on one small simulated dataset (2 epochs, 2 search points, MLflow on a
+Each job is `pipeline.job.pretrain_all` on one small simulated dataset (2 epochs, 2 search points, MLflow on a
 SQLite store in the soak folder) with its own local Ray, started and stopped by the job. All temp files of
 the jobs go to one folder (TMPDIR / RAY_TMPDIR), so the figures are ours, not other programs' on the machine:
 
@@ -79,14 +79,14 @@ def job_args(data: str, out: Path, soak: Path, i: int) -> list[str]:
 
 
 def run_inprocess(args_list: list[str]) -> tuple[int, float]:
-    from pipeline import pretrain_all
+    from pipeline.job import pretrain_all
 
     code = pretrain_all.main(args_list)
     return code, psutil.Process().memory_info().rss / 1e6
 
 
 def run_subprocess(args_list: list[str], env: dict) -> tuple[int, float]:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.pretrain_all", *args_list], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.job.pretrain_all", *args_list], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     peak = 0.0
     ps = psutil.Process(proc.pid)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     os.environ.update(env_over)
     os.environ.pop("RAY_ADDRESS", None)
     tempfile.tempdir = None  # re-read TMPDIR
-    from pipeline.simulate import simulate
+    from pipeline.sim.simulate import simulate
 
     data = str(simulate("sim-hopper-random-v0", transitions=args.transitions, out_dir=soak / "d4rl", progress=False))
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.report import RECIPE  # noqa: E402
-from pipeline.trainer import TrainConfig, available_cpus, resolve_precision, split_indices, train  # noqa: E402
-from pipeline.transitions import Transitions  # noqa: E402
+from pipeline.data.transitions import Transitions  # noqa: E402
+from pipeline.quality.report import RECIPE  # noqa: E402
+from pipeline.training.trainer import TrainConfig, available_cpus, resolve_precision, split_indices, train  # noqa: E402
 
 #: our loop with the recipe's model and optimizer settings: separates the loop's speed from the defaults
 RECIPE_SETTINGS = {k: RECIPE[k] for k in ("dropout", "optimizer", "lr", "weight_decay", "schedule")}
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run every contender on this device")
     args = p.parse_args(argv)
 
-    from pipeline.datasets import load_transitions
+    from pipeline.data.sources import load_transitions
 
     threads = args.threads or available_cpus()
     torch.set_num_threads(threads)

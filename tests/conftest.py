@@ -24,7 +24,7 @@ def sim_files(tmp_path_factory):
 
     Pass a path as the dataset spec: `load_transitions(str(sim_files["sim-hopper-random-v0"]))`.
     """
-    from pipeline.simulate import simulate
+    from pipeline.sim.simulate import simulate
 
     out = tmp_path_factory.mktemp("sim-datasets")
     sizes = {"sim-halfcheetah-random-v0": 6000, "sim-hopper-random-v0": 6000}

@@ -4,13 +4,13 @@ import os
 
 import numpy as np
 
-import pipeline.readers
-from pipeline import cache
-from pipeline.datasets import load_transitions, prepare
+import pipeline.data.readers
+from pipeline.data import cache
+from pipeline.data.sources import load_transitions, prepare
 
 
 def refuse_hdf5(path):
-    """Stands in for pipeline.readers.open_hdf5: a load that succeeds with it never parsed the source."""
+    """Stands in for pipeline.data.readers.open_hdf5: a load that succeeds with it never parsed the source."""
     raise AssertionError(f"HDF5 opened: {path}")
 
 
@@ -22,7 +22,7 @@ def test_second_load_is_a_cache_hit_that_never_opens_the_hdf5(d4rl_file, monkeyp
     assert first.stats["cache_hit"] is False
     assert cache.cache_path(first.sha256).is_file()
     with monkeypatch.context() as m:
-        m.setattr(pipeline.readers, "open_hdf5", refuse_hdf5)
+        m.setattr(pipeline.data.readers, "open_hdf5", refuse_hdf5)
         second = load_transitions(str(path))
     assert second.stats["cache_hit"] is True and second.stats["cache"] == str(cache.cache_path(first.sha256))
     for key in ("obs", "act", "next_obs", "episode", "qpos", "qvel"):
@@ -49,7 +49,7 @@ def test_same_content_elsewhere_shares_the_cache(d4rl_file, tmp_path, monkeypatc
     copy = tmp_path / "copy" / "renamed.h5"
     copy.parent.mkdir()
     copy.write_bytes(path.read_bytes())
-    monkeypatch.setattr(pipeline.readers, "open_hdf5", refuse_hdf5)
+    monkeypatch.setattr(pipeline.data.readers, "open_hdf5", refuse_hdf5)
     b = load_transitions(str(copy))
     assert b.stats["cache_hit"] and b.sha256 == a.sha256
     assert b.name == "renamed" and b.stats["source"] == str(copy.resolve())

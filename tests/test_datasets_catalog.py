@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.catalog import (
+from pipeline.data.catalog import (
     CATALOG,
     SUITES,
     DatasetMissingError,

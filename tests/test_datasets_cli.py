@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from pipeline.datasets import main
+from pipeline.data.sources import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.datasets", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pipeline.data.sources", *args], capture_output=True, text=True,
                           timeout=180)  # fmt: skip
 
 

@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from invdyn.errors import DownloadError
-from pipeline.catalog import DatasetError, file_path
-from pipeline.datasets import load_transitions
-from pipeline.download import dataset_url, download_dataset
+from pipeline.data.catalog import DatasetError, file_path
+from pipeline.data.download import dataset_url, download_dataset
+from pipeline.data.sources import load_transitions
 
 NAME = "hopper-medium-v2"
 REL = "gym_mujoco_v2/hopper_medium-v2.hdf5"
@@ -128,7 +128,7 @@ def test_unreachable_server_names_url_and_path(monkeypatch):
 
 def test_offline_cli_download_exits_nonzero_naming_url_and_path(isolated_dirs):
     env = {**os.environ, "INVDYN_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "pipeline.datasets", "download", NAME], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "pipeline.data.sources", "download", NAME], capture_output=True, text=True,
                        env=env, timeout=120)  # fmt: skip
     assert r.returncode != 0
     assert f"http://rail.eecs.berkeley.edu/datasets/offline_rl/{REL}" in r.stderr

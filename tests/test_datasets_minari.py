@@ -7,8 +7,8 @@ import gymnasium
 import numpy as np
 import pytest
 
-from pipeline.catalog import DatasetError, DatasetMissingError
-from pipeline.datasets import dataset_info, load_transitions
+from pipeline.data.catalog import DatasetError, DatasetMissingError
+from pipeline.data.sources import dataset_info, load_transitions
 
 
 @pytest.fixture

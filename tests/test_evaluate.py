@@ -1,4 +1,4 @@
-"""pipeline.evaluate: a trained IDM beats the mean action in real MuJoCo; the CLI contract; clear errors."""
+"""pipeline.quality.evaluate: a trained IDM beats the mean action in real MuJoCo; the CLI contract; clear errors."""
 
 import json
 import os
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import invdyn
-from pipeline.datasets import load_transitions
-from pipeline.evaluate import EvaluationError, attach_evaluation, evaluate, evaluation_tags
-from pipeline.trainer import TrainConfig, train
+from pipeline.data.sources import load_transitions
+from pipeline.quality.evaluate import EvaluationError, attach_evaluation, evaluate, evaluation_tags
+from pipeline.training.trainer import TrainConfig, train
 
 QUICK = {
     "hidden_dim": 128,
@@ -61,7 +61,7 @@ def test_trained_model_beats_the_mean_action_in_mujoco(result, trained):
 
 def test_evaluate_json_contract_from_the_command_line(trained, sim_files):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "pipeline.evaluate", str(trained), str(sim_files["sim-halfcheetah-random-v0"]),
+    cmd = [sys.executable, "-m", "pipeline.quality.evaluate", str(trained), str(sim_files["sim-halfcheetah-random-v0"]),
            "--json", "--starts", "4", "--samples", "100"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -79,7 +79,7 @@ def test_dims_mismatch_is_a_clear_error(trained, sim_files):
         EvaluationError, match=r"obs_dim=17, act_dim=6 .*'sim-hopper-random-v0' has obs_dim=11, act_dim=3"
     ):
         evaluate(invdyn.read_model_dir(trained), hopper)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", str(trained), str(sim_files["sim-hopper-random-v0"]),
+    proc = subprocess.run([sys.executable, "-m", "pipeline.quality.evaluate", str(trained), str(sim_files["sim-hopper-random-v0"]),
                            "--json"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
     assert proc.returncode == 2 and proc.stdout == ""
     assert "obs_dim=11" in proc.stderr and "obs_dim=17" in proc.stderr
@@ -144,7 +144,7 @@ def test_a_cleandiffuser_checkpoint_is_evaluated_on_all_rows(sim_files):
     """A model CleanDiffuser itself saved (no split recorded) is scored on every row, physics included."""
     from invdyn_testutil import CD_DIR
 
-    from pipeline.evaluate import load_model
+    from pipeline.quality.evaluate import load_model
 
     hopper = load_transitions(str(sim_files["sim-hopper-random-v0"]))
     r = evaluate(load_model(str(CD_DIR)), hopper, horizon=4, one_step_samples=50, tracking_starts=2)
@@ -156,8 +156,8 @@ def test_evaluation_is_logged_to_the_registered_champion(trained, cheetah, sim_f
     """`evaluate models:/...@champion --log-to-registry` puts the headline metrics on that registered version."""
     from mlflow import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.evaluate import main
+    from pipeline.quality.evaluate import main
+    from pipeline.registry import store as tracking
 
     uri = tracking.default_uri(tmp_path / "job")
     params = invdyn.read_model_dir(trained).params

@@ -11,9 +11,9 @@ import pytest
 from mlflow_helpers import model_record
 
 import invdyn
-from pipeline import tracking
-from pipeline.export import export_bundle
-from pipeline.export import main as export_main
+from pipeline.registry import store as tracking
+from pipeline.registry.export import export_bundle
+from pipeline.registry.export import main as export_main
 
 REPO = Path(__file__).resolve().parents[1]
 A, B = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
@@ -34,7 +34,7 @@ def test_export_is_reproducible_and_loads_offline_like_the_champion(registry, tm
     cli = [
         sys.executable,
         "-m",
-        "pipeline.export",
+        "pipeline.registry.export",
         "--out",
         str(tmp_path / "cli.zip"),
         "--mlflow-uri",
@@ -96,5 +96,5 @@ def test_export_cli_without_a_store_says_what_to_do(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     assert export_main(["--out", "x.zip"]) == 2
     err = capsys.readouterr().err
-    assert "no MLflow store" in err and "pipeline.pretrain_all" in err
+    assert "no MLflow store" in err and "python -m pipeline.pretrain_all" in err
     assert not (tmp_path / "invdyn-out").exists() and not (tmp_path / "x.zip").exists()

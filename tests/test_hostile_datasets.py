@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from invdyn.errors import InvdynError
-from pipeline.catalog import DatasetError, resolve_datasets
-from pipeline.datasets import load_transitions
-from pipeline.datasets import main as datasets_cli
+from pipeline.data.catalog import DatasetError, resolve_datasets
+from pipeline.data.sources import load_transitions
+from pipeline.data.sources import main as datasets_cli
 
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from invdyn.normalizer import GaussianNormalizer
-from pipeline.datasets import load_transitions
-from pipeline.physics import Replay, seeded_sample, window_starts
+from pipeline.data.sources import load_transitions
+from pipeline.sim.physics import Replay, seeded_sample, window_starts
 
 _spec = importlib.util.spec_from_file_location(
     "idm_floor", Path(__file__).resolve().parents[1] / "bench" / "idm_floor.py"

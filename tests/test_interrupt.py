@@ -1,10 +1,10 @@
 """Ctrl-C (SIGINT) and SIGTERM in the middle of real work, sent to a real subprocess at the moment it is busy:
 
-- a download from a loopback server that streams slowly (`invdyn fetch`, `pipeline.datasets download`):
+- a download from a loopback server that streams slowly (`invdyn fetch`, `pipeline.data.sources download`):
   only the resumable `.part` stays; the next run resumes with an HTTP Range request and installs;
 - the Arrow cache write of a prepared dataset: no half-written cache file; the next run rebuilds it;
 - a training run (`python -m pipeline.train`): no model directory, no temp directory; the next run trains;
-- a bundle export (`invdyn.write_bundle`, what `pipeline.export` writes with): no partial zip.
+- a bundle export (`invdyn.write_bundle`, what `pipeline.registry.export` writes with): no partial zip.
 """
 
 import os
@@ -145,8 +145,8 @@ def test_d4rl_download_interrupted_then_resumed(tmp_path, slow_server, monkeypat
     """`python -m pipeline.datasets download` from a mirror: SIGINT mid-file, then the rerun resumes."""
     server, www = slow_server
     name = "hopper-medium-v2"
-    from pipeline.catalog import file_path
-    from pipeline.download import D4RL_BASE, dataset_url
+    from pipeline.data.catalog import file_path
+    from pipeline.data.download import D4RL_BASE, dataset_url
 
     rel = dataset_url(name)[len(D4RL_BASE) :]
     (www / rel.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
@@ -154,18 +154,18 @@ def test_d4rl_download_interrupted_then_resumed(tmp_path, slow_server, monkeypat
     monkeypatch.setenv("INVDYN_D4RL_MIRROR", server.url("").rstrip("/"))
     dest = file_path(name)
     rc, err = _interrupt_when(
-        [sys.executable, "-m", "pipeline.datasets", "download", name, "--quiet"],
+        [sys.executable, "-m", "pipeline.data.sources", "download", name, "--quiet"],
         lambda: _part_bytes(dest.parent) > 100_000,
         signal.SIGINT,
     )
     assert rc != 0 and not dest.exists(), err
     kept = _part_bytes(dest.parent)
     server.slow = False
-    from pipeline.datasets import main
+    from pipeline.data.sources import main
 
     assert main(["download", name, "--quiet"]) == 0
     assert server.ranges[-1] == f"bytes={kept}-"
-    from pipeline.datasets import load_transitions
+    from pipeline.data.sources import load_transitions
 
     assert len(load_transitions(name)) == 40000 - 2 + 2  # next_observations: every row is a pair
 
@@ -175,14 +175,14 @@ def test_cache_write_interrupted_leaves_no_partial_cache(tmp_path, sig):
     path = tmp_path / "big.hdf5"
     write_d4rl_file(path, episodes=(300_000, 300_000), obs_dim=17, act_dim=6)
     cache = Path(os.environ["INVDYN_HOME"]) / "transitions"
-    code = f"from pipeline.datasets import load_transitions; load_transitions({str(path)!r})"
+    code = f"from pipeline.data.sources import load_transitions; load_transitions({str(path)!r})"
     rc, err = _interrupt_when(
         [sys.executable, "-c", code], lambda: cache.is_dir() and any(".tmp-" in p.name for p in cache.iterdir()), sig
     )
     assert rc != 0, err
     assert list(cache.glob("*.arrow")) == []  # no cache file, whole or half
     assert _temps(cache) == []
-    from pipeline.datasets import load_transitions
+    from pipeline.data.sources import load_transitions
 
     t = load_transitions(str(path))
     assert t.stats["cache_hit"] is False and len(t) == 600_000
@@ -196,7 +196,7 @@ def test_training_run_interrupted_writes_nothing(tmp_path, sig):
     write_d4rl_file(data, episodes=(3000, 3000), obs_dim=5, act_dim=2)
     out = tmp_path / "out" / "model"
     log = tmp_path / "train.log"
-    cmd = [sys.executable, "-m", "pipeline.train", "--dataset", str(data), "--out", str(out),
+    cmd = [sys.executable, "-m", "pipeline.training.cli", "--dataset", str(data), "--out", str(out),
            "--max-epochs", "1000", "--patience", "1000", "--hidden-dim", "64", "--threads", "1"]  # fmt: skip
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
@@ -213,7 +213,7 @@ def test_training_run_interrupted_writes_nothing(tmp_path, sig):
             proc.kill()
     assert proc.returncode != 0
     assert not out.exists() and _temps(tmp_path / "out") == []
-    from pipeline.train import main
+    from pipeline.training.cli import main
 
     assert main(["--dataset", str(data), "--out", str(out), "--max-epochs", "2", "--hidden-dim", "16", "--quiet"]) == 0
     assert invdyn.read_model_dir(out).params["config"]["hidden_dim"] == 16

@@ -1,4 +1,4 @@
-"""`pipeline.pretrain_all` with a real `mlflow server`: registers champions, exports the bundle, never moves
+"""`pipeline.job.pretrain_all` with a real `mlflow server`: registers champions, exports the bundle, never moves
 champion to a worse model, fails fast when the server is down, and recovers when it goes down mid-job."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow_helpers import MlflowServer, free_port
 
 import invdyn
-from pipeline import tracking
+from pipeline.registry import store as tracking
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def job_env(root: Path, **extra) -> dict:
 
 
 def job_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *map(str, args)]
+    return [sys.executable, "-m", "pipeline.job.pretrain_all", "--verbose", "0", *map(str, args)]
 
 
 def run_job(args, env, timeout=300) -> subprocess.CompletedProcess:
@@ -165,12 +165,12 @@ def test_server_stopped_before_registration_then_register_from_storage(server, s
     try:
         assert any("[1/1 done" in ln for ln in lines), "the job never finished its trial"
         record = summary(out)[CHEETAH]
-        assert "error" in record["registration"] and "pipeline.register --from-storage" in stderr
+        assert "error" in record["registration"] and "python -m pipeline.register --from-storage" in stderr
         model_dir = Path(record["model_dir"])
         assert (model_dir / "params.json").is_file() and not (tmp_path / "b.zip").exists()
     finally:
         server.start()  # (a no-op if it is still running)
-    cli = [sys.executable, "-m", "pipeline.register", "--from-storage", out, "--mlflow-uri", server.uri]
+    cli = [sys.executable, "-m", "pipeline.registry.register", "--from-storage", out, "--mlflow-uri", server.uri]
     proc = subprocess.run(list(map(str, cli)), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     sha = tracking.weights_sha256(model_dir)

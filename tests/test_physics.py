@@ -5,9 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.datasets import load_transitions
-from pipeline.physics import Replay, physics_metrics, successor_mask, window_starts
-from pipeline.transitions import Transitions
+from pipeline.data.sources import load_transitions
+from pipeline.data.transitions import Transitions
+from pipeline.sim.physics import Replay, physics_metrics, successor_mask, window_starts
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_short_episodes_give_one_step_but_no_tracking(hopper):
 
 def test_zero_padded_observations_like_d4rl_ant_replay(tmp_path):
     """D4RL's ant: Ant-v5's 27 dims (no contact forces) then 84 zeros; the env's obs is padded to match."""
-    from pipeline.simulate import simulate
+    from pipeline.sim.simulate import simulate
 
     t = load_transitions(
         str(simulate("sim-ant-random-v0", transitions=400, out_dir=tmp_path, workers=1, progress=False))

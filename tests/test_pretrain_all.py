@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import invdyn
-from pipeline.placement import PlacementError, decide
-from pipeline.search import SearchSpaceError, grid_points, parse_space, trial_key
+from pipeline.job.placement import PlacementError, decide
+from pipeline.training.search import SearchSpaceError, grid_points, parse_space, trial_key
 
 REPO = Path(__file__).resolve().parents[1]
 CHEETAH, HOPPER = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
@@ -35,7 +35,7 @@ def job_env(root: Path, **extra) -> dict:
 
 
 def run_job(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *args]
+    cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--verbose", "0", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
     return proc
@@ -161,7 +161,7 @@ def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_pa
     space = '{"max_epochs": [2, 60, 61], "patience": [1000], "hidden_dim": [256]}'
     args = ["--datasets", str(sim_files[HOPPER]), "--search-space", space,
             "--max-concurrent", "1", "--no-mlflow", "--out", str(out)]  # fmt: skip
-    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--verbose", "0", *args]
+    cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--verbose", "0", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 400
@@ -214,7 +214,7 @@ def test_placement_never_reserves_more_than_the_cluster_has():
 
 
 def test_trials_are_ordered_longest_first():
-    from pipeline.pretrain_all import make_trials
+    from pipeline.job.pretrain_all import make_trials
 
     info = {"obs_dim": 11, "act_dim": 3}
     ready = {"small": {"sha256": "a", "info": {**info, "transitions": 1000}},

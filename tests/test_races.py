@@ -55,7 +55,7 @@ def _racer(barrier, queue, target, args):
 
 
 def _prepare(path):
-    from pipeline.datasets import load_transitions
+    from pipeline.data.sources import load_transitions
 
     t = load_transitions(path)
     return {"hit": t.stats["cache_hit"], "cache": t.stats["cache"], "n": len(t), "sum": float(t.obs.sum())}
@@ -70,7 +70,7 @@ def test_two_processes_prepare_one_cache(tmp_path):
     arrows = list(Path(os.environ["INVDYN_HOME"]).rglob("*.arrow"))
     assert [str(a) for a in arrows] == [results[0]["cache"]]
     assert _leftovers(Path(os.environ["INVDYN_HOME"])) == []
-    from pipeline.datasets import load_transitions
+    from pipeline.data.sources import load_transitions
 
     t = load_transitions(str(path))
     assert t.stats["cache_hit"] and len(t) == results[0]["n"]
@@ -118,8 +118,8 @@ def _call(fn, args):
 
 def _prepare_sim(name, marker_dir):
     """load_transitions of a missing sim-* name; records (in marker_dir) every simulate() it really runs."""
-    import pipeline.simulate as sim
-    from pipeline.datasets import load_transitions
+    import pipeline.sim.simulate as sim
+    from pipeline.data.sources import load_transitions
 
     real = sim.simulate
 
@@ -147,7 +147,7 @@ def test_two_processes_simulate_one_missing_dataset(tmp_path, monkeypatch):
 
 
 def _simulate_to(name, out):
-    from pipeline.simulate import simulate
+    from pipeline.sim.simulate import simulate
 
     return str(simulate(name, transitions=2000, seed=0, out_dir=out, workers=1, progress=False))
 
@@ -157,7 +157,7 @@ def test_two_simulate_runs_write_the_same_file(tmp_path):
     out = tmp_path / "out"
     results = _race(_simulate_to, [("sim-halfcheetah-random-v0", str(out))] * 2)
     assert len(set(results)) == 1
-    from pipeline.readers import read_hdf5
+    from pipeline.data.readers import read_hdf5
 
     t = read_hdf5(results[0])
     assert len(t) == 2000 and t.qpos is not None

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_pretrain_all import CHEETAH, HOPPER, REPO, job_env
 
-from pipeline import pretrain_all
+from pipeline.job import pretrain_all
 
 pytestmark = pytest.mark.slow
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
@@ -82,7 +82,7 @@ def test_ray_job_submit_with_token_auth(sim_files, tmp_path):
         assert e.value.code == 401
         submit = subprocess.run(
             [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-             "python", "-m", "pipeline.pretrain_all", "--datasets", str(sim_files[HOPPER]), "--max-epochs", "2",
+             "python", "-m", "pipeline.job.pretrain_all", "--datasets", str(sim_files[HOPPER]), "--max-epochs", "2",
              "--no-mlflow", "--verbose", "0", "--out", str(out)],  # fmt: skip
             env=env, cwd=REPO, capture_output=True, text=True, timeout=540,
         )

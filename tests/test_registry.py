@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from mlflow_helpers import MlflowServer, model_record
 
 import invdyn
-from pipeline import tracking
-from pipeline.register import register_from_storage
+from pipeline.registry import store as tracking
+from pipeline.registry.register import register_from_storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,8 @@ def test_bad_records_are_refused_with_the_reason(tmp_path):
 RACER = """
 import json, sys, time
 from pathlib import Path
-from pipeline import tracking
-from pipeline.register import register_from_storage
+from pipeline.registry import store as tracking
+from pipeline.registry.register import register_from_storage
 uri, records, go = sys.argv[1], json.load(open(sys.argv[2])), Path(sys.argv[3])
 print("ready", flush=True)
 while not go.exists():
@@ -181,13 +181,13 @@ def test_concurrent_registrations_leave_champion_on_the_best(store, request, tmp
 
 def test_server_down_retry_then_register_from_storage(server, tmp_path):
     """Server stopped before registration: a clear error naming the recovery command; a registration
-    already retrying survives the (short) outage; `pipeline.register --from-storage` finishes the rest."""
+    already retrying survives the (short) outage; `python -m pipeline.register --from-storage` finishes the rest."""
     job = tmp_path / "job"
     records = [model_record(job, "sim-a-v0", 1, 0.3), model_record(job, "sim-b-v0", 2, 0.4)]
     records[1]["model_dir"] = str(Path(records[1]["model_dir"]).relative_to(job))  # relative paths work too
     records.append({"dataset": "sim-broken-v0", "error": "dataset failed to load"})
     (job / "summary.json").write_text(json.dumps(records))
-    cli = [sys.executable, "-m", "pipeline.register", "--from-storage", str(job), "--mlflow-uri", server.uri]
+    cli = [sys.executable, "-m", "pipeline.registry.register", "--from-storage", str(job), "--mlflow-uri", server.uri]
     retried = model_record(tmp_path, "sim-outage-v0", 3, 0.2)
     result, errors = {}, []
 

@@ -105,7 +105,7 @@ def test_dataset_cache_on_bad_storage(request, tmp_path, monkeypatch, caplog, fa
         (where / "home").mkdir()
     data = tmp_path / "data.hdf5"
     write_d4rl_file(data, episodes=(20000, 20000), obs_dim=11, act_dim=3)  # ~4 MB of arrays: more than 1 MiB
-    from pipeline.datasets import load_transitions, main
+    from pipeline.data.sources import load_transitions, main
 
     with caplog.at_level("WARNING"):
         t = load_transitions(str(data))
@@ -154,14 +154,14 @@ def test_training_output_on_bad_storage(request, tmp_path, fault):
     data = tmp_path / "data.hdf5"
     write_d4rl_file(data, episodes=(500, 500), obs_dim=5, act_dim=2)
     out = where / "model"
-    cmd = [sys.executable, "-m", "pipeline.train", "--dataset", str(data), "--out", str(out), "--max-epochs", "1",
+    cmd = [sys.executable, "-m", "pipeline.training.cli", "--dataset", str(data), "--out", str(out), "--max-epochs", "1",
            "--hidden-dim", "1024", "--batch-size", "64", "--quiet"]  # fmt: skip
     if os.path.ismount(where):  # a real fault: the CLI as a user runs it
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2, r.stderr
         assert f"error: cannot write {out}" in r.stderr and "Traceback" not in r.stderr
     else:
-        from pipeline.train import main
+        from pipeline.training.cli import main
 
         assert main(cmd[3:]) == 2
     assert not out.exists() and _temps(where) == []
@@ -204,7 +204,7 @@ def test_worker_node_killed_mid_trial_is_retried_and_nothing_is_lost(sim_files, 
     out, storage = tmp_path / "out", tmp_path / "shared-storage"
     data = str(sim_files["sim-hopper-random-v0"])
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--datasets", data, "--search-space",
+    cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--datasets", data, "--search-space",
            '{"hidden_dim": [32, 48]}', "--max-epochs", "60", "--patience", "60", "--batch-size", "256",
            "--no-mlflow", "--verbose", "0", "--max-failures", "3", "--storage-path", str(storage), "--out", str(out)]  # fmt: skip
     log = tmp_path / "job.log"
@@ -264,7 +264,7 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
     env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_TRACKING_USERNAME="invdyn",
                MLFLOW_TRACKING_PASSWORD=canary, AWS_SECRET_ACCESS_KEY=canary, RAY_AUTH_TOKEN_UNUSED=canary,
                INVDYN_MLFLOW_RETRIES="8")  # fmt: skip
-    cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--datasets", datasets, "--search-space",
+    cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--datasets", datasets, "--search-space",
            '{"hidden_dim": [32, 48]}', "--max-epochs", "15", "--batch-size", "256", "--num-cpus", "2",
            "--verbose", "0", "--mlflow-uri", server.uri, "--export", str(bundle), "--out", str(out)]  # fmt: skip
     restarted = False
@@ -312,7 +312,7 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
 @pytest.mark.parametrize("where", ["out", "storage"])
 def test_job_output_or_storage_path_read_only_fails_before_training(readonly_dir, tmp_path, capsys, where):
     """pretrain_all checks its output folder and a local --storage-path before starting Ray or any trial."""
-    from pipeline import pretrain_all
+    from pipeline.job import pretrain_all
 
     out = readonly_dir / "out" if where == "out" else tmp_path / "out"
     storage = readonly_dir / "ray" if where == "storage" else tmp_path / "ray"

@@ -15,9 +15,9 @@ from mlflow_helpers import model_record
 from test_pretrain_all import CHEETAH, job_env, run_job
 
 import invdyn
-from pipeline import tracking
-from pipeline.pretrain_all import parse_args
-from pipeline.register import register_from_storage
+from pipeline.job.pretrain_all import parse_args
+from pipeline.registry import store as tracking
+from pipeline.registry.register import register_from_storage
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-import pipeline.simulate
-from pipeline.catalog import CATALOG, SIM_ENVS, SUITES, DatasetError
-from pipeline.datasets import load_transitions
-from pipeline.simulate import GENERATOR, simulate
+import pipeline.sim.simulate
+from pipeline.data.catalog import CATALOG, SIM_ENVS, SUITES, DatasetError
+from pipeline.data.sources import load_transitions
+from pipeline.sim.simulate import GENERATOR, simulate
 
 
 def replay_errors(path, rows):
@@ -85,7 +85,7 @@ def test_policies_differ_in_temporal_structure(tmp_path):
 
 
 def test_reproducible_and_independent_of_worker_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.simulate, "CHUNK", 1000)  # several chunks from a small dataset
+    monkeypatch.setattr(pipeline.sim.simulate, "CHUNK", 1000)  # several chunks from a small dataset
     name, n = "sim-hopper-ou-v0", 3500
     one = simulate(name, transitions=n, seed=7, out_dir=tmp_path / "w1", workers=1, progress=False)
     two = simulate(name, transitions=n, seed=7, out_dir=tmp_path / "w2", workers=2, progress=False)
@@ -116,7 +116,7 @@ def test_sim_suite_and_names():
 def test_cli_writes_the_file(tmp_path, capsys):
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.simulate", "sim-hopper-gait-v0", "--transitions", "300", "--seed", "2",
+        [sys.executable, "-m", "pipeline.sim.simulate", "sim-hopper-gait-v0", "--transitions", "300", "--seed", "2",
          "--out", str(out)], capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -124,13 +124,13 @@ def test_cli_writes_the_file(tmp_path, capsys):
     assert r.stdout.strip() == str(path)
     with h5py.File(path) as f:
         assert f["actions"].shape == (300, 3) and f.attrs["seed"] == 2
-    assert pipeline.simulate.main(["hopper-medium-v2"]) != 0  # a D4RL name is never simulated
+    assert pipeline.sim.simulate.main(["hopper-medium-v2"]) != 0  # a D4RL name is never simulated
     assert "'hopper-medium-v2': it is a D4RL dataset" in capsys.readouterr().err
 
 
 def test_gait_and_ou_reach_states_random_never_reaches():
     """Hopper: a fifth of gait / ou rows lie outside everything a random policy visited; random itself ~1 %."""
-    from pipeline.rollout import rollout_chunk
+    from pipeline.sim.rollout import rollout_chunk
 
     base = rollout_chunk("hopper", "random", 0, 0, 3000)["observations"]
     lo, hi = base.min(0), base.max(0)

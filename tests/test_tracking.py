@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow_helpers import free_port
 
-from pipeline import tracking
+from pipeline.registry import store as tracking
 
 
 def test_default_uri_and_resolution(tmp_path, monkeypatch):

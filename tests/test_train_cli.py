@@ -7,12 +7,12 @@ import sys
 import pytest
 
 import invdyn
-from pipeline.train import main
+from pipeline.training.cli import main
 
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.train", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "pipeline.training.cli", *args], capture_output=True, text=True, timeout=300
     )
 
 

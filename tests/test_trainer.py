@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import invdyn
-from pipeline.trainer import (
+from pipeline.data.transitions import Transitions
+from pipeline.training.trainer import (
     EarlyStopping,
     TrainConfig,
     TrainConfigError,
@@ -20,7 +21,6 @@ from pipeline.trainer import (
     split_indices,
     train,
 )
-from pipeline.transitions import Transitions
 
 
 def linear_transitions(
@@ -174,7 +174,7 @@ def test_same_seed_same_weights_on_cpu(tmp_path, precision):
 
 
 def test_learns_on_simulated_halfcheetah_and_loads(sim_files, tmp_path):
-    from pipeline.datasets import load_transitions
+    from pipeline.data.sources import load_transitions
 
     data = load_transitions(str(sim_files["sim-halfcheetah-random-v0"]))
     cfg = TrainConfig(hidden_dim=256, max_epochs=25, patience=3, batch_size=256, threads=1)
@@ -260,7 +260,7 @@ def test_adamw_cosine_huber_variant_learns(tmp_path):
 def test_threads_default_to_the_cpus_given():
     code = (
         "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-        "from pipeline.trainer import available_cpus; print(available_cpus())"
+        "from pipeline.training.trainer import available_cpus; print(available_cpus())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
@@ -313,7 +313,7 @@ def test_weight_average_is_what_is_validated_and_kept(tmp_path):
 
 
 def test_weight_average_update_and_swap():
-    from pipeline.steps import WeightAverage
+    from pipeline.training.steps import WeightAverage
 
     net = torch.nn.Linear(3, 2)
     raw = [p.detach().clone() for p in net.parameters()]
@@ -343,8 +343,8 @@ def _subnormals_flushed() -> bool:
 def test_subnormals_are_flushed_while_training_only_without_changing_results(sim_files, tmp_path, monkeypatch):
     import contextlib
 
-    import pipeline.trainer as trainer
-    from pipeline.datasets import load_transitions
+    import pipeline.training.trainer as trainer
+    from pipeline.data.sources import load_transitions
 
     data = load_transitions(str(sim_files["sim-halfcheetah-random-v0"]))
     seen = []
@@ -390,8 +390,8 @@ def test_graph_step_matches_the_eager_step(tmp_path, change):
 def test_graph_step_learning_rate_follows_the_cosine_schedule():
     """The LR tensor the graph step writes equals CosineAnnealingLR's at every step, and the padded rows
     of the last batch carry no weight."""
-    from pipeline.steps import GraphStep, build_optimizer
-    from pipeline.trainer import _build_model, _Resident, split_indices
+    from pipeline.training.steps import GraphStep, build_optimizer
+    from pipeline.training.trainer import _build_model, _Resident, split_indices
 
     data = linear_transitions(episodes=4, length=25)
     train_idx, val_idx = split_indices(data, "episodes", 0.25, 0)
@@ -420,8 +420,8 @@ def test_graph_step_never_reads_a_device_value_on_the_host(change):
     optimizer takes the tensor-LR kernel. The recorder does see such a read when there is one."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pipeline.steps import GraphStep, WeightAverage
-    from pipeline.trainer import _build_model, _Resident
+    from pipeline.training.steps import GraphStep, WeightAverage
+    from pipeline.training.trainer import _build_model, _Resident
 
     class Recorder(TorchDispatchMode):
         def __init__(self):

@@ -56,7 +56,7 @@ def env_kwargs_for(transitions) -> dict:
     """Keyword arguments of the env (e.g. Ant without contact forces): stats["env_kwargs"], else the catalog."""
     kwargs = (transitions.stats or {}).get("env_kwargs")
     if kwargs is None:
-        from .catalog import CATALOG
+        from pipeline.data.catalog import CATALOG
 
         kwargs = (CATALOG.get(transitions.name) or {}).get("env_kwargs") or {}
     return json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs)

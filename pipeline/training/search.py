@@ -23,7 +23,7 @@ class SearchSpaceError(InvdynError, ValueError):
 
 
 def train_config_fields() -> set[str]:
-    from .trainer import TrainConfig
+    from pipeline.training.trainer import TrainConfig
 
     return {f.name for f in dataclasses.fields(TrainConfig)}
 

@@ -1,6 +1,6 @@
 """Which trial becomes a dataset's model: `pretrain_all --select-by {heldout_mse,one_step_error,tracking_drift}`.
 
-After the trials, the job evaluates (pipeline.evaluate) the best `--select-top` finished trials of each
+After the trials, the job evaluates (pipeline.quality.evaluate) the best `--select-top` finished trials of each
 dataset by held-out MSE on the held-out episodes of their own training split, in MuJoCo, as Ray tasks
 that each hold a trial's CPUs (so a cluster evaluates them in parallel), and keeps the one with the
 lowest `--select-by` metric. With the default `heldout_mse` only the best trial by held-out MSE is
@@ -18,7 +18,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from .evaluate import SELECT_METRICS, headline
+from pipeline.quality.evaluate import SELECT_METRICS, headline
 
 DEFAULT_TOP = 3
 
@@ -39,7 +39,7 @@ class Options:
 
 def physics_reason(transitions) -> str | None:
     """None when the dataset can be replayed in MuJoCo, else why not (one line)."""
-    from .physics import PhysicsUnavailable, env_id_for
+    from pipeline.sim.physics import PhysicsUnavailable, env_id_for
 
     if transitions.qpos is None or transitions.qvel is None:
         return f"{transitions.name} has no recorded simulator state (HDF5 keys infos/qpos, infos/qvel)"
@@ -71,9 +71,8 @@ def _evaluate_task(checkpoint_path: str, data, state, reason: str | None, opts: 
     import torch
 
     import invdyn
-
-    from .evaluate import evaluate
-    from .pretrain_all import fetch_model
+    from pipeline.job.pretrain_all import fetch_model
+    from pipeline.quality.evaluate import evaluate
 
     torch.set_num_threads(max(1, int(opts["num_cpus"])))
     if state is not None:

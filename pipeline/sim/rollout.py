@@ -1,6 +1,6 @@
 """Rolling out Gymnasium MuJoCo envs under a behaviour policy: the work each simulation process does.
 
-Kept free of invdyn / torch imports: `python -m pipeline.rollout` worker processes start in a fraction of a
+Kept free of invdyn / torch imports: `python -m pipeline.sim.rollout` worker processes start in a fraction of a
 second (a multiprocessing "spawn" child would re-import the parent's main module, and with it torch).
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .policies import episode_actions
+from pipeline.sim.policies import episode_actions
 
 #: Gymnasium MuJoCo envs we simulate: short name -> env id, make() kwargs, obs / act dims.
 #: Ant drops the contact-force part of the observation (27 dims = qpos[2:] + qvel): D4RL's 111-dim ant
@@ -104,5 +104,5 @@ def run_worker(job_dir: Path, worker: int, workers: int) -> None:
         os.replace(tmp, job_dir / f"chunk-{job[3]}.npz")
 
 
-if __name__ == "__main__":  # python -m pipeline.rollout JOB_DIR WORKER WORKERS (started by pipeline.simulate)
+if __name__ == "__main__":  # python -m pipeline.sim.rollout JOB_DIR WORKER WORKERS (started by pipeline.sim.simulate)
     run_worker(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -268,7 +268,7 @@ def code_version() -> str:
     env = os.environ.get("INVDYN_CODE_VERSION")
     if env:
         return env
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],
@@ -633,7 +633,7 @@ def choose_champion(versions, metric: str = "heldout_mse") -> str | None:
 
 def champion_metric(client: MlflowClient, name: str) -> str:
     """The champion rule of registered model `name`: its `champion_metric` tag (default heldout_mse)."""
-    from .evaluate import SELECT_METRICS
+    from pipeline.quality.evaluate import SELECT_METRICS
 
     metric = client.get_registered_model(name).tags.get(CHAMPION_METRIC_TAG) or "heldout_mse"
     if metric not in SELECT_METRICS:
@@ -765,7 +765,7 @@ def register_dataset(uri: str, record: dict, *, alias: str = CHAMPION, attempts:
     it only if it is better (see `choose_champion`). Idempotent: the same weights are registered once.
 
     `record` holds at least dataset, heldout_mse, model_dir (+ sha256, baseline_mse, config, trial_id,
-    mlflow_run_id, job when known). `record["evaluation"]` (pipeline.evaluate's headline metrics) becomes
+    mlflow_run_id, job when known). `record["evaluation"]` (pipeline.quality.evaluate's headline metrics) becomes
     the version's `eval.*` tags, set when it is created; `record["champion_metric"]` sets the registered
     model's champion rule (tag `champion_metric`) before the alias is settled.
     Returns {"model_name", "version", "champion", "reason", "champion_metric", ...}.
@@ -778,7 +778,7 @@ def register_dataset(uri: str, record: dict, *, alias: str = CHAMPION, attempts:
         raise TrackingError(
             f"{record['dataset']}: heldout_mse {record['heldout_mse']!r} is not a finite number"
         )
-    from .evaluate import SELECT_METRICS
+    from pipeline.quality.evaluate import SELECT_METRICS
 
     if record.get("champion_metric") not in (None, *SELECT_METRICS):
         raise TrackingError(
@@ -868,11 +868,11 @@ def _register(uri: str, record: dict, model_dir: Path, sha: str, alias: str) -> 
 
 
 def _eval_tags(record: dict) -> dict:
-    """`eval.*` version tags (strings) from the record's evaluation (pipeline.evaluate.evaluation_tags)."""
+    """`eval.*` version tags (strings) from the record's evaluation (pipeline.quality.evaluate.evaluation_tags)."""
     evaluation = record.get("evaluation")
     if not isinstance(evaluation, dict) or not evaluation:
         return {}
-    from .evaluate import evaluation_tags
+    from pipeline.quality.evaluate import evaluation_tags
 
     return {k: repr(v) for k, v in evaluation_tags(evaluation).items()}
 

@@ -28,7 +28,7 @@ def train_worker(loop_config: dict) -> dict | None:
     import ray
     import torch
 
-    from .trainer import TrainConfig, train
+    from pipeline.training.trainer import TrainConfig, train
 
     trial = loop_config["trial"]
     threads = loop_config["threads"]

@@ -4,7 +4,7 @@ Plain PyTorch (no Ray, no Lightning); Ray Train and Tune only wrap `train`. Why 
 observations are normalized and kept on the device once, batches are gathers by random index (no
 per-item DataLoader), Adam is the fused kernel, bf16 autocast runs on CPUs with native bf16, the
 loss is only read back at evaluations (no per-step device sync), and on a GPU the whole step is replayed
-as one CUDA graph (`pipeline.steps`). Why it is honest: by default
+as one CUDA graph (`pipeline.training.steps`). Why it is honest: by default
 the held-out set is whole episodes (`split="episodes"`), so neighbours of a validation transition never
 appear in training, and every metric reported is computed in fp32 on the weights that are saved (the
 per-epoch validation that early stopping watches runs in the training precision, as the steps do).
@@ -37,9 +37,8 @@ from invdyn.errors import InvdynError
 from invdyn.model_dir import save_model_dir
 from invdyn.models import ARCHITECTURES, build_model
 from invdyn.normalizer import GaussianNormalizer
-
-from .steps import EagerStep, GraphStep, WeightAverage
-from .transitions import Transitions
+from pipeline.data.transitions import Transitions
+from pipeline.training.steps import EagerStep, GraphStep, WeightAverage
 
 SPLITS = ("episodes", "transitions")
 OPTIMIZERS = ("adam", "adamw")
@@ -67,7 +66,7 @@ class TrainConfig:
     set: no dropout, AdamW (lr 1e-3, weight decay 1e-4) with a cosine schedule over 60 epochs, an exponential
     moving average of the weights (0.999), the honest episode split and the best (averaged) weights kept;
     precision / device / threads are chosen for the machine.
-    `pipeline.report.RECIPE` pins CleanDiffuser's own recipe for comparison."""
+    `pipeline.quality.report.RECIPE` pins CleanDiffuser's own recipe for comparison."""
 
     arch: str = "fancy_mlp"  # key of invdyn.models.ARCHITECTURES
     hidden_dim: int = 512

@@ -12,8 +12,7 @@ import os
 from pathlib import Path
 
 from invdyn.errors import InvdynError
-
-from .rollout import SIM_ENVS
+from pipeline.sim.rollout import SIM_ENVS
 
 
 class DatasetError(InvdynError, ValueError):
@@ -31,7 +30,7 @@ class DatasetMissingError(DatasetError, FileNotFoundError):
 _TABLE = json.loads((Path(__file__).with_name("d4rl_catalog.json")).read_text())
 _D4RL: dict[str, dict] = _TABLE["datasets"]
 
-#: Behaviour policies (implemented in pipeline.policies): uniform random, Ornstein-Uhlenbeck correlated
+#: Behaviour policies (implemented in pipeline.sim.policies): uniform random, Ornstein-Uhlenbeck correlated
 #: noise, a noisy periodic gait (reaches fast, coordinated motion random never does), and a per-episode mix.
 SIM_POLICIES = ("random", "ou", "gait", "mixed")
 #: Policy of the `sim` suite: the mix covers the union of the others' states (see README, datasets section).

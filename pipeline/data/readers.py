@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from invdyn._files import sha256_file
-
-from .catalog import DatasetError, DatasetMissingError
-from .transitions import Transitions
+from pipeline.data.catalog import DatasetError, DatasetMissingError
+from pipeline.data.transitions import Transitions
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from invdyn._download import download
 from invdyn.errors import DownloadError
-
-from .catalog import CATALOG, DatasetError, file_path, unknown
-from .readers import check_hdf5
+from pipeline.data.catalog import CATALOG, DatasetError, file_path, unknown
+from pipeline.data.readers import check_hdf5
 
 D4RL_BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 

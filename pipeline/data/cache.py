@@ -23,9 +23,8 @@ import numpy as np
 
 from invdyn._files import atomic_file, sha256_file, write_json
 from invdyn.paths import invdyn_home
-
-from .readers import READER_VERSION
-from .transitions import Transitions
+from pipeline.data.readers import READER_VERSION
+from pipeline.data.transitions import Transitions
 
 _MATRICES = ("obs", "act", "next_obs", "qpos", "qvel")
 #: a file modified less than this before it was hashed is re-hashed on the next load (coarse timestamps)

@@ -1,0 +1,354 @@
+"""Evaluate an IDM on the held-out episodes of a dataset: action errors, and what its actions do in MuJoCo.
+
+`python -m pipeline.evaluate MODEL DATASET [--json] [--horizon 32]`
+
+MODEL is a model directory, a bundle (.zip path or URL), an MLflow `models:/...` URI or a model name in
+the invdyn cache; DATASET anything `pipeline.data.sources.load_transitions` accepts. The held-out rows are
+the validation split the model was trained with (re-derived from params.json["training"]), so nothing
+the weights were fitted on is scored. Physics metrics (see pipeline.sim.physics) are null, with a reason,
+when the dataset has no recorded simulator state or no known environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from invdyn.errors import InvdynError, ShapeError
+
+#: metrics that summarize an evaluation in one number each (logged to MLflow, shown in tables)
+HEADLINE = (
+    "heldout_mse",
+    "baseline_mse",
+    "heldout_mse_normalized",
+    "one_step_error",
+    "one_step_baseline",
+    "one_step_floor",
+    "tracking_drift",
+    "tracking_baseline",
+    "tracking_floor",
+)
+#: metrics that can pick a dataset's model (`pretrain_all --select-by`) and the registry's champion
+#: (registered-model tag `champion_metric`); lower is better for each
+SELECT_METRICS = ("heldout_mse", "one_step_error", "tracking_drift")
+
+
+class EvaluationError(InvdynError, ValueError):
+    """A model and a dataset that cannot be evaluated together (the message says why and what to do)."""
+
+
+def check_dims(model, transitions) -> None:
+    """Refuse a model whose obs/act dims differ from the dataset's, naming both."""
+    if (model.obs_dim, model.act_dim) != (transitions.obs_dim, transitions.act_dim):
+        raise EvaluationError(
+            f"model {model.name or '?'!r} expects obs_dim={model.obs_dim}, act_dim={model.act_dim} but dataset "
+            f"{transitions.name!r} has obs_dim={transitions.obs_dim}, act_dim={transitions.act_dim}: "
+            "evaluate the model on the dataset it was trained for"
+        )
+
+
+def heldout_rows(transitions, params: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train rows, held-out rows, description): the split recorded in params.json["training"].
+
+    A model that records no split (e.g. a CleanDiffuser download) is scored on every row, and the
+    description says so.
+    """
+    training = (params or {}).get("training") or {}
+    trained_on = ((params or {}).get("dataset") or {}).get("sha256")
+    everything = np.arange(len(transitions))
+    if not training.get("split"):
+        return everything, everything, "all rows (the model records no training split)"
+    if trained_on and transitions.sha256 and trained_on != transitions.sha256:
+        return (
+            everything,
+            everything,
+            "all rows (the model was trained on other data: dataset sha256 differs)",
+        )
+    from pipeline.training.trainer import split_from_training
+
+    train, val = split_from_training(transitions, training)
+    return np.asarray(train), np.asarray(val), f"validation split of training ({training['split']})"
+
+
+def action_metrics(pred: np.ndarray, act: np.ndarray, mean_action: np.ndarray, act_var: np.ndarray) -> dict:
+    """MSE (raw units), normalized MSE (per-dim MSE / dataset action variance), per-dim MSE and R^2."""
+    err = (pred.astype(np.float64) - act) ** 2
+    base = (act.astype(np.float64) - mean_action) ** 2
+    per_dim = err.mean(0)
+    heldout_var = act.astype(np.float64).var(0)
+    return {
+        "heldout_mse": float(err.mean()),
+        "baseline_mse": float(base.mean()),
+        "heldout_mse_normalized": float((per_dim / act_var).mean()),
+        "baseline_mse_normalized": float((base.mean(0) / act_var).mean()),
+        "per_dim_mse": per_dim.tolist(),
+        "per_dim_r2": (1.0 - per_dim / np.where(heldout_var > 0, heldout_var, np.nan)).tolist(),
+    }
+
+
+def evaluate(
+    model,
+    transitions,
+    *,
+    horizon: int = 32,
+    rows: tuple[np.ndarray, np.ndarray, str] | None = None,
+    physics: bool = True,
+    one_step_samples: int = 2000,
+    tracking_starts: int = 128,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """All metrics of `model` (a PretrainedIDM) on the held-out rows of `transitions`, as a JSON-able dict.
+
+    `rows` = (train rows, held-out rows, description) overrides the split recorded in the model (the bench
+    uses it to score several models on the same held-out episodes).
+    """
+    from pipeline.sim.physics import physics_metrics
+
+    check_dims(model, transitions)
+    if horizon < 1:
+        raise EvaluationError(f"--horizon must be >= 1, got {horizon}")
+    train, held, held_desc = rows if rows is not None else heldout_rows(transitions, model.params)
+    if len(held) == 0:
+        raise EvaluationError(f"dataset {transitions.name!r}: the held-out split is empty")
+    act = transitions.act.astype(np.float64)
+    mean_action = act[train].mean(0)
+    act_var = act.var(0)
+    act_var = np.where(act_var > 0, act_var, 1.0)
+
+    def predict(obs, next_obs):
+        out = [model.predict(obs[i : i + 65536], next_obs[i : i + 65536]) for i in range(0, len(obs), 65536)]
+        return np.concatenate(out).astype(np.float64)
+
+    result = {
+        "model": model.name,
+        "dataset": transitions.name,
+        "heldout": held_desc,
+        "heldout_transitions": int(len(held)),
+        "heldout_episodes": int(len(np.unique(transitions.episode[held]))),
+        **action_metrics(
+            predict(transitions.obs[held], transitions.next_obs[held]), act[held], mean_action, act_var
+        ),
+    }
+    if physics:
+        allowed = np.zeros(len(transitions), dtype=bool)
+        allowed[held] = True
+        result.update(
+            physics_metrics(
+                transitions,
+                predict,
+                model.normalizer.std,
+                mean_action,
+                allowed,
+                horizon=horizon,
+                one_step_samples=one_step_samples,
+                tracking_starts=tracking_starts,
+                seed=seed,
+                progress=progress,
+            )
+        )
+    else:
+        result.update({k: None for k in HEADLINE[3:]}, physics_reason="physics not requested")
+    return _finite(result)
+
+
+def _finite(obj):
+    """JSON has no NaN: a metric that cannot be computed (R^2 of a constant action dim) becomes null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def load_model(spec: str, dataset_name: str = ""):
+    """A PretrainedIDM from a model directory, bundle, URL, `models:/` URI or cached model name."""
+    import invdyn
+
+    if "://" in spec or spec.startswith(("models:/", "runs:/")) or Path(spec).expanduser().is_file():
+        name = _safe_name(dataset_name) or "model"
+        return invdyn.load(name, source=spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return invdyn.read_model_dir(path)
+    return invdyn.load(spec)
+
+
+def _safe_name(name: str) -> str:
+    """A dataset name as a model name (models are named after their dataset)."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(name).stem if name)
+
+
+def evaluation_tags(result: dict) -> dict:
+    """Flat `{"eval.<metric>": float}` of the headline metrics (for MLflow model-version tags / metrics)."""
+    out = {f"eval.{k}": float(result[k]) for k in HEADLINE if isinstance(result.get(k), (int, float))}
+    out["eval.horizon"] = float(result.get("horizon") or 0)
+    return out
+
+
+def headline(result: dict) -> dict:
+    """The headline metrics of an evaluation and what they were measured on (for summary.json records)."""
+    keep = (*HEADLINE, "horizon", "tracking_starts", "one_step_samples", "env_id", "physics_reason")
+    return {k: result.get(k) for k in keep if k in result}
+
+
+def log_to_registry(model_uri: str, result: dict, mlflow_uri: str | None = None) -> dict:
+    """Attach `evaluation_tags(result)` to the registered version `model_uri` points at (MLflow lives in
+    pipeline.registry.store, the one module that talks to it)."""
+    import os
+
+    from pipeline.registry import store as tracking
+
+    uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise EvaluationError("--log-to-registry needs --mlflow-uri or MLFLOW_TRACKING_URI")
+    return tracking.tag_model_version(uri, model_uri, evaluation_tags(result))
+
+
+def card_section(result: dict) -> dict:
+    """What goes into params.json["evaluation"]: the headline metrics, drift curves and provenance."""
+    keep = (*HEADLINE, "horizon", "dataset", "heldout", "heldout_transitions", "heldout_episodes", "env_id",
+            "reference", "physics_reason", "per_dim_mse", "per_dim_r2", "drift_per_step",
+            "baseline_drift_per_step")  # fmt: skip
+    return {k: result.get(k) for k in keep if k in result}
+
+
+def attach_evaluation(model_dir, result: dict) -> Path:
+    """Write `result` into the model directory's params.json ("evaluation") and model card, atomically.
+
+    The weights file is copied byte for byte (its checksum in params.json stays valid); readers see the
+    old directory or the new one, never a mix.
+    """
+    import shutil
+
+    from invdyn._files import atomic_dir, write_json
+    from invdyn.model_dir import CARD_FILE, PARAMS_FILE, read_params
+
+    model_dir = Path(model_dir)
+    params = read_params(model_dir / PARAMS_FILE)
+    params["evaluation"] = card_section(result)
+    with atomic_dir(model_dir) as tmp:
+        for item in model_dir.iterdir():
+            if item.name not in (PARAMS_FILE, CARD_FILE) and item.is_file():
+                shutil.copy2(item, tmp / item.name)
+        write_json(tmp / PARAMS_FILE, _finite(params))
+        (tmp / CARD_FILE).write_text(model_card_with_evaluation(params))
+    return model_dir
+
+
+def model_card_with_evaluation(params: dict) -> str:
+    """invdyn's model card plus an "Evaluation" section (held-out and MuJoCo metrics)."""
+    from invdyn.model_dir import model_card
+
+    card = model_card(params).rstrip("\n")
+    ev = params.get("evaluation") or {}
+    lines = [
+        "",
+        "",
+        "## Evaluation",
+        "",
+        f"On `{ev.get('dataset')}`, {ev.get('heldout')}: {ev.get('heldout_transitions')} transitions, "
+        f"{ev.get('heldout_episodes')} episodes. Physics in `{ev.get('env_id') or 'n/a'}`, horizon {ev.get('horizon')}"
+        + (f" ({ev['physics_reason']})" if ev.get("physics_reason") else "")
+        + ".",
+        "",
+        "| metric | model | mean-action baseline | recorded action (floor) |",
+        "|---|---|---|---|",
+        f"| action MSE | {_fmt(ev.get('heldout_mse'))} | {_fmt(ev.get('baseline_mse'))} | 0 |",
+        f"| one-step state error (normalized RMSE) | {_fmt(ev.get('one_step_error'))} | "
+        f"{_fmt(ev.get('one_step_baseline'))} | {_fmt(ev.get('one_step_floor'))} |",
+        f"| tracking drift at H (normalized RMSE) | {_fmt(ev.get('tracking_drift'))} | "
+        f"{_fmt(ev.get('tracking_baseline'))} | {_fmt(ev.get('tracking_floor'))} |",
+        "",
+    ]
+    return card + "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_table(result: dict) -> str:
+    """The human-readable summary printed without --json."""
+    rows = [
+        ("held-out action MSE", result.get("heldout_mse"), result.get("baseline_mse"), None),
+        ("held-out action MSE / variance", result.get("heldout_mse_normalized"), result.get("baseline_mse_normalized"), None),
+        ("one-step state error", result.get("one_step_error"), result.get("one_step_baseline"), result.get("one_step_floor")),
+        (f"tracking drift at {result.get('horizon')}", result.get("tracking_drift"), result.get("tracking_baseline"),
+         result.get("tracking_floor")),
+    ]  # fmt: skip
+    out = [
+        f"model {result.get('model')!r} on {result.get('dataset')!r}: {result.get('heldout')}, "
+        f"{result.get('heldout_transitions')} transitions / {result.get('heldout_episodes')} episodes",
+        f"{'metric':32} {'model':>12} {'mean action':>12} {'recorded':>12}",
+    ]
+    out += [f"{name:32} {_fmt(m):>12} {_fmt(b):>12} {_fmt(f):>12}" for name, m, b, f in rows]
+    if result.get("physics_reason"):
+        out.append(f"physics metrics: n/a ({result['physics_reason']})")
+    r2 = ", ".join(_fmt(v) for v in result.get("per_dim_r2") or [])
+    out.append(f"per-dim R^2: {r2}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate",
+        description="Evaluate an IDM on a dataset's held-out episodes, including closed-loop MuJoCo checks.",
+    )
+    ap.add_argument(
+        "model", metavar="MODEL", help="model directory, bundle .zip / URL, models:/ URI or cached name"
+    )
+    ap.add_argument("dataset", metavar="DATASET", help="dataset name, path or minari:<id>")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument("--horizon", type=int, default=32, help="closed-loop tracking horizon (default 32)")
+    ap.add_argument("--starts", type=int, default=128, help="tracking start points sampled (default 128)")
+    ap.add_argument("--samples", type=int, default=2000, help="one-step transitions sampled (default 2000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-physics", action="store_true", help="skip the MuJoCo metrics")
+    ap.add_argument("--attach", action="store_true", help="also write the results into MODEL's directory")
+    ap.add_argument(
+        "--log-to-registry",
+        action="store_true",
+        help="MODEL is a models:/ URI: set the headline metrics as eval.* tags on that registered version",
+    )
+    ap.add_argument("--mlflow-uri", default=None, help="registry for --log-to-registry (default: $MLFLOW_TRACKING_URI)")
+    args = ap.parse_args(argv)
+    from pipeline.data.sources import load_transitions
+
+    try:
+        transitions = load_transitions(args.dataset)
+        model = load_model(args.model, transitions.name)
+        result = evaluate(
+            model,
+            transitions,
+            horizon=args.horizon,
+            physics=not args.no_physics,
+            one_step_samples=args.samples,
+            tracking_starts=args.starts,
+            seed=args.seed,
+            progress=not args.json and sys.stderr.isatty(),
+        )
+        if args.attach:
+            if model.path is None:
+                raise EvaluationError(
+                    f"--attach needs a model directory; {args.model} was not loaded from one"
+                )
+            attach_evaluation(model.path, result)
+        if args.log_to_registry:
+            result["registry"] = log_to_registry(args.model, result, args.mlflow_uri)
+    except (InvdynError, ShapeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, sort_keys=True) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

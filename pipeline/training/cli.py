@@ -1,0 +1,125 @@
+"""Train one IDM without Ray: `python -m pipeline.train --dataset NAME_OR_PATH --out DIR [options]`.
+
+Writes the model directory (invdyn format) at DIR, prints one progress line per evaluation and a
+summary table at the end. Every TrainConfig field is a flag (`--hidden-dim`, `--precision`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from invdyn.errors import InvdynError
+from pipeline.training.trainer import (
+    DEVICES,
+    KEEPS,
+    LOSSES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    SPLITS,
+    STEPS,
+    TrainConfig,
+    train,
+)
+
+CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES, "split": SPLITS, "keep": KEEPS,
+           "precision": PRECISIONS, "device": DEVICES, "step": STEPS}  # fmt: skip
+HELP = {
+    "arch": "architecture (invdyn.models.ARCHITECTURES key)",
+    "patience": "evaluations without val MSE improvement before stopping",
+    "min_epochs": "no early stop before this epoch (default: half of a cosine schedule, else 0)",
+    "eval_every": "evaluate every N steps (default: once per epoch)",
+    "split": "held-out set: whole episodes (default) or random transitions (CleanDiffuser)",
+    "keep": "weights to save: best on validation (default) or last (CleanDiffuser)",
+    "precision": "training-step precision; auto = bf16 on a CPU with native bf16, else fp32",
+    "step": "how a step runs; auto = one CUDA graph per step on a GPU, eager on a CPU",
+    "threads": "CPU threads (default: the CPUs this process was given)",
+    "action_scale": "tanh output scale (default 1, or max |action| when actions leave [-1, 1])",
+    "fp32_input_layer": "under bf16, keep the first layer (it sees raw s, s') in fp32",
+    "ema": "decay of the weight average that is validated and saved; 0 = the raw weights",
+}
+
+
+def _field_type(f: dataclasses.Field):
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--dataset", required=True, help="catalog name, sim-* name, minari:<id> or .hdf5/.parquet path"
+    )
+    p.add_argument("--out", required=True, help="model directory to write (replaced atomically)")
+    p.add_argument("--name", default=None, help="model name in params.json (default: the dataset's name)")
+    p.add_argument("--download", action="store_true", help="download a missing D4RL file")
+    p.add_argument("--quiet", action="store_true", help="no per-evaluation progress lines")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        default_txt = f"default: {f.default}"
+        text = f"{HELP.get(f.name, f.name.replace('_', ' '))} ({default_txt})"
+        if kind is bool:
+            p.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text
+            )
+            continue
+        p.add_argument(
+            flag, dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name), help=text
+        )
+    return p
+
+
+def _progress_line(r: dict) -> str:
+    return (
+        f"epoch {r['epoch']:>7} step {r['step']:>7}  train_loss {r['train_loss']:.5f}  val_mse {r['val_mse']:.5f}"
+        f"  best {r['best_val_mse']:.5f}  {r['elapsed_s']:7.1f}s"
+    )
+
+
+def summary_table(result) -> str:
+    m = result.metrics
+    rows = [
+        ("model directory", str(result.model_dir)),
+        ("held-out MSE (actions)", f"{m['heldout_mse']:.6f}"),
+        ("held-out MSE (normalized)", f"{m['heldout_mse_normalized']:.6f}"),
+        ("mean-action baseline MSE", f"{m['baseline_mse']:.6f}"),
+        ("train MSE", f"{m['train_mse']:.6f}"),
+        ("epochs (best)", f"{m['epochs']} ({m['best_epoch']})"),
+        ("stopped early", str(m["stopped_early"])),
+        ("train time", f"{m['train_time_s']:.1f} s"),
+        ("samples/s", f"{m['samples_per_s']:,.0f}" if m["samples_per_s"] else "-"),
+        ("split / keep", f"{result.config.split} / {result.config.keep}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    config = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)})
+    from pipeline.data.sources import load_transitions
+
+    try:
+        config.validate()
+        transitions = load_transitions(args.dataset, download=args.download)
+        print(f"{transitions.name}: {len(transitions):,} transitions, obs_dim {transitions.obs_dim}, "
+              f"act_dim {transitions.act_dim}; training {config.arch} (split={config.split}, keep={config.keep})",
+              flush=True)  # fmt: skip
+        on_eval = None if args.quiet else (lambda r: print(_progress_line(r), flush=True))
+        result = train(transitions, config, args.out, on_eval=on_eval, dataset_name=args.name)
+    except InvdynError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
