@@ -28,8 +28,7 @@ def _num(v) -> str:
 
 def cmd_list(args) -> int:
     from .hub import list_models
-    from .model_dir import cleandiffuser_dir
-    from .paths import model_cache_dir
+    from .settings import cleandiffuser_dir, model_cache_dir
 
     records = list_models()
     if args.json:

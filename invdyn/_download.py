@@ -18,15 +18,12 @@ from pathlib import Path
 
 from ._files import file_lock, sha256_file, storage_errors
 from .errors import ChecksumError, DownloadError
+from .settings import is_offline
 
 CHUNK = 1 << 16
 #: attempts per call: a transfer cut mid-way is resumed this many times before giving up
 ATTEMPTS = 3
 
-
-def offline() -> bool:
-    """True when INVDYN_OFFLINE=1 (or true/yes): nothing may touch the network."""
-    return os.environ.get("INVDYN_OFFLINE", "").strip().lower() in {"1", "true", "yes"}
 
 
 def is_url(s) -> bool:
@@ -91,7 +88,7 @@ def download(
     expected = expected_sha256.lower() if expected_sha256 else None
     if expected and dest.is_file() and sha256_file(dest) == expected:
         return dest
-    if offline():
+    if is_offline():
         raise DownloadError(f"INVDYN_OFFLINE=1: refusing to download {shown}; unset it or put the file at {dest}")
     with storage_errors(dest):
         return _download_locked(url, dest, expected, desc, progress, timeout, shown)

@@ -24,7 +24,7 @@ from . import __version__
 from ._files import atomic_dir, atomic_file, sha256_file
 from .errors import BundleNotFoundError, ChecksumError, FormatError
 from .model_dir import PARAMS_FILE, read_model_dir
-from .paths import is_valid_name
+from .settings import is_valid_name
 
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -23,7 +23,7 @@ import urllib.parse
 from pathlib import Path
 
 from . import __version__
-from ._download import download, is_url, offline, redact_url
+from ._download import download, is_url, redact_url
 from ._files import atomic_file, file_lock, replace_dir, sha256_file, storage_errors
 from .bundle import extract_verified, open_bundle, verify_open
 from .errors import (
@@ -34,9 +34,9 @@ from .errors import (
     InvdynError,
     ModelNotFoundError,
 )
-from .model_dir import PARAMS_FILE, cleandiffuser_dir, read_model_dir, read_params
-from .paths import invdyn_home, is_valid_name, model_cache_dir
+from .model_dir import PARAMS_FILE, read_model_dir, read_params
 from .pretrained import PretrainedIDM
+from .settings import cleandiffuser_dir, invdyn_home, is_offline, is_valid_name, model_cache_dir
 
 INSTALL_RECORD = ".invdyn-install.json"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -150,7 +150,7 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
             raise BundleNotFoundError(f"bundle {path} {what}")
         with storage_errors(model_cache_dir()):
             return _install(path, str(path.resolve()), force)
-    if offline():
+    if is_offline():
         raise DownloadError(f"INVDYN_OFFLINE=1: refusing to fetch {redact_url(text)}; unset it or fetch a local .zip path")
     with storage_errors(invdyn_home()):
         return _fetch_url(text, force, progress)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -33,10 +32,6 @@ WEIGHTS_FILE = "model.ckpt"
 CARD_FILE = "README.md"
 PARAMS_FILE = "params.json"
 
-
-def cleandiffuser_dir(name: str) -> Path:
-    """Where CleanDiffuser keeps a pretrained IDM: `$HOME/.CleanDiffuser/pretrained/invdyn/<name>/`."""
-    return Path(os.path.expanduser("~")) / ".CleanDiffuser" / "pretrained" / "invdyn" / name
 
 
 def save_model_dir(

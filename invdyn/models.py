@@ -147,7 +147,8 @@ class FancyMlpInvDynamic(_InvDynBase):
         Unlike the original it raises a clear error instead of printing one and returning `(None, None)`,
         and it reads the checkpoint with `weights_only=True`.
         """
-        from .model_dir import cleandiffuser_dir, read_model_dir
+        from .model_dir import read_model_dir
+        from .settings import cleandiffuser_dir
 
         loaded = read_model_dir(cleandiffuser_dir(env_name))
         return loaded.net, loaded.params

@@ -12,7 +12,7 @@ from invdyn_testutil import FileServer, make_bundle
 
 import invdyn
 from invdyn._download import download
-from invdyn.paths import model_cache_dir
+from invdyn.settings import model_cache_dir
 
 
 @pytest.fixture

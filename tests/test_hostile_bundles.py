@@ -20,7 +20,7 @@ from invdyn_testutil import make_bundle, rewrite_zip
 import invdyn
 from invdyn._files import sha256_file
 from invdyn.errors import ChecksumError, DownloadError, FormatError, InvdynError
-from invdyn.paths import invdyn_home, model_cache_dir
+from invdyn.settings import invdyn_home, model_cache_dir
 
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

@@ -22,7 +22,7 @@ from conftest import write_d4rl_file
 from invdyn_testutil import make_bundle, make_model_dir
 
 import invdyn
-from invdyn.paths import model_cache_dir
+from invdyn.settings import model_cache_dir
 
 TEMP_MARKS = (".tmp-", ".old-", ".fetch-", ".extract-")
 

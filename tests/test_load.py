@@ -11,8 +11,7 @@ import torch
 from invdyn_testutil import CD_DIR, CD_HOME, CD_NAME, make_bundle, make_model_dir
 
 import invdyn
-from invdyn.model_dir import cleandiffuser_dir
-from invdyn.paths import model_cache_dir
+from invdyn.settings import cleandiffuser_dir, model_cache_dir
 
 X = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
 

@@ -18,7 +18,7 @@ from conftest import write_d4rl_file
 from invdyn_testutil import FileServer, make_model_dir
 
 import invdyn
-from invdyn.paths import model_cache_dir
+from invdyn.settings import model_cache_dir
 
 CTX = mp.get_context("spawn")  # a fresh interpreter per racer, like separate jobs / Ray workers
 TIMEOUT = 120

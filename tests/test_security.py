@@ -19,7 +19,7 @@ from invdyn_testutil import make_bundle, rewrite_zip
 import invdyn
 from invdyn._download import download, redact_url
 from invdyn.errors import ChecksumError, DownloadError
-from invdyn.paths import model_cache_dir
+from invdyn.settings import model_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for d in ("invdyn", "pipeline", "bench", "tests") for p in (ROOT / d).rglob("*.py"))

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from invdyn.settings import invdyn_home
 
 from invdyn._files import atomic_file, sha256_file, write_json
-from invdyn.paths import invdyn_home
 from pipeline.data.readers import READER_VERSION
 from pipeline.data.transitions import Transitions
 

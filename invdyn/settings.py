@@ -1,0 +1,106 @@
+"""Every environment knob and path invdyn and its pipeline read, and the one rule for naming a dataset's model.
+
+Read at call time (not at import), so tests and users can change the environment between calls.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+#: a model name is one path component: letters, digits, '.', '_', '-' (D4RL names fit)
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_TRUE = {"1", "true", "yes"}
+
+
+def _env(key: str, default: str = "") -> str:
+    return os.environ.get(key, default).strip()
+
+
+# ------------------------------------------------------------------------------------------ library
+
+
+def invdyn_home() -> Path:
+    """`$INVDYN_HOME`, default `~/.cache/invdyn`: the model cache and the dataset cache live below it."""
+    home = _env("INVDYN_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "invdyn"
+
+
+def model_cache_dir() -> Path:
+    """Installed model directories: `$INVDYN_HOME/models/<name>/`."""
+    return invdyn_home() / "models"
+
+
+def cleandiffuser_dir(name: str) -> Path:
+    """Where CleanDiffuser keeps a pretrained IDM: `$HOME/.CleanDiffuser/pretrained/invdyn/<name>/`."""
+    return Path(os.path.expanduser("~")) / ".CleanDiffuser" / "pretrained" / "invdyn" / name
+
+
+def is_offline() -> bool:
+    """True when `INVDYN_OFFLINE` is 1 / true / yes: nothing may touch the network."""
+    return _env("INVDYN_OFFLINE").lower() in _TRUE
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+
+def d4rl_dataset_dir() -> Path:
+    """`$D4RL_DATASET_DIR`, default `~/.d4rl/datasets`: where d4rl itself keeps its HDF5 files."""
+    return Path(_env("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets").expanduser()
+
+
+def d4rl_mirror() -> str:
+    """`$INVDYN_D4RL_MIRROR`: a base URL that replaces D4RL's own host for downloads ('' when unset)."""
+    return _env("INVDYN_D4RL_MIRROR").rstrip("/")
+
+
+def sim_transitions() -> str:
+    """`$INVDYN_SIM_TRANSITIONS`: transitions per simulated dataset ('' = the catalog's default)."""
+    return _env("INVDYN_SIM_TRANSITIONS")
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+def mlflow_tracking_uri() -> str | None:
+    """`$MLFLOW_TRACKING_URI` (MLflow's own variable), or None."""
+    return _env("MLFLOW_TRACKING_URI") or None
+
+
+def mlflow_retries() -> int:
+    """`$INVDYN_MLFLOW_RETRIES` (default 6): attempts at a registry operation that fails transiently."""
+    return int(_env("INVDYN_MLFLOW_RETRIES") or 6)
+
+
+def code_version_override() -> str:
+    """`$INVDYN_CODE_VERSION`: the code version recorded with a model, instead of the git commit."""
+    return _env("INVDYN_CODE_VERSION")
+
+
+def ray_address() -> str | None:
+    """`$RAY_ADDRESS` (Ray's own variable, set by `ray job submit`), or None to start a local Ray."""
+    return _env("RAY_ADDRESS") or None
+
+
+#: Test hook: crash the first attempt of this dataset's first trial (a fault a test cannot cause otherwise).
+CRASH_ONCE_ENV = "INVDYN_TEST_CRASH_ONCE"
+
+
+def crash_once_dataset() -> str:
+    return _env(CRASH_ONCE_ENV)
+
+
+# ------------------------------------------------------------------------------------------ names
+
+
+def is_valid_name(name) -> bool:
+    return isinstance(name, str) and bool(NAME_RE.match(name)) and ".." not in name
+
+
+def dataset_model_name(dataset: str) -> str:
+    """The one name a dataset's model goes by: its folder in a job's output and in the cache, what
+    `invdyn.load` takes, and (after `invdyn-`) its registered-model name. Characters outside
+    [A-Za-z0-9._-] become '-': `minari:door/expert-v0` -> `minari-door-expert-v0`."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(dataset).strip()).strip("-.")
+    return name[:200] or "dataset"
