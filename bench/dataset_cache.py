@@ -72,7 +72,9 @@ def main() -> None:
 
         def touch():
             x = load_transitions(str(path))
-            return float(x.obs.sum() + x.next_obs.sum() + x.act.sum() + x.qpos.sum() + x.qvel.sum() + x.episode.sum())
+            return float(
+                x.obs.sum() + x.next_obs.sum() + x.act.sum() + x.qpos.sum() + x.qvel.sum() + x.episode.sum()
+            )
 
         t_touch, _ = best(touch, args.repeat)
         code = (
@@ -80,8 +82,11 @@ def main() -> None:
             "t = time.perf_counter(); "
             f"x = L({str(path)!r}); assert x.stats['cache_hit']; print(time.perf_counter() - t)"
         )
-        t_fresh = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                       env=os.environ).stdout)  # fmt: skip
+        t_fresh = float(
+            subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
+            ).stdout
+        )
         assert built.stats["cache_hit"] is False and c.stats["cache_hit"] is True
         assert np.array_equal(t.obs, c.obs) and np.array_equal(t.next_obs, c.next_obs)
         arrow = cache.cache_path(c.sha256).stat().st_size / 1e6
@@ -89,8 +94,12 @@ def main() -> None:
     print(f"{'parse from HDF5 (no cache)':<34}{t_parse * 1e3:>10.1f} ms")
     print(f"{'first load (parse + write cache)':<34}{t_build * 1e3:>10.1f} ms")
     print(f"{'cached load (memory map)':<34}{t_cached * 1e3:>10.1f} ms   {t_parse / t_cached:>8.0f}x faster")
-    print(f"{'cached load + read every array':<34}{t_touch * 1e3:>10.1f} ms   {t_parse / t_touch:>8.1f}x faster")
-    print(f"{'cached load in a fresh process':<34}{t_fresh * 1e3:>10.1f} ms   {t_parse / t_fresh:>8.1f}x faster")
+    print(
+        f"{'cached load + read every array':<34}{t_touch * 1e3:>10.1f} ms   {t_parse / t_touch:>8.1f}x faster"
+    )
+    print(
+        f"{'cached load in a fresh process':<34}{t_fresh * 1e3:>10.1f} ms   {t_parse / t_fresh:>8.1f}x faster"
+    )
 
 
 if __name__ == "__main__":

@@ -401,43 +401,63 @@ def run_dataset(name: str, args, progress: bool) -> dict:
 def table(results: list[dict], horizon: int) -> str:
     """Markdown: drift at H per policy, identifiability per subset."""
     names = list(dict.fromkeys(k for r in results for k in r["drift_per_step"]))
-    lines = ["| dataset | starts | " + " | ".join(f"{n} drift@{horizon}" for n in names) + " |",
-             "|---|---|" + "---|" * len(names)]  # fmt: skip
+    lines = [
+        "| dataset | starts | " + " | ".join(f"{n} drift@{horizon}" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for r in results:
         d = r["drift_per_step"]
-        lines.append(f"| {r['dataset']} | {r['tracking_starts']} | "
-                     + " | ".join(f"{d[n][-1]:.4f}" if n in d else "n/a" for n in names) + " |")  # fmt: skip
+        lines.append(
+            f"| {r['dataset']} | {r['tracking_starts']} | "
+            + " | ".join(f"{d[n][-1]:.4f}" if n in d else "n/a" for n in names)
+            + " |"
+        )
     shadowed = [
         (r["dataset"], n, v)
         for r in results
         for n, v in (r.get("model_vs_oracle_mse_per_step") or {}).items()
     ]
     if shadowed:
-        lines += ["", "Models' action MSE vs the oracle's action at the states of their own closed loop:", "",
-                  "| dataset | model | step 1 | step 8 | step H | mean over steps |", "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "Models' action MSE vs the oracle's action at the states of their own closed loop:",
+            "",
+            "| dataset | model | step 1 | step 8 | step H | mean over steps |",
+            "|---|---|---|---|---|---|",
+        ]
         for d, n, v in shadowed:
             lines.append(
                 f"| {d} | {n} | {v[0]:.4f} | {v[min(7, len(v) - 1)]:.4f} | {v[-1]:.4f} | {np.mean(v):.4f} |"
             )
     shares = [r for r in results if r.get("unactuated_share_at_h")]
     if shares:
-        lines += ["", f"Share of the squared drift at {horizon} in unactuated (root) dims:", "",
-                  "| dataset | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+        lines += [
+            "",
+            f"Share of the squared drift at {horizon} in unactuated (root) dims:",
+            "",
+            "| dataset | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         for r in shares:
             u = r["unactuated_share_at_h"]
             lines.append(
                 f"| {r['dataset']} | " + " | ".join(f"{u[n]:.2f}" if n in u else "n/a" for n in names) + " |"
             )
-    lines += ["", "| dataset | rows | subset | state | solved | determined | ambiguous | oracle action MSE | "
-              "exact-solution MSE | gain median | gain p90 | gain inf |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| dataset | rows | subset | state | solved | determined | ambiguous | oracle action MSE | "
+        "exact-solution MSE | gain median | gain p90 | gain inf |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for sub, s in r["identifiability"].items():
             for kind in ("full", "observed"):
                 k = s[kind]
-                lines.append(f"| {r['dataset']} | {s['rows']} | {sub} | {kind} | {k['solved']:.2f} | "
-                             f"{k['determined']:.2f} | {k['ambiguous']:.2f} | {k['oracle_mse']:.2e} | {k['exact_mse']:.2e} | "
-                             f"{k['gain_median']:.3g} | {k['gain_p90']:.3g} | {k['not_identifiable']:.2f} |")  # fmt: skip
+                lines.append(
+                    f"| {r['dataset']} | {s['rows']} | {sub} | {kind} | {k['solved']:.2f} | "
+                    f"{k['determined']:.2f} | {k['ambiguous']:.2f} | {k['oracle_mse']:.2e} | {k['exact_mse']:.2e} | "
+                    f"{k['gain_median']:.3g} | {k['gain_p90']:.3g} | {k['not_identifiable']:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -496,8 +516,12 @@ def main(argv=None) -> int:
         results.append(run_dataset(name, args, progress=True))
         (out / "results.json").write_text(json.dumps(results, indent=1))
         r = results[-1]
-        print(f"{name}: " + ", ".join(f"{k} {v[-1]:.4f}" for k, v in r["drift_per_step"].items())
-              + f"  ({r['wall_s']:.0f}s, {r['sim_evals']} sim steps)", flush=True)  # fmt: skip
+        print(
+            f"{name}: "
+            + ", ".join(f"{k} {v[-1]:.4f}" for k, v in r["drift_per_step"].items())
+            + f"  ({r['wall_s']:.0f}s, {r['sim_evals']} sim steps)",
+            flush=True,
+        )
     text = table(results, args.horizon)
     (out / "table.md").write_text(text)
     plot(results, out / "drift.png")

@@ -30,8 +30,21 @@ from pathlib import Path
 
 
 def run_pipeline(executor: str, args, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--datasets", args.datasets, "--search",
-           "--executor", executor, "--out", str(out), "--no-mlflow", "--verbose", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.job.pretrain_all",
+        "--datasets",
+        args.datasets,
+        "--search",
+        "--executor",
+        executor,
+        "--out",
+        str(out),
+        "--no-mlflow",
+        "--verbose",
+        "0",
+    ]
     if args.max_epochs:
         cmd += ["--max-epochs", str(args.max_epochs)]
     t0 = time.time()
@@ -76,17 +89,30 @@ def run_sequential(args, out: Path) -> dict:
             n += 1
             best[t.name] = min(best.get(t.name, float("inf")), r.metrics["heldout_mse"])
     wall = time.time() - t0
-    return {"mode": "sequential", "wall_s": wall, "tune_wall_s": wall, "train_time_s": train_s, "eval_time_s": eval_s,
-            "trials": n, "slots": 1, "overhead_share": 1 - train_s / wall, "best": best}  # fmt: skip
+    return {
+        "mode": "sequential",
+        "wall_s": wall,
+        "tune_wall_s": wall,
+        "train_time_s": train_s,
+        "eval_time_s": eval_s,
+        "trials": n,
+        "slots": 1,
+        "overhead_share": 1 - train_s / wall,
+        "best": best,
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="sim")
-    ap.add_argument("--max-epochs", type=int, help="cap every trial's epochs (default: the trainer's, as the job)")
+    ap.add_argument(
+        "--max-epochs", type=int, help="cap every trial's epochs (default: the trainer's, as the job)"
+    )
     ap.add_argument("--modes", default="local,train,sequential")
     ap.add_argument("--out", default="bench-out")
-    ap.add_argument("--sequential-threads", type=int, help="torch threads of `sequential` (default: all CPUs)")
+    ap.add_argument(
+        "--sequential-threads", type=int, help="torch threads of `sequential` (default: all CPUs)"
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
@@ -100,18 +126,24 @@ def main(argv=None) -> int:
         r = run_sequential(args, out / mode) if mode == "sequential" else run_pipeline(mode, args, out / mode)
         results.append(r)
         print(f"{mode}: {r['wall_s']:.0f} s", flush=True)
-    print(f"\n{os.cpu_count()} CPUs; --datasets {args.datasets} --search --max-epochs {args.max_epochs or 'default'}\n")
-    print("| mode | trials | job wall s | Tune wall s | in training steps s | in validation s | not in training steps "
-          "| the same, of the whole job's wall | not in the training loop (orchestration) | orchestration s/trial |")
+    print(
+        f"\n{os.cpu_count()} CPUs; --datasets {args.datasets} --search --max-epochs {args.max_epochs or 'default'}\n"
+    )
+    print(
+        "| mode | trials | job wall s | Tune wall s | in training steps s | in validation s | not in training steps "
+        "| the same, of the whole job's wall | not in the training loop (orchestration) | orchestration s/trial |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         slot_s = r["tune_wall_s"] * r["slots"]
         loop_s = r["train_time_s"] + r["eval_time_s"]
         per_trial = (slot_s - loop_s) / max(r["trials"], 1)
-        print(f"| {r['mode']} | {r['trials']} | {r['wall_s']:.0f} | {r['tune_wall_s']:.0f} | {r['train_time_s']:.0f} | "
-              f"{r['eval_time_s']:.0f} | {1 - r['train_time_s'] / slot_s:.1%} | "
-              f"{1 - r['train_time_s'] / (r['wall_s'] * r['slots']):.1%} | {1 - loop_s / slot_s:.1%} | "
-              f"{per_trial:.1f} |")  # fmt: skip
+        print(
+            f"| {r['mode']} | {r['trials']} | {r['wall_s']:.0f} | {r['tune_wall_s']:.0f} | {r['train_time_s']:.0f} | "
+            f"{r['eval_time_s']:.0f} | {1 - r['train_time_s'] / slot_s:.1%} | "
+            f"{1 - r['train_time_s'] / (r['wall_s'] * r['slots']):.1%} | {1 - loop_s / slot_s:.1%} | "
+            f"{per_trial:.1f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -45,7 +45,9 @@ def _with_true_velocities(t):
     next_qvel[:-1] = qvel[1:]
     obs, next_obs = np.concatenate([t.obs, qvel], 1), np.concatenate([t.next_obs, next_qvel], 1)
     stats = {**t.stats, "obs_dim": obs.shape[1]}
-    return dataclasses.replace(t, obs=obs, next_obs=next_obs, qpos=None, qvel=None, stats=stats), np.flatnonzero(ok)
+    return dataclasses.replace(
+        t, obs=obs, next_obs=next_obs, qpos=None, qvel=None, stats=stats
+    ), np.flatnonzero(ok)
 
 
 def run(args) -> list[dict]:
@@ -61,14 +63,27 @@ def run(args) -> list[dict]:
 
     def fit(t, dev, test, label, config, seed=0):
         started = time.perf_counter()
-        result = train(subset(t, dev, f"limits-{label}"), TrainConfig(**{**config, "seed": seed}),
-                       out / "models" / t.name / f"{label}-s{seed}", dataset_name=t.name)  # fmt: skip
+        result = train(
+            subset(t, dev, f"limits-{label}"),
+            TrainConfig(**{**config, "seed": seed}),
+            out / "models" / t.name / f"{label}-s{seed}",
+            dataset_name=t.name,
+        )
         pred = np.asarray(invdyn.read_model_dir(result.model_dir).predict(t.obs[test], t.next_obs[test]))
-        row = {"dataset": t.name, "label": label, "seed": seed, "train_transitions": int(len(dev)),
-               "test_mse": float(((pred - t.act[test]) ** 2).mean()), "epochs": result.metrics["epochs"],
-               "wall_s": time.perf_counter() - started}  # fmt: skip
-        print(f"{t.name:26} {label:22} seed {seed}  {len(dev):6d} rows  test MSE {row['test_mse']:.5f}  "
-              f"{row['wall_s']:4.0f} s", flush=True)  # fmt: skip
+        row = {
+            "dataset": t.name,
+            "label": label,
+            "seed": seed,
+            "train_transitions": int(len(dev)),
+            "test_mse": float(((pred - t.act[test]) ** 2).mean()),
+            "epochs": result.metrics["epochs"],
+            "wall_s": time.perf_counter() - started,
+        }
+        print(
+            f"{t.name:26} {label:22} seed {seed}  {len(dev):6d} rows  test MSE {row['test_mse']:.5f}  "
+            f"{row['wall_s']:4.0f} s",
+            flush=True,
+        )
         rows.append(row)
         (out / "results.json").write_text(json.dumps(rows, indent=2))
         return row, pred
@@ -85,14 +100,27 @@ def run(args) -> list[dict]:
         preds = [fit(t, dev, test, "config", base, seed)[1] for seed in range(args.ensemble)]
         if len(preds) > 1:
             ens = float(((np.mean(preds, 0) - t.act[test]) ** 2).mean())
-            rows.append({"dataset": name, "label": f"ensemble of {args.ensemble} (config)", "seed": None,
-                         "train_transitions": int(len(dev)), "test_mse": ens, "epochs": None, "wall_s": None})  # fmt: skip
+            rows.append(
+                {
+                    "dataset": name,
+                    "label": f"ensemble of {args.ensemble} (config)",
+                    "seed": None,
+                    "train_transitions": int(len(dev)),
+                    "test_mse": ens,
+                    "epochs": None,
+                    "wall_s": None,
+                }
+            )
         for label, over in json.loads(args.variants).items():
             fit(t, dev, test, label, {**base, **over})
         if args.scaling_only:
             continue
-        for label, over in (("dropout 0.2", {"dropout": 0.2}), ("dropout 0.3", {"dropout": 0.3}),
-                            ("weight decay 0.1", {"weight_decay": 0.1}), ("120 epochs", {"max_epochs": 120})):  # fmt: skip
+        for label, over in (
+            ("dropout 0.2", {"dropout": 0.2}),
+            ("dropout 0.3", {"dropout": 0.3}),
+            ("weight decay 0.1", {"weight_decay": 0.1}),
+            ("120 epochs", {"max_epochs": 120}),
+        ):
             fit(t, dev, test, label, {**base, **over})
         if t.qvel is not None:
             aug, ok = _with_true_velocities(t)
@@ -111,29 +139,42 @@ def table(rows: list[dict]) -> str:
         recipe = next(r["test_mse"] for r in mine if r["label"] == "recipe")
         for r in mine:
             seed = f" (seed {r['seed']})" if r["seed"] else ""
-            lines.append(f"| {name} | {r['label']}{seed} | {r['train_transitions']} | {r['test_mse']:.5f} | "
-                         f"{r['test_mse'] / recipe:.3f} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {r['label']}{seed} | {r['train_transitions']} | {r['test_mse']:.5f} | "
+                f"{r['test_mse'] / recipe:.3f} |"
+            )
         full = next(r for r in mine if r["label"] == "config" and r["seed"] == 0)
         scaling = [r for r in mine if r["label"].endswith("% data")] + [full]
         n = np.log2([r["train_transitions"] for r in scaling])
         slope = float(np.polyfit(n, np.log2([r["test_mse"] for r in scaling]), 1)[0])  # log2 MSE per doubling
         full = full["test_mse"]
         doublings = math.log2(0.8 * recipe / full) / slope if slope < 0 else math.inf
-        notes.append(f"- {name}: test MSE x{2 ** slope:.3f} per doubling of the training data; 0.8x the recipe "
-                     f"({0.8 * recipe:.5f}) is {doublings:.1f} doublings away at that rate, i.e. about "
-                     f"{2 ** doublings:.1f}x the data.")  # fmt: skip
+        notes.append(
+            f"- {name}: test MSE x{2**slope:.3f} per doubling of the training data; 0.8x the recipe "
+            f"({0.8 * recipe:.5f}) is {doublings:.1f} doublings away at that rate, i.e. about "
+            f"{2**doublings:.1f}x the data."
+        )
     return "\n".join(lines + [""] + notes) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default="sim-walker2d-mixed-v0")
-    ap.add_argument("--config", default="{}", help="TrainConfig overrides (JSON) for the runs; {} = the defaults")
+    ap.add_argument(
+        "--config", default="{}", help="TrainConfig overrides (JSON) for the runs; {} = the defaults"
+    )
     ap.add_argument("--ensemble", type=int, default=3, help="seeds averaged in the ensemble row")
-    ap.add_argument("--scaling-only", action="store_true",
-                    help="only the recipe, the data fractions, the ensemble and --variants")
-    ap.add_argument("--variants", default="{}", metavar="JSON",
-                    help='{"label": {TrainConfig overrides on top of --config}, ...}: one run each, seed 0')
+    ap.add_argument(
+        "--scaling-only",
+        action="store_true",
+        help="only the recipe, the data fractions, the ensemble and --variants",
+    )
+    ap.add_argument(
+        "--variants",
+        default="{}",
+        metavar="JSON",
+        help='{"label": {TrainConfig overrides on top of --config}, ...}: one run each, seed 0',
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--test-seed", type=int, default=1234)
     ap.add_argument("--out", default="runs/quality-limits")

@@ -78,9 +78,14 @@ def run(args) -> list[dict]:
             if (name, cand) in done:
                 row = done[(name, cand)]
                 if args.reevaluate:  # same weights, the current evaluation settings
-                    row["eval"] = evaluate(invdyn.read_model_dir(row["model_dir"]), t, rows=(dev, test, held),
-                                           horizon=args.horizon, tracking_starts=args.starts,
-                                           one_step_samples=args.samples)  # fmt: skip
+                    row["eval"] = evaluate(
+                        invdyn.read_model_dir(row["model_dir"]),
+                        t,
+                        rows=(dev, test, held),
+                        horizon=args.horizon,
+                        tracking_starts=args.starts,
+                        one_step_samples=args.samples,
+                    )
                 rows.append(row)
                 _print(row, args.horizon, f"(trained earlier, {out / 'results.json'})")
                 continue
@@ -92,10 +97,23 @@ def run(args) -> list[dict]:
             result = train(dev_set, TrainConfig(**config), out / "models" / name / cand, dataset_name=name)
             wall = time.perf_counter() - started
             model = invdyn.read_model_dir(result.model_dir)
-            ev = evaluate(model, t, rows=(dev, test, held),
-                          horizon=args.horizon, tracking_starts=args.starts, one_step_samples=args.samples)  # fmt: skip
-            row = {"dataset": name, "candidate": cand, "config": config, "train_wall_s": wall,
-                   "epochs": result.metrics["epochs"], "model_dir": str(result.model_dir), "eval": ev}  # fmt: skip
+            ev = evaluate(
+                model,
+                t,
+                rows=(dev, test, held),
+                horizon=args.horizon,
+                tracking_starts=args.starts,
+                one_step_samples=args.samples,
+            )
+            row = {
+                "dataset": name,
+                "candidate": cand,
+                "config": config,
+                "train_wall_s": wall,
+                "epochs": result.metrics["epochs"],
+                "model_dir": str(result.model_dir),
+                "eval": ev,
+            }
             rows.append(row)
             _print(row, args.horizon, f"{wall:6.0f}s")
             _save(out, done, rows)
@@ -104,9 +122,11 @@ def run(args) -> list[dict]:
 
 def _print(row: dict, horizon: int, note: str) -> None:
     e = row["eval"]
-    print(f"{row['dataset']:28} {row['candidate']:14} test MSE {e['heldout_mse']:.5f}  drift@{horizon} "
-          f"{e['tracking_drift']:.4f}  one-step {e['one_step_error']:.4f}  epochs {row['epochs']:3d}  {note}",
-          flush=True)  # fmt: skip
+    print(
+        f"{row['dataset']:28} {row['candidate']:14} test MSE {e['heldout_mse']:.5f}  drift@{horizon} "
+        f"{e['tracking_drift']:.4f}  one-step {e['one_step_error']:.4f}  epochs {row['epochs']:3d}  {note}",
+        flush=True,
+    )
 
 
 def _save(out: Path, done: dict, rows: list[dict]) -> list[dict]:
@@ -138,8 +158,10 @@ def table(rows: list[dict], horizon: int) -> str:
         )
     baselines = {r["dataset"]: r["eval"] for r in rows}
     lines += ["", "| dataset | mean-action MSE | mean-action drift | floor drift |", "|---|---|---|---|"]
-    lines += [f"| {d} | {e['baseline_mse']:.4f} | {e['tracking_baseline']:.4f} | {e['tracking_floor']:.2g} |"
-              for d, e in baselines.items()]  # fmt: skip
+    lines += [
+        f"| {d} | {e['baseline_mse']:.4f} | {e['tracking_baseline']:.4f} | {e['tracking_floor']:.2g} |"
+        for d, e in baselines.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -160,9 +182,14 @@ def champion_report(rows: list[dict], out: Path, horizon: int) -> None:
 
         best = min(others, key=score)
         curve = json.loads((Path(best["model_dir"]) / "params.json").read_text()).get("learning_curve", [])
-        entry = {"dataset": name, "champion": best["eval"], "champion_dir": best["model_dir"],
-                 "champion_curve": curve, "champion_config": {"candidate": best["candidate"], **best["config"]},
-                 "recipe": recipe["eval"] if recipe else None}  # fmt: skip
+        entry = {
+            "dataset": name,
+            "champion": best["eval"],
+            "champion_dir": best["model_dir"],
+            "champion_curve": curve,
+            "champion_config": {"candidate": best["candidate"], **best["config"]},
+            "recipe": recipe["eval"] if recipe else None,
+        }
         if recipe:
             entry["recipe_curve"] = json.loads((Path(recipe["model_dir"]) / "params.json").read_text()).get(
                 "learning_curve", []

@@ -73,9 +73,22 @@ def clean_ray_sessions(tmp: Path) -> None:
 
 
 def job_args(data: str, out: Path, soak: Path, i: int) -> list[str]:
-    return ["--datasets", data, "--search-space", '{"hidden_dim": [16, 32]}', "--max-epochs", "2",
-            "--num-cpus", "2", "--verbose", "0", "--mlflow-uri", f"sqlite:///{soak / 'mlflow.db'}",
-            "--out", str(out / f"job{i}")]  # fmt: skip
+    return [
+        "--datasets",
+        data,
+        "--search-space",
+        '{"hidden_dim": [16, 32]}',
+        "--max-epochs",
+        "2",
+        "--num-cpus",
+        "2",
+        "--verbose",
+        "0",
+        "--mlflow-uri",
+        f"sqlite:///{soak / 'mlflow.db'}",
+        "--out",
+        str(out / f"job{i}"),
+    ]
 
 
 def run_inprocess(args_list: list[str]) -> tuple[int, float]:
@@ -86,8 +99,13 @@ def run_inprocess(args_list: list[str]) -> tuple[int, float]:
 
 
 def run_subprocess(args_list: list[str], env: dict) -> tuple[int, float]:
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.job.pretrain_all", *args_list], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.job.pretrain_all", *args_list],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     peak = 0.0
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
@@ -102,7 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=20)
     ap.add_argument("--mode", choices=("inprocess", "subprocess"), default="inprocess")
     ap.add_argument("--transitions", type=int, default=4000, help="size of the simulated dataset")
-    ap.add_argument("--clean-ray-sessions", action="store_true", help="delete finished Ray session logs between jobs")
+    ap.add_argument(
+        "--clean-ray-sessions", action="store_true", help="delete finished Ray session logs between jobs"
+    )
     ap.add_argument("--out", default="soak-results.json")
     args = ap.parse_args(argv)
 
@@ -110,14 +130,21 @@ def main(argv=None) -> int:
     tmp = soak / "tmp"
     tmp.mkdir()
     marker = str(tmp)
-    env_over = {"TMPDIR": marker, "RAY_TMPDIR": marker, "INVDYN_HOME": str(soak / "home"),
-                "D4RL_DATASET_DIR": str(soak / "d4rl"), "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    env_over = {
+        "TMPDIR": marker,
+        "RAY_TMPDIR": marker,
+        "INVDYN_HOME": str(soak / "home"),
+        "D4RL_DATASET_DIR": str(soak / "d4rl"),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     os.environ.update(env_over)
     os.environ.pop("RAY_ADDRESS", None)
     tempfile.tempdir = None  # re-read TMPDIR
     from pipeline.sim.simulate import simulate
 
-    data = str(simulate("sim-hopper-random-v0", transitions=args.transitions, out_dir=soak / "d4rl", progress=False))
+    data = str(
+        simulate("sim-hopper-random-v0", transitions=args.transitions, out_dir=soak / "d4rl", progress=False)
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rows = []
     print(f"soak folder {soak}; {args.jobs} job(s), mode {args.mode}")
@@ -133,22 +160,38 @@ def main(argv=None) -> int:
             time.sleep(0.5)  # ray.shutdown() returns before its processes are gone: give them 30 s
         if args.clean_ray_sessions:
             clean_ray_sessions(tmp)
-        row = {"job": i + 1, "exit": code, "wall_s": round(wall, 1), "ray_procs": len(left),
-               "ports": listening_ports(left), "tmp_mb": round(folder_mb(tmp), 1), "rss_mb": round(rss, 1),
-               "left": [" ".join(p.cmdline())[:120] for p in left[:5]]}  # fmt: skip
+        row = {
+            "job": i + 1,
+            "exit": code,
+            "wall_s": round(wall, 1),
+            "ray_procs": len(left),
+            "ports": listening_ports(left),
+            "tmp_mb": round(folder_mb(tmp), 1),
+            "rss_mb": round(rss, 1),
+            "left": [" ".join(p.cmdline())[:120] for p in left[:5]],
+        }
         rows.append(row)
-        print(f"{row['job']:>4} {code:>4} {wall:>7.1f} {len(left):>9} {len(row['ports']):>5} {row['tmp_mb']:>7.1f} "
-              f"{row['rss_mb']:>7.1f}", flush=True)  # fmt: skip
+        print(
+            f"{row['job']:>4} {code:>4} {wall:>7.1f} {len(left):>9} {len(row['ports']):>5} {row['tmp_mb']:>7.1f} "
+            f"{row['rss_mb']:>7.1f}",
+            flush=True,
+        )
     rss = [r["rss_mb"] for r in rows]
     summary = {
-        "jobs": args.jobs, "mode": args.mode, "failed_jobs": sum(r["exit"] != 0 for r in rows),
-        "max_ray_procs_left": max(r["ray_procs"] for r in rows), "max_ports_left": max(len(r["ports"]) for r in rows),
-        "tmp_mb_first": rows[0]["tmp_mb"], "tmp_mb_last": rows[-1]["tmp_mb"],
+        "jobs": args.jobs,
+        "mode": args.mode,
+        "failed_jobs": sum(r["exit"] != 0 for r in rows),
+        "max_ray_procs_left": max(r["ray_procs"] for r in rows),
+        "max_ports_left": max(len(r["ports"]) for r in rows),
+        "tmp_mb_first": rows[0]["tmp_mb"],
+        "tmp_mb_last": rows[-1]["tmp_mb"],
         "tmp_mb_per_job": round((rows[-1]["tmp_mb"] - rows[0]["tmp_mb"]) / max(1, len(rows) - 1), 2),
-        "rss_mb_start": round(base_rss, 1), "rss_mb_first": rss[0], "rss_mb_last": rss[-1],
+        "rss_mb_start": round(base_rss, 1),
+        "rss_mb_first": rss[0],
+        "rss_mb_last": rss[-1],
         "rss_mb_per_job_after_first": round((rss[-1] - rss[0]) / max(1, len(rss) - 1), 2),
         "rows": rows,
-    }  # fmt: skip
+    }
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
     for p in owned_processes(marker):  # leave nothing behind ourselves (only processes of this soak)

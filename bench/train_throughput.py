@@ -83,8 +83,9 @@ def subset(t: Transitions, idx: np.ndarray, name: str) -> Transitions:
 # ---------------------------------------------------------------- the recipe (pytorch-lightning)
 
 
-def recipe_fit(data: Transitions, train_idx, val_idx, *, max_epochs, patience, seed, workers, ckpt_dir=None,
-               device="cpu"):
+def recipe_fit(
+    data: Transitions, train_idx, val_idx, *, max_epochs, patience, seed, workers, ckpt_dir=None, device="cpu"
+):
     """CleanDiffuser's pretrain script: per-item dict Dataset, DataLoader(batch 512, shuffle), Adam 3e-4,
     EarlyStopping(val_loss, patience) and ModelCheckpoint (the last epoch's weights are what it ships)."""
     import pytorch_lightning as pl
@@ -154,14 +155,29 @@ def recipe_fit(data: Transitions, train_idx, val_idx, *, max_epochs, patience, s
     callbacks = [timer, EarlyStopping(monitor="val_loss", mode="min", patience=patience)]
     if ckpt_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir))
-    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=max_epochs,
-                         callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=ckpt_dir is not None)  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=ckpt_dir is not None,
+    )
     t = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)
     wall = time.perf_counter() - t
-    return module.net.eval(), norm, {"train_time_s": timer.train_time, "samples": timer.samples, "wall_s": wall,
-                                     "epochs": trainer.current_epoch}  # fmt: skip
+    return (
+        module.net.eval(),
+        norm,
+        {
+            "train_time_s": timer.train_time,
+            "samples": timer.samples,
+            "wall_s": wall,
+            "epochs": trainer.current_epoch,
+        },
+    )
 
 
 def mse_on(net, norm, data: Transitions, idx) -> float:
@@ -209,10 +225,16 @@ def main(argv=None) -> int:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads for every contender (default: CPUs given)"
     )
-    p.add_argument("--workers", type=int, default=0, help="recipe DataLoader workers (CleanDiffuser uses 8; 0 is "
-                   "fastest on a 2-core machine)")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="recipe DataLoader workers (CleanDiffuser uses 8; 0 is fastest on a 2-core machine)",
+    )
     p.add_argument("--skip-early-stop", action="store_true", help="table 1 only")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run every contender on this device")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="run every contender on this device"
+    )
     args = p.parse_args(argv)
 
     from pipeline.data.sources import load_transitions
@@ -222,13 +244,19 @@ def main(argv=None) -> int:
     data = load_transitions(args.dataset)
     auto = resolve_precision("auto", torch.device(args.device))
     print(f"machine: {machine()}; threads {threads}; load average {os.getloadavg()[0]:.1f} at start")
-    print(f"data: {data.name}: {len(data):,} transitions, {len(np.unique(data.episode))} episodes, "
-          f"obs_dim {data.obs_dim}, act_dim {data.act_dim}")  # fmt: skip
+    print(
+        f"data: {data.name}: {len(data):,} transitions, {len(np.unique(data.episode))} episodes, "
+        f"obs_dim {data.obs_dim}, act_dim {data.act_dim}"
+    )
     flop = flops_per_sample(data.obs_dim, data.act_dim, 512)
-    peaks = {"fp32": matmul_peak(torch.float32, device=args.device),
-             "bf16": matmul_peak(torch.bfloat16, device=args.device)}
-    print(f"{flop / 1e6:.2f} MFLOP per training sample; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16']:.0f} GFLOP/s; precision 'auto' here = {auto}\n")  # fmt: skip
+    peaks = {
+        "fp32": matmul_peak(torch.float32, device=args.device),
+        "bf16": matmul_peak(torch.bfloat16, device=args.device),
+    }
+    print(
+        f"{flop / 1e6:.2f} MFLOP per training sample; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
+        f"bf16 {peaks['bf16']:.0f} GFLOP/s; precision 'auto' here = {auto}\n"
+    )
 
     # ---- table 1: equal epochs, recipe's split
     train_idx, val_idx = split_indices(data, "transitions", 0.2, 0)
@@ -246,40 +274,88 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             if r:  # re-measure the peak between rounds: a busy moment must not lower the reference
                 peaks = {
-                    k: max(v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16, device=args.device))
+                    k: max(
+                        v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16, device=args.device)
+                    )
                     for k, v in peaks.items()
                 }
             for i, (name, change) in enumerate(contenders.items()):
                 if change is None:
-                    net, norm, info = recipe_fit(data, train_idx, val_idx, max_epochs=args.epochs, patience=10**6,
-                                                 seed=r, workers=args.workers, device=args.device)  # fmt: skip
+                    net, norm, info = recipe_fit(
+                        data,
+                        train_idx,
+                        val_idx,
+                        max_epochs=args.epochs,
+                        patience=10**6,
+                        seed=r,
+                        workers=args.workers,
+                        device=args.device,
+                    )
                     results[name].append(info["samples"] / info["train_time_s"])
                     val.setdefault(name, []).append(mse_on(net, norm, data, val_idx))
                     steps[name] = "Lightning"
                 else:
-                    cfg = TrainConfig(split="transitions", keep="last", max_epochs=args.epochs, patience=10**6,
-                                      threads=threads, seed=r, device=args.device, **change)  # fmt: skip
+                    cfg = TrainConfig(
+                        split="transitions",
+                        keep="last",
+                        max_epochs=args.epochs,
+                        patience=10**6,
+                        threads=threads,
+                        seed=r,
+                        device=args.device,
+                        **change,
+                    )
                     res = train(data, cfg, Path(tmp) / f"{r}-{i}")
                     results[name].append(res.metrics["samples_per_s"])
                     val.setdefault(name, []).append(res.metrics["heldout_mse"])
                     steps[name] = step_label(res.model_dir)
-                print(f"  round {r + 1}/{args.rounds} {name:>24}: {results[name][-1]:>9,.0f} samples/s, "
-                      f"val MSE {val[name][-1]:.5f}", flush=True)  # fmt: skip
-    print(f"matmul peak, best of every measurement (the load changes): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-          f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
+                print(
+                    f"  round {r + 1}/{args.rounds} {name:>24}: {results[name][-1]:>9,.0f} samples/s, "
+                    f"val MSE {val[name][-1]:.5f}",
+                    flush=True,
+                )
+    print(
+        f"matmul peak, best of every measurement (the load changes): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+        f"bf16 {peaks['bf16']:.0f} GFLOP/s"
+    )
     base = statistics.median(results["recipe"])
     rows = []
     for name, speeds in results.items():
         sps = statistics.median(speeds)
         prec = (contenders[name] or {}).get("precision", "fp32")
         gflops = sps * flop / 1e9
-        rows.append([name, prec, steps[name], f"{sps:,.0f}", f"{sps / base:.2f}x", f"{statistics.mean(val[name]):.5f}",
-                     f"{gflops:.0f}", f"{gflops / peaks[prec]:.1%} of {peaks[prec]:.0f}"])  # fmt: skip
-    print(f"\nTable 1: {args.epochs} epochs, random 80/20 transition split, batch 512, hidden 512, median of "
-          f"{args.rounds} interleaved rounds (val MSE: mean over rounds). recipe: dropout 0.1, Adam 3e-4; ours: our "
-          f"defaults (no dropout, AdamW + cosine) unless 'recipe settings'")  # fmt: skip
-    print(table(["contender", "precision", "step", "train samples/s", "vs recipe", f"val MSE after {args.epochs} ep",
-                 "GFLOP/s", "of matmul peak"], rows))  # fmt: skip
+        rows.append(
+            [
+                name,
+                prec,
+                steps[name],
+                f"{sps:,.0f}",
+                f"{sps / base:.2f}x",
+                f"{statistics.mean(val[name]):.5f}",
+                f"{gflops:.0f}",
+                f"{gflops / peaks[prec]:.1%} of {peaks[prec]:.0f}",
+            ]
+        )
+    print(
+        f"\nTable 1: {args.epochs} epochs, random 80/20 transition split, batch 512, hidden 512, median of "
+        f"{args.rounds} interleaved rounds (val MSE: mean over rounds). recipe: dropout 0.1, Adam 3e-4; ours: our "
+        f"defaults (no dropout, AdamW + cosine) unless 'recipe settings'"
+    )
+    print(
+        table(
+            [
+                "contender",
+                "precision",
+                "step",
+                "train samples/s",
+                "vs recipe",
+                f"val MSE after {args.epochs} ep",
+                "GFLOP/s",
+                "of matmul peak",
+            ],
+            rows,
+        )
+    )
     if args.skip_early_stop:
         return 0
 
@@ -291,28 +367,53 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         r_train, r_val = split_indices(pool, "transitions", 0.2, 0)
-        net, norm, info = recipe_fit(pool, r_train, r_val, max_epochs=args.max_epochs, patience=3, seed=0,
-                                     workers=args.workers, ckpt_dir=Path(tmp) / "recipe")  # fmt: skip
-        rows.append(["recipe (transitions split, patience 3, last weights)", f"{info['wall_s']:.1f}", info["epochs"],
-                     f"{mse_on(net, norm, test, np.arange(len(test))):.5f}"])  # fmt: skip
+        net, norm, info = recipe_fit(
+            pool,
+            r_train,
+            r_val,
+            max_epochs=args.max_epochs,
+            patience=3,
+            seed=0,
+            workers=args.workers,
+            ckpt_dir=Path(tmp) / "recipe",
+        )
+        rows.append(
+            [
+                "recipe (transitions split, patience 3, last weights)",
+                f"{info['wall_s']:.1f}",
+                info["epochs"],
+                f"{mse_on(net, norm, test, np.arange(len(test))):.5f}",
+            ]
+        )
         print(f"  recipe done: {rows[-1]}", flush=True)
         for label, precision in ((f"ours defaults ({auto})", "auto"), ("ours defaults, fp32", "fp32")):
             if precision == "fp32" and auto == "fp32":
                 continue
             t = time.perf_counter()
             epochs = min(args.max_epochs, TrainConfig().max_epochs)  # our defaults: cosine over 60 epochs
-            res = train(pool, TrainConfig(max_epochs=epochs, precision=precision, threads=threads),
-                        Path(tmp) / precision)  # fmt: skip
+            res = train(
+                pool,
+                TrainConfig(max_epochs=epochs, precision=precision, threads=threads),
+                Path(tmp) / precision,
+            )
             wall = time.perf_counter() - t
             import invdyn
 
             model = invdyn.read_model_dir(res.model_dir)
             mse = float(((model.predict(test.obs, test.next_obs) - test.act) ** 2).mean())
-            rows.append([label + " (episode split, best weights)", f"{wall:.1f}",
-                         f"{res.metrics['epochs']} (best {res.metrics['best_epoch']})", f"{mse:.5f}"])  # fmt: skip
+            rows.append(
+                [
+                    label + " (episode split, best weights)",
+                    f"{wall:.1f}",
+                    f"{res.metrics['epochs']} (best {res.metrics['best_epoch']})",
+                    f"{mse:.5f}",
+                ]
+            )
             print(f"  {label} done: {rows[-1]}", flush=True)
-    print(f"\nTable 2: train until early stop on the 80% training episodes ({len(pool):,} transitions), score on the "
-          f"20% test episodes ({len(test):,}); mean-action baseline MSE {baseline:.5f}")  # fmt: skip
+    print(
+        f"\nTable 2: train until early stop on the 80% training episodes ({len(pool):,} transitions), score on the "
+        f"20% test episodes ({len(test):,}); mean-action baseline MSE {baseline:.5f}"
+    )
     print(table(["contender", "time to stop (s)", "epochs", "test-episode MSE"], rows))
     print(f"\nload average {os.getloadavg()[0]:.1f} at end")
     return 0

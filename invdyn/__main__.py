@@ -96,7 +96,12 @@ def cmd_verify(args) -> int:
     manifest = verify_bundle(args.bundle)
     models = manifest["models"]
     rows = [
-        [m["name"], len(m["files"]), sum(f["size"] for f in m["files"].values()), _num(m["metrics"].get(_METRICS[0]))]
+        [
+            m["name"],
+            len(m["files"]),
+            sum(f["size"] for f in m["files"].values()),
+            _num(m["metrics"].get(_METRICS[0])),
+        ]
         for m in models
     ]
     print(_table(rows, ["model", "files", "bytes", _METRICS[0]]))
@@ -105,7 +110,9 @@ def cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m invdyn", description="Pretrained inverse dynamics models.")
+    parser = argparse.ArgumentParser(
+        prog="python -m invdyn", description="Pretrained inverse dynamics models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="installed models (invdyn cache and CleanDiffuser's) with their metrics")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")

@@ -25,7 +25,6 @@ CHUNK = 1 << 16
 ATTEMPTS = 3
 
 
-
 def is_url(s) -> bool:
     try:
         return isinstance(s, str) and urllib.parse.urlsplit(s).scheme.lower() in {"http", "https"}
@@ -89,7 +88,9 @@ def download(
     if expected and dest.is_file() and sha256_file(dest) == expected:
         return dest
     if is_offline():
-        raise DownloadError(f"INVDYN_OFFLINE=1: refusing to download {shown}; unset it or put the file at {dest}")
+        raise DownloadError(
+            f"INVDYN_OFFLINE=1: refusing to download {shown}; unset it or put the file at {dest}"
+        )
     with storage_errors(dest):
         return _download_locked(url, dest, expected, desc, progress, timeout, shown)
 
@@ -128,7 +129,9 @@ def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -
     offset = part.stat().st_size if part.exists() else 0
     shown = redact_url(url)
     plain, auth = _split_credentials(url)
-    req = urllib.request.Request(plain, headers={"User-Agent": "invdyn-downloader", "Accept-Encoding": "identity"})
+    req = urllib.request.Request(
+        plain, headers={"User-Agent": "invdyn-downloader", "Accept-Encoding": "identity"}
+    )
     if auth:  # a header, not the URL (servers log URLs); unredirected: never sent on to another host
         req.add_unredirected_header("Authorization", auth)
     if offset:
@@ -154,7 +157,9 @@ def _transfer(url: str, part: Path, desc: str, progress: bool, timeout: float) -
         if offset and resp.status == 206:
             start = _content_range_start(resp.headers.get("Content-Range"))
             if start != offset:
-                raise DownloadError(f"cannot resume {shown}: asked for byte {offset}, server sent from {start}")
+                raise DownloadError(
+                    f"cannot resume {shown}: asked for byte {offset}, server sent from {start}"
+                )
             mode, total = "ab", (offset + length if length is not None else None)
         else:  # 200: the server ignored Range (or there was nothing to resume): start from byte 0
             mode, total, offset = "wb", length, 0

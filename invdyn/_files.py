@@ -62,7 +62,10 @@ def sigterm_raises():
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
         yield
         return
 
@@ -90,8 +93,10 @@ def _hold_signals():
     if threading.current_thread() is not threading.main_thread():
         return None
     pending: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     return previous, pending
 
 

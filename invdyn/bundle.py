@@ -58,14 +58,18 @@ def write_bundle(zip_path, model_dirs, *, extra_manifest: dict | None = None) ->
     for name in sorted(items):
         src = Path(items[name])
         if not is_valid_name(name):
-            raise FormatError(f"{src}: model name {name!r} is not a plain name (letters, digits, '.', '_', '-')")
+            raise FormatError(
+                f"{src}: model name {name!r} is not a plain name (letters, digits, '.', '_', '-')"
+            )
         loaded = read_model_dir(src)  # refuses a directory that does not load
         files = {}
         for path in sorted(src.iterdir()):
             if path.name.startswith("."):
                 continue  # install records and temp files are not part of the model
             if path.is_symlink() or not path.is_file():
-                raise FormatError(f"{path}: a model directory may hold only regular files (no links or folders)")
+                raise FormatError(
+                    f"{path}: a model directory may hold only regular files (no links or folders)"
+                )
             files[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
             members.append((f"{name}/{path.name}", path))
         params = loaded.params
@@ -152,7 +156,9 @@ def verify_open(zf: zipfile.ZipFile, zip_path: Path) -> dict:
     for info in infos:
         _check_member(info, zip_path)
         if info.filename in seen:
-            raise FormatError(f"{zip_path}: member {info.filename!r} appears twice; refusing an ambiguous bundle")
+            raise FormatError(
+                f"{zip_path}: member {info.filename!r} appears twice; refusing an ambiguous bundle"
+            )
         seen.add(info.filename)
     if MANIFEST not in seen:
         raise FormatError(f"{zip_path}: no {MANIFEST}; this is not an invdyn bundle")
@@ -166,7 +172,9 @@ def verify_open(zf: zipfile.ZipFile, zip_path: Path) -> dict:
         raise FormatError(f"{zip_path}: members not listed in {MANIFEST}: {extra[:5]}; refusing the bundle")
     missing = sorted(set(expected) - seen)
     if missing:
-        raise ChecksumError(f"{zip_path}: files listed in {MANIFEST} are missing (truncated bundle?): {missing[:5]}")
+        raise ChecksumError(
+            f"{zip_path}: files listed in {MANIFEST} are missing (truncated bundle?): {missing[:5]}"
+        )
     for member, meta in sorted(expected.items()):
         if meta is not None:
             _copy_member(zf, zip_path, member, meta, None)
@@ -187,7 +195,9 @@ def _check_member(info: zipfile.ZipInfo, zip_path: Path) -> None:
         or any(part in ("..", ".", "") for part in name.split("/"))
     )
     if bad:
-        raise FormatError(f"{zip_path}: unsafe member path {name!r} (absolute, '..' or backslash); refusing the bundle")
+        raise FormatError(
+            f"{zip_path}: unsafe member path {name!r} (absolute, '..' or backslash); refusing the bundle"
+        )
     mode = info.external_attr >> 16
     if info.create_system == 3 and mode and not stat.S_ISREG(mode):
         kind = "symlink" if stat.S_ISLNK(mode) else "non-regular file"
@@ -202,7 +212,14 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> dict:
         raise FormatError(f"{zip_path}: {MANIFEST} is implausibly large ({info.file_size} bytes)")
     try:
         manifest = json.loads(zf.read(MANIFEST))
-    except (zipfile.BadZipFile, zlib.error, ValueError, RecursionError, OSError, EOFError) as e:  # ValueError: JSON
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        ValueError,
+        RecursionError,
+        OSError,
+        EOFError,
+    ) as e:  # ValueError: JSON
         raise FormatError(f"{zip_path}: {MANIFEST} is not readable JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise FormatError(f"{zip_path}: {MANIFEST} must be a JSON object")

@@ -49,7 +49,9 @@ def load(name: str, *, source=None, device="cpu") -> PretrainedIDM:
     the cache first — or an MLflow `models:/...` URI), the invdyn cache, CleanDiffuser's directory.
     """
     if not is_valid_name(name):
-        raise ModelNotFoundError(f"{name!r} is not a model name (letters, digits, '.', '_', '-'; e.g. hopper-medium-v2)")
+        raise ModelNotFoundError(
+            f"{name!r} is not a model name (letters, digits, '.', '_', '-'; e.g. hopper-medium-v2)"
+        )
     if source is not None:
         return _load_from_source(name, source, device)
     cached = model_cache_dir() / name
@@ -73,10 +75,14 @@ def _load_from_source(name: str, source, device) -> PretrainedIDM:
         installed = fetch(text)
         return _load_installed(name, installed, redact_url(text), device)
     if "://" in text:
-        raise DownloadError(f"source {redact_url(text)!r}: only http(s) URLs, MLflow models:/ URIs and local paths are supported")
+        raise DownloadError(
+            f"source {redact_url(text)!r}: only http(s) URLs, MLflow models:/ URIs and local paths are supported"
+        )
     path = _local_path(text)
     if path is None:
-        raise ModelNotFoundError(f"source {text[:200]!r} is not a usable path (too long, NUL byte or unknown ~user)")
+        raise ModelNotFoundError(
+            f"source {text[:200]!r} is not a usable path (too long, NUL byte or unknown ~user)"
+        )
     if path.is_file():
         installed = fetch(path)
         return _load_installed(name, installed, text, device)
@@ -97,7 +103,9 @@ def _load_installed(name: str, installed: list[str], source: str, device) -> Pre
     if name not in installed:
         near = difflib.get_close_matches(name, installed, n=3)
         hint = f" Did you mean: {', '.join(near)}?" if near else ""
-        raise ModelNotFoundError(f"bundle {source} has no model {name!r}; it holds: {', '.join(installed)}.{hint}")
+        raise ModelNotFoundError(
+            f"bundle {source} has no model {name!r}; it holds: {', '.join(installed)}.{hint}"
+        )
     return read_model_dir(model_cache_dir() / name, device)._with_source(source)
 
 
@@ -141,17 +149,23 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
     text = str(url_or_path)
     if not is_url(text):
         if "://" in text:
-            raise DownloadError(f"cannot fetch {redact_url(text)!r}: only http(s) URLs and local .zip paths are supported")
+            raise DownloadError(
+                f"cannot fetch {redact_url(text)!r}: only http(s) URLs and local .zip paths are supported"
+            )
         path = _local_path(text)
         if path is None:
-            raise BundleNotFoundError(f"bundle {text[:200]!r} is not a usable path (too long, NUL byte or unknown ~user)")
+            raise BundleNotFoundError(
+                f"bundle {text[:200]!r} is not a usable path (too long, NUL byte or unknown ~user)"
+            )
         if not path.is_file():
             what = "is a directory, not a bundle .zip" if path.is_dir() else "does not exist"
             raise BundleNotFoundError(f"bundle {path} {what}")
         with storage_errors(model_cache_dir()):
             return _install(path, str(path.resolve()), force)
     if is_offline():
-        raise DownloadError(f"INVDYN_OFFLINE=1: refusing to fetch {redact_url(text)}; unset it or fetch a local .zip path")
+        raise DownloadError(
+            f"INVDYN_OFFLINE=1: refusing to fetch {redact_url(text)}; unset it or fetch a local .zip path"
+        )
     with storage_errors(invdyn_home()):
         return _fetch_url(text, force, progress)
 
@@ -241,7 +255,9 @@ def _read_installed(model_dir: Path, device) -> PretrainedIDM:
                 swapped = True
             if not swapped:
                 raise
-    raise ChecksumError(f"{model_dir} keeps being replaced while it is read; try again when the fetch is done")
+    raise ChecksumError(
+        f"{model_dir} keeps being replaced while it is read; try again when the fetch is done"
+    )
 
 
 def _install_record(model_dir: Path) -> dict | None:
@@ -315,5 +331,7 @@ def _not_found(name: str) -> ModelNotFoundError:
     if near:
         msg += f" Did you mean: {', '.join(near)}?"
     msg += f" Available: {', '.join(available)}." if available else " No models are installed."
-    msg += " Install a bundle with invdyn.fetch(URL_OR_ZIP) or pass source=<model dir | bundle | models:/...>."
+    msg += (
+        " Install a bundle with invdyn.fetch(URL_OR_ZIP) or pass source=<model dir | bundle | models:/...>."
+    )
     return ModelNotFoundError(msg)

@@ -33,7 +33,6 @@ CARD_FILE = "README.md"
 PARAMS_FILE = "params.json"
 
 
-
 def save_model_dir(
     out_dir,
     net,
@@ -65,7 +64,9 @@ def save_model_dir(
         **(extra or {}),
     }
     with atomic_dir(out_dir) as tmp:
-        buf = io.BytesIO()  # serialized in memory: a full disk then fails as an OSError, not torch's RuntimeError
+        buf = (
+            io.BytesIO()
+        )  # serialized in memory: a full disk then fails as an OSError, not torch's RuntimeError
         torch.save({"state_dict": state_dict}, buf)
         (tmp / WEIGHTS_FILE).write_bytes(buf.getvalue())
         params["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(tmp / WEIGHTS_FILE)}
@@ -113,11 +114,19 @@ def read_params(path) -> dict:
     except ValueError as e:
         raise FormatError(f"{path}: invalid 'normalizers.state': {e}") from None
     arch = params.get("architecture", {"name": FancyMlpInvDynamic.arch_name})
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or arch["name"] not in ARCHITECTURES:
+    if (
+        not isinstance(arch, dict)
+        or not isinstance(arch.get("name"), str)
+        or arch["name"] not in ARCHITECTURES
+    ):
         raise FormatError(f"{path}: unknown 'architecture' {arch!r}; known: {sorted(ARCHITECTURES)}")
     weights = params.get("weights", {})
-    if not isinstance(weights, dict) or not all(isinstance(weights.get(k, ""), str) for k in ("file", "sha256")):
-        raise FormatError(f"{path}: 'weights' must be an object {{\"file\": name, \"sha256\": hex}}, got {weights!r}")
+    if not isinstance(weights, dict) or not all(
+        isinstance(weights.get(k, ""), str) for k in ("file", "sha256")
+    ):
+        raise FormatError(
+            f'{path}: \'weights\' must be an object {{"file": name, "sha256": hex}}, got {weights!r}'
+        )
     if normalizer.dim != config.get("obs_dim"):
         raise FormatError(
             f"{path}: 'normalizers.state' has {normalizer.dim} dims but 'config.obs_dim' is {config.get('obs_dim')!r}"
@@ -129,13 +138,17 @@ def _weights_file(model_dir: Path, params: dict) -> Path:
     named = (params.get("weights") or {}).get("file")
     if named:
         if Path(named).name != named:
-            raise FormatError(f"{model_dir / PARAMS_FILE}: 'weights.file' must be a plain file name, got {named!r}")
+            raise FormatError(
+                f"{model_dir / PARAMS_FILE}: 'weights.file' must be a plain file name, got {named!r}"
+            )
         return model_dir / named
     ckpts = sorted(p for p in model_dir.iterdir() if p.suffix == ".ckpt")
     if not ckpts:
         raise ModelNotFoundError(f"no *.ckpt weights file in {model_dir}")
     if len(ckpts) > 1:
-        raise FormatError(f"{model_dir} holds several checkpoints ({', '.join(p.name for p in ckpts)}); keep one")
+        raise FormatError(
+            f"{model_dir} holds several checkpoints ({', '.join(p.name for p in ckpts)}); keep one"
+        )
     return ckpts[0]
 
 
@@ -147,19 +160,25 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
     params = read_params(model_dir / PARAMS_FILE)
     weights = _weights_file(model_dir, params)
     if not weights.is_file():
-        raise ModelNotFoundError(f"{weights} (named in {model_dir / PARAMS_FILE} 'weights.file') does not exist")
+        raise ModelNotFoundError(
+            f"{weights} (named in {model_dir / PARAMS_FILE} 'weights.file') does not exist"
+        )
     expected = (params.get("weights") or {}).get("sha256")
     if expected:
         actual = sha256_file(weights)
         if actual != expected:
-            raise ChecksumError(f"{weights}: sha256 {actual} does not match {expected} recorded in params.json")
+            raise ChecksumError(
+                f"{weights}: sha256 {actual} does not match {expected} recorded in params.json"
+            )
     arch = params.get("architecture", {"name": FancyMlpInvDynamic.arch_name})
     options = {k: v for k, v in arch.items() if k != "name"}
     try:
         with torch.device("meta"):  # shapes only, no memory: a crafted config cannot exhaust RAM
             shapes = build_model(arch["name"], params["config"], options)
     except (TypeError, ValueError, OverflowError, RuntimeError) as e:  # RuntimeError: sizes torch cannot hold
-        raise FormatError(f"{model_dir / PARAMS_FILE}: 'config' does not build a {arch['name']} model: {e}") from None
+        raise FormatError(
+            f"{model_dir / PARAMS_FILE}: 'config' does not build a {arch['name']} model: {e}"
+        ) from None
     try:
         ckpt = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
@@ -203,7 +222,9 @@ def check_state_dict(net, state_dict: dict, source) -> None:
                 f"{source}: weight {key!r} has shape {shape} but params.json's config needs {tuple(tensor.shape)}"
             )
         if tensor.is_floating_point() and not got.is_floating_point():
-            raise FormatError(f"{source}: weight {key!r} has dtype {got.dtype}; weights must be floating point")
+            raise FormatError(
+                f"{source}: weight {key!r} has dtype {got.dtype}; weights must be floating point"
+            )
 
 
 def model_card(params: dict) -> str:
@@ -230,7 +251,9 @@ def model_card(params: dict) -> str:
     lines += ["", "## Metrics", ""]
     if metrics:
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
+        lines += [
+            f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))
+        ]
     else:
         lines.append("not trained by invdyn (no metrics recorded)")
     lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]

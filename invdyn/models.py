@@ -21,7 +21,9 @@ class _InvDynBase(nn.Module):
     #: registry name written to params.json["architecture"]["name"]
     arch_name = ""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, tanh_out_activation: bool, action_scale: float):
+    def __init__(
+        self, obs_dim: int, act_dim: int, hidden_dim: int, tanh_out_activation: bool, action_scale: float
+    ):
         super().__init__()
         for key, value in (("obs_dim", obs_dim), ("act_dim", act_dim), ("hidden_dim", hidden_dim)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
@@ -69,7 +71,9 @@ class _InvDynBase(nn.Module):
         nxt = next_obs if isinstance(next_obs, torch.Tensor) else np.asarray(next_obs, dtype=np.float32)
         next_t = self._as_input(nxt, "next_obs")
         if obs_t.shape != next_t.shape:
-            raise ShapeError(f"obs shape {tuple(obs_t.shape)} and next_obs shape {tuple(next_t.shape)} differ")
+            raise ShapeError(
+                f"obs shape {tuple(obs_t.shape)} and next_obs shape {tuple(next_t.shape)} differ"
+            )
         lead = obs_t.shape[:-1]
         out = self.forward(obs_t.reshape(-1, self.obs_dim), next_t.reshape(-1, self.obs_dim))
         out = out.reshape(*lead, self.act_dim)

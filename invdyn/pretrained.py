@@ -15,7 +15,13 @@ class PretrainedIDM(nn.Module):
     """What `invdyn.load` returns. `predict` takes raw observations; `predict_normalized` normalized ones."""
 
     def __init__(
-        self, net: nn.Module, normalizer: GaussianNormalizer, params: dict, card: str = "", path=None, source=None
+        self,
+        net: nn.Module,
+        normalizer: GaussianNormalizer,
+        params: dict,
+        card: str = "",
+        path=None,
+        source=None,
     ):
         super().__init__()
         self.net = net.eval()

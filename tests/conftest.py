@@ -28,11 +28,25 @@ def sim_files(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("sim-datasets")
     sizes = {"sim-halfcheetah-random-v0": 6000, "sim-hopper-random-v0": 6000}
-    return {name: simulate(name, transitions=n, seed=0, out_dir=out, workers=1, progress=False) for name, n in sizes.items()}
+    return {
+        name: simulate(name, transitions=n, seed=0, out_dir=out, workers=1, progress=False)
+        for name, n in sizes.items()
+    }
 
 
-def write_d4rl_file(path, episodes=(5, 7, 4), obs_dim=3, act_dim=2, *, dtype="float32", next_obs=True,
-                    timeouts=True, terminal_episodes=(0,), seed=0, **extra):  # fmt: skip
+def write_d4rl_file(
+    path,
+    episodes=(5, 7, 4),
+    obs_dim=3,
+    act_dim=2,
+    *,
+    dtype="float32",
+    next_obs=True,
+    timeouts=True,
+    terminal_episodes=(0,),
+    seed=0,
+    **extra,
+):
     """Write a D4RL-layout HDF5 file whose rows encode where they are: obs[:, 0] = episode, obs[:, 1] = step.
 
     A pair (obs, next_obs) is inside one episode iff next_obs[:, 0] == obs[:, 0] and next_obs[:, 1] ==

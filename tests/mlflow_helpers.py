@@ -34,10 +34,22 @@ class MlflowServer:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-            "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--workers",
+            "1",
+        ]
         env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(

@@ -100,7 +100,9 @@ def test_oversized_member_is_not_read(tmp_path):
     bundle = make_bundle(tmp_path, names=("a-v0",))
     bomb = rewrite_zip(bundle, tmp_path / "bomb.zip", replace={"a-v0/README.md": bytes(50 << 20)})
     assert bomb.stat().st_size < 1 << 20  # 50 MB of zeros deflate to almost nothing
-    with pytest.raises(invdyn.ChecksumError, match=r"a-v0/README.md is 52428800 bytes but manifest.json records"):
+    with pytest.raises(
+        invdyn.ChecksumError, match=r"a-v0/README.md is 52428800 bytes but manifest.json records"
+    ):
         invdyn.verify_bundle(bomb)
 
 
@@ -130,7 +132,9 @@ def test_truncated_bundle_is_refused(tmp_path):
         invdyn.verify_bundle(short)
 
 
-@pytest.mark.parametrize("member", ["../evil.txt", "/etc/evil", "a-v0/../../evil", "a-v0\\..\\evil", "C:/evil"])
+@pytest.mark.parametrize(
+    "member", ["../evil.txt", "/etc/evil", "a-v0/../../evil", "a-v0\\..\\evil", "C:/evil"]
+)
 def test_zip_slip_members_are_refused(tmp_path, member):
     bundle = make_bundle(tmp_path, names=("a-v0",))
     bad = rewrite_zip(bundle, tmp_path / "slip.zip", add=[(_info(member), b"pwned")])

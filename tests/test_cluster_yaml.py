@@ -29,7 +29,9 @@ def test_cluster_yaml_passes_rays_validation(config):
     assert prepared["provider"]["type"] == "aws"
     head = prepared["available_node_types"][prepared["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0 and head["max_workers"] == 0
-    workers = [t for name, t in prepared["available_node_types"].items() if name != prepared["head_node_type"]]
+    workers = [
+        t for name, t in prepared["available_node_types"].items() if name != prepared["head_node_type"]
+    ]
     gpu = [t for t in workers if t["resources"].get("GPU", 0) >= 1]
     assert gpu and all(t["min_workers"] == 0 and t["max_workers"] >= 1 for t in gpu)  # autoscaling from 0
 
@@ -53,5 +55,7 @@ def test_cluster_yaml_installs_the_project_and_keeps_services_private(config):
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     assert "mlflow server" in head and "--serve-artifacts" in head and "hostname -I" in head
-    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in " ".join(
+        config["worker_start_ray_commands"]
+    )
     assert "/home/ubuntu/.ray/auth_token" in config["file_mounts"]

@@ -18,11 +18,18 @@ BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 
 def test_gym_mujoco_urls_follow_d4rl():
     assert CATALOG["halfcheetah-medium-v2"]["url"] == f"{BASE}/gym_mujoco_v2/halfcheetah_medium-v2.hdf5"
-    assert CATALOG["walker2d-medium-replay-v2"]["url"] == f"{BASE}/gym_mujoco_v2/walker2d_medium_replay-v2.hdf5"
+    assert (
+        CATALOG["walker2d-medium-replay-v2"]["url"] == f"{BASE}/gym_mujoco_v2/walker2d_medium_replay-v2.hdf5"
+    )
     assert CATALOG["ant-full-replay-v1"]["url"] == f"{BASE}/gym_mujoco_v1/ant_full_replay-v1.hdf5"
     assert CATALOG["walker2d-medium-replay-v0"]["url"] == f"{BASE}/gym_mujoco/walker_mixed.hdf5"
-    assert CATALOG["antmaze-umaze-v2"]["url"].startswith(f"{BASE}/ant_maze_v2/Ant_maze_u-maze_noisy_multistart_False")
-    assert CATALOG["kitchen-partial-v0"]["url"] == f"{BASE}/kitchen/kitchen_microwave_kettle_light_slider-v0.hdf5"
+    assert CATALOG["antmaze-umaze-v2"]["url"].startswith(
+        f"{BASE}/ant_maze_v2/Ant_maze_u-maze_noisy_multistart_False"
+    )
+    assert (
+        CATALOG["kitchen-partial-v0"]["url"]
+        == f"{BASE}/kitchen/kitchen_microwave_kettle_light_slider-v0.hdf5"
+    )
     assert CATALOG["maze2d-umaze-v1"]["url"] == f"{BASE}/maze2d/maze2d-umaze-sparse-v1.hdf5"
     # every locomotion agent x variant x version D4RL published
     for agent in ("halfcheetah", "hopper", "walker2d", "ant"):

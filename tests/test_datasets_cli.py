@@ -10,8 +10,9 @@ from pipeline.data.sources import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.data.sources", *args], capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.data.sources", *args], capture_output=True, text=True, timeout=180
+    )
 
 
 def test_info_json_of_a_file(sim_files):
@@ -45,7 +46,9 @@ def test_prepare_then_list_says_cached(capsys, monkeypatch):
     assert "sim-halfcheetah-ou-v0: 1200 transitions" in capsys.readouterr().out
     assert main(["list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["sim-halfcheetah-ou-v0"]["status"] == "cached" and rows["sim-halfcheetah-ou-v0"]["size_mb"] > 0
+    assert (
+        rows["sim-halfcheetah-ou-v0"]["status"] == "cached" and rows["sim-halfcheetah-ou-v0"]["size_mb"] > 0
+    )
 
 
 @pytest.mark.parametrize("args", [["info", "/no/such.hdf5"], ["prepare", "hopper-medium-v2"]])

@@ -128,8 +128,13 @@ def test_unreachable_server_names_url_and_path(monkeypatch):
 
 def test_offline_cli_download_exits_nonzero_naming_url_and_path(isolated_dirs):
     env = {**os.environ, "INVDYN_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "pipeline.data.sources", "download", NAME], capture_output=True, text=True,
-                       env=env, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.data.sources", "download", NAME],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode != 0
     assert f"http://rail.eecs.berkeley.edu/datasets/offline_rl/{REL}" in r.stderr
     assert str(file_path(NAME)) in r.stderr

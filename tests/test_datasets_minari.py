@@ -27,18 +27,37 @@ def minari_dataset(tmp_path, monkeypatch):
         while not (term and term[-1] or trunc and trunc[-1]):
             action = env.action_space.sample()
             obs, reward, terminated, truncated, _ = env.step(action)
-            o.append(obs), a.append(action), r.append(reward), term.append(terminated), trunc.append(truncated)
+            (
+                o.append(obs),
+                a.append(action),
+                r.append(reward),
+                term.append(terminated),
+                trunc.append(truncated),
+            )
         episodes.append(
-            EpisodeBuffer(id=ep, observations=np.array(o), actions=np.array(a), rewards=r, terminations=term,
-                          truncations=trunc, infos={})  # fmt: skip
+            EpisodeBuffer(
+                id=ep,
+                observations=np.array(o),
+                actions=np.array(a),
+                rewards=r,
+                terminations=term,
+                truncations=trunc,
+                infos={},
+            )
         )
     with warnings.catch_warnings():  # minari warns that no separate eval_env was given: not our business
         warnings.simplefilter("ignore", UserWarning)
         minari.create_dataset_from_buffers(
-            "test/hopper-random-v0", episodes, env=env, algorithm_name="random", author="invdyn tests",
-            author_email="tests@example.com", code_permalink="https://example.com", description="test data",
+            "test/hopper-random-v0",
+            episodes,
+            env=env,
+            algorithm_name="random",
+            author="invdyn tests",
+            author_email="tests@example.com",
+            code_permalink="https://example.com",
+            description="test data",
             data_format="hdf5",
-        )  # fmt: skip
+        )
     return episodes
 
 
@@ -57,7 +76,9 @@ def test_minari_dataset_is_read(minari_dataset, tmp_path):
     with pytest.raises(DatasetError, match="looks like a Minari file: pass minari:<dataset-id>"):
         load_transitions(t.stats["source"])  # the Minari file by path is not D4RL layout
     info = dataset_info("minari:test/hopper-random-v0")
-    assert (info["transitions"], info["obs_dim"], info["act_dim"]) == (len(t), 11, 3) and len(info["sha256"]) == 64
+    assert (info["transitions"], info["obs_dim"], info["act_dim"]) == (len(t), 11, 3) and len(
+        info["sha256"]
+    ) == 64
 
 
 def test_missing_minari_dataset(tmp_path, monkeypatch):

@@ -18,7 +18,9 @@ def assert_within_episodes(t):
     assert np.array_equal(t.next_obs[:, 0], t.obs[:, 0])
     assert np.array_equal(t.next_obs[:, 1], t.obs[:, 1] + 1)
     # the episode ids follow the planted episodes one to one
-    assert np.array_equal(np.unique(t.episode, return_inverse=True)[1], np.unique(t.obs[:, 0], return_inverse=True)[1])
+    assert np.array_equal(
+        np.unique(t.episode, return_inverse=True)[1], np.unique(t.obs[:, 0], return_inverse=True)[1]
+    )
 
 
 def test_next_observations_are_used_and_every_row_is_a_pair(d4rl_file):
@@ -120,7 +122,9 @@ def test_dims_contradicting_the_catalog(d4rl_file):
     dest = file_path(name)
     dest.parent.mkdir(parents=True, exist_ok=True)
     d4rl_file(name="x.hdf5", obs_dim=17)[0].rename(dest)
-    with pytest.raises(DatasetError, match=r"'observations' has 17 values per row but hopper-medium-v2 has 11"):
+    with pytest.raises(
+        DatasetError, match=r"'observations' has 17 values per row but hopper-medium-v2 has 11"
+    ):
         load_transitions(name)
     assert CATALOG[name]["obs_dim"] == 11
 
@@ -150,13 +154,17 @@ def test_missing_d4rl_file_names_url_and_path():
     with pytest.raises(DatasetMissingError) as e:
         load_transitions("halfcheetah-medium-replay-v2")
     msg = str(e.value)
-    assert "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/halfcheetah_medium_replay-v2.hdf5" in msg
+    assert (
+        "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/halfcheetah_medium_replay-v2.hdf5"
+        in msg
+    )
     assert str(file_path("halfcheetah-medium-replay-v2")) in msg
 
 
 def _write_parquet(path, obs, act, nxt, episode):
     pq.write_table(
-        pa.table({"obs": list(obs), "act": list(act), "next_obs": list(nxt), "episode": pa.array(episode)}), path
+        pa.table({"obs": list(obs), "act": list(act), "next_obs": list(nxt), "episode": pa.array(episode)}),
+        path,
     )
 
 

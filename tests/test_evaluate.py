@@ -61,13 +61,30 @@ def test_trained_model_beats_the_mean_action_in_mujoco(result, trained):
 
 def test_evaluate_json_contract_from_the_command_line(trained, sim_files):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "pipeline.quality.evaluate", str(trained), str(sim_files["sim-halfcheetah-random-v0"]),
-           "--json", "--starts", "4", "--samples", "100"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.quality.evaluate",
+        str(trained),
+        str(sim_files["sim-halfcheetah-random-v0"]),
+        "--json",
+        "--starts",
+        "4",
+        "--samples",
+        "100",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # exactly one JSON object on stdout
-    for key in ("heldout_mse", "baseline_mse", "one_step_error", "one_step_baseline", "one_step_floor",
-                "tracking_drift", "tracking_baseline"):  # fmt: skip
+    for key in (
+        "heldout_mse",
+        "baseline_mse",
+        "one_step_error",
+        "one_step_baseline",
+        "one_step_floor",
+        "tracking_drift",
+        "tracking_baseline",
+    ):
         assert isinstance(out[key], float), key
     assert out["horizon"] == 32 and len(out["drift_per_step"]) == 32
     assert out["heldout_mse_normalized"] < out["baseline_mse_normalized"]
@@ -79,8 +96,19 @@ def test_dims_mismatch_is_a_clear_error(trained, sim_files):
         EvaluationError, match=r"obs_dim=17, act_dim=6 .*'sim-hopper-random-v0' has obs_dim=11, act_dim=3"
     ):
         evaluate(invdyn.read_model_dir(trained), hopper)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.quality.evaluate", str(trained), str(sim_files["sim-hopper-random-v0"]),
-                           "--json"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.quality.evaluate",
+            str(trained),
+            str(sim_files["sim-hopper-random-v0"]),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert "obs_dim=11" in proc.stderr and "obs_dim=17" in proc.stderr
 
@@ -152,7 +180,9 @@ def test_a_cleandiffuser_checkpoint_is_evaluated_on_all_rows(sim_files):
     assert r["physics_reason"] is None and r["one_step_floor"] < 1e-8 < r["one_step_error"]
 
 
-def test_evaluation_is_logged_to_the_registered_champion(trained, cheetah, sim_files, tmp_path, monkeypatch, capsys):
+def test_evaluation_is_logged_to_the_registered_champion(
+    trained, cheetah, sim_files, tmp_path, monkeypatch, capsys
+):
     """`evaluate models:/...@champion --log-to-registry` puts the headline metrics on that registered version."""
     from mlflow import MlflowClient
 
@@ -161,13 +191,26 @@ def test_evaluation_is_logged_to_the_registered_champion(trained, cheetah, sim_f
 
     uri = tracking.default_uri(tmp_path / "job")
     params = invdyn.read_model_dir(trained).params
-    record = {"dataset": "sim-halfcheetah-random-v0", "sha256": cheetah.sha256, "model_dir": str(trained),
-              "heldout_mse": params["metrics"]["heldout_mse"], "baseline_mse": params["metrics"]["baseline_mse"]}  # fmt: skip
+    record = {
+        "dataset": "sim-halfcheetah-random-v0",
+        "sha256": cheetah.sha256,
+        "model_dir": str(trained),
+        "heldout_mse": params["metrics"]["heldout_mse"],
+        "baseline_mse": params["metrics"]["baseline_mse"],
+    }
     registered = tracking.register_dataset(uri, record)
     assert registered["champion"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model_uri = f"models:/{registered['model_name']}@champion"
-    args = [model_uri, str(sim_files["sim-halfcheetah-random-v0"]), "--json", "--starts", "4", "--samples", "100"]
+    args = [
+        model_uri,
+        str(sim_files["sim-halfcheetah-random-v0"]),
+        "--json",
+        "--starts",
+        "4",
+        "--samples",
+        "100",
+    ]
     assert main([*args, "--log-to-registry"]) == 0
     result = json.loads(capsys.readouterr().out)
     version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(

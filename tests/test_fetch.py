@@ -65,7 +65,9 @@ def test_interrupted_download_resumes_on_next_call(served, tmp_path):
     have = part.stat().st_size
     assert have == 150_000 and not dest.exists()  # 3 attempts kept their bytes
     server.cuts = 0
-    download(server.url("blob.bin"), dest, expected_sha256=hashlib.sha256(payload).hexdigest(), progress=False)
+    download(
+        server.url("blob.bin"), dest, expected_sha256=hashlib.sha256(payload).hexdigest(), progress=False
+    )
     assert dest.read_bytes() == payload and not part.exists()
     assert server.requests[-1][1] == f"bytes={have}-"
 

@@ -23,10 +23,16 @@ from invdyn.errors import ChecksumError, DownloadError, FormatError, InvdynError
 from invdyn.settings import invdyn_home, model_cache_dir
 
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -110,7 +116,9 @@ MANIFEST_FIELDS = [
 def test_manifest_with_any_field_replaced(good_bundle, tmp_path, sandbox, hostile_case, field, value, delete):
     hostile_case("bundle manifest field")
     manifest = _set(copy.deepcopy(_manifest(good_bundle)), field, value, delete)
-    out = rewrite_zip(good_bundle, tmp_path / "m.zip", replace={"manifest.json": json.dumps(manifest).encode()})
+    out = rewrite_zip(
+        good_bundle, tmp_path / "m.zip", replace={"manifest.json": json.dumps(manifest).encode()}
+    )
     _install_or_invdyn_error(out)
     assert _files_outside_cache(sandbox, tmp_path / "m.zip") == []
 
@@ -125,9 +133,23 @@ def test_manifest_arbitrary_bytes(good_bundle, tmp_path, sandbox, hostile_case, 
 
 
 member_names = st.text(alphabet="ab./\\:\x00 -_C~", min_size=0, max_size=24) | st.sampled_from(
-    ["../evil", "../../evil", "/etc/evil", "a-v0/../../evil", "a-v0/./params.json", "C:\\evil", "C:evil",
-     "a-v0\\..\\..\\evil", "a-v0//params.json", "~/evil", "a-v0/", ".", "..", "a-v0/sub/evil"]
-)  # fmt: skip
+    [
+        "../evil",
+        "../../evil",
+        "/etc/evil",
+        "a-v0/../../evil",
+        "a-v0/./params.json",
+        "C:\\evil",
+        "C:evil",
+        "a-v0\\..\\..\\evil",
+        "a-v0//params.json",
+        "~/evil",
+        "a-v0/",
+        ".",
+        "..",
+        "a-v0/sub/evil",
+    ]
+)
 
 
 @SETTINGS
@@ -139,13 +161,19 @@ def test_member_names_never_escape(good_bundle, tmp_path, sandbox, hostile_case,
     data = b"evil"
     if listed and "/" in name:
         model, _, fname = name.partition("/")
-        entry = {"name": model, "files": {fname: {"sha256": __import__("hashlib").sha256(data).hexdigest(), "size": 4}}}
+        entry = {
+            "name": model,
+            "files": {fname: {"sha256": __import__("hashlib").sha256(data).hexdigest(), "size": 4}},
+        }
         manifest["models"].append(entry)
     info = zipfile.ZipInfo(name or "x", date_time=(1980, 1, 1, 0, 0, 0))
     info.filename = name  # zipfile would normalise some names: keep the raw one
     try:
         out = rewrite_zip(
-            good_bundle, tmp_path / "m.zip", replace={"manifest.json": json.dumps(manifest).encode()}, add=[(info, data)]
+            good_bundle,
+            tmp_path / "m.zip",
+            replace={"manifest.json": json.dumps(manifest).encode()},
+            add=[(info, data)],
         )
     except (ValueError, UnicodeEncodeError):
         return  # zipfile itself cannot write this name, so no bundle can hold it
@@ -213,10 +241,16 @@ def _bomb_zip(good_bundle, tmp_path, *, lie_in_header: bool, recorded: int | Non
     local = b"PK\x03\x04" + b"\x14\x00\x00\x00\x08\x00\x00\x00\x21\x00" + sizes
     local += len(name).to_bytes(2, "little") + b"\x00\x00" + name + body
     central = b"PK\x01\x02" + b"\x14\x03\x14\x00\x00\x00\x08\x00\x00\x00\x21\x00" + sizes
-    central += len(name).to_bytes(2, "little") + b"\x00\x00" * 4 + ((stat.S_IFREG | 0o644) << 16).to_bytes(4, "little")
+    central += (
+        len(name).to_bytes(2, "little")
+        + b"\x00\x00" * 4
+        + ((stat.S_IFREG | 0o644) << 16).to_bytes(4, "little")
+    )
     central += local_off.to_bytes(4, "little") + name
     cd = raw[cd_off : cd_off + cd_len] + central
-    new_eocd = raw[eocd : eocd + 8] + (n_entries + 1).to_bytes(2, "little") * 2 + len(cd).to_bytes(4, "little")
+    new_eocd = (
+        raw[eocd : eocd + 8] + (n_entries + 1).to_bytes(2, "little") * 2 + len(cd).to_bytes(4, "little")
+    )
     new_eocd += (local_off + len(local)).to_bytes(4, "little") + raw[eocd + 20 : eocd + 22]
     out.write_bytes(raw[:cd_off] + local + cd + new_eocd)
     return out
@@ -241,7 +275,9 @@ def test_absurd_recorded_size_is_refused_before_reading(good_bundle, tmp_path, h
         invdyn.verify_bundle(out)
 
 
-@pytest.mark.parametrize("mode", [stat.S_IFLNK | 0o777, stat.S_IFDIR | 0o755, stat.S_IFIFO | 0o644, stat.S_IFCHR])
+@pytest.mark.parametrize(
+    "mode", [stat.S_IFLNK | 0o777, stat.S_IFDIR | 0o755, stat.S_IFIFO | 0o644, stat.S_IFCHR]
+)
 def test_special_file_members_are_refused(good_bundle, tmp_path, sandbox, hostile_case, mode):
     """A member flagged as symlink / directory / fifo / device (pointing at /etc/passwd) is never created."""
     hostile_case("bundle explicit")
@@ -287,10 +323,26 @@ def test_many_tiny_members_are_refused_quickly(good_bundle, tmp_path, hostile_ca
 
 
 SOURCES = [
-    "ftp://example.invalid/b.zip", "file:///etc/passwd", "javascript:alert(1)", "data:application/zip;base64,UEsFBg==",
-    "gopher://x/b.zip", "jar:file:///x.zip!/", "http://[::1", "https://", "http:///x", "//host/share/b.zip",
-    "../../../etc/passwd", "/etc/passwd", "/", "", "~nobody/b.zip", "~no_such_user_x/b.zip", "\x00", "a" * 5000, "http://user:pw@127.0.0.1:9/",
-]  # fmt: skip
+    "ftp://example.invalid/b.zip",
+    "file:///etc/passwd",
+    "javascript:alert(1)",
+    "data:application/zip;base64,UEsFBg==",
+    "gopher://x/b.zip",
+    "jar:file:///x.zip!/",
+    "http://[::1",
+    "https://",
+    "http:///x",
+    "//host/share/b.zip",
+    "../../../etc/passwd",
+    "/etc/passwd",
+    "/",
+    "",
+    "~nobody/b.zip",
+    "~no_such_user_x/b.zip",
+    "\x00",
+    "a" * 5000,
+    "http://user:pw@127.0.0.1:9/",
+]
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=range(len(SOURCES)))
@@ -312,7 +364,12 @@ def test_odd_fetch_and_load_sources(sandbox, hostile_case, monkeypatch, source):
 
 
 @SETTINGS
-@given(source=st.text(max_size=40) | st.builds(lambda s, r: f"{s}:{r}", st.from_regex(r"[a-z][a-z0-9+.-]{0,8}", fullmatch=True), st.text(max_size=20)))
+@given(
+    source=st.text(max_size=40)
+    | st.builds(
+        lambda s, r: f"{s}:{r}", st.from_regex(r"[a-z][a-z0-9+.-]{0,8}", fullmatch=True), st.text(max_size=20)
+    )
+)
 def test_any_source_string(sandbox, hostile_case, source):
     """Any string as a bundle source: installed only if it names a real bundle file, else an invdyn error."""
     hostile_case("bundle source fuzz")

@@ -21,7 +21,9 @@ from pipeline.data.sources import load_transitions
 from pipeline.data.sources import main as datasets_cli
 
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 N = 12  # rows of the base file
 KEYS = ("observations", "actions", "next_observations", "terminals", "timeouts", "rewards", "infos/qpos")
@@ -51,9 +53,10 @@ def _load_ok_or_dataset_error(spec, **kw):
 def _only_cache_written(env_root, *inputs):
     """Files under the test's env root must be inputs or in $INVDYN_HOME/transitions."""
     stray = [
-        p for p in env_root.rglob("*")
+        p
+        for p in env_root.rglob("*")
         if p.is_file() and "transitions" not in p.relative_to(env_root).parts[:2] and p not in inputs
-    ]  # fmt: skip
+    ]
     assert stray == []
 
 
@@ -85,7 +88,9 @@ def _array(kind, rows, width, rng):
 
 key_change = st.tuples(
     st.sampled_from(KEYS),
-    st.sampled_from(["delete", "group", "float", "int", "bool", "nan", "inf", "bytes", "complex", "3d", "scalar"]),
+    st.sampled_from(
+        ["delete", "group", "float", "int", "bool", "nan", "inf", "bytes", "complex", "3d", "scalar"]
+    ),
     st.sampled_from([0, 1, N - 1, N, N + 1]),  # rows
     st.sampled_from([None, 0, 1, 2, 3, 5]),  # width
 )
@@ -93,8 +98,12 @@ key_change = st.tuples(
 
 @SETTINGS
 @given(changes=st.lists(key_change, min_size=1, max_size=3), seed=st.integers(0, 3), cache=st.booleans())
-@example(changes=[("infos/qpos", "float", N, 0)], seed=0, cache=True)  # found by this test: crashed the cache writer
-def test_hdf5_with_keys_missing_mistyped_or_misshapen(tmp_path, isolated_dirs, hostile_case, changes, seed, cache):
+@example(
+    changes=[("infos/qpos", "float", N, 0)], seed=0, cache=True
+)  # found by this test: crashed the cache writer
+def test_hdf5_with_keys_missing_mistyped_or_misshapen(
+    tmp_path, isolated_dirs, hostile_case, changes, seed, cache
+):
     hostile_case("hdf5 keys")
     rng = np.random.default_rng(seed)
     path = tmp_path / "data.hdf5"
@@ -125,13 +134,22 @@ def test_hdf5_key_with_zero_columns_is_refused_by_name(tmp_path, isolated_dirs, 
 
 
 attr_values = st.one_of(
-    st.text(st.characters(blacklist_characters="\x00"), max_size=20), st.integers(-5, 5), st.floats(allow_nan=True), st.lists(st.integers(0, 3), min_size=0, max_size=3),
+    st.text(st.characters(blacklist_characters="\x00"), max_size=20),
+    st.integers(-5, 5),
+    st.floats(allow_nan=True),
+    st.lists(st.integers(0, 3), min_size=0, max_size=3),
     st.sampled_from(["{", "[1, 2]", '{"a": 1}', "null", "[" * 50, '{"render_mode": "human"}']),
-)  # fmt: skip
+)
 
 
 @SETTINGS
-@given(attrs=st.dictionaries(st.sampled_from(["env_id", "env_kwargs", "generator", "policy", "seed", "name"]), attr_values, max_size=4))
+@given(
+    attrs=st.dictionaries(
+        st.sampled_from(["env_id", "env_kwargs", "generator", "policy", "seed", "name"]),
+        attr_values,
+        max_size=4,
+    )
+)
 def test_hdf5_with_any_file_attributes(tmp_path, hostile_case, attrs):
     hostile_case("hdf5 attrs")
     path = tmp_path / "data.hdf5"
@@ -177,7 +195,9 @@ def test_hdf5_other_numeric_types_are_read(tmp_path, hostile_case, dtype):
     _check_contract(load_transitions(str(path)))
 
 
-value_types = st.sampled_from(["float", "int", "bool", "str", "null", "nested", "empty", "ragged", "scalar", "struct"])
+value_types = st.sampled_from(
+    ["float", "int", "bool", "str", "null", "nested", "empty", "ragged", "scalar", "struct"]
+)
 
 
 def _column(kind, n, width, rng):
@@ -233,12 +253,31 @@ def test_parquet_of_any_column_types(tmp_path, isolated_dirs, hostile_case, kind
 
 
 SPECS = [
-    "../x", "../../etc/passwd", "/etc/passwd", "/", ".", "", "   ", "file:///etc/passwd", "ftp://host/x.hdf5",
-    "http://127.0.0.1:1/x.hdf5", "https://rail.eecs.berkeley.edu/x.hdf5", "javascript:alert(1)",
-    "data:text/plain,abc", "minari:", "minari:../../../etc", "minari:/abs/path", "sim-../../x",
-    "sim-hopper-nonsense-v0", "hopper-medium-v2/../../x", "\x00", "a" * 5000, "~no_such_user_x/x.hdf5",
-    "mujoco,../x", "C:\\data\\x.hdf5",
-]  # fmt: skip
+    "../x",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "/",
+    ".",
+    "",
+    "   ",
+    "file:///etc/passwd",
+    "ftp://host/x.hdf5",
+    "http://127.0.0.1:1/x.hdf5",
+    "https://rail.eecs.berkeley.edu/x.hdf5",
+    "javascript:alert(1)",
+    "data:text/plain,abc",
+    "minari:",
+    "minari:../../../etc",
+    "minari:/abs/path",
+    "sim-../../x",
+    "sim-hopper-nonsense-v0",
+    "hopper-medium-v2/../../x",
+    "\x00",
+    "a" * 5000,
+    "~no_such_user_x/x.hdf5",
+    "mujoco,../x",
+    "C:\\data\\x.hdf5",
+]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=range(len(SPECS)))
@@ -262,8 +301,12 @@ def test_odd_dataset_specs(tmp_path, monkeypatch, isolated_dirs, capsys, hostile
 @SETTINGS
 @given(
     spec=st.text(max_size=40)
-    | st.builds("{}://{}".format, st.from_regex(r"[a-z][a-z0-9+.-]{0,6}", fullmatch=True), st.text(max_size=15))
-    | st.builds("{}{}".format, st.sampled_from(["../", "/", "./", "~/", "minari:", "sim-"]), st.text(max_size=15))
+    | st.builds(
+        "{}://{}".format, st.from_regex(r"[a-z][a-z0-9+.-]{0,6}", fullmatch=True), st.text(max_size=15)
+    )
+    | st.builds(
+        "{}{}".format, st.sampled_from(["../", "/", "./", "~/", "minari:", "sim-"]), st.text(max_size=15)
+    )
 )
 def test_any_dataset_spec_string(tmp_path, isolated_dirs, monkeypatch, hostile_case, spec):
     hostile_case("dataset spec fuzz")

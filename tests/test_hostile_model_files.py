@@ -23,7 +23,9 @@ from invdyn._files import sha256_file
 from invdyn.errors import FormatError, InvdynError, ShapeError
 
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 #: any JSON value, small
@@ -176,9 +178,18 @@ def test_absurd_sizes_never_allocate(good_dir, tmp_path, hostile_case, dims):
 
 @pytest.mark.parametrize(
     "weights",
-    [[1], "model.ckpt", 5, {"file": 5}, {"file": ["x"]}, {"file": "../model.ckpt"}, {"file": "/etc/passwd"},
-     {"file": "sub/model.ckpt"}, {"file": "model.ckpt", "sha256": 7}],
-)  # fmt: skip
+    [
+        [1],
+        "model.ckpt",
+        5,
+        {"file": 5},
+        {"file": ["x"]},
+        {"file": "../model.ckpt"},
+        {"file": "/etc/passwd"},
+        {"file": "sub/model.ckpt"},
+        {"file": "model.ckpt", "sha256": 7},
+    ],
+)
 def test_weights_entry_of_any_shape(good_dir, tmp_path, hostile_case, weights):
     hostile_case("params.json explicit")
     d = _copy_dir(good_dir, tmp_path / "m-v0")
@@ -205,7 +216,11 @@ def test_pickle_payload_in_checkpoint_never_runs(good_dir, tmp_path, hostile_cas
     d = _copy_dir(good_dir, tmp_path / "m-v0")
     canary = tmp_path / "pwned"
     state = torch.load(d / "model.ckpt", weights_only=True)["state_dict"]
-    obj = _Canary(str(canary)) if wrap == "top" else {"state_dict": {**state, "mlp.0.weight": _Canary(str(canary))}}
+    obj = (
+        _Canary(str(canary))
+        if wrap == "top"
+        else {"state_dict": {**state, "mlp.0.weight": _Canary(str(canary))}}
+    )
     torch.save(obj, d / "model.ckpt")
     params = json.loads((d / "params.json").read_text())
     params["weights"]["sha256"] = sha256_file(d / "model.ckpt")

@@ -50,8 +50,9 @@ def test_oracle_cannot_reach_an_observation_from_another_state(cheetah):
     t, replay, std, oracle = cheetah
     i, j = seeded_sample(np.flatnonzero(replay.successor), 2, seed=1, stream=0)
     target = replay.observe([j + 1])[0]
-    sols = oracle.solutions(t.qpos[i], t.qvel[i], target, np.array([], int), (np.empty(0), np.empty(0)),
-                            [np.zeros(t.act_dim)])  # fmt: skip
+    sols = oracle.solutions(
+        t.qpos[i], t.qvel[i], target, np.array([], int), (np.empty(0), np.empty(0)), [np.zeros(t.act_dim)]
+    )
     assert sols[0][1] > 1e-2
 
 

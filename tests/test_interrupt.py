@@ -94,8 +94,9 @@ def _default_sigint():
 
 def _interrupt_when(cmd, ready, sig, *, timeout=60, env=None):
     """Run `cmd`; as soon as `ready()` is true send `sig`; return (returncode, stderr). Fails if never ready."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=_default_sigint)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -132,7 +133,9 @@ def test_fetch_interrupted_mid_download_resumes(tmp_path, slow_server, sig):
     assert "Traceback" not in err
     kept = _part_bytes(home / "downloads")
     assert 200_000 <= kept < bundle.stat().st_size
-    assert not model_cache_dir().exists() or not [p for p in model_cache_dir().iterdir() if not p.name.startswith(".")]
+    assert not model_cache_dir().exists() or not [
+        p for p in model_cache_dir().iterdir() if not p.name.startswith(".")
+    ]
     assert _temps(home) == []
     server.slow = False
     assert invdyn.fetch(server.url("models.zip"), progress=False) == ["a-v0", "b-v0"]
@@ -177,7 +180,9 @@ def test_cache_write_interrupted_leaves_no_partial_cache(tmp_path, sig):
     cache = Path(os.environ["INVDYN_HOME"]) / "transitions"
     code = f"from pipeline.data.sources import load_transitions; load_transitions({str(path)!r})"
     rc, err = _interrupt_when(
-        [sys.executable, "-c", code], lambda: cache.is_dir() and any(".tmp-" in p.name for p in cache.iterdir()), sig
+        [sys.executable, "-c", code],
+        lambda: cache.is_dir() and any(".tmp-" in p.name for p in cache.iterdir()),
+        sig,
     )
     assert rc != 0, err
     assert list(cache.glob("*.arrow")) == []  # no cache file, whole or half
@@ -196,10 +201,27 @@ def test_training_run_interrupted_writes_nothing(tmp_path, sig):
     write_d4rl_file(data, episodes=(3000, 3000), obs_dim=5, act_dim=2)
     out = tmp_path / "out" / "model"
     log = tmp_path / "train.log"
-    cmd = [sys.executable, "-m", "pipeline.training.cli", "--dataset", str(data), "--out", str(out),
-           "--max-epochs", "1000", "--patience", "1000", "--hidden-dim", "64", "--threads", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.training.cli",
+        "--dataset",
+        str(data),
+        "--out",
+        str(out),
+        "--max-epochs",
+        "1000",
+        "--patience",
+        "1000",
+        "--hidden-dim",
+        "64",
+        "--threads",
+        "1",
+    ]
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint)
+        proc = subprocess.Popen(
+            cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, preexec_fn=_default_sigint
+        )
     try:
         deadline = time.monotonic() + 120
         while "val_mse" not in log.read_text():  # training has begun: at least one evaluation done
@@ -215,7 +237,12 @@ def test_training_run_interrupted_writes_nothing(tmp_path, sig):
     assert not out.exists() and _temps(tmp_path / "out") == []
     from pipeline.training.cli import main
 
-    assert main(["--dataset", str(data), "--out", str(out), "--max-epochs", "2", "--hidden-dim", "16", "--quiet"]) == 0
+    assert (
+        main(
+            ["--dataset", str(data), "--out", str(out), "--max-epochs", "2", "--hidden-dim", "16", "--quiet"]
+        )
+        == 0
+    )
     assert invdyn.read_model_dir(out).params["config"]["hidden_dim"] == 16
 
 

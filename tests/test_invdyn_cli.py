@@ -11,7 +11,9 @@ from invdyn.__main__ import main
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "invdyn", *args], capture_output=True, text=True, env=os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-m", "invdyn", *args], capture_output=True, text=True, env=os.environ.copy()
+    )
 
 
 def test_verify_exit_codes(tmp_path):
@@ -46,7 +48,9 @@ def test_fetch_list_info(tmp_path, capsys, monkeypatch):
     assert "1.01" in rows["b-v0"] and "CleanDiffuser" in rows[CD_NAME]
     assert main(["info", "b-v0", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["metrics"]["heldout_mse"] == 1.01 and info["obs_dim"] == 5 and info["source"] == "invdyn cache"
+    assert (
+        info["metrics"]["heldout_mse"] == 1.01 and info["obs_dim"] == 5 and info["source"] == "invdyn cache"
+    )
     assert main(["info", CD_NAME]) == 0
     assert "hidden_dim=512" in capsys.readouterr().out
     assert main(["info", "b-v1"]) == 1

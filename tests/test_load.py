@@ -39,7 +39,10 @@ def test_load_from_bundle_path_installs_it(tmp_path):
     bundle = make_bundle(tmp_path)
     model = invdyn.load("b-v0", source=bundle)
     assert model.source == str(bundle) and not model.training
-    assert sorted(p.name for p in model_cache_dir().iterdir() if not p.name.startswith(".")) == ["a-v0", "b-v0"]
+    assert sorted(p.name for p in model_cache_dir().iterdir() if not p.name.startswith(".")) == [
+        "a-v0",
+        "b-v0",
+    ]
     assert model.metrics == {"heldout_mse": 1.01, "baseline_mse": 1.02}
     with pytest.raises(invdyn.ModelNotFoundError, match=r"has no model 'b-v1'.*Did you mean: b-v0"):
         invdyn.load("b-v1", source=bundle)
@@ -114,7 +117,9 @@ def test_load_from_mlflow_registry(tmp_path, monkeypatch):
         mlflow.log_artifacts(str(ours), artifact_path="packed/a-v0")  # ... or contains it
     client.create_registered_model("idm-a")
     for sub in ("model", "packed"):
-        v = client.create_model_version("idm-a", source=f"{run.info.artifact_uri}/{sub}", run_id=run.info.run_id)
+        v = client.create_model_version(
+            "idm-a", source=f"{run.info.artifact_uri}/{sub}", run_id=run.info.run_id
+        )
     client.set_registered_model_alias("idm-a", "champion", v.version)
     direct = invdyn.load("a-v0", source="models:/idm-a/1")
     nested = invdyn.load("a-v0", source="models:/idm-a@champion")

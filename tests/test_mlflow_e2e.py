@@ -126,8 +126,20 @@ def test_job_tracks_registers_and_exports_two_champions(first_job, server, monke
 def test_worse_run_registers_a_version_but_keeps_the_champion(first_job, server, sim_files):
     root = first_job["root"] / "worse"
     out = root / "out"
-    args = ["--datasets", sim_files[HOPPER], "--max-epochs", 1, "--search-space", '{"hidden_dim": [16]}',
-            "--mlflow-uri", server.uri, "--export", root / "b.zip", "--out", out]  # fmt: skip
+    args = [
+        "--datasets",
+        sim_files[HOPPER],
+        "--max-epochs",
+        1,
+        "--search-space",
+        '{"hidden_dim": [16]}',
+        "--mlflow-uri",
+        server.uri,
+        "--export",
+        root / "b.zip",
+        "--out",
+        out,
+    ]
     proc = run_job(args, job_env(root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     reg = summary(out)[HOPPER]["registration"]
@@ -141,8 +153,20 @@ def test_worse_run_registers_a_version_but_keeps_the_champion(first_job, server,
 
 def test_server_stopped_before_registration_then_register_from_storage(server, sim_files, tmp_path):
     out = tmp_path / "out"
-    args = ["--datasets", sim_files[CHEETAH], "--max-epochs", 2, "--search-space", '{"hidden_dim": [24]}',
-            "--mlflow-uri", server.uri, "--export", tmp_path / "b.zip", "--out", out]  # fmt: skip
+    args = [
+        "--datasets",
+        sim_files[CHEETAH],
+        "--max-epochs",
+        2,
+        "--search-space",
+        '{"hidden_dim": [24]}',
+        "--mlflow-uri",
+        server.uri,
+        "--export",
+        tmp_path / "b.zip",
+        "--out",
+        out,
+    ]
     env = job_env(tmp_path, INVDYN_MLFLOW_RETRIES="2")
     with open(tmp_path / "stderr.txt", "w") as err:
         job = subprocess.Popen(
@@ -170,7 +194,15 @@ def test_server_stopped_before_registration_then_register_from_storage(server, s
         assert (model_dir / "params.json").is_file() and not (tmp_path / "b.zip").exists()
     finally:
         server.start()  # (a no-op if it is still running)
-    cli = [sys.executable, "-m", "pipeline.registry.register", "--from-storage", out, "--mlflow-uri", server.uri]
+    cli = [
+        sys.executable,
+        "-m",
+        "pipeline.registry.register",
+        "--from-storage",
+        out,
+        "--mlflow-uri",
+        server.uri,
+    ]
     proc = subprocess.run(list(map(str, cli)), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     sha = tracking.weights_sha256(model_dir)

@@ -18,8 +18,16 @@ from invdyn import FancyMlpInvDynamic
 class CleanDiffuserFancyMlpInvDynamic(nn.Module):
     """Re-creation of CleanDiffuser's class and of its `from_pretrained` steps (json config, torch.load)."""
 
-    def __init__(self, obs_dim, act_dim, hidden_dim=256, tanh_out_activation=True, action_scale=1.0,
-                 add_norm=False, add_dropout=False):  # fmt: skip
+    def __init__(
+        self,
+        obs_dim,
+        act_dim,
+        hidden_dim=256,
+        tanh_out_activation=True,
+        action_scale=1.0,
+        add_norm=False,
+        add_dropout=False,
+    ):
         super().__init__()
         self.action_scale = action_scale
         self.tanh_out_activation = tanh_out_activation
@@ -65,7 +73,10 @@ def test_round_trip_and_params(tmp_path):
     normed = model.predict_normalized(model.normalizer.normalize(obs), model.normalizer.normalize(nxt))
     np.testing.assert_allclose(model.predict(obs, nxt), normed, atol=1e-6)
     # predict normalizes with the stored mean/std: (x - mean) / std by hand gives the same
-    mean, std = np.array(params["normalizers"]["state"]["mean"]), np.array(params["normalizers"]["state"]["std"])
+    mean, std = (
+        np.array(params["normalizers"]["state"]["mean"]),
+        np.array(params["normalizers"]["state"]["std"]),
+    )
     by_hand = model.predict_normalized((obs - mean) / std, (nxt - mean) / std)
     np.testing.assert_allclose(model.predict(obs, nxt), by_hand, atol=1e-5)
 
@@ -74,7 +85,9 @@ def test_cleandiffuser_fixture_reproduces_its_outputs():
     expected = np.load(CD_HOME / f"{CD_NAME}.expected.npz")
     model = invdyn.load(CD_NAME, source=CD_DIR)
     assert not model.training
-    np.testing.assert_allclose(model.predict_normalized(expected["obs"], expected["next_obs"]), expected["act"], atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict_normalized(expected["obs"], expected["next_obs"]), expected["act"], atol=1e-6
+    )
     t = model.predict_normalized(torch.from_numpy(expected["obs"]), torch.from_numpy(expected["next_obs"]))
     np.testing.assert_allclose(t.numpy(), expected["act"], atol=1e-6)
 
@@ -98,12 +111,16 @@ def test_our_directory_loads_through_cleandiffusers_steps(tmp_path, monkeypatch)
     shutil.copytree(ours, home / ".CleanDiffuser" / "pretrained" / "invdyn" / "hopper-medium-v2")
     monkeypatch.setenv("HOME", str(home))
     theirs, params = CleanDiffuserFancyMlpInvDynamic.from_pretrained("hopper-medium-v2")
-    assert params["normalizers"]["state"]["mean"] == json.loads((ours / "params.json").read_text())[
-        "normalizers"]["state"]["mean"]  # fmt: skip
+    assert (
+        params["normalizers"]["state"]["mean"]
+        == json.loads((ours / "params.json").read_text())["normalizers"]["state"]["mean"]
+    )
     loaded = invdyn.read_model_dir(ours)
     x = torch.randn(5, 4, 11)
     with torch.no_grad():
-        np.testing.assert_allclose(theirs(x, x * 0.5).numpy(), loaded.predict_normalized(x, x * 0.5).numpy(), atol=1e-6)
+        np.testing.assert_allclose(
+            theirs(x, x * 0.5).numpy(), loaded.predict_normalized(x, x * 0.5).numpy(), atol=1e-6
+        )
     net, _ = FancyMlpInvDynamic.from_pretrained("hopper-medium-v2")  # the drop-in reads the copied dir too
     np.testing.assert_allclose(net.predict(x, x).numpy(), loaded.predict_normalized(x, x).numpy(), atol=1e-6)
 

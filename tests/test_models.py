@@ -10,7 +10,13 @@ from invdyn import FancyMlpInvDynamic, GaussianNormalizer, MlpInvDynamic
 
 def test_state_dict_keys_match_cleandiffuser():
     fancy = FancyMlpInvDynamic(11, 3, hidden_dim=8)
-    assert sorted({k.rsplit(".", 1)[0] for k in fancy.state_dict()}) == ["mlp.0", "mlp.1", "mlp.4", "mlp.5", "mlp.7"]
+    assert sorted({k.rsplit(".", 1)[0] for k in fancy.state_dict()}) == [
+        "mlp.0",
+        "mlp.1",
+        "mlp.4",
+        "mlp.5",
+        "mlp.7",
+    ]
     bare = FancyMlpInvDynamic(11, 3, hidden_dim=8, add_norm=False, add_dropout=False)
     assert sorted({k.rsplit(".", 1)[0] for k in bare.state_dict()}) == ["mlp.0", "mlp.4", "mlp.7"]
     plain = MlpInvDynamic(11, 3, hidden_dim=8)
@@ -37,7 +43,9 @@ def test_action_scale_and_tanh():
     raw = FancyMlpInvDynamic(4, 2, hidden_dim=8, tanh_out_activation=False, action_scale=2.5)
     raw.load_state_dict(net.state_dict())
     raw.eval()
-    np.testing.assert_allclose(torch.tanh(raw.predict(x, -x)) * 2.5, out, atol=1e-6)  # scale applies only with tanh
+    np.testing.assert_allclose(
+        torch.tanh(raw.predict(x, -x)) * 2.5, out, atol=1e-6
+    )  # scale applies only with tanh
 
 
 @pytest.mark.parametrize("lead", [(), (7,), (3, 5)])
@@ -51,7 +59,9 @@ def test_predict_numpy_and_torch_any_leading_shape(lead):
     t_out = net.predict(torch.as_tensor(obs, dtype=torch.float32), torch.as_tensor(nxt, dtype=torch.float32))
     assert isinstance(t_out, torch.Tensor) and not t_out.requires_grad
     np.testing.assert_allclose(t_out.numpy(), out, atol=1e-6)
-    flat = net(torch.as_tensor(obs.reshape(-1, 6), dtype=torch.float32), torch.as_tensor(nxt.reshape(-1, 6)).float())
+    flat = net(
+        torch.as_tensor(obs.reshape(-1, 6), dtype=torch.float32), torch.as_tensor(nxt.reshape(-1, 6)).float()
+    )
     np.testing.assert_allclose(out.reshape(-1, 2), flat.detach().numpy(), atol=1e-6)
 
 

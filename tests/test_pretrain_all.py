@@ -58,11 +58,29 @@ def job(sim_files, tmp_path_factory):
     out = root / "out"
     datasets = [str(sim_files[CHEETAH]), str(sim_files[HOPPER]), str(broken_file(root / "broken.hdf5"))]
     env = job_env(root, INVDYN_TEST_CRASH_ONCE=HOPPER)
-    proc = run_job(["--datasets", ",".join(datasets), "--search-space", '{"hidden_dim": [32, 64]}',
-                    "--max-epochs", "2", "--out", str(out), "--report", str(root / "report")], env)  # fmt: skip
+    proc = run_job(
+        [
+            "--datasets",
+            ",".join(datasets),
+            "--search-space",
+            '{"hidden_dim": [32, 64]}',
+            "--max-epochs",
+            "2",
+            "--out",
+            str(out),
+            "--report",
+            str(root / "report"),
+        ],
+        env,
+    )
     summary = json.loads((out / "summary.json").read_text())
-    return {"proc": proc, "out": out, "summary": {r["dataset"]: r for r in summary}, "records": summary,
-            "report": root / "report"}  # fmt: skip
+    return {
+        "proc": proc,
+        "out": out,
+        "summary": {r["dataset"]: r for r in summary},
+        "records": summary,
+        "report": root / "report",
+    }
 
 
 def ledger(out: Path) -> list[dict]:
@@ -86,7 +104,16 @@ def test_two_datasets_complete_and_best_per_dataset_loads(job):
         assert rec["selected_by"] == "heldout_mse" and len(rec["candidates"]) == 1
         assert rec["evaluation"]["heldout_mse"] == pytest.approx(rec["heldout_mse"], rel=1e-4)
         assert "eval.heldout_mse" in rec["registration"]["eval_tags"]
-        for key in ("dataset", "heldout_mse", "baseline_mse", "config", "model_dir", "epochs", "wall_s", "trial_id"):
+        for key in (
+            "dataset",
+            "heldout_mse",
+            "baseline_mse",
+            "config",
+            "model_dir",
+            "epochs",
+            "wall_s",
+            "trial_id",
+        ):
             assert key in rec
         assert Path(rec["model_dir"]).parent == job["out"] / "models"
         model = invdyn.load(name, source=rec["model_dir"])
@@ -116,9 +143,23 @@ def test_train_executor_retries_a_crashed_train_worker(sim_files, tmp_path):
     """`--executor train`: each trial's TorchTrainer has a Train worker process of its own; its crash (the
     worker process exits hard) is retried and the model reaches the storage path and the summary."""
     out = tmp_path / "out"
-    proc = run_job(["--datasets", str(sim_files[HOPPER]), "--search-space", '{"hidden_dim": [32]}', "--max-epochs",
-                    "2", "--executor", "train", "--no-mlflow", "--no-evaluate", "--out", str(out)],
-                   job_env(tmp_path, INVDYN_TEST_CRASH_ONCE=HOPPER))  # fmt: skip
+    proc = run_job(
+        [
+            "--datasets",
+            str(sim_files[HOPPER]),
+            "--search-space",
+            '{"hidden_dim": [32]}',
+            "--max-epochs",
+            "2",
+            "--executor",
+            "train",
+            "--no-mlflow",
+            "--no-evaluate",
+            "--out",
+            str(out),
+        ],
+        job_env(tmp_path, INVDYN_TEST_CRASH_ONCE=HOPPER),
+    )
     assert proc.returncode == 0
     assert (out / f".crash-once-{HOPPER}").exists(), "the crash hook never fired"
     [entry] = ledger(out)
@@ -127,7 +168,9 @@ def test_train_executor_retries_a_crashed_train_worker(sim_files, tmp_path):
     state = json.loads((out / "job.json").read_text())
     assert state["executor"] == "train" and state["last_run"]["failed"] == 0
     [rec] = json.loads((out / "summary.json").read_text())
-    assert rec["status"] == "ok" and invdyn.read_model_dir(rec["model_dir"]).params["config"]["hidden_dim"] == 32
+    assert (
+        rec["status"] == "ok" and invdyn.read_model_dir(rec["model_dir"]).params["config"]["hidden_dim"] == 32
+    )
 
 
 @pytest.mark.slow
@@ -137,7 +180,9 @@ def test_report_flag_writes_the_quality_report_of_the_chosen_models(job):
         row = re.search(rf"^\| {name} \| held-out action MSE \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", md, re.M)
         assert row, f"no held-out MSE row for {name} in the report"
         champion, recipe, baseline = (float(v) for v in row.groups())  # the recipe was trained too
-        assert champion == pytest.approx(job["summary"][name]["heldout_mse"], rel=1e-2) and champion < baseline
+        assert (
+            champion == pytest.approx(job["summary"][name]["heldout_mse"], rel=1e-2) and champion < baseline
+        )
     assert "broken.hdf5" in md  # the failed dataset is listed, not evaluated
     assert all((job["report"] / png).stat().st_size > 0 for png in ("learning_curves.png", "heldout_mse.png"))
 
@@ -159,11 +204,21 @@ def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_pa
     # Trials run longest first (61, 60, then 2 epochs; no early stop): the kill lands between the first and the
     # second finishing however slowly this machine runs (the ledger file appears within ~0.2 s of the first).
     space = '{"max_epochs": [2, 60, 61], "patience": [1000], "hidden_dim": [256]}'
-    args = ["--datasets", str(sim_files[HOPPER]), "--search-space", space,
-            "--max-concurrent", "1", "--no-mlflow", "--out", str(out)]  # fmt: skip
+    args = [
+        "--datasets",
+        str(sim_files[HOPPER]),
+        "--search-space",
+        space,
+        "--max-concurrent",
+        "1",
+        "--no-mlflow",
+        "--out",
+        str(out),
+    ]
     cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--verbose", "0", *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 400
     try:
         while time.time() < deadline and not list((out / "trials").glob("*.json")):
@@ -200,9 +255,11 @@ def test_placement_never_reserves_more_than_the_cluster_has():
     assert (p.max_concurrent, p.threads) == (1, 2)
     p = decide(9, totals=(2.0, 0.0, 1), start_ahead=True)  # TorchTrainer trials: one starts up ahead
     assert (p.slots, p.max_concurrent, p.worker_resources()) == (2, 3, {"CPU": 1.0})
-    assert (decide(40, totals=(16.0, 0.0, 2), start_ahead=True).max_concurrent, decide(2, totals=(16.0, 0.0, 2),
-            start_ahead=True).max_concurrent, decide(9, max_concurrent=2, totals=(2.0, 0.0, 1), start_ahead=True)
-            .max_concurrent) == (20, 2, 2)  # fmt: skip
+    assert (
+        decide(40, totals=(16.0, 0.0, 2), start_ahead=True).max_concurrent,
+        decide(2, totals=(16.0, 0.0, 2), start_ahead=True).max_concurrent,
+        decide(9, max_concurrent=2, totals=(2.0, 0.0, 1), start_ahead=True).max_concurrent,
+    ) == (20, 2, 2)
     p = decide(20, totals=(16.0, 2.0, 2))  # GPUs: a quarter GPU per trial by default
     assert (p.gpus, p.max_concurrent, p.worker_resources()) == (0.25, 8, {"CPU": 1.0, "GPU": 0.25})
     p = decide(3, gpus_per_trial=1, totals=(4.0, 0.0, 1))  # autoscaling: nothing fits yet, all trials wait
@@ -217,8 +274,10 @@ def test_trials_are_ordered_longest_first():
     from pipeline.job.pretrain_all import make_trials
 
     info = {"obs_dim": 11, "act_dim": 3}
-    ready = {"small": {"sha256": "a", "info": {**info, "transitions": 1000}},
-             "big": {"sha256": "b", "info": {**info, "transitions": 9000}}}  # fmt: skip
+    ready = {
+        "small": {"sha256": "a", "info": {**info, "transitions": 1000}},
+        "big": {"sha256": "b", "info": {**info, "transitions": 9000}},
+    }
     trials = make_trials(ready, grid_points({"hidden_dim": [256, 1024]}), {"max_epochs": 5})
     order = [(t["dataset"], t["hidden_dim"]) for t in trials]
     assert order == [("big", 1024), ("small", 1024), ("big", 256), ("small", 256)]

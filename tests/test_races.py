@@ -97,8 +97,12 @@ def _load_loop(name, seconds):
 
 def test_fetches_of_one_bundle_race_a_reader(tmp_path):
     www = tmp_path / "www"
-    v1 = invdyn.write_bundle(www / "v1.zip", [make_model_dir(tmp_path / "v1" / "a-v0", seed=1, hidden_dim=256)])
-    v2 = invdyn.write_bundle(www / "v2.zip", [make_model_dir(tmp_path / "v2" / "a-v0", seed=2, hidden_dim=256)])
+    v1 = invdyn.write_bundle(
+        www / "v1.zip", [make_model_dir(tmp_path / "v1" / "a-v0", seed=1, hidden_dim=256)]
+    )
+    v2 = invdyn.write_bundle(
+        www / "v2.zip", [make_model_dir(tmp_path / "v2" / "a-v0", seed=2, hidden_dim=256)]
+    )
     with FileServer(www) as server:
         urls = [server.url(v1.name), server.url(v2.name), server.url(v1.name)]
         results = _race(_call, [(_fetch, (u,)) for u in urls] + [(_load_loop, ("a-v0", 5))])

@@ -61,16 +61,41 @@ def test_ray_job_submit_with_token_auth(sim_files, tmp_path):
     env = job_env(tmp_path, RAY_AUTH_MODE="token")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # The README's steps: a token, a head node with the dashboard on 127.0.0.1, then `ray job submit`.
-    token = subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, check=True)
+    token = subprocess.run(
+        [RAY, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, check=True
+    )
     token = token.stdout.strip()
     assert token and (Path(env["HOME"]) / ".ray" / "auth_token").is_file()
     dash = free_port()
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--port", str(free_port()), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--include-dashboard", "true", "--num-cpus", "2",
-         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-         "--metrics-export-port", str(free_port()), "--disable-usage-stats"],  # fmt: skip
-        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(free_port()),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--include-dashboard",
+            "true",
+            "--num-cpus",
+            "2",
+            "--ray-client-server-port",
+            str(free_port()),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{dash}"
     out = tmp_path / "out"
@@ -81,10 +106,33 @@ def test_ray_job_submit_with_token_auth(sim_files, tmp_path):
             urllib.request.urlopen(f"{url}/api/jobs/", timeout=5)
         assert e.value.code == 401
         submit = subprocess.run(
-            [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-             "python", "-m", "pipeline.job.pretrain_all", "--datasets", str(sim_files[HOPPER]), "--max-epochs", "2",
-             "--no-mlflow", "--verbose", "0", "--out", str(out)],  # fmt: skip
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=540,
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                url,
+                "--working-dir",
+                str(REPO),
+                "--",
+                "python",
+                "-m",
+                "pipeline.job.pretrain_all",
+                "--datasets",
+                str(sim_files[HOPPER]),
+                "--max-epochs",
+                "2",
+                "--no-mlflow",
+                "--verbose",
+                "0",
+                "--out",
+                str(out),
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=540,
         )
         print(submit.stdout[-5000:], submit.stderr[-3000:], sep="\n")
         assert submit.returncode == 0
@@ -108,10 +156,23 @@ def test_multi_node_cluster_runs_trials_on_both_nodes(sim_files, tmp_path, monke
     storage = tmp_path / "shared-storage"  # one file system for both "nodes" stands in for NFS / S3
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     try:
-        code = pretrain_all.main([
-            "--datasets", f"{sim_files[CHEETAH]},{sim_files[HOPPER]}", "--max-epochs", "2", "--no-mlflow",
-            "--verbose", "0", "--storage-path", str(storage), "--out", str(out), "--executor", executor,
-        ])  # fmt: skip
+        code = pretrain_all.main(
+            [
+                "--datasets",
+                f"{sim_files[CHEETAH]},{sim_files[HOPPER]}",
+                "--max-epochs",
+                "2",
+                "--no-mlflow",
+                "--verbose",
+                "0",
+                "--storage-path",
+                str(storage),
+                "--out",
+                str(out),
+                "--executor",
+                executor,
+            ]
+        )
     finally:
         cluster.shutdown()
     assert code == 0
@@ -120,4 +181,8 @@ def test_multi_node_cluster_runs_trials_on_both_nodes(sim_files, tmp_path, monke
     assert len({e["node_id"] for e in entries}) == 2, "both trials ran on one node"
     assert all(e["checkpoint_path"].startswith(str(storage)) for e in entries)
     job = json.loads((out / "job.json").read_text())
-    assert job["placement"]["nodes"] == 2 and job["placement"]["slots"] == 2 and job["placement"]["max_concurrent"] == 2
+    assert (
+        job["placement"]["nodes"] == 2
+        and job["placement"]["slots"] == 2
+        and job["placement"]["max_concurrent"] == 2
+    )

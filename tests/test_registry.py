@@ -133,7 +133,9 @@ def test_an_alias_written_concurrently_is_read_again_not_an_error(tmp_path, monk
     def conflict_once(self, *args):
         calls.append(args)
         if len(calls) == 1:
-            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name")
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.name"
+            )
         return real(self, *args)
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", conflict_once)
@@ -187,7 +189,15 @@ def test_server_down_retry_then_register_from_storage(server, tmp_path):
     records[1]["model_dir"] = str(Path(records[1]["model_dir"]).relative_to(job))  # relative paths work too
     records.append({"dataset": "sim-broken-v0", "error": "dataset failed to load"})
     (job / "summary.json").write_text(json.dumps(records))
-    cli = [sys.executable, "-m", "pipeline.registry.register", "--from-storage", str(job), "--mlflow-uri", server.uri]
+    cli = [
+        sys.executable,
+        "-m",
+        "pipeline.registry.register",
+        "--from-storage",
+        str(job),
+        "--mlflow-uri",
+        server.uri,
+    ]
     retried = model_record(tmp_path, "sim-outage-v0", 3, 0.2)
     result, errors = {}, []
 

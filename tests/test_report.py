@@ -28,9 +28,15 @@ def summary(sim_files, tmp_path_factory):
     records = []
     for name, path in sim_files.items():
         result = train(load_transitions(str(path)), TrainConfig(**QUICK), root / "models" / name)
-        records.append({"dataset": str(path), "heldout_mse": result.metrics["heldout_mse"],
-                        "baseline_mse": result.metrics["baseline_mse"], "config": QUICK,
-                        "model_dir": f"models/{name}"})  # fmt: skip
+        records.append(
+            {
+                "dataset": str(path),
+                "heldout_mse": result.metrics["heldout_mse"],
+                "baseline_mse": result.metrics["baseline_mse"],
+                "config": QUICK,
+                "model_dir": f"models/{name}",
+            }
+        )
     records.append(
         {"dataset": "sim-walker2d-random-v0", "status": "failed", "error": "trial crashed: planted"}
     )
@@ -46,8 +52,28 @@ def _png_size(path):
 
 def test_report_renders_table_and_plots_with_recipe(summary, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["--summary", str(summary), "--out", str(out), "--with-recipe", "--recipe-max-epochs", "1", "--threads", "1",
-                 "--starts", "6", "--samples", "200", "--horizon", "8"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--summary",
+                str(summary),
+                "--out",
+                str(out),
+                "--with-recipe",
+                "--recipe-max-epochs",
+                "1",
+                "--threads",
+                "1",
+                "--starts",
+                "6",
+                "--samples",
+                "200",
+                "--horizon",
+                "8",
+            ]
+        )
+        == 0
+    )
     md = (out / "report.md").read_text()
     for name in ("sim-halfcheetah-random-v0", "sim-hopper-random-v0"):
         for metric in ("held-out action MSE", "one-step state error", "tracking drift at 8"):

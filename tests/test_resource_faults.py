@@ -27,8 +27,10 @@ from invdyn.errors import StorageError
 def _try_mount(path: Path, opts: str) -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, f"invdyn-test-{uuid.uuid4().hex[:6]}", str(path)],
-                       capture_output=True)  # fmt: skip
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, f"invdyn-test-{uuid.uuid4().hex[:6]}", str(path)],
+        capture_output=True,
+    )
     return r.returncode == 0
 
 
@@ -123,7 +125,9 @@ def test_model_cache_on_bad_storage(request, tmp_path, monkeypatch, capsys, faul
     if fault == "full":
         (where / "home").mkdir()
     small = make_bundle(tmp_path, names=("a-v0",))
-    big = invdyn.write_bundle(tmp_path / "big.zip", [make_model_dir(tmp_path / "big" / "b-v0", hidden_dim=700)])
+    big = invdyn.write_bundle(
+        tmp_path / "big.zip", [make_model_dir(tmp_path / "big" / "b-v0", hidden_dim=700)]
+    )
     with pytest.raises(StorageError, match=str(where)):
         invdyn.fetch(big if fault == "full" else small, progress=False)
     with FileServer(tmp_path) as server:  # and over HTTP (the download itself hits the fault)
@@ -154,8 +158,22 @@ def test_training_output_on_bad_storage(request, tmp_path, fault):
     data = tmp_path / "data.hdf5"
     write_d4rl_file(data, episodes=(500, 500), obs_dim=5, act_dim=2)
     out = where / "model"
-    cmd = [sys.executable, "-m", "pipeline.training.cli", "--dataset", str(data), "--out", str(out), "--max-epochs", "1",
-           "--hidden-dim", "1024", "--batch-size", "64", "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.training.cli",
+        "--dataset",
+        str(data),
+        "--out",
+        str(out),
+        "--max-epochs",
+        "1",
+        "--hidden-dim",
+        "1024",
+        "--batch-size",
+        "64",
+        "--quiet",
+    ]
     if os.path.ismount(where):  # a real fault: the CLI as a user runs it
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2, r.stderr
@@ -182,7 +200,11 @@ def _busy_ray_workers(node) -> list[str]:
             title = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::") and "IDLE" not in title and ("Train" in title or "ImplicitFunc" in title):
+        if (
+            title.startswith("ray::")
+            and "IDLE" not in title
+            and ("Train" in title or "ImplicitFunc" in title)
+        ):
             titles.append(title)
     return titles
 
@@ -203,10 +225,35 @@ def test_worker_node_killed_mid_trial_is_retried_and_nothing_is_lost(sim_files, 
     cluster.wait_for_nodes()
     out, storage = tmp_path / "out", tmp_path / "shared-storage"
     data = str(sim_files["sim-hopper-random-v0"])
-    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--datasets", data, "--search-space",
-           '{"hidden_dim": [32, 48]}', "--max-epochs", "60", "--patience", "60", "--batch-size", "256",
-           "--no-mlflow", "--verbose", "0", "--max-failures", "3", "--storage-path", str(storage), "--out", str(out)]  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": cluster.address,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.job.pretrain_all",
+        "--datasets",
+        data,
+        "--search-space",
+        '{"hidden_dim": [32, 48]}',
+        "--max-epochs",
+        "60",
+        "--patience",
+        "60",
+        "--batch-size",
+        "256",
+        "--no-mlflow",
+        "--verbose",
+        "0",
+        "--max-failures",
+        "3",
+        "--storage-path",
+        str(storage),
+        "--out",
+        str(out),
+    ]
     log = tmp_path / "job.log"
     killed = None
     try:
@@ -261,12 +308,37 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
     out, bundle, log = tmp_path / "out", tmp_path / "bundle.zip", tmp_path / "job.log"
     datasets = str(sim_files["sim-hopper-random-v0"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_TRACKING_USERNAME="invdyn",
-               MLFLOW_TRACKING_PASSWORD=canary, AWS_SECRET_ACCESS_KEY=canary, RAY_AUTH_TOKEN_UNUSED=canary,
-               INVDYN_MLFLOW_RETRIES="8")  # fmt: skip
-    cmd = [sys.executable, "-m", "pipeline.job.pretrain_all", "--datasets", datasets, "--search-space",
-           '{"hidden_dim": [32, 48]}', "--max-epochs", "15", "--batch-size", "256", "--num-cpus", "2",
-           "--verbose", "0", "--mlflow-uri", server.uri, "--export", str(bundle), "--out", str(out)]  # fmt: skip
+    env.update(
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        MLFLOW_TRACKING_USERNAME="invdyn",
+        MLFLOW_TRACKING_PASSWORD=canary,
+        AWS_SECRET_ACCESS_KEY=canary,
+        RAY_AUTH_TOKEN_UNUSED=canary,
+        INVDYN_MLFLOW_RETRIES="8",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.job.pretrain_all",
+        "--datasets",
+        datasets,
+        "--search-space",
+        '{"hidden_dim": [32, 48]}',
+        "--max-epochs",
+        "15",
+        "--batch-size",
+        "256",
+        "--num-cpus",
+        "2",
+        "--verbose",
+        "0",
+        "--mlflow-uri",
+        server.uri,
+        "--export",
+        str(bundle),
+        "--out",
+        str(out),
+    ]
     restarted = False
     try:
         with open(log, "w") as sink:
@@ -316,9 +388,22 @@ def test_job_output_or_storage_path_read_only_fails_before_training(readonly_dir
 
     out = readonly_dir / "out" if where == "out" else tmp_path / "out"
     storage = readonly_dir / "ray" if where == "storage" else tmp_path / "ray"
-    code = pretrain_all.main(["--datasets", "sim-hopper-random-v0", "--no-mlflow", "--out", str(out),
-                              "--storage-path", str(storage), "--verbose", "0"])  # fmt: skip
+    code = pretrain_all.main(
+        [
+            "--datasets",
+            "sim-hopper-random-v0",
+            "--no-mlflow",
+            "--out",
+            str(out),
+            "--storage-path",
+            str(storage),
+            "--verbose",
+            "0",
+        ]
+    )
     assert code == 2
     bad = out if where == "out" else storage
     assert f"error: cannot write {bad}: the file system is read-only" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "trials").exists() and not list(Path(os.environ["D4RL_DATASET_DIR"]).iterdir())
+    assert not (tmp_path / "out" / "trials").exists() and not list(
+        Path(os.environ["D4RL_DATASET_DIR"]).iterdir()
+    )

@@ -99,7 +99,14 @@ def test_only_the_downloader_fetches_urls():
         ROOT / "invdyn" / "_download.py",
         ROOT / "pipeline" / "tracking.py",  # a GET of the MLflow server's /health before the job starts
     }
-    net = ("urlopen", "urlretrieve", "requests.get", "requests.post", "http.client.HTTPConnection", "build_opener")
+    net = (
+        "urlopen",
+        "urlretrieve",
+        "requests.get",
+        "requests.post",
+        "http.client.HTTPConnection",
+        "build_opener",
+    )
     users = set()
     for path in SOURCES:
         if path.parts[-2] not in ("invdyn", "pipeline"):
@@ -113,9 +120,18 @@ def test_only_the_downloader_fetches_urls():
 
 @pytest.mark.parametrize(
     "url",
-    ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1/x", "data:,x", "jar:http://x!/", "/etc/passwd",
-     "javascript:alert(1)", "HTTP:/no-host", "http://[::1"],
-)  # fmt: skip
+    [
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/x",
+        "gopher://127.0.0.1/x",
+        "data:,x",
+        "jar:http://x!/",
+        "/etc/passwd",
+        "javascript:alert(1)",
+        "HTTP:/no-host",
+        "http://[::1",
+    ],
+)
 def test_download_refuses_everything_but_http(tmp_path, url):
     with pytest.raises(DownloadError):
         download(url, tmp_path / "x", progress=False)
@@ -167,7 +183,9 @@ def test_credentials_in_a_url_are_sent_as_a_header_and_never_stored(tmp_path, ca
     bundle = make_bundle(tmp_path, names=("a-v0",))
     server = AuthServer(tmp_path)
     try:
-        secret_url = f"http://user:{CANARY}@127.0.0.1:{server.port}/{bundle.name}?X-Amz-Signature={CANARY}&v=1"
+        secret_url = (
+            f"http://user:{CANARY}@127.0.0.1:{server.port}/{bundle.name}?X-Amz-Signature={CANARY}&v=1"
+        )
         assert invdyn.fetch(secret_url, progress=False) == ["a-v0"]
         line, auth = server.seen[-1]
         assert CANARY not in line.split("?")[0] and auth  # sent as a header, not in the request path
@@ -190,7 +208,10 @@ def test_credentials_in_a_url_are_sent_as_a_header_and_never_stored(tmp_path, ca
 
 def test_redact_url():
     assert redact_url("https://u:p@h:8/x?token=t&a=1") == "https://***@h:8/x?token=***&a=1"
-    assert redact_url("http://h/x?X-Amz-Credential=c&X-Amz-Signature=s") == "http://h/x?X-Amz-Credential=***&X-Amz-Signature=***"
+    assert (
+        redact_url("http://h/x?X-Amz-Credential=c&X-Amz-Signature=s")
+        == "http://h/x?X-Amz-Credential=***&X-Amz-Signature=***"
+    )
     assert redact_url("http://h/plain?a=1") == "http://h/plain?a=1"
 
 
@@ -204,21 +225,44 @@ def test_tampered_bundle_over_http_is_never_installed(tmp_path):
     with FileServer(tmp_path) as server, pytest.raises(ChecksumError, match="params.json"):
         invdyn.fetch(server.url("evil.zip"), progress=False)
     assert not (model_cache_dir() / "a-v0").exists()
-    assert list((Path(os.environ["INVDYN_HOME"]) / "downloads").glob("*.zip")) == []  # the download is deleted
+    assert (
+        list((Path(os.environ["INVDYN_HOME"]) / "downloads").glob("*.zip")) == []
+    )  # the download is deleted
 
 
 def test_no_secret_from_the_environment_lands_in_a_model(tmp_path, monkeypatch, capsys):
     """Tokens in the environment (cloud, MLflow, Ray, HF) never reach params.json, the card or the output."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN",
-                "HF_TOKEN", "INVDYN_D4RL_MIRROR"):  # fmt: skip
+    for var in (
+        "AWS_SECRET_ACCESS_KEY",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "RAY_AUTH_TOKEN",
+        "HF_TOKEN",
+        "INVDYN_D4RL_MIRROR",
+    ):
         monkeypatch.setenv(var, f"{var}-{CANARY}")
     data = tmp_path / "data.hdf5"
     write_d4rl_file(data, episodes=(300, 300), obs_dim=4, act_dim=2)
     from pipeline.training.cli import main
 
     out = tmp_path / "model"
-    assert main(["--dataset", str(data), "--out", str(out), "--max-epochs", "2", "--hidden-dim", "16",
-                 "--batch-size", "64"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--dataset",
+                str(data),
+                "--out",
+                str(out),
+                "--max-epochs",
+                "2",
+                "--hidden-dim",
+                "16",
+                "--batch-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     assert _files_containing(out, CANARY) == []
     cap = capsys.readouterr()
     assert CANARY not in cap.out + cap.err

@@ -27,9 +27,27 @@ def select_job(sim_files, tmp_path_factory):
     out = root / "out"
     plain = root / "plain-data.hdf5"
     write_d4rl_file(plain, episodes=(40, 50, 45, 60, 38, 42), obs_dim=4, act_dim=2)
-    proc = run_job(["--datasets", f"{sim_files[CHEETAH]},{plain}", "--search-space", '{"hidden_dim": [32, 64]}',
-                    "--max-epochs", "2", "--batch-size", "64", "--select-by", "tracking_drift",
-                    "--eval-starts", "16", "--eval-samples", "200", "--out", str(out)], job_env(root))  # fmt: skip
+    proc = run_job(
+        [
+            "--datasets",
+            f"{sim_files[CHEETAH]},{plain}",
+            "--search-space",
+            '{"hidden_dim": [32, 64]}',
+            "--max-epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--select-by",
+            "tracking_drift",
+            "--eval-starts",
+            "16",
+            "--eval-samples",
+            "200",
+            "--out",
+            str(out),
+        ],
+        job_env(root),
+    )
     records = {r["dataset"]: r for r in json.loads((out / "summary.json").read_text())}
     return {"proc": proc, "out": out, "records": records, "uri": tracking.default_uri(out)}
 
@@ -43,9 +61,15 @@ def test_select_by_tracking_drift_picks_the_lowest_evaluated_drift(select_job):
     assert len(cands) == 2 and all(math.isfinite(c["tracking_drift"]) for c in cands)
     assert len({c["tracking_drift"] for c in cands}) == 2  # two different models, two different drifts
     best = min(cands, key=lambda c: c["tracking_drift"])
-    assert (rec["key"], rec["trial_id"], rec["heldout_mse"]) == (best["key"], best["trial_id"], best["heldout_mse"])
+    assert (rec["key"], rec["trial_id"], rec["heldout_mse"]) == (
+        best["key"],
+        best["trial_id"],
+        best["heldout_mse"],
+    )
     ev = rec["evaluation"]
-    assert ev["tracking_drift"] == best["tracking_drift"] and ev["horizon"] == 32 and ev["tracking_starts"] == 16
+    assert (
+        ev["tracking_drift"] == best["tracking_drift"] and ev["horizon"] == 32 and ev["tracking_starts"] == 16
+    )
     assert ev["tracking_drift"] < ev["tracking_baseline"] and ev["one_step_floor"] < 1e-8
     # the model directory carries the evaluation (card + params.json) and still verifies its checksum
     model = invdyn.read_model_dir(rec["model_dir"])
@@ -53,7 +77,10 @@ def test_select_by_tracking_drift_picks_the_lowest_evaluated_drift(select_job):
     assert "## Evaluation" in model.card and "tracking drift" in model.card
     table = (select_job["out"] / "summary.md").read_text()
     assert "selected by" in table and "tracking_drift" in table and f"{ev['tracking_drift']:.4g} @32" in table
-    assert f"{CHEETAH}: trial {rec['trial_id']} selected by tracking_drift of 2 evaluated" in select_job["proc"].stdout
+    assert (
+        f"{CHEETAH}: trial {rec['trial_id']} selected by tracking_drift of 2 evaluated"
+        in select_job["proc"].stdout
+    )
 
 
 @pytest.mark.slow
@@ -68,7 +95,9 @@ def test_registered_version_carries_eval_tags_and_the_evaluated_card(select_job,
     assert float(version.tags["eval.one_step_error"]) == rec["evaluation"]["one_step_error"]
     assert float(version.tags["eval.horizon"]) == 32
     # what the registry serves is the evaluated directory, not the trial's upload from before the evaluation
-    downloaded = invdyn.read_model_dir(tracking.download_version(uri, reg["model_name"], reg["version"], tmp_path))
+    downloaded = invdyn.read_model_dir(
+        tracking.download_version(uri, reg["model_name"], reg["version"], tmp_path)
+    )
     assert "## Evaluation" in downloaded.card
     assert downloaded.params["evaluation"]["tracking_drift"] == rec["evaluation"]["tracking_drift"]
     # re-registration from storage follows the same rule and adds nothing
@@ -84,7 +113,10 @@ def test_a_dataset_that_cannot_be_simulated_gets_action_metrics_and_a_note(selec
     ev = rec["evaluation"]
     assert ev["tracking_drift"] is None and "infos/qpos" in ev["physics_reason"]
     assert ev["heldout_mse"] == pytest.approx(rec["heldout_mse"], rel=1e-4)
-    assert "plain-data: trial" in select_job["proc"].stdout and "note: tracking_drift unavailable" in select_job["proc"].stdout
+    assert (
+        "plain-data: trial" in select_job["proc"].stdout
+        and "note: tracking_drift unavailable" in select_job["proc"].stdout
+    )
     version = MlflowClient(select_job["uri"], registry_uri=select_job["uri"]).get_model_version(
         rec["registration"]["model_name"], rec["registration"]["version"]
     )
@@ -108,19 +140,33 @@ def _v(n, mse, sha="a", **evals):
 
 
 def test_choose_champion_by_a_physics_metric():
-    low_mse, low_drift = _v(1, 0.1, tracking_drift=0.9, horizon=32.0), _v(2, 0.3, tracking_drift=0.5, horizon=32.0)
+    low_mse, low_drift = (
+        _v(1, 0.1, tracking_drift=0.9, horizon=32.0),
+        _v(2, 0.3, tracking_drift=0.5, horizon=32.0),
+    )
     assert tracking.choose_champion([low_mse, low_drift]) == "1"
     assert tracking.choose_champion([low_mse, low_drift], "tracking_drift") == "2"  # lower drift, worse MSE
     # versions without the tag: held-out MSE decides when none carries it, else only carriers compete
     assert tracking.choose_champion([_v(1, 0.1), _v(2, 0.3)], "tracking_drift") == "1"
-    assert tracking.choose_champion([_v(1, 0.1), _v(2, 0.3, tracking_drift=2.0, horizon=32.0)], "tracking_drift") == "2"
+    assert (
+        tracking.choose_champion([_v(1, 0.1), _v(2, 0.3, tracking_drift=2.0, horizon=32.0)], "tracking_drift")
+        == "2"
+    )
     # drift at another horizon is another quantity: the newest carrier's horizon decides which compare
-    mixed = [_v(1, 0.1, tracking_drift=0.1, horizon=8.0), _v(2, 0.3, tracking_drift=0.5, horizon=32.0),
-             _v(3, 0.2, tracking_drift=0.7, horizon=32.0)]  # fmt: skip
+    mixed = [
+        _v(1, 0.1, tracking_drift=0.1, horizon=8.0),
+        _v(2, 0.3, tracking_drift=0.5, horizon=32.0),
+        _v(3, 0.2, tracking_drift=0.7, horizon=32.0),
+    ]
     assert tracking.choose_champion(mixed, "tracking_drift") == "2"
     # newer data still wins over better numbers on older data; ties go to the older version
     assert tracking.choose_champion([low_mse, low_drift, _v(3, 0.9, sha="b")], "tracking_drift") == "3"
-    assert tracking.choose_champion([_v(1, 0.2, one_step_error=0.4), _v(2, 0.1, one_step_error=0.4)], "one_step_error") == "1"
+    assert (
+        tracking.choose_champion(
+            [_v(1, 0.2, one_step_error=0.4), _v(2, 0.1, one_step_error=0.4)], "one_step_error"
+        )
+        == "1"
+    )
 
 
 def test_registry_champion_follows_the_registered_models_metric(tmp_path):
@@ -128,7 +174,9 @@ def test_registry_champion_follows_the_registered_models_metric(tmp_path):
     ds = "sim-hopper-random-v0"
 
     def record(seed, mse, drift=None, metric="tracking_drift"):
-        evaluation = {"heldout_mse": mse, "tracking_drift": drift, "horizon": 32} if drift is not None else None
+        evaluation = (
+            {"heldout_mse": mse, "tracking_drift": drift, "horizon": 32} if drift is not None else None
+        )
         return model_record(tmp_path, ds, seed, mse, evaluation=evaluation, champion_metric=metric)
 
     first = tracking.register_dataset(uri, record(1, 0.2, drift=0.9))

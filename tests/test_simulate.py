@@ -110,15 +110,32 @@ def test_sim_suite_and_names():
     assert SUITES["sim"] == ["sim-halfcheetah-mixed-v0", "sim-hopper-mixed-v0", "sim-walker2d-mixed-v0"]
     assert all(CATALOG[n]["url"] is None and n.startswith("sim-") for n in CATALOG if CATALOG[n]["simulated"])
     assert {CATALOG[f"sim-{e}-random-v0"]["env_id"] for e in SIM_ENVS} == {
-        "HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5"}  # fmt: skip
+        "HalfCheetah-v5",
+        "Hopper-v5",
+        "Walker2d-v5",
+        "Ant-v5",
+    }
 
 
 def test_cli_writes_the_file(tmp_path, capsys):
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.sim.simulate", "sim-hopper-gait-v0", "--transitions", "300", "--seed", "2",
-         "--out", str(out)], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline.sim.simulate",
+            "sim-hopper-gait-v0",
+            "--transitions",
+            "300",
+            "--seed",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     path = out / "sim-hopper-gait-v0.hdf5"
     assert r.stdout.strip() == str(path)

@@ -18,8 +18,24 @@ def run_cli(*args):
 
 def test_cli_writes_model_dir(sim_files, tmp_path):
     out = tmp_path / "hopper-idm"
-    proc = run_cli("--dataset", str(sim_files["sim-hopper-random-v0"]), "--out", str(out), "--max-epochs", "3",
-                   "--patience", "5", "--seed", "1", "--split", "transitions", "--hidden-dim", "64", "--threads", "1")  # fmt: skip
+    proc = run_cli(
+        "--dataset",
+        str(sim_files["sim-hopper-random-v0"]),
+        "--out",
+        str(out),
+        "--max-epochs",
+        "3",
+        "--patience",
+        "5",
+        "--seed",
+        "1",
+        "--split",
+        "transitions",
+        "--hidden-dim",
+        "64",
+        "--threads",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("val_mse") == 3  # one progress line per evaluation
     assert "held-out MSE (actions)" in proc.stdout and "mean-action baseline MSE" in proc.stdout

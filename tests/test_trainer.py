@@ -46,7 +46,9 @@ def linear_transitions(
 
 
 def small(**kw) -> TrainConfig:
-    base = dict(hidden_dim=64, batch_size=64, max_epochs=3, device="cpu", precision="fp32", threads=1, min_epochs=0)
+    base = dict(
+        hidden_dim=64, batch_size=64, max_epochs=3, device="cpu", precision="fp32", threads=1, min_epochs=0
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -280,8 +282,16 @@ def test_bf16_keeps_the_input_layer_fp32_to_keep_accuracy(tmp_path):
     mse = {}
     for precision, fp32_in in (("fp32", True), ("bf16", False), ("bf16", True)):
         cfg = small(
-            precision=precision, fp32_input_layer=fp32_in, max_epochs=30, lr=1e-3, dropout=0.0, patience=100,
-            optimizer="adam", schedule="none", weight_decay=0.0, ema=0.0,
+            precision=precision,
+            fp32_input_layer=fp32_in,
+            max_epochs=30,
+            lr=1e-3,
+            dropout=0.0,
+            patience=100,
+            optimizer="adam",
+            schedule="none",
+            weight_decay=0.0,
+            ema=0.0,
         )
         mse[precision, fp32_in] = train(data, cfg, tmp_path / f"{precision}-{fp32_in}").metrics["heldout_mse"]
     assert mse["bf16", True] < 1.03 * mse["fp32", True], mse
@@ -291,10 +301,14 @@ def test_bf16_keeps_the_input_layer_fp32_to_keep_accuracy(tmp_path):
 def test_no_early_stop_before_min_epochs_half_a_cosine_schedule_by_default(tmp_path):
     """A run that never improves stops after `patience` evaluations, but not before min_epochs."""
     cfg = small(lr=0.0, patience=2, max_epochs=10, schedule="cosine", min_epochs=None)
-    assert cfg.resolved_min_epochs() == 5 and small(schedule="none", min_epochs=None).resolved_min_epochs() == 0
+    assert (
+        cfg.resolved_min_epochs() == 5 and small(schedule="none", min_epochs=None).resolved_min_epochs() == 0
+    )
     result = train(linear_transitions(), cfg, tmp_path / "cosine")
     assert result.metrics["stopped_early"] and [r["epoch"] for r in result.curve] == [1, 2, 3, 4, 5]
-    result = train(linear_transitions(), small(lr=0.0, patience=2, max_epochs=10, min_epochs=4), tmp_path / "m4")
+    result = train(
+        linear_transitions(), small(lr=0.0, patience=2, max_epochs=10, min_epochs=4), tmp_path / "m4"
+    )
     assert [r["epoch"] for r in result.curve] == [1, 2, 3, 4]
     with pytest.raises(TrainConfigError, match="min_epochs"):
         small(min_epochs=-1).validate()
@@ -340,7 +354,9 @@ def _subnormals_flushed() -> bool:
     return float(torch.tensor([1e-39], dtype=torch.float32) * 2.0) == 0.0
 
 
-def test_subnormals_are_flushed_while_training_only_without_changing_results(sim_files, tmp_path, monkeypatch):
+def test_subnormals_are_flushed_while_training_only_without_changing_results(
+    sim_files, tmp_path, monkeypatch
+):
     import contextlib
 
     import pipeline.training.trainer as trainer
@@ -374,7 +390,9 @@ def test_graph_step_matches_the_eager_step(tmp_path, change):
     """The fixed-buffer step (device position, padded last batch, tensor LR from a device counter, average
     decay on the device) takes the same optimization path as the eager step: same curve and weights."""
     data = linear_transitions()
-    runs = [train(data, small(step=step, max_epochs=5, **change), tmp_path / step) for step in ("eager", "graph")]
+    runs = [
+        train(data, small(step=step, max_epochs=5, **change), tmp_path / step) for step in ("eager", "graph")
+    ]
     for key in ("val_mse", "train_loss"):
         eager, graph = ([r[key] for r in run.curve] for run in runs)
         assert graph == pytest.approx(eager, rel=1e-4), key
@@ -395,7 +413,9 @@ def test_graph_step_learning_rate_follows_the_cosine_schedule():
 
     data = linear_transitions(episodes=4, length=25)
     train_idx, val_idx = split_indices(data, "episodes", 0.25, 0)
-    resident = _Resident.build(data, invdyn.GaussianNormalizer.from_data(data.obs), train_idx, val_idx, torch.device("cpu"))
+    resident = _Resident.build(
+        data, invdyn.GaussianNormalizer.from_data(data.obs), train_idx, val_idx, torch.device("cpu")
+    )
     config = small(batch_size=32)
     net = _build_model(config, data, torch.device("cpu"))
     total = 3 * 3  # 75 rows: 3 batches per epoch, the last one 11 rows and 21 padding
@@ -413,7 +433,11 @@ def test_graph_step_learning_rate_follows_the_cosine_schedule():
     assert step.loss.take_mean() > 0 and step.loss.count == 0
 
 
-@pytest.mark.parametrize("change", [{}, {"loss": "huber", "optimizer": "adam", "schedule": "none"}], ids=["adamw-cosine", "adam-huber"])
+@pytest.mark.parametrize(
+    "change",
+    [{}, {"loss": "huber", "optimizer": "adam", "schedule": "none"}],
+    ids=["adamw-cosine", "adam-huber"],
+)
 def test_graph_step_never_reads_a_device_value_on_the_host(change):
     """A CUDA graph cannot capture a step that reads a tensor's value on the host (`.item()`, a bool mask,
     a float LR taken from a tensor): every op the step dispatches is recorded and none is such a read; the
@@ -443,7 +467,9 @@ def test_graph_step_never_reads_a_device_value_on_the_host(change):
     step(0)  # the first step creates the optimizer state
     with Recorder() as recorder:
         step(1)
-    host_reads = [op for op in recorder.ops if "_local_scalar_dense" in op or "nonzero" in op or "masked_select" in op]
+    host_reads = [
+        op for op in recorder.ops if "_local_scalar_dense" in op or "nonzero" in op or "masked_select" in op
+    ]
     assert host_reads == [] and any("tensor_lr" in op for op in recorder.ops), recorder.ops
     with Recorder() as recorder:
         float(step.lr)

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from invdyn.settings import invdyn_home
 
 from invdyn._files import atomic_file, sha256_file, write_json
+from invdyn.settings import invdyn_home
 from pipeline.data.readers import READER_VERSION
 from pipeline.data.transitions import Transitions
 
@@ -77,7 +77,9 @@ def source_sha256(source) -> str:
         if _fingerprint(source) == before:  # not modified while we read it
             with contextlib.suppress(OSError):
                 _index_path(source).parent.mkdir(parents=True, exist_ok=True)
-                write_json(_index_path(source), {"fingerprint": before, "sha256": sha, "hashed_at_ns": hashed_at})
+                write_json(
+                    _index_path(source), {"fingerprint": before, "sha256": sha, "hashed_at_ns": hashed_at}
+                )
     return sha
 
 
@@ -145,7 +147,9 @@ def _numpy_view(values) -> np.ndarray:
 
     kind = "f" if pa.types.is_floating(values.type) else "i"
     dtype = np.dtype(f"{kind}{values.type.bit_width // 8}")
-    return np.frombuffer(values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize)
+    return np.frombuffer(
+        values.buffers()[1], dtype=dtype, count=len(values), offset=values.offset * dtype.itemsize
+    )
 
 
 def is_cached(sha256: str, kind: str = "hdf5") -> bool:

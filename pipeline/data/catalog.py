@@ -158,5 +158,7 @@ def resolve_datasets(spec) -> list[str]:
         else:
             raise unknown(item)
     if not out:
-        raise UnknownDatasetError(f"no dataset names in {spec!r}; give names, suites or paths separated by commas")
+        raise UnknownDatasetError(
+            f"no dataset names in {spec!r}; give names, suites or paths separated by commas"
+        )
     return list(dict.fromkeys(out))

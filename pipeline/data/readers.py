@@ -312,9 +312,17 @@ def read_hdf5(
             )
     qpos, qvel = (_as_2d(where, f"infos/{k}", arrays[k]) if k in arrays else None for k in ("qpos", "qvel"))
     return make_transitions(
-        name, where, obs, act, terminals=terminals, timeouts=timeouts, next_obs=nxt,
-        qpos=qpos, qvel=qvel, stats=stats,
-    )  # fmt: skip
+        name,
+        where,
+        obs,
+        act,
+        terminals=terminals,
+        timeouts=timeouts,
+        next_obs=nxt,
+        qpos=qpos,
+        qvel=qvel,
+        stats=stats,
+    )
 
 
 PARQUET_COLUMNS = ("obs", "act", "next_obs", "episode")
@@ -390,9 +398,15 @@ def read_parquet(
         "has_next_observations": True,
     }
     return make_transitions(
-        name or path.stem, where, obs, act, terminals=change, timeouts=np.zeros(len(obs), bool), next_obs=nxt,
+        name or path.stem,
+        where,
+        obs,
+        act,
+        terminals=change,
+        timeouts=np.zeros(len(obs), bool),
+        next_obs=nxt,
         stats=stats,
-    )  # fmt: skip
+    )
 
 
 def minari_source(dataset_id: str) -> Path:
@@ -470,6 +484,12 @@ def read_minari(dataset_id: str, *, sha256: str | None = None) -> Transitions:
     }
     obs_a, act_a, nxt_a, end_a = (np.concatenate(x) for x in (obs, act, nxt, ends))
     return make_transitions(
-        f"minari:{dataset_id}", where, obs_a, act_a, terminals=end_a, timeouts=np.zeros(len(obs_a), bool),
-        next_obs=nxt_a, stats=stats,
-    )  # fmt: skip
+        f"minari:{dataset_id}",
+        where,
+        obs_a,
+        act_a,
+        terminals=end_a,
+        timeouts=np.zeros(len(obs_a), bool),
+        next_obs=nxt_a,
+        stats=stats,
+    )

@@ -177,8 +177,24 @@ def _finish(t: Transitions, src: Source) -> Transitions:
 
 def _info(t: Transitions, spec: str) -> dict:
     entry = CATALOG.get(t.name) or {}
-    keep = ("source", "format", "sha256", "transitions", "episodes", "obs_dim", "act_dim", "act_min", "act_max",
-            "env_id", "env_kwargs", "cache", "dropped_nonfinite", "has_next_observations", "policy", "seed")  # fmt: skip
+    keep = (
+        "source",
+        "format",
+        "sha256",
+        "transitions",
+        "episodes",
+        "obs_dim",
+        "act_dim",
+        "act_min",
+        "act_max",
+        "env_id",
+        "env_kwargs",
+        "cache",
+        "dropped_nonfinite",
+        "has_next_observations",
+        "policy",
+        "seed",
+    )
     info = {"name": t.name, "spec": spec}
     info.update({k: t.stats[k] for k in keep if k in t.stats})
     info["has_qpos"] = t.qpos is not None
@@ -217,8 +233,16 @@ def _cmd_list(args) -> int:
         state, size = status(name)
         if state == "missing" and e["simulated"]:
             state = "missing (simulated on demand)"
-        rows.append({"name": name, "domain": e["domain"], "obs_dim": e["obs_dim"], "act_dim": e["act_dim"],
-                     "size_mb": None if size is None else round(size / 1e6, 1), "status": state})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "domain": e["domain"],
+                "obs_dim": e["obs_dim"],
+                "act_dim": e["act_dim"],
+                "size_mb": None if size is None else round(size / 1e6, 1),
+                "status": state,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -267,8 +291,10 @@ def _cmd_prepare(args) -> int:
     for spec in tqdm(specs, desc="prepare", unit="dataset", disable=len(specs) < 2):
         try:
             info = prepare(spec, download=args.download, simulate=not args.no_simulate)
-            tqdm.write(f"{info['name']}: {info['transitions']} transitions, {info['episodes']} episodes, "
-                       f"obs {info['obs_dim']} act {info['act_dim']} -> {info.get('cache', 'not cached')}")  # fmt: skip
+            tqdm.write(
+                f"{info['name']}: {info['transitions']} transitions, {info['episodes']} episodes, "
+                f"obs {info['obs_dim']} act {info['act_dim']} -> {info.get('cache', 'not cached')}"
+            )
         except InvdynError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr)

@@ -1,14 +1,14 @@
 """What a job leaves in its output directory, and the ledger that makes `--resume` skip finished trials.
 
-    DIR/summary.json          one record per dataset (the contract): dataset, heldout_mse, baseline_mse,
-                              config, model_dir, epochs, wall_s, trial_id, selected_by, evaluation (headline
-                              metrics of the selected model), candidates (the trials evaluated, with their
-                              metrics), champion_metric, ... or status "failed" + error
-    DIR/summary.md            the same as a table (also printed)
-    DIR/job.json              the job: name, datasets, placement, timing (wall, time in training steps)
-    DIR/models/<dataset>/     the best model directory of each dataset (invdyn format)
-    DIR/curves/<dataset>.json every trial's learning curve (+ .png plot)
-    DIR/trials/<key>.json     ledger: one file per finished trial, written by the driver as it finishes
+DIR/summary.json          one record per dataset (the contract): dataset, heldout_mse, baseline_mse,
+                          config, model_dir, epochs, wall_s, trial_id, selected_by, evaluation (headline
+                          metrics of the selected model), candidates (the trials evaluated, with their
+                          metrics), champion_metric, ... or status "failed" + error
+DIR/summary.md            the same as a table (also printed)
+DIR/job.json              the job: name, datasets, placement, timing (wall, time in training steps)
+DIR/models/<dataset>/     the best model directory of each dataset (invdyn format)
+DIR/curves/<dataset>.json every trial's learning curve (+ .png plot)
+DIR/trials/<key>.json     ledger: one file per finished trial, written by the driver as it finishes
 """
 
 from __future__ import annotations
@@ -90,8 +90,10 @@ def _finite(v):
 
 def write_curves(out_dir: Path, dataset: str, entries: list[dict]) -> Path:
     """Every trial's learning curve of one dataset as JSON, plus a PNG of held-out MSE per epoch."""
-    curves = {e["key"]: {"trial_id": e.get("trial_id"), "config": e.get("config"), "curve": e.get("curve") or []}
-              for e in entries}  # fmt: skip
+    curves = {
+        e["key"]: {"trial_id": e.get("trial_id"), "config": e.get("config"), "curve": e.get("curve") or []}
+        for e in entries
+    }
     path = Path(out_dir) / "curves" / f"{safe_name(dataset)}.json"
     write_json_atomic(path, curves)
     with contextlib.suppress(Exception):  # a plot is a convenience; the JSON above is the record
@@ -107,7 +109,9 @@ def _plot(path: Path, dataset: str, entries: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for e in entries:
-        pts = [(p.get("epoch"), p.get("val_mse")) for p in e.get("curve") or [] if p.get("val_mse") is not None]
+        pts = [
+            (p.get("epoch"), p.get("val_mse")) for p in e.get("curve") or [] if p.get("val_mse") is not None
+        ]
         if pts:
             cfg = e.get("config") or {}
             ax.plot(*zip(*pts, strict=True), label=f"h{cfg.get('hidden_dim')} d{cfg.get('dropout')}")
@@ -135,8 +139,10 @@ def _fmt(v, spec=".4g") -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    head = ("| dataset | status | held-out MSE | baseline MSE | one-step error | tracking drift | selected by | "
-            "best config | epochs | trials | wall s | champion |")  # fmt: skip
+    head = (
+        "| dataset | status | held-out MSE | baseline MSE | one-step error | tracking drift | selected by | "
+        "best config | epochs | trials | wall s | champion |"
+    )
     rows = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in records:
         cfg = r.get("config") or {}
@@ -147,7 +153,9 @@ def format_table(records: list[dict]) -> str:
         if status == "failed":
             status = f"failed: {str(r.get('error', ''))[:80]}"
         ev = r.get("evaluation") or {}
-        drift = _fmt(ev.get("tracking_drift")) + (f" @{ev['horizon']}" if _finite(ev.get("tracking_drift")) else "")
+        drift = _fmt(ev.get("tracking_drift")) + (
+            f" @{ev['horizon']}" if _finite(ev.get("tracking_drift")) else ""
+        )
         rows.append(
             f"| {r['dataset']} | {status} | {_fmt(r.get('heldout_mse'))} | {_fmt(r.get('baseline_mse'))} | "
             f"{_fmt(ev.get('one_step_error'))} | {drift} | {r.get('selected_by') or '-'} | {best or '-'} | {r.get('epochs', '-')} | {r.get('trials_finished', 0)}/{r.get('trials', 0)} | "

@@ -45,9 +45,27 @@ DEFAULT_OUT = "invdyn-out"
 #: How a trial runs its TorchTrainer (pipeline.job.placement's module doc).
 EXECUTORS = ("local", "train")
 #: What the ledger keeps of a trial's final result (besides key, config, checkpoint path, wall time).
-LEDGER_METRICS = ("heldout_mse", "baseline_mse", "heldout_mse_normalized", "epochs", "steps", "train_time_s", "eval_time_s",
-                  "wall_time_s", "worker_wall_s", "node_ip", "node_id", "hostname", "pid", "curve", "stopped_early",
-                  "best_epoch", "trial_entered_at", "worker_entered_at", "worker_finished_at")  # fmt: skip
+LEDGER_METRICS = (
+    "heldout_mse",
+    "baseline_mse",
+    "heldout_mse_normalized",
+    "epochs",
+    "steps",
+    "train_time_s",
+    "eval_time_s",
+    "wall_time_s",
+    "worker_wall_s",
+    "node_ip",
+    "node_id",
+    "hostname",
+    "pid",
+    "curve",
+    "stopped_early",
+    "best_epoch",
+    "trial_entered_at",
+    "worker_entered_at",
+    "worker_finished_at",
+)
 
 
 # ------------------------------------------------------------------------------------------ in Ray
@@ -97,7 +115,9 @@ def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -
         train_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=1, use_gpu=pl["gpus"] > 0, resources_per_worker=placement.Placement(**pl).worker_resources()
+            num_workers=1,
+            use_gpu=pl["gpus"] > 0,
+            resources_per_worker=placement.Placement(**pl).worker_resources(),
         ),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=job["storage_path"], callbacks=[TuneReportCallback()]
@@ -109,7 +129,9 @@ def run_trial(config: dict, job: dict | None = None, data: dict | None = None) -
 # ------------------------------------------------------------------------------------------ driver
 
 
-def prepare_datasets(specs: list[str], *, download: bool, keep_state: bool = False) -> tuple[dict, list[dict]]:
+def prepare_datasets(
+    specs: list[str], *, download: bool, keep_state: bool = False
+) -> tuple[dict, list[dict]]:
     """Load each dataset once on the driver (the Arrow cache makes this cheap) and put it in the object
     store. Returns ({name: {"ref", "sha256", "info", "spec", "physics_reason"[, "state_ref"]}}, [failed
     records]); with `keep_state`, a simulatable dataset's (qpos, qvel) go in as a separate object for
@@ -127,17 +149,27 @@ def prepare_datasets(specs: list[str], *, download: bool, keep_state: bool = Fal
             if len(t) == 0:
                 raise InvdynError(f"{spec}: dataset has no transitions")
         except Exception as e:  # noqa: BLE001 - one bad dataset fails alone, with its reason
-            failed.append({"dataset": spec, "spec": spec, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+            failed.append(
+                {"dataset": spec, "spec": spec, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+            )
             tqdm.write(f"dataset {spec}: FAILED to prepare: {e}")
             continue
         if t.name in ready:
             continue
-        info = {k: t.stats.get(k) for k in ("transitions", "episodes", "obs_dim", "act_dim", "source", "env_id")}
+        info = {
+            k: t.stats.get(k) for k in ("transitions", "episodes", "obs_dim", "act_dim", "source", "env_id")
+        }
         reason = physics_reason(t)
         state = ray.put((t.qpos, t.qvel)) if keep_state and reason is None else None
         # Training needs no simulator state: qpos / qvel (float64) stay out of the trials' object.
         t = dataclasses.replace(t, qpos=None, qvel=None)
-        ready[t.name] = {"ref": ray.put(t), "sha256": t.sha256, "info": info, "spec": spec, "physics_reason": reason}
+        ready[t.name] = {
+            "ref": ray.put(t),
+            "sha256": t.sha256,
+            "info": info,
+            "spec": spec,
+            "physics_reason": reason,
+        }
         if state is not None:
             ready[t.name]["state_ref"] = state
     return ready, failed
@@ -155,7 +187,14 @@ def make_trials(ready: dict, points: list[dict], base: dict) -> list[dict]:
             cfg = train.to_dict()
             for k in ("device", "threads"):  # decided by placement, not part of what is searched
                 cfg.pop(k)
-            trials.append({"dataset": name, "sha256": d["sha256"], "key": search.trial_key(name, d["sha256"], cfg), **cfg})
+            trials.append(
+                {
+                    "dataset": name,
+                    "sha256": d["sha256"],
+                    "key": search.trial_key(name, d["sha256"], cfg),
+                    **cfg,
+                }
+            )
     # Longest first: Tune starts trials in this order, so the biggest ones no longer run alone at the end.
     return sorted(trials, key=lambda t: -search.estimated_cost(t, ready[t["dataset"]]["info"]))
 
@@ -172,8 +211,10 @@ class LedgerCallback(Callback):
     def _progress(self, trial, what: str) -> None:
         c = trial.config
         point = ", ".join(f"{k}={c[k]}" for k in ("hidden_dim", "dropout", "arch") if k in c)
-        print(f"[{self.finished}/{self.total} done, {len(self.errors)} failed] {c['dataset']} ({point}): {what}",
-              flush=True)  # fmt: skip
+        print(
+            f"[{self.finished}/{self.total} done, {len(self.errors)} failed] {c['dataset']} ({point}): {what}",
+            flush=True,
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, time.time())
@@ -188,7 +229,8 @@ class LedgerCallback(Callback):
             "sha256": cfg["sha256"],
             "config": {k: v for k, v in cfg.items() if k not in ("dataset", "sha256", "key")},
             "trial_id": trial.trial_id,
-            "checkpoint_path": r.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None),
+            "checkpoint_path": r.get("checkpoint_path")
+            or (trial.checkpoint.path if trial.checkpoint else None),
             "started_at": self.started.get(trial.trial_id),
             "wall_s": time.time() - self.started.get(trial.trial_id, time.time()),
             "finished_at": time.time(),
@@ -196,8 +238,11 @@ class LedgerCallback(Callback):
         }
         self.ledger.record(cfg["key"], entry)
         self.finished += 1
-        self._progress(trial, f"held-out MSE {r.get('heldout_mse', float('nan')):.4g} after {r.get('epochs')} "
-                              f"epoch(s), {entry['wall_s']:.0f} s on {r.get('node_ip')}")  # fmt: skip
+        self._progress(
+            trial,
+            f"held-out MSE {r.get('heldout_mse', float('nan')):.4g} after {r.get('epochs')} "
+            f"epoch(s), {entry['wall_s']:.0f} s on {r.get('node_ip')}",
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.errors[trial.config["key"]] = _error_text(trial)
@@ -226,12 +271,23 @@ def flat_space(trials: list[dict]) -> dict:
     return space
 
 
-def run_tune(trials: list[dict], *, job: dict, data_refs: dict, pl: placement.Placement, name: str,
-             callbacks: list, max_failures: int, verbose: int) -> dict[str, str]:  # fmt: skip
+def run_tune(
+    trials: list[dict],
+    *,
+    job: dict,
+    data_refs: dict,
+    pl: placement.Placement,
+    name: str,
+    callbacks: list,
+    max_failures: int,
+    verbose: int,
+) -> dict[str, str]:
     """Run the trials with Ray Tune; returns {trial key: error} for trials that failed for good."""
     from ray import tune
 
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard files per trial
+    os.environ.setdefault(
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1"
+    )  # no CSV/JSON/TensorBoard files per trial
     resources = pl.worker_resources() if job["executor"] == "local" else placement.trial_resources()
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job, data=data_refs), resources)
     ledger_cb = LedgerCallback(Ledger(job["out"]), total=len(trials))
@@ -263,8 +319,16 @@ def fetch_model(checkpoint_path: str, dest: Path) -> Path:
     return dest
 
 
-def collect(out: Path, datasets: list[str], ready: dict, failed: list[dict], trials: list[dict],
-            errors: dict[str, str], job_name: str, opts: selection.Options | None = None) -> list[dict]:  # fmt: skip
+def collect(
+    out: Path,
+    datasets: list[str],
+    ready: dict,
+    failed: list[dict],
+    trials: list[dict],
+    errors: dict[str, str],
+    job_name: str,
+    opts: selection.Options | None = None,
+) -> list[dict]:
     """One record per dataset: the selected trial's metrics, evaluation and model dir, or why it failed.
 
     Without `opts` (or with `opts.evaluate` off) the trial with the best held-out MSE, unevaluated; else
@@ -285,8 +349,15 @@ def collect(out: Path, datasets: list[str], ready: dict, failed: list[dict], tri
             continue
         keys = [t["key"] for t in trials if t["dataset"] == name]
         entries = [done[k] for k in keys if k in done]
-        rec = {"dataset": name, "spec": spec, "sha256": ready[name]["sha256"], "trials": len(keys),
-               "trials_finished": len(entries), "job": job_name, **ready[name]["info"]}  # fmt: skip
+        rec = {
+            "dataset": name,
+            "spec": spec,
+            "sha256": ready[name]["sha256"],
+            "trials": len(keys),
+            "trials_finished": len(entries),
+            "job": job_name,
+            **ready[name]["info"],
+        }
         best = job_summary.best_entry(entries)
         if entries:
             rec["curves"] = str(job_summary.write_curves(out, name, entries))
@@ -312,11 +383,18 @@ def collect(out: Path, datasets: list[str], ready: dict, failed: list[dict], tri
         if opts.evaluate:
             rec.update(selection.record_fields(choice, result, opts))
             ev = rec.get("evaluation") or {}
-            print(f"{name}: trial {best.get('trial_id')} selected by {choice['selected_by']} of {len(cands)} "
-                  f"evaluated: held-out MSE {_num(best['heldout_mse'])}, one-step error "
-                  f"{_num(ev.get('one_step_error'))}, tracking drift {_num(ev.get('tracking_drift'))}"
-                  + (f"; note: {choice['note']}" if choice.get("note") else
-                     f"; note: cannot be simulated ({reason}), non-physics metrics only" if reason else ""))  # fmt: skip
+            print(
+                f"{name}: trial {best.get('trial_id')} selected by {choice['selected_by']} of {len(cands)} "
+                f"evaluated: held-out MSE {_num(best['heldout_mse'])}, one-step error "
+                f"{_num(ev.get('one_step_error'))}, tracking drift {_num(ev.get('tracking_drift'))}"
+                + (
+                    f"; note: {choice['note']}"
+                    if choice.get("note")
+                    else f"; note: cannot be simulated ({reason}), non-physics metrics only"
+                    if reason
+                    else ""
+                )
+            )
         rec.update(
             status="ok",
             heldout_mse=best["heldout_mse"],
@@ -377,11 +455,16 @@ def register_and_export(args, uri: str | None, records: list[dict], callbacks: l
         from pipeline.registry.export import export_bundle
 
         try:
-            path = export_bundle(uri, args.export, datasets=[r["dataset"] for r in records if r.get("status") == "ok"])
+            path = export_bundle(
+                uri, args.export, datasets=[r["dataset"] for r in records if r.get("status") == "ok"]
+            )
             print(f"bundle: {path}")
         except Exception as e:  # noqa: BLE001 - the summary says what was trained; export can be re-run
-            print(f"error: export to {args.export} failed: {type(e).__name__}: {e}; "
-                  f"re-run `python -m pipeline.export --out {args.export}`", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: export to {args.export} failed: {type(e).__name__}: {e}; "
+                f"re-run `python -m pipeline.export --out {args.export}`",
+                file=sys.stderr,
+            )
             ok = False
     return ok
 
@@ -399,22 +482,44 @@ def _redact(uri: str | None) -> str | None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipeline.pretrain_all", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--datasets", default="sim", help="comma-separated suites, names, minari:<id>, paths (default: sim)")
-    ap.add_argument("--search", action="store_true", help="grid hidden_dim {256,512,1024} x dropout {0,0.1,0.2}")
-    ap.add_argument("--search-space", metavar="JSON", help='any grid over TrainConfig fields, e.g. \'{"lr": [1e-3, 3e-4]}\'')
+    ap.add_argument(
+        "--datasets", default="sim", help="comma-separated suites, names, minari:<id>, paths (default: sim)"
+    )
+    ap.add_argument(
+        "--search", action="store_true", help="grid hidden_dim {256,512,1024} x dropout {0,0.1,0.2}"
+    )
+    ap.add_argument(
+        "--search-space",
+        metavar="JSON",
+        help="any grid over TrainConfig fields, e.g. '{\"lr\": [1e-3, 3e-4]}'",
+    )
     ap.add_argument("--max-epochs", type=int, help="default: the trainer's (100)")
-    ap.add_argument("--patience", type=int, help="early-stopping patience in evaluations (default: the trainer's)")
+    ap.add_argument(
+        "--patience", type=int, help="early-stopping patience in evaluations (default: the trainer's)"
+    )
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpus-per-trial", type=float, help="CPUs of a trial (default 1)")
-    ap.add_argument("--gpus-per-trial", type=float, help="GPU (fraction) per trial (default: 1/4 when the cluster has GPUs)")
-    ap.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
-    ap.add_argument("--executor", choices=EXECUTORS, default="local",
-                    help="local (default): each trial's TorchTrainer runs in Train's local mode in the Tune trial's "
-                         "process, reused from trial to trial; train: a Train worker process per trial (~10 CPU-s "
-                         "of process start-up per trial; see pipeline.job.placement)")  # fmt: skip
+    ap.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPU (fraction) per trial (default: 1/4 when the cluster has GPUs)",
+    )
+    ap.add_argument(
+        "--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)"
+    )
+    ap.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local (default): each trial's TorchTrainer runs in Train's local mode in the Tune trial's "
+        "process, reused from trial to trial; train: a Train worker process per trial (~10 CPU-s "
+        "of process start-up per trial; see pipeline.job.placement)",
+    )
     ap.add_argument("--max-failures", type=int, default=2, help="retries of a crashed trial (default 2)")
-    ap.add_argument("--storage-path", help="checkpoints and Tune state: a local dir, NFS or s3:// (default: DIR/ray)")
+    ap.add_argument(
+        "--storage-path", help="checkpoints and Tune state: a local dir, NFS or s3:// (default: DIR/ray)"
+    )
     ap.add_argument("--resume", action="store_true", help="skip trials DIR/trials/ records as finished")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     ap.add_argument("--download", action="store_true", help="download missing D4RL files")
@@ -424,22 +529,45 @@ def parse_args(argv=None):
     ap.add_argument("--no-register", action="store_true", help="track trials but register nothing")
     ap.add_argument("--no-mlflow", action="store_true", help="no MLflow at all")
     ap.add_argument("--export", metavar="PATH", help="write the registered champions as a bundle zip")
-    ap.add_argument("--report", metavar="DIR", help="then write the quality report (python -m pipeline.report --with-recipe) "
-                    "of the chosen models to DIR")  # fmt: skip
-    ap.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune verbosity (1: live table)")
+    ap.add_argument(
+        "--report",
+        metavar="DIR",
+        help="then write the quality report (python -m pipeline.report --with-recipe) "
+        "of the chosen models to DIR",
+    )
+    ap.add_argument(
+        "--verbose", type=int, default=1, choices=(0, 1, 2), help="Tune verbosity (1: live table)"
+    )
     ev = ap.add_argument_group("evaluation and selection (pipeline.job.selection)")
-    ev.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
-                    help="evaluate the selected model on its held-out episodes (MuJoCo metrics where the dataset "
-                         "can be simulated) into its model card and registry tags (default: on)")  # fmt: skip
-    ev.add_argument("--select-by", choices=SELECT_METRICS, default="heldout_mse",
-                    help="metric that picks each dataset's model among its trials, and the registry's champion "
-                         "rule (default heldout_mse)")  # fmt: skip
-    ev.add_argument("--select-top", type=int, default=selection.DEFAULT_TOP, metavar="K",
-                    help=f"with a physics --select-by: evaluate the best K trials by held-out MSE (default "
-                         f"{selection.DEFAULT_TOP}; 0: all)")  # fmt: skip
+    ev.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="evaluate the selected model on its held-out episodes (MuJoCo metrics where the dataset "
+        "can be simulated) into its model card and registry tags (default: on)",
+    )
+    ev.add_argument(
+        "--select-by",
+        choices=SELECT_METRICS,
+        default="heldout_mse",
+        help="metric that picks each dataset's model among its trials, and the registry's champion "
+        "rule (default heldout_mse)",
+    )
+    ev.add_argument(
+        "--select-top",
+        type=int,
+        default=selection.DEFAULT_TOP,
+        metavar="K",
+        help=f"with a physics --select-by: evaluate the best K trials by held-out MSE (default "
+        f"{selection.DEFAULT_TOP}; 0: all)",
+    )
     ev.add_argument("--eval-horizon", type=int, default=32, help="tracking horizon (default 32)")
-    ev.add_argument("--eval-starts", type=int, default=128, help="tracking start points per model (default 128)")
-    ev.add_argument("--eval-samples", type=int, default=2000, help="one-step transitions per model (default 2000)")
+    ev.add_argument(
+        "--eval-starts", type=int, default=128, help="tracking start points per model (default 128)"
+    )
+    ev.add_argument(
+        "--eval-samples", type=int, default=2000, help="one-step transitions per model (default 2000)"
+    )
     args = ap.parse_args(argv)
     if args.select_by != "heldout_mse" and not args.evaluate:
         ap.error(f"--select-by {args.select_by} needs the evaluation: drop --no-evaluate")
@@ -450,9 +578,16 @@ def parse_args(argv=None):
 
 def selection_options(args, pl: placement.Placement) -> selection.Options:
     """The evaluation / selection asked for; each evaluation task holds a trial's CPUs."""
-    return selection.Options(evaluate=args.evaluate, select_by=args.select_by, top=args.select_top,
-                             horizon=args.eval_horizon, starts=args.eval_starts, samples=args.eval_samples,
-                             seed=args.seed, num_cpus=pl.cpus)  # fmt: skip
+    return selection.Options(
+        evaluate=args.evaluate,
+        select_by=args.select_by,
+        top=args.select_top,
+        horizon=args.eval_horizon,
+        starts=args.eval_starts,
+        samples=args.eval_samples,
+        seed=args.seed,
+        num_cpus=pl.cpus,
+    )
 
 
 def check_writable(path: Path) -> None:
@@ -475,7 +610,9 @@ def _job_state(out: Path, resume: bool) -> dict:
     if not resume:
         cleared = Ledger(out).clear()
         if cleared:
-            print(f"starting over: {cleared} finished trial(s) of an earlier job in {out} ignored (use --resume)")
+            print(
+                f"starting over: {cleared} finished trial(s) of an earlier job in {out} ignored (use --resume)"
+            )
     return {"job": f"invdyn-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}", "runs": 1}
 
 
@@ -506,12 +643,22 @@ def _run(args, out: Path, started: float) -> int:
     specs = resolve_datasets(args.datasets)
     space = search.parse_space(args.search_space, search=args.search)
     points = search.grid_points(space)
-    base = {k: v for k, v in (("max_epochs", args.max_epochs), ("patience", args.patience),
-                              ("batch_size", args.batch_size), ("seed", args.seed)) if v is not None}  # fmt: skip
+    base = {
+        k: v
+        for k, v in (
+            ("max_epochs", args.max_epochs),
+            ("patience", args.patience),
+            ("batch_size", args.batch_size),
+            ("seed", args.seed),
+        )
+        if v is not None
+    }
     state = _job_state(out, args.resume)
     job_name = state["job"]
     # Written now so that a resumed job keeps its name (MLflow groups its runs by it) even after a kill.
-    job_summary.write_json_atomic(out / job_summary.JOB_JSON, {**state, "datasets": specs, "started": started})
+    job_summary.write_json_atomic(
+        out / job_summary.JOB_JSON, {**state, "datasets": specs, "started": started}
+    )
     uri, callbacks = mlflow_callbacks(args, out, job_name)  # fails fast, before any training
 
     started_ray = placement.connect(num_cpus=args.num_cpus, log_to_driver=args.verbose >= 2)
@@ -520,15 +667,24 @@ def _run(args, out: Path, started: float) -> int:
         trials = make_trials(ready, points, base)
         done = Ledger(out).done() if args.resume else {}
         todo = [t for t in trials if t["key"] not in done]
-        pl = placement.decide(len(todo), cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                              max_concurrent=args.max_concurrent, start_ahead=args.executor == "train")  # fmt: skip
+        pl = placement.decide(
+            len(todo),
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            max_concurrent=args.max_concurrent,
+            start_ahead=args.executor == "train",
+        )
         storage = args.storage_path or str(out / "ray")
         if "://" not in storage:
             storage = str(Path(storage).expanduser().resolve())
             if pl.nodes > 1:
-                print(f"note: {pl.nodes} nodes share storage path {storage}: it must be on a shared file system")
-        print(f"job {job_name}: {len(ready)} dataset(s) x {len(points)} config(s) = {len(trials)} trial(s); "
-              f"{len(trials) - len(todo)} already finished, {len(todo)} to run. {pl.describe()}")  # fmt: skip
+                print(
+                    f"note: {pl.nodes} nodes share storage path {storage}: it must be on a shared file system"
+                )
+        print(
+            f"job {job_name}: {len(ready)} dataset(s) x {len(points)} config(s) = {len(trials)} trial(s); "
+            f"{len(trials) - len(todo)} already finished, {len(todo)} to run. {pl.describe()}"
+        )
         crash = os.environ.get(CRASH_ENV)
         job = {
             "executor": args.executor,
@@ -537,14 +693,23 @@ def _run(args, out: Path, started: float) -> int:
             "placement": pl.to_dict(),
             "train_fields": sorted(f for f in TrainConfig().to_dict()),
             "search_keys": sorted(space),
-            "crash_once": {"dataset": crash, "marker": str(out / f".crash-once-{safe_name(crash)}")} if crash else None,
+            "crash_once": {"dataset": crash, "marker": str(out / f".crash-once-{safe_name(crash)}")}
+            if crash
+            else None,
         }
         errors = {}
         tune_started = time.time()
         if todo:
-            errors = run_tune(todo, job=job, data_refs={n: d["ref"] for n, d in ready.items()}, pl=pl,
-                              name=f"{job_name}-run{state['runs']}", callbacks=callbacks,
-                              max_failures=args.max_failures, verbose=args.verbose)  # fmt: skip
+            errors = run_tune(
+                todo,
+                job=job,
+                data_refs={n: d["ref"] for n, d in ready.items()},
+                pl=pl,
+                name=f"{job_name}-run{state['runs']}",
+                callbacks=callbacks,
+                max_failures=args.max_failures,
+                verbose=args.verbose,
+            )
         tune_wall = time.time() - tune_started
         opts = selection_options(args, pl)
         records = collect(out, specs, ready, failed, trials, errors, job_name, opts)
@@ -558,16 +723,33 @@ def _run(args, out: Path, started: float) -> int:
     train_s = sum(e.get("train_time_s") or 0 for e in ran)
     eval_s = sum(e.get("eval_time_s") or 0 for e in ran)
     slot_s = tune_wall * pl.training_slots if ran and tune_wall else None
-    job_summary.write_json_atomic(out / job_summary.JOB_JSON, {
-        **state, "datasets": specs, "storage_path": storage, "placement": pl.to_dict(), "search_space": space,
-        "mlflow_uri": _redact(uri), "executor": args.executor, "selection": dataclasses.asdict(opts),
-        "last_run": {"trials": len(trials), "skipped": len(trials) - len(todo), "ran": len(ran),
-                     "failed": len(errors), "wall_s": time.time() - started, "tune_wall_s": tune_wall,
-                     "train_time_s": train_s, "eval_time_s": eval_s, "training_slots": pl.training_slots,
-                     # not in training steps / not in the training loop (steps + per-epoch validation)
-                     "overhead_share": 1 - train_s / slot_s if slot_s else None,
-                     "orchestration_share": 1 - (train_s + eval_s) / slot_s if slot_s else None},
-    })  # fmt: skip
+    job_summary.write_json_atomic(
+        out / job_summary.JOB_JSON,
+        {
+            **state,
+            "datasets": specs,
+            "storage_path": storage,
+            "placement": pl.to_dict(),
+            "search_space": space,
+            "mlflow_uri": _redact(uri),
+            "executor": args.executor,
+            "selection": dataclasses.asdict(opts),
+            "last_run": {
+                "trials": len(trials),
+                "skipped": len(trials) - len(todo),
+                "ran": len(ran),
+                "failed": len(errors),
+                "wall_s": time.time() - started,
+                "tune_wall_s": tune_wall,
+                "train_time_s": train_s,
+                "eval_time_s": eval_s,
+                "training_slots": pl.training_slots,
+                # not in training steps / not in the training loop (steps + per-epoch validation)
+                "overhead_share": 1 - train_s / slot_s if slot_s else None,
+                "orchestration_share": 1 - (train_s + eval_s) / slot_s if slot_s else None,
+            },
+        },
+    )
     exported = register_and_export(args, uri, records, callbacks)
     table = job_summary.write_summary(out, records)
     print(f"\n{table}\n\nsummary: {out / job_summary.SUMMARY_JSON}  ({time.time() - started:.0f} s)")
@@ -576,8 +758,12 @@ def _run(args, out: Path, started: float) -> int:
         from pipeline.quality import report
 
         print("\nreport: training CleanDiffuser's recipe on each dataset's training episodes for comparison")
-        reported = report.main(["--summary", str(out / job_summary.SUMMARY_JSON), "--out", args.report,
-                                "--with-recipe"]) == 0  # fmt: skip
+        reported = (
+            report.main(
+                ["--summary", str(out / job_summary.SUMMARY_JSON), "--out", args.report, "--with-recipe"]
+            )
+            == 0
+        )
     return 0 if exported and reported and all(r.get("status") == "ok" for r in records) else 1
 
 

@@ -79,8 +79,15 @@ def _evaluate_task(checkpoint_path: str, data, state, reason: str | None, opts: 
         data = dataclasses.replace(data, qpos=state[0], qvel=state[1])
     with tempfile.TemporaryDirectory(prefix="invdyn-eval-") as tmp:
         model = invdyn.read_model_dir(fetch_model(checkpoint_path, Path(tmp) / "model"))
-        result = evaluate(model, data, horizon=opts["horizon"], physics=reason is None, seed=opts["seed"],
-                          one_step_samples=opts["samples"], tracking_starts=opts["starts"])  # fmt: skip
+        result = evaluate(
+            model,
+            data,
+            horizon=opts["horizon"],
+            physics=reason is None,
+            seed=opts["seed"],
+            one_step_samples=opts["samples"],
+            tracking_starts=opts["starts"],
+        )
     if reason is not None:
         result["physics_reason"] = reason
     result["weights_sha256"] = (model.params.get("weights") or {}).get("sha256")
@@ -102,7 +109,9 @@ def evaluate_all(todo: dict[str, list[dict]], ready: dict, opts: Options) -> dic
     for name, entries in todo.items():
         d = ready[name]
         for e in entries:
-            refs[task.remote(e["checkpoint_path"], d["ref"], d.get("state_ref"), d.get("physics_reason"), kw)] = e
+            refs[
+                task.remote(e["checkpoint_path"], d["ref"], d.get("state_ref"), d.get("physics_reason"), kw)
+            ] = e
     results: dict[str, dict] = {}
     pending = list(refs)
     with tqdm(total=len(pending), desc="evaluate in MuJoCo", unit="model", disable=not pending) as bar:
@@ -112,9 +121,13 @@ def evaluate_all(todo: dict[str, list[dict]], ready: dict, opts: Options) -> dic
             try:
                 results[entry["key"]] = ray.get(done[0])
             except Exception as e:  # noqa: BLE001 - one failed evaluation costs one candidate, not the job
-                results[entry["key"]] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
-                tqdm.write(f"warning: evaluation of {entry['dataset']} trial {entry.get('trial_id')} failed: "
-                           f"{results[entry['key']]['error']}")  # fmt: skip
+                results[entry["key"]] = {
+                    "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+                }
+                tqdm.write(
+                    f"warning: evaluation of {entry['dataset']} trial {entry.get('trial_id')} failed: "
+                    f"{results[entry['key']]['error']}"
+                )
             bar.update()
     return results
 
@@ -133,12 +146,21 @@ def choose(cands: list[dict], results: dict[str, dict], opts: Options, reason: s
         table.append(row)
     note = None
     if metric != "heldout_mse":
-        scored = [(row[metric], row["heldout_mse"], row["key"], e) for row, e in zip(table, cands, strict=True)
-                  if isinstance(row[metric], (int, float)) and math.isfinite(row[metric])]  # fmt: skip
+        scored = [
+            (row[metric], row["heldout_mse"], row["key"], e)
+            for row, e in zip(table, cands, strict=True)
+            if isinstance(row[metric], (int, float)) and math.isfinite(row[metric])
+        ]
         if scored:
-            return {"entry": min(scored, key=lambda s: s[:3])[3], "selected_by": metric, "note": None,
-                    "candidates": table}  # fmt: skip
-        said = [r.get("physics_reason") or r.get("error") for r in (results.get(c["key"]) or {} for c in cands)]
+            return {
+                "entry": min(scored, key=lambda s: s[:3])[3],
+                "selected_by": metric,
+                "note": None,
+                "candidates": table,
+            }
+        said = [
+            r.get("physics_reason") or r.get("error") for r in (results.get(c["key"]) or {} for c in cands)
+        ]
         why = reason or next((w for w in said if w), "no finite value")
         note = f"{metric} unavailable ({why}): selected by heldout_mse"
     return {"entry": cands[0], "selected_by": "heldout_mse", "note": note, "candidates": table}
@@ -147,7 +169,11 @@ def choose(cands: list[dict], results: dict[str, dict], opts: Options, reason: s
 def record_fields(choice: dict, result: dict | None, opts: Options) -> dict:
     """What a summary.json record gets from the selection: selected_by, champion_metric (the rule the
     registry applies), evaluation (headline metrics of the selected model), candidates, selection_note."""
-    out = {"selected_by": choice["selected_by"], "champion_metric": opts.select_by, "candidates": choice["candidates"]}
+    out = {
+        "selected_by": choice["selected_by"],
+        "champion_metric": opts.select_by,
+        "candidates": choice["candidates"],
+    }
     if choice.get("note"):
         out["selection_note"] = choice["note"]
     if result and not result.get("error"):

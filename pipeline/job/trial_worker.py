@@ -37,12 +37,16 @@ def train_worker(loop_config: dict) -> dict | None:
     _maybe_crash(loop_config.get("crash_once"), trial["dataset"])
     started = time.time()
     transitions = ray.get(loop_config["data"])  # zero-copy from the object store, once per node
-    config = TrainConfig.from_dict({**loop_config["train"], "threads": threads, "device": loop_config["device"]})
+    config = TrainConfig.from_dict(
+        {**loop_config["train"], "threads": threads, "device": loop_config["device"]}
+    )
     root = loop_config.get("model_root")
     with contextlib.nullcontext(root) if root else tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
         result = train(transitions, config, Path(tmp) / "model", dataset_name=trial["dataset"])
         metrics = {
-            **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None},
+            **{
+                k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None
+            },
             "dataset": trial["dataset"],
             "sha256": trial["sha256"],
             "key": trial["key"],

@@ -15,27 +15,27 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from invdyn.errors import InvdynError, ShapeError
+from pipeline.quality.metrics import HEADLINE, SELECT_METRICS  # noqa: F401 - re-exported for callers
 
-#: metrics that summarize an evaluation in one number each (logged to MLflow, shown in tables)
-HEADLINE = (
-    "heldout_mse",
-    "baseline_mse",
-    "heldout_mse_normalized",
-    "one_step_error",
-    "one_step_baseline",
-    "one_step_floor",
-    "tracking_drift",
-    "tracking_baseline",
-    "tracking_floor",
-)
-#: metrics that can pick a dataset's model (`pretrain_all --select-by`) and the registry's champion
-#: (registered-model tag `champion_metric`); lower is better for each
-SELECT_METRICS = ("heldout_mse", "one_step_error", "tracking_drift")
+
+@dataclass
+class EvalConfig:
+    """How a model is evaluated: the sample sizes of the MuJoCo metrics (one place for their defaults)."""
+
+    horizon: int = field(default=32, metadata={"help": "closed-loop tracking horizon in steps"})
+    starts: int = field(default=128, metadata={"help": "tracking start points sampled per model"})
+    samples: int = field(default=2000, metadata={"help": "one-step transitions sampled per model"})
+    seed: int = 0
+
+    def validate(self) -> None:
+        if min(self.horizon, self.starts, self.samples) < 1:
+            raise EvaluationError("--horizon, --starts and --samples must each be >= 1")
 
 
 class EvaluationError(InvdynError, ValueError):
@@ -214,9 +214,21 @@ def log_to_registry(model_uri: str, result: dict, mlflow_uri: str | None = None)
 
 def card_section(result: dict) -> dict:
     """What goes into params.json["evaluation"]: the headline metrics, drift curves and provenance."""
-    keep = (*HEADLINE, "horizon", "dataset", "heldout", "heldout_transitions", "heldout_episodes", "env_id",
-            "reference", "physics_reason", "per_dim_mse", "per_dim_r2", "drift_per_step",
-            "baseline_drift_per_step")  # fmt: skip
+    keep = (
+        *HEADLINE,
+        "horizon",
+        "dataset",
+        "heldout",
+        "heldout_transitions",
+        "heldout_episodes",
+        "env_id",
+        "reference",
+        "physics_reason",
+        "per_dim_mse",
+        "per_dim_r2",
+        "drift_per_step",
+        "baseline_drift_per_step",
+    )
     return {k: result.get(k) for k in keep if k in result}
 
 
@@ -279,11 +291,25 @@ def format_table(result: dict) -> str:
     """The human-readable summary printed without --json."""
     rows = [
         ("held-out action MSE", result.get("heldout_mse"), result.get("baseline_mse"), None),
-        ("held-out action MSE / variance", result.get("heldout_mse_normalized"), result.get("baseline_mse_normalized"), None),
-        ("one-step state error", result.get("one_step_error"), result.get("one_step_baseline"), result.get("one_step_floor")),
-        (f"tracking drift at {result.get('horizon')}", result.get("tracking_drift"), result.get("tracking_baseline"),
-         result.get("tracking_floor")),
-    ]  # fmt: skip
+        (
+            "held-out action MSE / variance",
+            result.get("heldout_mse_normalized"),
+            result.get("baseline_mse_normalized"),
+            None,
+        ),
+        (
+            "one-step state error",
+            result.get("one_step_error"),
+            result.get("one_step_baseline"),
+            result.get("one_step_floor"),
+        ),
+        (
+            f"tracking drift at {result.get('horizon')}",
+            result.get("tracking_drift"),
+            result.get("tracking_baseline"),
+            result.get("tracking_floor"),
+        ),
+    ]
     out = [
         f"model {result.get('model')!r} on {result.get('dataset')!r}: {result.get('heldout')}, "
         f"{result.get('heldout_transitions')} transitions / {result.get('heldout_episodes')} episodes",
@@ -318,7 +344,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="MODEL is a models:/ URI: set the headline metrics as eval.* tags on that registered version",
     )
-    ap.add_argument("--mlflow-uri", default=None, help="registry for --log-to-registry (default: $MLFLOW_TRACKING_URI)")
+    ap.add_argument(
+        "--mlflow-uri", default=None, help="registry for --log-to-registry (default: $MLFLOW_TRACKING_URI)"
+    )
     args = ap.parse_args(argv)
     from pipeline.data.sources import load_transitions
 

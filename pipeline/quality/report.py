@@ -49,8 +49,22 @@ WELL_SERVED_MSE = 0.1
 WELL_SERVED_DRIFT = 0.25
 
 #: training settings shown per champion in the report (the ones the search varies)
-CONFIG_KEYS = ("candidate", "arch", "hidden_dim", "dropout", "optimizer", "lr", "weight_decay", "schedule", "loss",
-               "batch_size", "max_epochs", "patience", "split", "keep")  # fmt: skip
+CONFIG_KEYS = (
+    "candidate",
+    "arch",
+    "hidden_dim",
+    "dropout",
+    "optimizer",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "loss",
+    "batch_size",
+    "max_epochs",
+    "patience",
+    "split",
+    "keep",
+)
 
 #: (key in an evaluation result, label) of the metrics in the main table
 METRICS = (
@@ -77,8 +91,14 @@ def subset(transitions, rows: np.ndarray, tag: str):
         f"{transitions.sha256}:{tag}:".encode() + rows.astype(np.int64).tobytes()
     ).hexdigest()
     take = (lambda a: None) if transitions.qpos is None else (lambda a: a[rows])
-    stats = {**transitions.stats, "sha256": digest, "subset_of": transitions.sha256, "subset": tag,
-             "transitions": int(len(rows)), "episodes": int(len(np.unique(transitions.episode[rows])))}  # fmt: skip
+    stats = {
+        **transitions.stats,
+        "sha256": digest,
+        "subset_of": transitions.sha256,
+        "subset": tag,
+        "transitions": int(len(rows)),
+        "episodes": int(len(np.unique(transitions.episode[rows]))),
+    }
     return replace(
         transitions,
         obs=transitions.obs[rows],
@@ -106,8 +126,18 @@ def train_recipe(
 # ---------------------------------------------------------------- collecting results
 
 
-def evaluate_record(record: dict, *, with_recipe: bool, work_dir: Path, horizon: int, starts: int, samples: int,
-                    recipe_max_epochs: int | None = None, threads: int | None = None, progress: bool = True) -> dict:  # fmt: skip
+def evaluate_record(
+    record: dict,
+    *,
+    with_recipe: bool,
+    work_dir: Path,
+    horizon: int,
+    starts: int,
+    samples: int,
+    recipe_max_epochs: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate one champion (and optionally the recipe on the same split) -> a report entry."""
     import invdyn
     from pipeline.data.sources import load_transitions
@@ -134,8 +164,13 @@ def evaluate_record(record: dict, *, with_recipe: bool, work_dir: Path, horizon:
         "recipe": None,
     }
     if with_recipe:
-        trained = train_recipe(transitions, rows[0], work_dir / "recipe" / transitions.name,
-                               max_epochs=recipe_max_epochs, threads=threads)  # fmt: skip
+        trained = train_recipe(
+            transitions,
+            rows[0],
+            work_dir / "recipe" / transitions.name,
+            max_epochs=recipe_max_epochs,
+            threads=threads,
+        )
         recipe = invdyn.read_model_dir(trained.model_dir)
         entry.update(
             recipe=evaluate(recipe, transitions, **kw),
@@ -351,8 +386,16 @@ def plot_tracking_drift(entries: list[dict], path: Path) -> None:
             if values:
                 ax.plot(np.arange(1, len(values) + 1), values, style, label=label)
         if not c.get("drift_per_step"):
-            ax.text(0.5, 0.5, "no physics:\n" + str(c.get("physics_reason"))[:80], ha="center", va="center",
-                    transform=ax.transAxes, fontsize=7, wrap=True)  # fmt: skip
+            ax.text(
+                0.5,
+                0.5,
+                "no physics:\n" + str(c.get("physics_reason"))[:80],
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=7,
+                wrap=True,
+            )
         ax.set(title=e["dataset"], xlabel="closed-loop step", ylabel="state RMSE (normalized)")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -423,7 +466,7 @@ def main(argv=None) -> int:
                 samples=args.samples,
                 recipe_max_epochs=args.recipe_max_epochs,
                 threads=args.threads,
-            )  # fmt: skip
+            )
             for rec in tqdm([r for r in records if r not in failed], desc="report", unit="dataset")
         ]
         path = write_report(entries, args.out, args.horizon, failed=failed)

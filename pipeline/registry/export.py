@@ -13,9 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from invdyn.settings import is_valid_name
-
 import invdyn
+from invdyn.settings import is_valid_name
 from pipeline.registry import store as tracking
 
 DEFAULT_OUT_DIR = "invdyn-out"  # pretrain_all's default output dir, home of the default SQLite store

@@ -49,11 +49,28 @@ MODEL_PREFIX = "invdyn-"
 REGISTRY_EXPERIMENT = "invdyn-registry"  # runs made for registrations whose trial was never tracked
 # Result keys Ray Tune adds by itself: bookkeeping, not metrics of the model.
 _TUNE_KEYS = {
-    "training_iteration", "time_this_iter_s", "timestamp", "pid", "iterations_since_restore",
-    "time_since_restore", "timesteps_total", "episodes_total", "timesteps_since_restore", "done",
-    "trial_id", "date", "hostname", "node_ip", "config", "checkpoint_dir_name", "should_checkpoint",
-    "experiment_tag", "episode_reward_mean", "warmup_time", "experiment_id",
-}  # fmt: skip
+    "training_iteration",
+    "time_this_iter_s",
+    "timestamp",
+    "pid",
+    "iterations_since_restore",
+    "time_since_restore",
+    "timesteps_total",
+    "episodes_total",
+    "timesteps_since_restore",
+    "done",
+    "trial_id",
+    "date",
+    "hostname",
+    "node_ip",
+    "config",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+    "experiment_tag",
+    "episode_reward_mean",
+    "warmup_time",
+    "experiment_id",
+}
 _CURVE_INDEX_KEYS = {"epoch", "step"}
 
 
@@ -206,10 +223,20 @@ def is_transient(error: BaseException) -> bool:
     """Connection failures, timeouts, 5xx and SQLite lock contention: worth retrying."""
     text = f"{type(error).__name__}: {error}"
     markers = (
-        "Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted",
-        "RemoteDisconnected", "timed out", "Timeout", "database is locked", "TEMPORARILY_UNAVAILABLE",
-        "503", "502", "504", "too many 500 error responses",
-    )  # fmt: skip
+        "Max retries exceeded",
+        "Connection refused",
+        "ConnectionError",
+        "Connection aborted",
+        "RemoteDisconnected",
+        "timed out",
+        "Timeout",
+        "database is locked",
+        "TEMPORARILY_UNAVAILABLE",
+        "503",
+        "502",
+        "504",
+        "too many 500 error responses",
+    )
     return isinstance(error, (ConnectionError, TimeoutError)) or any(m in text for m in markers)
 
 
@@ -279,8 +306,11 @@ def code_version() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"invdyn-{invdyn.__version__}"
     return f"git:{sha}{'+dirty' if dirty else ''}" if sha else f"invdyn-{invdyn.__version__}"
@@ -592,7 +622,11 @@ def _score(version, metric: str) -> float | None:
     return _mse(version) if metric == "heldout_mse" else _tag_number(version, f"eval.{metric}")
 
 
-_LABELS = {"heldout_mse": "held-out MSE", "one_step_error": "one-step error", "tracking_drift": "tracking drift"}
+_LABELS = {
+    "heldout_mse": "held-out MSE",
+    "one_step_error": "one-step error",
+    "tracking_drift": "tracking drift",
+}
 
 
 def _ranking(versions, metric: str = "heldout_mse") -> tuple[str, list]:
@@ -637,8 +671,13 @@ def champion_metric(client: MlflowClient, name: str) -> str:
 
     metric = client.get_registered_model(name).tags.get(CHAMPION_METRIC_TAG) or "heldout_mse"
     if metric not in SELECT_METRICS:
-        log.warning("%s: tag %s=%r is not one of %s; using heldout_mse", name, CHAMPION_METRIC_TAG, metric,
-                    SELECT_METRICS)  # fmt: skip
+        log.warning(
+            "%s: tag %s=%r is not one of %s; using heldout_mse",
+            name,
+            CHAMPION_METRIC_TAG,
+            metric,
+            SELECT_METRICS,
+        )
         return "heldout_mse"
     return metric
 
@@ -728,7 +767,10 @@ def _source_for(client: MlflowClient, uri: str, record: dict, model_dir: Path, s
     the card), else a fresh upload (into the trial's run, or a new run in `invdyn-registry`)."""
     run = _find_trial_run(client, record)
     params_sha = sha256_file(model_dir / PARAMS_FILE)
-    if run is not None and (run.data.tags.get("weights_sha256"), run.data.tags.get("params_sha256")) == (sha, params_sha):
+    if run is not None and (run.data.tags.get("weights_sha256"), run.data.tags.get("params_sha256")) == (
+        sha,
+        params_sha,
+    ):
         return f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run.info.run_id
     if run is None:
         experiment = get_experiment_id(client, uri, record.get("experiment") or REGISTRY_EXPERIMENT)
@@ -791,8 +833,11 @@ def register_dataset(uri: str, record: dict, *, alias: str = CHAMPION, attempts:
     if attempts is None and time.monotonic() - _gave_up.get(uri, -1e9) < 120:
         attempts = 1  # it just failed after every retry: the next datasets of this job fail fast
     try:
-        result = _retry(f"registering {record['dataset']} in {redact(uri)}",
-                        lambda: _register(uri, record, model_dir, sha, alias), attempts=attempts)  # fmt: skip
+        result = _retry(
+            f"registering {record['dataset']} in {redact(uri)}",
+            lambda: _register(uri, record, model_dir, sha, alias),
+            attempts=attempts,
+        )
         _gave_up.pop(uri, None)
         return result
     except TrackingError:
@@ -900,12 +945,15 @@ def _summarize_in_parent(client: MlflowClient, run_id: str, name: str, version, 
         log.warning("could not summarize %s v%s on its dataset run: %s", name, version.version, e)
 
 
-def _reason(mine, versions: dict, before: str | None, after: str | None, created: bool,
-            metric: str = "heldout_mse") -> str:  # fmt: skip
+def _reason(
+    mine, versions: dict, before: str | None, after: str | None, created: bool, metric: str = "heldout_mse"
+) -> str:
     me = str(mine.version)
     prefix = "" if created else f"already registered as version {me} (same weights); "
     rule, _ = _ranking(list(versions.values()), metric)
-    label = _LABELS[rule] + ("" if rule == metric else f" ({_LABELS[metric]}: no version on this data carries it)")
+    label = _LABELS[rule] + (
+        "" if rule == metric else f" ({_LABELS[metric]}: no version on this data carries it)"
+    )
     score = _score(mine, rule)
     old = versions.get(before) if before else None
     if after == me:
@@ -919,7 +967,9 @@ def _reason(mine, versions: dict, before: str | None, after: str | None, created
                 f"{old.tags.get('dataset_sha256', '')[:12]}): metrics are not comparable, champion moves to the newest data"
             )
         if old is None or _score(old, rule) is None:
-            return prefix + f"{label} {_g(score)}: champion v{before} has no {rule} to compare, this version has"
+            return (
+                prefix + f"{label} {_g(score)}: champion v{before} has no {rule} to compare, this version has"
+            )
         return prefix + f"{label} {_g(score)} beats champion v{before}'s {_g(_score(old, rule))}"
     champ = versions.get(after) if after else None
     if champ is None:
@@ -989,23 +1039,32 @@ def tag_model_version(uri: str, model_uri: str, tags: dict) -> dict:
     `models:/<name>@<alias>`) points at; used to attach evaluation metrics to a registered model.
     Returns {"model_name", "version"}."""
     if not model_uri.startswith("models:/"):
-        raise TrackingError(f"{model_uri!r} is not a registry URI: use models:/<name>@<alias> or models:/<name>/<version>")
+        raise TrackingError(
+            f"{model_uri!r} is not a registry URI: use models:/<name>@<alias> or models:/<name>/<version>"
+        )
     try:
-        return _tag_model_version(_client(uri), model_uri[len("models:/"):], tags)
+        return _tag_model_version(_client(uri), model_uri[len("models:/") :], tags)
     except TrackingError:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow / HTTP / SQL errors become one actionable error
-        raise TrackingError(f"could not tag {model_uri} in MLflow at {redact(uri)} ({type(e).__name__}: {e})") from None
+        raise TrackingError(
+            f"could not tag {model_uri} in MLflow at {redact(uri)} ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _tag_model_version(client: MlflowClient, ref: str, tags: dict) -> dict:
     if "@" in ref:
         name, alias = ref.split("@", 1)
-        version = _retry(f"reading alias {alias} of {name}", lambda: client.get_model_version_by_alias(name, alias)).version
+        version = _retry(
+            f"reading alias {alias} of {name}", lambda: client.get_model_version_by_alias(name, alias)
+        ).version
     elif "/" in ref:
         name, version = ref.rsplit("/", 1)
     else:
         raise TrackingError(f"models:/{ref} names no version or alias: use models:/<name>@<alias>")
     for key, value in sorted(tags.items()):
-        _retry(f"tagging {name} v{version}", lambda k=key, v=value: client.set_model_version_tag(name, version, k, str(v)))
+        _retry(
+            f"tagging {name} v{version}",
+            lambda k=key, v=value: client.set_model_version_tag(name, version, k, str(v)),
+        )
     return {"model_name": name, "version": str(version)}

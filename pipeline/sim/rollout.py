@@ -104,5 +104,7 @@ def run_worker(job_dir: Path, worker: int, workers: int) -> None:
         os.replace(tmp, job_dir / f"chunk-{job[3]}.npz")
 
 
-if __name__ == "__main__":  # python -m pipeline.sim.rollout JOB_DIR WORKER WORKERS (started by pipeline.sim.simulate)
+if (
+    __name__ == "__main__"
+):  # python -m pipeline.sim.rollout JOB_DIR WORKER WORKERS (started by pipeline.sim.simulate)
     run_worker(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -103,8 +103,13 @@ def _run(jobs, workers: int, progress: bool, desc: str) -> list[dict]:
     """Roll out every job, in this process (workers <= 1) or in `workers` processes; parts in job order."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(j[-1] for j in jobs), desc=f"simulate {desc}", unit="step", unit_scale=True,
-               disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=sum(j[-1] for j in jobs),
+        desc=f"simulate {desc}",
+        unit="step",
+        unit_scale=True,
+        disable=not progress,
+    )
     with bar:
         if workers <= 1 or len(jobs) == 1:
             parts = []
@@ -129,7 +134,7 @@ def _run_processes(jobs, workers: int, job_dir: Path, bar) -> list[dict]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for k in range(workers)
     ]
     try:

@@ -25,8 +25,16 @@ from pipeline.training.trainer import (
     train,
 )
 
-CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "loss": LOSSES, "split": SPLITS, "keep": KEEPS,
-           "precision": PRECISIONS, "device": DEVICES, "step": STEPS}  # fmt: skip
+CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "loss": LOSSES,
+    "split": SPLITS,
+    "keep": KEEPS,
+    "precision": PRECISIONS,
+    "device": DEVICES,
+    "step": STEPS,
+}
 HELP = {
     "arch": "architecture (invdyn.models.ARCHITECTURES key)",
     "patience": "evaluations without val MSE improvement before stopping",
@@ -109,9 +117,11 @@ def main(argv=None) -> int:
     try:
         config.validate()
         transitions = load_transitions(args.dataset, download=args.download)
-        print(f"{transitions.name}: {len(transitions):,} transitions, obs_dim {transitions.obs_dim}, "
-              f"act_dim {transitions.act_dim}; training {config.arch} (split={config.split}, keep={config.keep})",
-              flush=True)  # fmt: skip
+        print(
+            f"{transitions.name}: {len(transitions):,} transitions, obs_dim {transitions.obs_dim}, "
+            f"act_dim {transitions.act_dim}; training {config.arch} (split={config.split}, keep={config.keep})",
+            flush=True,
+        )
         on_eval = None if args.quiet else (lambda r: print(_progress_line(r), flush=True))
         result = train(transitions, config, args.out, on_eval=on_eval, dataset_name=args.name)
     except InvdynError as e:

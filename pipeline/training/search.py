@@ -35,13 +35,17 @@ def parse_space(text: str | None, *, search: bool) -> dict[str, list]:
     try:
         space = json.loads(text)
     except json.JSONDecodeError as e:
-        raise SearchSpaceError(f"--search-space is not valid JSON ({e}); example: '{json.dumps(DEFAULT_GRID)}'") from None
+        raise SearchSpaceError(
+            f"--search-space is not valid JSON ({e}); example: '{json.dumps(DEFAULT_GRID)}'"
+        ) from None
     if not isinstance(space, dict) or not space:
         raise SearchSpaceError("--search-space must be a JSON object of field -> list of values")
     known = train_config_fields()
     for key, values in space.items():
         if key not in known:
-            raise SearchSpaceError(f"--search-space key {key!r} is not a TrainConfig field; known: {sorted(known)}")
+            raise SearchSpaceError(
+                f"--search-space key {key!r} is not a TrainConfig field; known: {sorted(known)}"
+            )
         if not isinstance(values, list) or not values:
             raise SearchSpaceError(f"--search-space[{key!r}] must be a non-empty list of values")
     return space
@@ -55,7 +59,9 @@ def grid_points(space: dict[str, list]) -> list[dict]:
 
 def trial_key(dataset: str, dataset_sha256: str, config: dict) -> str:
     """A stable id for one (dataset content, full training config): `--resume` skips keys already done."""
-    blob = json.dumps({"dataset": dataset, "sha256": dataset_sha256, "config": config}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"dataset": dataset, "sha256": dataset_sha256, "config": config}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -55,7 +55,9 @@ class WeightAverage:
         """`update` with the count as a device tensor, so a CUDA graph can capture it (no host value)."""
         weight = 1.0 - ((1 + updates) / (10 + updates)).clamp(max=self.decay)
         step = torch._foreach_sub(self.raw, self.avg)
-        torch._foreach_mul_(step, weight)  # the Tensor overload; _foreach_lerp_ would read the weight on the host
+        torch._foreach_mul_(
+            step, weight
+        )  # the Tensor overload; _foreach_lerp_ would read the weight on the host
         torch._foreach_add_(self.avg, step)
 
     @contextlib.contextmanager
@@ -78,7 +80,10 @@ def make_optimizer(config, net, lr=None, capturable: bool = False):
         kwargs["capturable"] = True
     try:
         return opt_cls(net.parameters(), fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # no fused kernel for this device / build (foreach takes a tensor LR if capturable)
+    except (
+        RuntimeError,
+        TypeError,
+    ):  # no fused kernel for this device / build (foreach takes a tensor LR if capturable)
         return opt_cls(net.parameters(), **kwargs)
 
 
@@ -112,7 +117,13 @@ class EagerStep:
     captured = False
 
     def __init__(self, net, data, config, total_steps, autocast, average: WeightAverage | None):
-        self.net, self.data, self.batch, self.autocast, self.average = net, data, config.batch_size, autocast, average
+        self.net, self.data, self.batch, self.autocast, self.average = (
+            net,
+            data,
+            config.batch_size,
+            autocast,
+            average,
+        )
         self.opt, self.sched = build_optimizer(config, net, total_steps)
         self.loss_fn = F.huber_loss if config.loss == "huber" else F.mse_loss
         self.loss = _LossSum(data.act.device)
@@ -155,13 +166,20 @@ class GraphStep:
         self.weight[: self.n_train] = 1.0
         self.offsets = torch.arange(self.batch, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # first row of the next batch in `perm`
-        self.done = torch.zeros((), device=device)  # optimizer steps taken: drives the schedule and the average
-        self.base_lr, self.total_steps, self.cosine = float(config.lr), total_steps, config.schedule == "cosine"
+        self.done = torch.zeros(
+            (), device=device
+        )  # optimizer steps taken: drives the schedule and the average
+        self.base_lr, self.total_steps, self.cosine = (
+            float(config.lr),
+            total_steps,
+            config.schedule == "cosine",
+        )
         self.lr = torch.tensor(self.base_lr, device=device)
         self.huber = config.loss == "huber"
         # cache_enabled=False: autocast's cast cache must not outlive a capture (torch.cuda.graphs notes)
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16",
-                                       cache_enabled=False)  # fmt: skip
+        self.autocast = torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False
+        )
         self.opt = make_optimizer(config, net, lr=self.lr, capturable=device.type == "cuda")
         self.loss = _LossSum(device)
         self.capture = device.type == "cuda"
@@ -194,7 +212,9 @@ class GraphStep:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._run()
         except RuntimeError as e:  # nothing ran during the failed capture: take this step uncaptured
-            warnings.warn(f"CUDA graph capture of the training step failed, training without it: {e}", stacklevel=2)
+            warnings.warn(
+                f"CUDA graph capture of the training step failed, training without it: {e}", stacklevel=2
+            )
             self.capture = False
             torch.cuda.synchronize()
             self._run()
@@ -208,7 +228,9 @@ class GraphStep:
         rows, weight = self.perm.index_select(0, at), self.weight.index_select(0, at)
         if self.cosine:  # CosineAnnealingLR's closed form, at the step about to be taken
             self.lr.copy_((torch.cos(self.done * (math.pi / self.total_steps)) + 1) * (0.5 * self.base_lr))
-        self.opt.zero_grad(set_to_none=True)  # under capture: backward writes fresh gradients, as the graph replays
+        self.opt.zero_grad(
+            set_to_none=True
+        )  # under capture: backward writes fresh gradients, as the graph replays
         with self.autocast:
             pred = self.net(self.data.obs.index_select(0, rows), self.data.next_obs.index_select(0, rows))
         target = self.data.act.index_select(0, rows)

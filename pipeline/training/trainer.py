@@ -88,7 +88,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 (autocast for training steps; evaluation is fp32)
     device: str = "auto"  # auto | cpu | cuda
-    step: str = "auto"  # auto (graph on CUDA, eager on CPU) | eager | graph (captured as a CUDA graph on CUDA)
+    step: str = (
+        "auto"  # auto (graph on CUDA, eager on CPU) | eager | graph (captured as a CUDA graph on CUDA)
+    )
     threads: int | None = None  # None = the CPUs this process was given (affinity / Ray's assignment)
     action_scale: float | None = None  # None = 1.0, or max |action| when actions leave [-1, 1]
     fp32_input_layer: bool = True  # under bf16, keep the first Linear (it sees raw s, s') in fp32
@@ -121,9 +123,16 @@ class TrainConfig:
             raise TrainConfigError(
                 f"arch={self.arch!r} is not a known architecture; known: {sorted(ARCHITECTURES)}"
             )
-        for key, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("loss", LOSSES),
-                             ("split", SPLITS), ("keep", KEEPS), ("precision", PRECISIONS), ("device", DEVICES),
-                             ("step", STEPS)):  # fmt: skip
+        for key, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("loss", LOSSES),
+            ("split", SPLITS),
+            ("keep", KEEPS),
+            ("precision", PRECISIONS),
+            ("device", DEVICES),
+            ("step", STEPS),
+        ):
             choice(key, allowed)
         for key in ("hidden_dim", "batch_size", "max_epochs"):
             positive_int(key)
@@ -140,7 +149,9 @@ class TrainConfig:
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)) or not 0.0 <= self.ema < 1.0:
             raise TrainConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema!r}")
         if self.min_epochs is not None and (
-            isinstance(self.min_epochs, bool) or not isinstance(self.min_epochs, (int, np.integer)) or self.min_epochs < 0
+            isinstance(self.min_epochs, bool)
+            or not isinstance(self.min_epochs, (int, np.integer))
+            or self.min_epochs < 0
         ):
             raise TrainConfigError(f"min_epochs must be an integer >= 0, got {self.min_epochs!r}")
 
@@ -380,8 +391,13 @@ def _build_model(config: TrainConfig, t: Transitions, device):
     """The network, seeded; tanh output scaled by `action_scale` (1.0 for actions in [-1, 1], like CleanDiffuser)."""
     torch.manual_seed(config.seed)
     scale = config.action_scale or (max(1.0, float(np.abs(t.act).max())) if t.act.size else 1.0)
-    model_config = {"obs_dim": t.obs_dim, "act_dim": t.act_dim, "hidden_dim": config.hidden_dim,
-                    "tanh_out_activation": True, "action_scale": float(scale)}  # fmt: skip
+    model_config = {
+        "obs_dim": t.obs_dim,
+        "act_dim": t.act_dim,
+        "hidden_dim": config.hidden_dim,
+        "tanh_out_activation": True,
+        "action_scale": float(scale),
+    }
     accepts_dropout = "dropout" in inspect.signature(ARCHITECTURES[config.arch]).parameters
     options = {"dropout": config.dropout} if accepts_dropout else {}
     try:
@@ -484,7 +500,9 @@ def train(
         "heldout_mse_normalized": heldout_norm,
         "baseline_mse": baseline,
         "baseline_mse_normalized": baseline_norm,
-        "train_mse": data.mse(net, data.train_idx[:: math.ceil(len(data.train_idx) / max(len(data.val_idx), 1))])[0],
+        "train_mse": data.mse(
+            net, data.train_idx[:: math.ceil(len(data.train_idx) / max(len(data.val_idx), 1))]
+        )[0],
         # ^ an estimate on every k-th training row, about as many as held out (the whole split cost ~1% of a job)
         "epochs": math.ceil(stats["steps"] / stats["steps_per_epoch"]),
         "steps": stats["steps"],
@@ -513,7 +531,7 @@ def train(
             "threads": threads,
             "torch": torch.__version__,
             "steps_per_epoch": stats["steps_per_epoch"],
-        },  # fmt: skip
+        },
         "split_info": split_info,
     }
     name = dataset_name or transitions.name
@@ -525,8 +543,16 @@ def train(
         "obs_dim": transitions.obs_dim,
         "act_dim": transitions.act_dim,
     }
-    model_dir = save_model_dir(out_dir, net.cpu().float(), normalizer, name=name, dataset=dataset, metrics=metrics,
-                               training=training, learning_curve=curve)  # fmt: skip
+    model_dir = save_model_dir(
+        out_dir,
+        net.cpu().float(),
+        normalizer,
+        name=name,
+        dataset=dataset,
+        metrics=metrics,
+        training=training,
+        learning_curve=curve,
+    )
     return TrainResult(Path(model_dir), metrics, curve, config, split_info)
 
 
@@ -597,9 +623,16 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
     elif average is not None:
         with torch.no_grad():
             torch._foreach_copy_(average.raw, average.avg)
-    stats = {"steps": step, "steps_per_epoch": steps_per_epoch, "samples": samples, "train_time_s": train_time,
-             "eval_time_s": eval_time, "stopped_early": stopped, "step": step_kind,
-             "cuda_graph": take_step.captured}  # fmt: skip
+    stats = {
+        "steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "samples": samples,
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "stopped_early": stopped,
+        "step": step_kind,
+        "cuda_graph": take_step.captured,
+    }
     return net.eval(), curve, stats
 
 

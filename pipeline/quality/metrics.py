@@ -1,0 +1,82 @@
+"""Metric names, and THE ranking rule: which of several models is best, for the job's choice of a trial
+and the registry's choice of a champion alike (one function, one tie-break)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: metrics that summarize an evaluation in one number each (logged to MLflow, shown in tables)
+HEADLINE = (
+    "heldout_mse",
+    "baseline_mse",
+    "heldout_mse_normalized",
+    "one_step_error",
+    "one_step_baseline",
+    "one_step_floor",
+    "tracking_drift",
+    "tracking_baseline",
+    "tracking_floor",
+)
+#: metrics that can pick a dataset's model (`pretrain_all --select-by`) and the registry's champion
+#: (registered-model tag `champion_metric`); lower is better for each
+SELECT_METRICS = ("heldout_mse", "one_step_error", "tracking_drift")
+#: the metric every candidate has, and the one that decides when the asked-for metric is missing
+DEFAULT_METRIC = "heldout_mse"
+LABELS = {
+    "heldout_mse": "held-out MSE",
+    "one_step_error": "one-step error",
+    "tracking_drift": "tracking drift",
+}
+
+
+def finite(value) -> float | None:
+    """`value` as a float when it is a finite number (or a string of one), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One contender: a finished trial (the job) or a registered version (the registry).
+
+    `scores` maps metric names to values (missing or non-finite = not measured); `order` breaks ties,
+    lower first (the job: the trial key; the registry: the version number, so the older version wins)."""
+
+    ident: str
+    scores: Mapping[str, object]
+    order: tuple = ()
+
+    def score(self, metric: str) -> float | None:
+        return finite(self.scores.get(metric))
+
+
+def rank(candidates, metric: str = DEFAULT_METRIC) -> tuple[str, list[Candidate]]:
+    """(the metric that decides, the candidates it ranks, best first).
+
+    The asked-for `metric` decides among the candidates that carry it; when none does, held-out MSE
+    decides among those that carry that. Lower is better; ties go to the lower held-out MSE, then to
+    the lower `order`."""
+    if metric not in SELECT_METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {list(SELECT_METRICS)}")
+    rule = metric if any(c.score(metric) is not None for c in candidates) else DEFAULT_METRIC
+    scored = [c for c in candidates if c.score(rule) is not None]
+    inf = float("inf")
+
+    def key(c: Candidate):
+        mse = c.score(DEFAULT_METRIC)
+        return (c.score(rule), inf if mse is None else mse, c.order)
+
+    return rule, sorted(scored, key=key)
+
+
+def best(candidates, metric: str = DEFAULT_METRIC) -> Candidate | None:
+    """The best candidate under `rank`, or None when none carries a usable metric."""
+    _, ranked = rank(candidates, metric)
+    return ranked[0] if ranked else None
