@@ -8,7 +8,7 @@ import warnings
 import zipfile
 
 import pytest
-from invdyn_testutil import make_bundle, make_model_dir, rewrite_zip
+from helpers.models import make_bundle, make_model_dir, rewrite_zip
 
 import invdyn
 from invdyn.bundle import BUNDLE_FORMAT_VERSION

@@ -170,7 +170,7 @@ def test_res_mlp_trains_saves_and_evaluates(cheetah, tmp_path):
 
 def test_a_cleandiffuser_checkpoint_is_evaluated_on_all_rows(sim_files):
     """A model CleanDiffuser itself saved (no split recorded) is scored on every row, physics included."""
-    from invdyn_testutil import CD_DIR
+    from helpers.models import CD_DIR
 
     from pipeline.quality.evaluate import load_model
 

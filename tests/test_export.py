@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow_helpers import model_record
+from helpers.mlflow_server import model_record
 
 import invdyn
 from pipeline.registry import store as tracking

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from invdyn_testutil import FileServer, make_bundle
+from helpers.models import FileServer, make_bundle
 
 import invdyn
 from invdyn._download import download
@@ -216,7 +216,7 @@ def test_fetch_skips_identical_and_replaces_changed(tmp_path):
     inode = ckpt.stat().st_ino
     invdyn.fetch(first)
     assert ckpt.stat().st_ino == inode  # identical files: left alone
-    from invdyn_testutil import make_model_dir
+    from helpers.models import make_model_dir
 
     newer = make_model_dir(tmp_path / "v2" / "a-v0", seed=5)
     invdyn.fetch(invdyn.write_bundle(tmp_path / "two.zip", [newer]))

@@ -13,9 +13,9 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers.models import make_bundle, rewrite_zip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from invdyn_testutil import make_bundle, rewrite_zip
 
 import invdyn
 from invdyn._files import sha256_file

@@ -14,9 +14,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from helpers.models import make_model_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from invdyn_testutil import make_model_dir
 
 import invdyn
 from invdyn._files import sha256_file

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_d4rl_file
-from invdyn_testutil import make_bundle, make_model_dir
+from helpers.models import make_bundle, make_model_dir
 
 import invdyn
 from invdyn.settings import model_cache_dir

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from invdyn_testutil import CD_HOME, CD_NAME, make_bundle, rewrite_zip
+from helpers.models import CD_HOME, CD_NAME, make_bundle, rewrite_zip
 
 from invdyn.__main__ import main
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from invdyn_testutil import CD_DIR, CD_HOME, CD_NAME, make_bundle, make_model_dir
+from helpers.models import CD_DIR, CD_HOME, CD_NAME, make_bundle, make_model_dir
 
 import invdyn
 from invdyn.settings import cleandiffuser_dir, model_cache_dir

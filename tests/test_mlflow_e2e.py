@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.mlflow_server import MlflowServer, free_port
 from mlflow import MlflowClient
-from mlflow_helpers import MlflowServer, free_port
 
 import invdyn
 from pipeline.registry import store as tracking

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from invdyn_testutil import CD_DIR, CD_HOME, CD_NAME, make_model_dir
+from helpers.models import CD_DIR, CD_HOME, CD_NAME, make_model_dir
 
 import invdyn
 from invdyn import FancyMlpInvDynamic

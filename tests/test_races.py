@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_d4rl_file
-from invdyn_testutil import FileServer, make_model_dir
+from helpers.models import FileServer, make_model_dir
 
 import invdyn
 from invdyn.settings import model_cache_dir

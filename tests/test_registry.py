@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers.mlflow_server import MlflowServer, model_record
 from mlflow import MlflowClient
-from mlflow_helpers import MlflowServer, model_record
 
 import invdyn
 from pipeline.registry import store as tracking

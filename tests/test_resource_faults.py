@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_d4rl_file
-from invdyn_testutil import FileServer, make_bundle, make_model_dir
+from helpers.models import FileServer, make_bundle, make_model_dir
 
 import invdyn
 from invdyn.errors import StorageError
@@ -300,8 +300,8 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
     output or the bundle (checked here, on the same real job, to keep the suite short)."""
     import time
 
+    from helpers.mlflow_server import MlflowServer
     from mlflow.tracking import MlflowClient
-    from mlflow_helpers import MlflowServer
 
     canary = "c4nary-S3CRET-mlflow"
     server = MlflowServer(tmp_path / "mlflow").start()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_d4rl_file
-from invdyn_testutil import make_bundle, rewrite_zip
+from helpers.models import make_bundle, rewrite_zip
 
 import invdyn
 from invdyn._download import download, redact_url
@@ -216,7 +216,7 @@ def test_redact_url():
 
 
 def test_tampered_bundle_over_http_is_never_installed(tmp_path):
-    from invdyn_testutil import FileServer
+    from helpers.models import FileServer
 
     good = make_bundle(tmp_path, names=("a-v0",))
     with __import__("zipfile").ZipFile(good) as zf:

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import write_d4rl_file
+from helpers.mlflow_server import model_record
 from mlflow import MlflowClient
-from mlflow_helpers import model_record
 from test_pretrain_all import CHEETAH, job_env, run_job
 
 import invdyn

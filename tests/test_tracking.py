@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers.mlflow_server import free_port
 from mlflow import MlflowClient
-from mlflow_helpers import free_port
 
 from pipeline.registry import store as tracking
 
@@ -72,7 +72,7 @@ def _trainable(config):
     either as `model_dir` in the result or only inside the checkpoint (both shapes occur)."""
     import tempfile
 
-    from mlflow_helpers import model_record
+    from helpers.mlflow_server import model_record
     from ray import tune
 
     if config["fail"]:
@@ -110,7 +110,7 @@ def test_tune_callback_logs_one_run_per_trial(tmp_path, monkeypatch):
     from ray import tune
 
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # trials import mlflow_helpers
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # trials import helpers.mlflow_server
     uri = tracking.default_uri(tmp_path / "out")
     callback = tracking.tune_callback(uri, "job-x", "job-x")
     space = {

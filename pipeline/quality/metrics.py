@@ -80,3 +80,11 @@ def best(candidates, metric: str = DEFAULT_METRIC) -> Candidate | None:
     """The best candidate under `rank`, or None when none carries a usable metric."""
     _, ranked = rank(candidates, metric)
     return ranked[0] if ranked else None
+
+
+def fmt_number(value, spec: str = ".4g", missing: str = "n/a") -> str:
+    """A metric for tables and messages: `spec`-formatted when finite, else `missing`; ints stay ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    number = finite(value)
+    return missing if number is None else format(number, spec)

@@ -97,7 +97,7 @@ class MlflowServer:
 def model_record(root, dataset: str, seed: int, heldout_mse: float, sha256: str = "a" * 64, **extra) -> dict:
     """A registration record for a small real model directory (random weights, fake metrics: registry logic
     only compares the recorded held-out MSE)."""
-    from invdyn_testutil import make_model_dir
+    from helpers.models import make_model_dir
 
     model_dir = make_model_dir(Path(root) / f"{dataset}-{seed}", seed=seed, name=dataset)
     return {
