@@ -12,15 +12,9 @@ from hypothesis import strategies as st
 
 import invdyn
 from pipeline.data.transitions import Transitions
-from pipeline.training.trainer import (
-    EarlyStopping,
-    TrainConfig,
-    TrainConfigError,
-    TrainingError,
-    split_from_training,
-    split_indices,
-    train,
-)
+from pipeline.training.config import TrainConfig, TrainConfigError
+from pipeline.training.split import split_from_training, split_indices
+from pipeline.training.trainer import EarlyStopping, TrainingError, train
 
 
 def linear_transitions(
@@ -262,7 +256,7 @@ def test_adamw_cosine_huber_variant_learns(tmp_path):
 def test_threads_default_to_the_cpus_given():
     code = (
         "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-        "from pipeline.training.trainer import available_cpus; print(available_cpus())"
+        "from pipeline.training.machine import available_cpus; print(available_cpus())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
@@ -271,7 +265,8 @@ def test_threads_default_to_the_cpus_given():
 
 
 def test_bf16_keeps_the_input_layer_fp32_to_keep_accuracy(tmp_path):
-    """s' - s is small next to s: rounding the inputs to bf16 costs accuracy, the fp32 first layer does not."""
+    """s' - s is small next to s: rounding the inputs to bf16 costs accuracy, the fp32 first layer does
+    not."""
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(2000, 5)).astype(np.float32)
     act = rng.uniform(-0.9, 0.9, (2000, 2)).astype(np.float32)
@@ -368,7 +363,7 @@ def test_subnormals_are_flushed_while_training_only_without_changing_results(
     flushed = train(data, cfg, tmp_path / "ftz", on_eval=lambda r: seen.append(_subnormals_flushed()))
     assert seen and all(seen)  # on during the fit ...
     assert not _subnormals_flushed()  # ... and back to PyTorch's default after it
-    monkeypatch.setattr(trainer, "_flush_denormals", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(trainer, "flush_denormals", lambda device: contextlib.nullcontext())
     plain = train(data, cfg, tmp_path / "plain")
     assert flushed.metrics["heldout_mse"] == pytest.approx(plain.metrics["heldout_mse"], rel=1e-4)
 
@@ -409,7 +404,7 @@ def test_graph_step_learning_rate_follows_the_cosine_schedule():
     """The LR tensor the graph step writes equals CosineAnnealingLR's at every step, and the padded rows
     of the last batch carry no weight."""
     from pipeline.training.steps import GraphStep, build_optimizer
-    from pipeline.training.trainer import _build_model, _Resident, split_indices
+    from pipeline.training.trainer import _build_model, _Resident
 
     data = linear_transitions(episodes=4, length=25)
     train_idx, val_idx = split_indices(data, "episodes", 0.25, 0)

@@ -7,54 +7,12 @@ summary table at the end. Every TrainConfig field is a flag (`--hidden-dim`, `--
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 
 from invdyn.errors import InvdynError
-from pipeline.training.trainer import (
-    DEVICES,
-    KEEPS,
-    LOSSES,
-    OPTIMIZERS,
-    PRECISIONS,
-    SCHEDULES,
-    SPLITS,
-    STEPS,
-    TrainConfig,
-    train,
-)
-
-CHOICES = {
-    "optimizer": OPTIMIZERS,
-    "schedule": SCHEDULES,
-    "loss": LOSSES,
-    "split": SPLITS,
-    "keep": KEEPS,
-    "precision": PRECISIONS,
-    "device": DEVICES,
-    "step": STEPS,
-}
-HELP = {
-    "arch": "architecture (invdyn.models.ARCHITECTURES key)",
-    "patience": "evaluations without val MSE improvement before stopping",
-    "min_epochs": "no early stop before this epoch (default: half of a cosine schedule, else 0)",
-    "eval_every": "evaluate every N steps (default: once per epoch)",
-    "split": "held-out set: whole episodes (default) or random transitions (CleanDiffuser)",
-    "keep": "weights to save: best on validation (default) or last (CleanDiffuser)",
-    "precision": "training-step precision; auto = bf16 on a CPU with native bf16, else fp32",
-    "step": "how a step runs; auto = one CUDA graph per step on a GPU, eager on a CPU",
-    "threads": "CPU threads (default: the CPUs this process was given)",
-    "action_scale": "tanh output scale (default 1, or max |action| when actions leave [-1, 1])",
-    "fp32_input_layer": "under bf16, keep the first layer (it sees raw s, s') in fp32",
-    "ema": "decay of the weight average that is validated and saved; 0 = the raw weights",
-}
-
-
-def _field_type(f: dataclasses.Field):
-    hint = typing.get_type_hints(TrainConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+from pipeline.dataclass_cli import add_options, from_namespace
+from pipeline.training.config import TrainConfig
+from pipeline.training.trainer import train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,26 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name in params.json (default: the dataset's name)")
     p.add_argument("--download", action="store_true", help="download a missing D4RL file")
     p.add_argument("--quiet", action="store_true", help="no per-evaluation progress lines")
-    for f in dataclasses.fields(TrainConfig):
-        kind = _field_type(f)
-        flag = "--" + f.name.replace("_", "-")
-        default_txt = f"default: {f.default}"
-        text = f"{HELP.get(f.name, f.name.replace('_', ' '))} ({default_txt})"
-        if kind is bool:
-            p.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text
-            )
-            continue
-        p.add_argument(
-            flag, dest=f.name, type=kind, default=f.default, choices=CHOICES.get(f.name), help=text
-        )
+    add_options(p, TrainConfig, group="training (pipeline.training.config.TrainConfig)")
     return p
 
 
 def _progress_line(r: dict) -> str:
     return (
-        f"epoch {r['epoch']:>7} step {r['step']:>7}  train_loss {r['train_loss']:.5f}  val_mse {r['val_mse']:.5f}"
-        f"  best {r['best_val_mse']:.5f}  {r['elapsed_s']:7.1f}s"
+        f"epoch {r['epoch']:>7} step {r['step']:>7}  train_loss {r['train_loss']:.5f}  "
+        f"val_mse {r['val_mse']:.5f}  best {r['best_val_mse']:.5f}  {r['elapsed_s']:7.1f}s"
     )
 
 
@@ -110,8 +56,7 @@ def summary_table(result) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    values = vars(args)
-    config = TrainConfig(**{f.name: values[f.name] for f in dataclasses.fields(TrainConfig)})
+    config = from_namespace(TrainConfig, args)
     from pipeline.data.sources import load_transitions
 
     try:
@@ -119,7 +64,8 @@ def main(argv=None) -> int:
         transitions = load_transitions(args.dataset, download=args.download)
         print(
             f"{transitions.name}: {len(transitions):,} transitions, obs_dim {transitions.obs_dim}, "
-            f"act_dim {transitions.act_dim}; training {config.arch} (split={config.split}, keep={config.keep})",
+            f"act_dim {transitions.act_dim}; training {config.arch} "
+            f"(split={config.split}, keep={config.keep})",
             flush=True,
         )
         on_eval = None if args.quiet else (lambda r: print(_progress_line(r), flush=True))

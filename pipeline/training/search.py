@@ -14,8 +14,11 @@ import itertools
 import json
 
 from invdyn.errors import InvdynError
+from pipeline.training.config import TrainConfig
 
 DEFAULT_GRID: dict[str, list] = {"hidden_dim": [256, 512, 1024], "dropout": [0.0, 0.1, 0.2]}
+#: hidden x hidden layers of res_mlp as the trainer builds it (2 residual blocks of 2 layers each)
+RES_MLP_HIDDEN_LAYERS = 4
 
 
 class SearchSpaceError(InvdynError, ValueError):
@@ -23,8 +26,6 @@ class SearchSpaceError(InvdynError, ValueError):
 
 
 def train_config_fields() -> set[str]:
-    from pipeline.training.trainer import TrainConfig
-
     return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -70,6 +71,6 @@ def estimated_cost(config: dict, info: dict) -> float:
     enough to start the longest trials first, which keeps the end of a job from waiting on one of them."""
     h = int(config.get("hidden_dim") or 512)
     dims = int(info.get("obs_dim") or 0) * 2 + int(info.get("act_dim") or 0)
-    blocks = 2 * int(config.get("n_blocks", 2)) if config.get("arch") == "res_mlp" else 1
-    per_sample = h * dims + blocks * h * h
+    hidden_layers = RES_MLP_HIDDEN_LAYERS if config.get("arch") == "res_mlp" else 1
+    per_sample = h * dims + hidden_layers * h * h
     return float(info.get("transitions") or 0) * int(config.get("max_epochs") or 1) * per_sample

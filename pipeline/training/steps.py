@@ -1,14 +1,14 @@
 """How one optimization step runs: eagerly (the CPU's way), or on fixed buffers replayed as a CUDA graph.
 
 Why two: on a CPU a step's time is its arithmetic, and the plain eager step is the fastest. On a GPU the
-IDM's step (a 3-layer MLP on 512 rows) is bound by kernel launches and Python, not by the card:
-bench/train_throughput.py measured ~1.45 ms per eager step on an H200, about 1% of its fp32 matmul peak.
-A CUDA graph replays all of a step's kernels with one launch. For that, every tensor the step reads or
-writes must sit at a fixed address on the device: the batch (gathered through a device permutation at a
-device position), the learning rate (a tensor the step computes from a device step counter, read by
-AdamW with capturable=True), the decay of the weight average, and the running loss sum. The epoch's
-last, partial batch is padded with rows of weight 0, so every step has one shape and its loss is still the
-mean over its real rows.
+IDM's step (a 3-layer MLP on 512 rows) is bound by kernel launches and Python, not by the card (README
+"Speed": the eager step used a small fraction of an H200's matmul peak). A CUDA graph replays all of
+a step's kernels with one launch. For that, every tensor the step reads or writes must sit at a fixed
+address on the device: the batch (gathered through a device permutation at a device position), the
+learning rate (a tensor the step computes from a device step counter, read by AdamW with
+capturable=True), the decay of the weight average, and the running loss sum. The epoch's last, partial
+batch is padded with rows of weight 0, so every step has one shape and its loss is still the mean over
+its real rows.
 
 `GraphStep` runs uncaptured on a CPU: the tests compare it there with `EagerStep` (same batches, same
 updates up to float rounding), which is what makes the captured graph's arithmetic trustworthy.
@@ -30,9 +30,9 @@ class WeightAverage:
     """Exponential moving average of the weights (Polyak averaging), for one foreach lerp per step.
 
     Where a model overfits, the average of the recent weights generalizes better than the weights of any
-    one step (walker2d: 4% lower test MSE on three seeds, bench/quality_vs_recipe.md); where it does not,
-    it changes nothing. `swapped()` puts the average into the net (to validate or keep it) and the raw
-    weights back afterwards.
+    one step (walker2d in bench/quality_vs_recipe.md); where it does not, it changes nothing.
+    `swapped()` puts the average into the net (to validate or keep it) and the raw weights back
+    afterwards.
     """
 
     def __init__(self, net, decay: float):
