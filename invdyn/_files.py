@@ -1,4 +1,5 @@
-"""Small file helpers shared by the model format, bundles and downloads: hashing and atomic writes."""
+"""File helpers shared by the model format, bundles, downloads and the pipeline: hashing, atomic writes,
+the one JSON writer and inter-process locks."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .errors import InvdynError, StorageError
 
@@ -48,8 +50,29 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 
 def write_json(path, obj) -> None:
-    """Stable JSON (sorted keys) so that the same content gives the same bytes and checksum."""
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    """THE JSON writer: atomic (temp file + rename), stable (sorted keys, indent 2, trailing newline) so the
+    same content gives the same bytes and checksum; NaN / inf become null, Paths and numpy values plain."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
+def json_safe(obj):
+    """`obj` with what JSON cannot hold made plain: NaN / inf -> None, Path -> str, tuple -> list, numpy
+    scalars and arrays -> Python numbers and lists. Anything else unknown raises TypeError (no silent str)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):  # np.float32, np.int64, np.ndarray
+        return json_safe(obj.tolist())
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    raise TypeError(f"cannot write a {type(obj).__name__} as JSON: {obj!r:.80}")
 
 
 @contextlib.contextmanager
@@ -185,22 +208,14 @@ def atomic_file(target, mode: str = "wb"):
             raise
 
 
-@contextlib.contextmanager
 def file_lock(lock_path):
-    """Exclusive inter-process lock on `lock_path` (fcntl.flock; a no-op where fcntl is missing).
+    """Exclusive inter-process lock on `lock_path` (filelock: flock on POSIX, msvcrt on Windows).
 
-    The lock file is left in place: deleting it would let two processes lock different inodes.
+    Used as `with file_lock(path):`. The lock file is left in place on POSIX: deleting it would let two
+    processes lock different inodes.
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock
-        yield
-        return
+    from filelock import FileLock
+
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(str(lock_path))

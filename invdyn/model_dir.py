@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from .errors import ChecksumError, FormatError, ModelNotFoundError, ShapeError
 from .models import ARCHITECTURES, FancyMlpInvDynamic, build_model
 from .normalizer import GaussianNormalizer
 from .pretrained import PretrainedIDM
+from .settings import cleandiffuser_dir
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.ckpt"
@@ -64,26 +64,14 @@ def save_model_dir(
         **(extra or {}),
     }
     with atomic_dir(out_dir) as tmp:
-        buf = (
-            io.BytesIO()
-        )  # serialized in memory: a full disk then fails as an OSError, not torch's RuntimeError
+        # serialized in memory: a full disk then fails as an OSError, not torch's RuntimeError
+        buf = io.BytesIO()
         torch.save({"state_dict": state_dict}, buf)
         (tmp / WEIGHTS_FILE).write_bytes(buf.getvalue())
         params["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(tmp / WEIGHTS_FILE)}
-        write_json(tmp / PARAMS_FILE, _finite(params))
+        write_json(tmp / PARAMS_FILE, params)  # NaN metrics become null
         (tmp / CARD_FILE).write_text(model_card(params))
     return out_dir
-
-
-def _finite(obj):
-    """JSON has no NaN/inf: store them as None so params.json stays valid for every JSON reader."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def read_params(path) -> dict:
@@ -199,10 +187,19 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
     return PretrainedIDM(net, normalizer, params, card=card, path=model_dir)
 
 
-def load_state_dict_checked(net, state_dict: dict, source) -> None:
-    """`load_state_dict` with an error that names the file, the key and both shapes."""
-    check_state_dict(net, state_dict, source)
-    net.load_state_dict(state_dict)
+def from_pretrained(cls, env_name: str):
+    """CleanDiffuser's entry point: `(model, params)` from `~/.CleanDiffuser/pretrained/invdyn/<name>/`.
+
+    Unlike the original it raises a clear error instead of printing one and returning `(None, None)`,
+    and it reads the checkpoint with `weights_only=True`.
+    """
+    loaded = read_model_dir(cleandiffuser_dir(env_name))
+    return loaded.net, loaded.params
+
+
+# CleanDiffuser calls `FancyMlpInvDynamic.from_pretrained(name)`. The class gets that method here, where
+# directories are read, because models.py (which this module builds nets from) must not import this module.
+FancyMlpInvDynamic.from_pretrained = classmethod(from_pretrained)
 
 
 def check_state_dict(net, state_dict: dict, source) -> None:

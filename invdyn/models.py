@@ -105,7 +105,10 @@ class MlpInvDynamic(_InvDynBase):
 
 
 class FancyMlpInvDynamic(_InvDynBase):
-    """CleanDiffuser's default IDM: LayerNorm + tanh-GELU + dropout; dropout rate configurable (default 0.1)."""
+    """CleanDiffuser's default IDM: LayerNorm + tanh-GELU + dropout; dropout rate configurable (default 0.1).
+
+    CleanDiffuser's loader `FancyMlpInvDynamic.from_pretrained(name)` is attached by invdyn.model_dir.
+    """
 
     arch_name = "fancy_mlp"
 
@@ -143,19 +146,6 @@ class FancyMlpInvDynamic(_InvDynBase):
     @property
     def options(self) -> dict:
         return {"dropout": self.dropout}
-
-    @classmethod
-    def from_pretrained(cls, env_name: str):
-        """CleanDiffuser's entry point: `(model, params)` from `~/.CleanDiffuser/pretrained/invdyn/<name>/`.
-
-        Unlike the original it raises a clear error instead of printing one and returning `(None, None)`,
-        and it reads the checkpoint with `weights_only=True`.
-        """
-        from .model_dir import read_model_dir
-        from .settings import cleandiffuser_dir
-
-        loaded = read_model_dir(cleandiffuser_dir(env_name))
-        return loaded.net, loaded.params
 
 
 #: architecture registry: params.json["architecture"]["name"] -> class

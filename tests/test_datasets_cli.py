@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from pipeline.data.sources import main
+from pipeline.data.cli import main
 
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.data.sources", *args], capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "pipeline.datasets", *args], capture_output=True, text=True, timeout=180
     )
 
 

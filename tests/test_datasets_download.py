@@ -129,7 +129,7 @@ def test_unreachable_server_names_url_and_path(monkeypatch):
 def test_offline_cli_download_exits_nonzero_naming_url_and_path(isolated_dirs):
     env = {**os.environ, "INVDYN_OFFLINE": "1"}
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.data.sources", "download", NAME],
+        [sys.executable, "-m", "pipeline.datasets", "download", NAME],
         capture_output=True,
         text=True,
         env=env,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.data.catalog import DatasetError, DatasetMissingError
-from pipeline.data.sources import dataset_info, load_transitions
+from pipeline.data.sources import load_transitions, prepare
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_minari_dataset_is_read(minari_dataset, tmp_path):
         np.testing.assert_allclose(t.act[rows], e.actions.astype(np.float32))
     with pytest.raises(DatasetError, match="looks like a Minari file: pass minari:<dataset-id>"):
         load_transitions(t.stats["source"])  # the Minari file by path is not D4RL layout
-    info = dataset_info("minari:test/hopper-random-v0")
+    info = prepare("minari:test/hopper-random-v0")
     assert (info["transitions"], info["obs_dim"], info["act_dim"]) == (len(t), 11, 3) and len(
         info["sha256"]
     ) == 64

@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.data.catalog import CATALOG, DatasetError, DatasetMissingError, UnknownDatasetError, file_path
-from pipeline.data.readers import MAX_NONFINITE_FRACTION, make_transitions, read_hdf5, read_parquet
+from pipeline.data.readers import read_hdf5, read_parquet
 from pipeline.data.sources import load_transitions
+from pipeline.data.transitions import MAX_NONFINITE_FRACTION, make_transitions
 
 
 def assert_within_episodes(t):

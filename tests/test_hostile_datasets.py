@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from invdyn.errors import InvdynError
 from pipeline.data.catalog import DatasetError, resolve_datasets
 from pipeline.data.sources import load_transitions
-from pipeline.data.sources import main as datasets_cli
+from pipeline.data.cli import main as datasets_cli
 
 SETTINGS = settings(
     max_examples=60,

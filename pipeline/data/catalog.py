@@ -1,5 +1,5 @@
-"""Which datasets exist: D4RL's name -> file URL table (kept as data in d4rl_catalog.json), the simulated
-`sim-<env>-<policy>-v0` sets, the named suites, and turning a `--datasets` string into dataset specs.
+"""Which datasets exist: D4RL's name -> file URL table (d4rl_catalog.json), the simulated sets and their
+MuJoCo envs, the named suites, and turning a `--datasets` string into dataset specs.
 
 A spec is a catalog name, a `sim-*` name, `minari:<dataset-id>`, or a path to an .hdf5 / .h5 / .parquet file.
 """
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from invdyn.errors import InvdynError
-from pipeline.sim.rollout import SIM_ENVS
+from invdyn.settings import d4rl_dataset_dir
 
 
 class DatasetError(InvdynError, ValueError):
@@ -26,6 +26,21 @@ class UnknownDatasetError(DatasetError, LookupError):
 class DatasetMissingError(DatasetError, FileNotFoundError):
     """A known dataset whose file is not on disk (the message names the URL and where to put the file)."""
 
+
+#: Gymnasium MuJoCo envs of the simulated sets: short name -> env id, make() kwargs, obs / act dims.
+#: Ant drops the contact-force part of the observation (27 dims = qpos[2:] + qvel): D4RL's 111-dim ant
+#: observations are these 27 followed by 84 contact-force dims that D4RL's MuJoCo 2.x left at zero.
+SIM_ENVS: dict[str, dict] = {
+    "halfcheetah": {"env_id": "HalfCheetah-v5", "env_kwargs": {}, "obs_dim": 17, "act_dim": 6},
+    "hopper": {"env_id": "Hopper-v5", "env_kwargs": {}, "obs_dim": 11, "act_dim": 3},
+    "walker2d": {"env_id": "Walker2d-v5", "env_kwargs": {}, "obs_dim": 17, "act_dim": 6},
+    "ant": {
+        "env_id": "Ant-v5",
+        "env_kwargs": {"include_cfrc_ext_in_observation": False},
+        "obs_dim": 27,
+        "act_dim": 8,
+    },
+}
 
 _TABLE = json.loads((Path(__file__).with_name("d4rl_catalog.json")).read_text())
 _D4RL: dict[str, dict] = _TABLE["datasets"]
@@ -44,7 +59,7 @@ def sim_name(env: str, policy: str) -> str:
 
 
 def _catalog() -> dict[str, dict]:
-    cat = {name: dict(entry, name=name, simulated=False) for name, entry in _D4RL.items()}
+    cat = {name: dict(entry, name=name, kind="hdf5", simulated=False) for name, entry in _D4RL.items()}
     for env, spec in SIM_ENVS.items():
         for policy in SIM_POLICIES:
             name = sim_name(env, policy)
@@ -58,12 +73,14 @@ def _catalog() -> dict[str, dict]:
                 "env_kwargs": spec["env_kwargs"],
                 "sim_env": env,
                 "policy": policy,
+                "kind": "simulated",
                 "simulated": True,
             }
     return cat
 
 
-#: name -> entry: url (None for simulated), domain, obs_dim, act_dim, env_id (Gymnasium id or None), simulated
+#: name -> entry: url (None for simulated), domain, obs_dim, act_dim, env_id (Gymnasium id or None),
+#: kind (the source kind that reads it, see pipeline.data.sources), simulated
 CATALOG: dict[str, dict] = _catalog()
 
 _LOCO = ("halfcheetah", "hopper", "walker2d")
@@ -84,12 +101,13 @@ SUITES: dict[str, list[str]] = {
 #: `all`: the union of the suites above (not every catalog entry: v0/v1 and maze2d are there by name only)
 SUITES["all"] = list(dict.fromkeys(n for s in list(SUITES.values()) for n in s))
 
+#: suffixes that mark a spec as a file path even before the file exists (for the error a missing one gets)
 DATA_SUFFIXES = (".hdf5", ".h5", ".parquet")
 
 
 def d4rl_dir() -> Path:
-    """Where D4RL files live: $D4RL_DATASET_DIR, else ~/.d4rl/datasets (d4rl's own default)."""
-    return Path(os.environ.get("D4RL_DATASET_DIR") or Path.home() / ".d4rl" / "datasets").expanduser()
+    """Where D4RL files (and simulated ones) live: $D4RL_DATASET_DIR, else ~/.d4rl/datasets (d4rl's default)."""
+    return d4rl_dataset_dir()
 
 
 def file_path(name: str) -> Path:

@@ -10,11 +10,11 @@ the same relative paths are fetched from a mirror or a local server.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from invdyn._download import download
 from invdyn.errors import DownloadError
+from invdyn.settings import d4rl_mirror
 from pipeline.data.catalog import CATALOG, DatasetError, file_path, unknown
 from pipeline.data.readers import check_hdf5
 
@@ -30,7 +30,7 @@ def dataset_url(name: str) -> str:
             f"{name} is simulated, not downloaded: run `python -m pipeline.simulate {name}` "
             f"(or `python -m pipeline.datasets prepare {name}`)"
         )
-    mirror = os.environ.get("INVDYN_D4RL_MIRROR", "").strip().rstrip("/")
+    mirror = d4rl_mirror()
     return (
         mirror + entry["url"][len(D4RL_BASE) :]
         if mirror and entry["url"].startswith(D4RL_BASE)

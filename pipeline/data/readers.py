@@ -1,110 +1,26 @@
-"""Readers that turn a dataset file into Transitions: D4RL-layout HDF5, Parquet pairs, Minari datasets.
+"""Readers that turn a dataset file into Transitions: D4RL-layout HDF5 and Parquet pairs.
 
-All of them end in `make_transitions`, the one place that pairs rows into `(s_t, a_t, s_{t+1})` without
-crossing an episode boundary and drops non-finite rows. Every error names the file and the key.
+Each ends in `transitions.make_transitions` (the one pairing rule); every error names the file and the key.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from invdyn._files import sha256_file
 from pipeline.data.catalog import DatasetError, DatasetMissingError
-from pipeline.data.transitions import Transitions
-
-log = logging.getLogger(__name__)
+from pipeline.data.transitions import Transitions, make_transitions
 
 #: keys a D4RL-layout HDF5 file must have; `timeouts` and `next_observations` are optional
 REQUIRED_KEYS = ("observations", "actions", "terminals")
 #: when `timeouts` is missing (D4RL v0 files), episodes are cut every this many steps, as d4rl does
 DEFAULT_MAX_EPISODE_STEPS = 1000
-#: refuse a dataset when more than this fraction of its pairs has NaN / inf values
-MAX_NONFINITE_FRACTION = 0.01
 #: bumped whenever the readers' output for the same file changes (it is part of the cache key)
 READER_VERSION = 2
-
-
-def make_transitions(
-    name: str,
-    where: str,
-    obs: np.ndarray,
-    act: np.ndarray,
-    *,
-    terminals: np.ndarray,
-    timeouts: np.ndarray,
-    next_obs: np.ndarray | None = None,
-    qpos: np.ndarray | None = None,
-    qvel: np.ndarray | None = None,
-    stats: dict | None = None,
-) -> Transitions:
-    """Pair rows into transitions that never cross `terminals | timeouts`; drop (and count) non-finite pairs.
-
-    With `next_obs`, row i is the pair (obs[i], act[i], next_obs[i]) and done rows are kept (their next
-    observation is real). Without it, pair i uses obs[i + 1] and exists only when row i is not done.
-    """
-    n = len(obs)
-    done = np.asarray(terminals, bool) | np.asarray(timeouts, bool)
-    episode_of_row = (
-        np.concatenate([[0], np.cumsum(done[:-1], dtype=np.int64)]) if n else np.zeros(0, np.int64)
-    )
-    if next_obs is not None:
-        idx = np.arange(n)
-        nxt = next_obs
-    else:
-        idx = np.flatnonzero(~done[:-1]) if n > 1 else np.zeros(0, np.int64)
-        nxt = obs[idx + 1]
-    o, a = obs[idx], act[idx]
-    if len(idx) == 0:
-        raise DatasetError(f"{where}: no transitions (empty data, or every episode has a single step)")
-    for key, arr in (("observations", o), ("actions", a)):
-        if arr.shape[1] == 0:
-            raise DatasetError(f"{where}: key {key!r} has 0 values per row; a dataset needs at least one")
-    finite = np.isfinite(o).all(1) & np.isfinite(a).all(1) & np.isfinite(nxt).all(1)
-    bad = int(len(idx) - finite.sum())
-    if bad:
-        frac = bad / len(idx)
-        if frac > MAX_NONFINITE_FRACTION:
-            keys = [
-                key
-                for key, arr in (("observations", o), ("actions", a), ("next_observations", nxt))
-                if not np.isfinite(arr).all()
-            ]
-            raise DatasetError(
-                f"{where}: {bad} of {len(idx)} transitions ({frac:.1%}) have NaN/inf values (keys: "
-                f"{', '.join(keys)}); at most {MAX_NONFINITE_FRACTION:.0%} are dropped silently. "
-                "Fix or regenerate the file."
-            )
-        log.warning("%s: dropped %d transitions with NaN/inf values (%.2f%%)", where, bad, 100 * frac)
-        idx, o, a, nxt = idx[finite], o[finite], a[finite], nxt[finite]
-    _, episode = np.unique(episode_of_row[idx], return_inverse=True)
-    act32 = np.ascontiguousarray(a, np.float32)
-    stats = dict(stats or {})
-    stats.update(
-        transitions=int(len(idx)),
-        episodes=int(episode.max()) + 1,
-        obs_dim=int(o.shape[1]),
-        act_dim=int(a.shape[1]),
-        act_min=act32.min(0).tolist(),
-        act_max=act32.max(0).tolist(),
-        dropped_nonfinite=bad,
-    )
-    stats.setdefault("env_id", None)
-    return Transitions(
-        name=name,
-        obs=np.ascontiguousarray(o, np.float32),
-        act=act32,
-        next_obs=np.ascontiguousarray(nxt, np.float32),
-        episode=episode.astype(np.int64),
-        qpos=None if qpos is None else np.ascontiguousarray(qpos[idx], np.float64),
-        qvel=None if qvel is None else np.ascontiguousarray(qvel[idx], np.float64),
-        stats=stats,
-    )
 
 
 def _check_dims(where: str, key: str, arr: np.ndarray, expected: int | None, name: str) -> None:
@@ -405,91 +321,5 @@ def read_parquet(
         terminals=change,
         timeouts=np.zeros(len(obs), bool),
         next_obs=nxt,
-        stats=stats,
-    )
-
-
-def minari_source(dataset_id: str) -> Path:
-    """The data file of a local Minari dataset (data/main_data.hdf5), with clear errors when it is missing."""
-    try:
-        from minari.storage import get_dataset_path
-    except ImportError:
-        raise DatasetError(
-            f"minari:{dataset_id} needs the minari package: pip install minari (or invdyn[test])"
-        ) from None
-    root = Path(get_dataset_path(dataset_id))
-    data = root / "data"
-    if not data.is_dir():
-        raise DatasetMissingError(
-            f"Minari dataset {dataset_id!r} is not on this machine (looked in {data}); "
-            f"run `minari download {dataset_id}` or set MINARI_DATASETS_PATH"
-        )
-    main = data / "main_data.hdf5"
-    return main if main.is_file() else data
-
-
-def minari_sha256(source: Path) -> str:
-    """sha256 of main_data.hdf5, or of every file of a non-HDF5 Minari data folder (paths and bytes)."""
-    if source.is_file():
-        return sha256_file(source)
-    h = hashlib.sha256()
-    for p in sorted(q for q in source.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(source)).encode() + b"\0" + sha256_file(p).encode())
-    return h.hexdigest()
-
-
-def _flat(x) -> np.ndarray:
-    """Minari observations may be (nested) dicts: concatenate their leaves in sorted key order."""
-    if isinstance(x, dict):
-        return np.concatenate([_flat(x[k]) for k in sorted(x)], axis=1)
-    x = np.asarray(x)
-    return x.reshape(len(x), -1)
-
-
-def read_minari(dataset_id: str, *, sha256: str | None = None) -> Transitions:
-    """A Minari dataset via minari itself: each episode has T+1 observations and T actions."""
-    source = minari_source(dataset_id)
-    import minari
-
-    where = f"minari:{dataset_id} ({source})"
-    try:
-        ds = minari.load_dataset(dataset_id)
-    except Exception as e:  # minari raises several types for broken folders
-        raise DatasetError(f"{where}: minari cannot load it ({type(e).__name__}: {e})") from None
-    obs, nxt, act, ends = [], [], [], []
-    for ep in ds.iterate_episodes():
-        o = _flat(ep.observations)
-        a = np.asarray(ep.actions).reshape(len(ep.actions), -1)
-        if len(o) != len(a) + 1:
-            raise DatasetError(
-                f"{where}: episode {ep.id} has {len(o)} observations for {len(a)} actions (need T+1)"
-            )
-        if len(a) == 0:
-            continue
-        obs.append(o[:-1])
-        nxt.append(o[1:])
-        act.append(a)
-        end = np.zeros(len(a), bool)
-        end[-1] = True
-        ends.append(end)
-    if not obs:
-        raise DatasetError(f"{where}: no episodes with steps")
-    env_spec = getattr(ds.spec, "env_spec", None)
-    stats = {
-        "source": str(source),
-        "format": "minari",
-        "sha256": sha256 or minari_sha256(source),
-        "env_id": getattr(env_spec, "id", None),
-        "has_next_observations": True,
-    }
-    obs_a, act_a, nxt_a, end_a = (np.concatenate(x) for x in (obs, act, nxt, ends))
-    return make_transitions(
-        f"minari:{dataset_id}",
-        where,
-        obs_a,
-        act_a,
-        terminals=end_a,
-        timeouts=np.zeros(len(obs_a), bool),
-        next_obs=nxt_a,
         stats=stats,
     )

@@ -1,10 +1,19 @@
-"""The one in-memory shape of a prepared dataset: aligned transition arrays plus provenance."""
+"""The one in-memory shape of a prepared dataset (aligned transition arrays plus provenance), and the one
+rule every reader ends in: pairing rows into transitions that never cross an episode boundary."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from pipeline.data.catalog import DatasetError
+
+log = logging.getLogger(__name__)
+
+#: refuse a dataset when more than this fraction of its pairs has NaN / inf values
+MAX_NONFINITE_FRACTION = 0.01
 
 
 @dataclass
@@ -41,3 +50,80 @@ class Transitions:
     @property
     def sha256(self) -> str:
         return str(self.stats.get("sha256", ""))
+
+
+def make_transitions(
+    name: str,
+    where: str,
+    obs: np.ndarray,
+    act: np.ndarray,
+    *,
+    terminals: np.ndarray,
+    timeouts: np.ndarray,
+    next_obs: np.ndarray | None = None,
+    qpos: np.ndarray | None = None,
+    qvel: np.ndarray | None = None,
+    stats: dict | None = None,
+) -> Transitions:
+    """Pair rows into transitions that never cross `terminals | timeouts`; drop (and count) non-finite pairs.
+
+    With `next_obs`, row i is the pair (obs[i], act[i], next_obs[i]) and done rows are kept (their next
+    observation is real). Without it, pair i uses obs[i + 1] and exists only when row i is not done.
+    """
+    n = len(obs)
+    done = np.asarray(terminals, bool) | np.asarray(timeouts, bool)
+    episode_of_row = (
+        np.concatenate([[0], np.cumsum(done[:-1], dtype=np.int64)]) if n else np.zeros(0, np.int64)
+    )
+    if next_obs is not None:
+        idx = np.arange(n)
+        nxt = next_obs
+    else:
+        idx = np.flatnonzero(~done[:-1]) if n > 1 else np.zeros(0, np.int64)
+        nxt = obs[idx + 1]
+    o, a = obs[idx], act[idx]
+    if len(idx) == 0:
+        raise DatasetError(f"{where}: no transitions (empty data, or every episode has a single step)")
+    for key, arr in (("observations", o), ("actions", a)):
+        if arr.shape[1] == 0:
+            raise DatasetError(f"{where}: key {key!r} has 0 values per row; a dataset needs at least one")
+    finite = np.isfinite(o).all(1) & np.isfinite(a).all(1) & np.isfinite(nxt).all(1)
+    bad = int(len(idx) - finite.sum())
+    if bad:
+        frac = bad / len(idx)
+        if frac > MAX_NONFINITE_FRACTION:
+            keys = [
+                key
+                for key, arr in (("observations", o), ("actions", a), ("next_observations", nxt))
+                if not np.isfinite(arr).all()
+            ]
+            raise DatasetError(
+                f"{where}: {bad} of {len(idx)} transitions ({frac:.1%}) have NaN/inf values (keys: "
+                f"{', '.join(keys)}); at most {MAX_NONFINITE_FRACTION:.0%} are dropped silently. "
+                "Fix or regenerate the file."
+            )
+        log.warning("%s: dropped %d transitions with NaN/inf values (%.2f%%)", where, bad, 100 * frac)
+        idx, o, a, nxt = idx[finite], o[finite], a[finite], nxt[finite]
+    _, episode = np.unique(episode_of_row[idx], return_inverse=True)
+    act32 = np.ascontiguousarray(a, np.float32)
+    stats = dict(stats or {})
+    stats.update(
+        transitions=int(len(idx)),
+        episodes=int(episode.max()) + 1,
+        obs_dim=int(o.shape[1]),
+        act_dim=int(a.shape[1]),
+        act_min=act32.min(0).tolist(),
+        act_max=act32.max(0).tolist(),
+        dropped_nonfinite=bad,
+    )
+    stats.setdefault("env_id", None)
+    return Transitions(
+        name=name,
+        obs=np.ascontiguousarray(o, np.float32),
+        act=act32,
+        next_obs=np.ascontiguousarray(nxt, np.float32),
+        episode=episode.astype(np.int64),
+        qpos=None if qpos is None else np.ascontiguousarray(qpos[idx], np.float64),
+        qvel=None if qvel is None else np.ascontiguousarray(qvel[idx], np.float64),
+        stats=stats,
+    )

@@ -20,13 +20,10 @@ import json
 
 import numpy as np
 
+from pipeline.data.catalog import CATALOG, SIM_ENVS
+
 #: dataset family (the name's first word, after an optional "sim-") -> Gymnasium environment
-ENV_IDS = {
-    "halfcheetah": "HalfCheetah-v5",
-    "hopper": "Hopper-v5",
-    "walker2d": "Walker2d-v5",
-    "ant": "Ant-v5",
-}
+ENV_IDS = {family: spec["env_id"] for family, spec in SIM_ENVS.items()}
 
 #: largest normalized difference between the env's observation of a recorded state and the recorded
 #: observation for which we call the two "the same" (float32 storage rounds at ~1e-6 of that scale)
@@ -56,8 +53,6 @@ def env_kwargs_for(transitions) -> dict:
     """Keyword arguments of the env (e.g. Ant without contact forces): stats["env_kwargs"], else the catalog."""
     kwargs = (transitions.stats or {}).get("env_kwargs")
     if kwargs is None:
-        from pipeline.data.catalog import CATALOG
-
         kwargs = (CATALOG.get(transitions.name) or {}).get("env_kwargs") or {}
     return json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs)
 

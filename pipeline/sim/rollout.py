@@ -1,35 +1,15 @@
-"""Rolling out Gymnasium MuJoCo envs under a behaviour policy: the work each simulation process does.
-
-Kept free of invdyn / torch imports: `python -m pipeline.sim.rollout` worker processes start in a fraction of a
-second (a multiprocessing "spawn" child would re-import the parent's main module, and with it torch).
-"""
+"""Rolling out a Gymnasium MuJoCo env under a behaviour policy: the work of one chunk of a simulated dataset,
+done in a simulation worker process."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.catalog import SIM_ENVS
 from pipeline.sim.policies import episode_actions
 
-#: Gymnasium MuJoCo envs we simulate: short name -> env id, make() kwargs, obs / act dims.
-#: Ant drops the contact-force part of the observation (27 dims = qpos[2:] + qvel): D4RL's 111-dim ant
-#: observations are these 27 followed by 84 contact-force dims that D4RL's MuJoCo 2.x left at zero.
-SIM_ENVS: dict[str, dict] = {
-    "halfcheetah": {"env_id": "HalfCheetah-v5", "env_kwargs": {}, "obs_dim": 17, "act_dim": 6},
-    "hopper": {"env_id": "Hopper-v5", "env_kwargs": {}, "obs_dim": 11, "act_dim": 3},
-    "walker2d": {"env_id": "Walker2d-v5", "env_kwargs": {}, "obs_dim": 17, "act_dim": 6},
-    "ant": {
-        "env_id": "Ant-v5",
-        "env_kwargs": {"include_cfrc_ext_in_observation": False},
-        "obs_dim": 27,
-        "act_dim": 8,
-    },
-}
 #: D4RL's episode limit for the locomotion envs
 MAX_EPISODE_STEPS = 1000
 
@@ -88,23 +68,3 @@ def rollout_chunk(env_name: str, policy_name: str, seed: int, chunk: int, size: 
             obs = next_obs
     env.close()
     return out
-
-
-def run_worker(job_dir: Path, worker: int, workers: int) -> None:
-    """Worker process: roll out chunks worker, worker + workers, ... of job_dir/jobs.json.
-
-    Each chunk is saved as job_dir/chunk-<c>.npz (written under a temp name, then renamed), so the parent
-    sees only finished chunks.
-    """
-    jobs = json.loads((job_dir / "jobs.json").read_text())
-    for job in jobs[worker::workers]:
-        part = rollout_chunk(*job)
-        tmp = job_dir / f".chunk-{job[3]}.tmp.npz"
-        np.savez(tmp, **part)
-        os.replace(tmp, job_dir / f"chunk-{job[3]}.npz")
-
-
-if (
-    __name__ == "__main__"
-):  # python -m pipeline.sim.rollout JOB_DIR WORKER WORKERS (started by pipeline.sim.simulate)
-    run_worker(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -1,28 +1,21 @@
-"""Simulated D4RL-layout datasets from real MuJoCo physics (Gymnasium v5 envs), for running offline.
-
-`python -m pipeline.simulate sim-halfcheetah-mixed-v0 [--transitions N] [--seed S] [--out DIR]` writes
-DIR/NAME.hdf5 (default DIR: $D4RL_DATASET_DIR) with D4RL's keys plus `infos/qpos`, `infos/qvel`, the
-simulator state at each observation, so every transition can be replayed.
-
-Reproducible and parallel: the transitions are cut into fixed chunks, chunk c is rolled out from its own
-seed (SeedSequence([seed, c])) in its own fresh env, and chunks are merged in order, so the file depends on
-(name, transitions, seed) only, never on the number of worker processes.
-"""
+"""Simulated D4RL-layout datasets from real MuJoCo physics (`python -m pipeline.simulate NAME...`): chunks
+rolled out in worker processes, merged in order, written atomically as NAME.hdf5 with the simulator state."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
-import subprocess
 import sys
 import tempfile
-import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from invdyn._files import sigterm_raises
+from invdyn._files import file_lock, sigterm_raises
+from invdyn.settings import sim_transitions
 from pipeline.data.catalog import (
     CATALOG,
     DEFAULT_SIM_TRANSITIONS,
@@ -34,8 +27,8 @@ from pipeline.data.catalog import (
 )
 from pipeline.sim.rollout import MAX_EPISODE_STEPS, rollout_chunk
 
-_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the `pipeline` package, for worker processes
-#: transitions per independently seeded chunk (the unit of parallel work)
+#: Transitions per independently seeded chunk, the unit of parallel work: chunk c is rolled out from
+#: SeedSequence([seed, c]) in a fresh env, so a file depends on (name, transitions, seed), not on the workers.
 CHUNK = 5000
 GENERATOR = "simulated by invdyn"
 KEYS = ("observations", "actions", "next_observations", "rewards", "terminals", "timeouts", "qpos", "qvel")
@@ -64,7 +57,8 @@ def simulate(
     workers: int = 2,
     progress: bool = True,
 ) -> Path:
-    """Generate `name` (a sim-* catalog name) and write it atomically to OUT_DIR/NAME.hdf5; returns the path."""
+    """Generate `name` (a sim-* catalog name) and write it atomically to OUT_DIR/NAME.hdf5 (default
+    $D4RL_DATASET_DIR) with D4RL's keys plus `infos/qpos`, `infos/qvel`; returns the path."""
     env_name, policy_name = parse_sim_name(name)
     total = default_transitions() if transitions is None else int(transitions)
     if total <= 0:
@@ -91,12 +85,21 @@ def simulate(
 
 def default_transitions() -> int:
     """Size of a sim-* dataset made on demand: $INVDYN_SIM_TRANSITIONS, else DEFAULT_SIM_TRANSITIONS."""
-    value = os.environ.get("INVDYN_SIM_TRANSITIONS", "").strip()
+    value = sim_transitions()
     if not value:
         return DEFAULT_SIM_TRANSITIONS
     if not value.isdigit() or int(value) <= 0:
         raise DatasetError(f"INVDYN_SIM_TRANSITIONS must be a positive integer, got {value!r}")
     return int(value)
+
+
+def make_missing(name: str, path: Path) -> None:
+    """Generate the missing catalog file of `name` at `path` (the "simulated" source kind's `make`); a lock
+    makes concurrent callers (Ray workers, parallel jobs) wait for one run instead of simulating twice."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        if not path.is_file():
+            simulate(name, out_dir=path.parent)
 
 
 def _run(jobs, workers: int, progress: bool, desc: str) -> list[dict]:
@@ -117,52 +120,53 @@ def _run(jobs, workers: int, progress: bool, desc: str) -> list[dict]:
                 parts.append(rollout_chunk(*job))
                 bar.update(job[-1])
             return parts
-        with tempfile.TemporaryDirectory(prefix="invdyn-simulate-") as tmp:
-            return _run_processes(jobs, min(workers, len(jobs)), Path(tmp), bar)
+        return _run_pool(jobs, min(workers, len(jobs)), bar)
 
 
-def _run_processes(jobs, workers: int, job_dir: Path, bar) -> list[dict]:
-    """`python -m pipeline.sim.rollout` worker processes (lean: no torch); chunks come back as .npz files."""
-    (job_dir / "jobs.json").write_text(json.dumps(jobs))
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pipeline.sim.rollout", str(job_dir), str(k), str(workers)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for k in range(workers)
-    ]
+def _pool_context():
+    """forkserver where there is one, else spawn: a forked copy of a process that holds MuJoCo / torch /
+    Ray threads can deadlock. The forkserver imports the rollout code once and workers are forked from it.
+    Each worker also re-runs the parent's `-m` module (multiprocessing does): when that is one of ours
+    (a pipeline command, import-safe), the forkserver imports it too, so a worker pays for it once."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    preload = ["pipeline.sim.rollout"]
+    main = getattr(sys.modules["__main__"], "__spec__", None)
+    if main is not None and main.name.startswith("pipeline."):
+        preload.append(main.name)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    return ctx
+
+
+def _run_pool(jobs, workers: int, bar) -> list[dict]:
+    """Chunks in a process pool. SIGTERM raises here like Ctrl-C does, so either way the pool is shut down
+    (queued chunks cancelled) before the exception leaves, and nothing has been written yet."""
+    parts: list[dict | None] = [None] * len(jobs)
+    with sigterm_raises(), ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
+        try:
+            pending = {pool.submit(rollout_chunk, *job): c for c, job in enumerate(jobs)}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    c = pending.pop(future)
+                    parts[c] = _chunk_result(future, jobs[c])
+                    bar.update(jobs[c][-1])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return parts
+
+
+def _chunk_result(future, job) -> dict:
     try:
-        done: set[int] = set()
-        while len(done) < len(jobs):
-            for c, job in enumerate(jobs):
-                if c not in done and (job_dir / f"chunk-{c}.npz").exists():
-                    done.add(c)
-                    bar.update(job[-1])
-            failed = [p for p in procs if p.poll() not in (None, 0)]
-            if failed:
-                raise DatasetError(f"simulation worker failed:\n{failed[0].communicate()[1][-2000:]}")
-            if len(done) < len(jobs):
-                time.sleep(0.05)
-        for p in procs:
-            p.wait()
-        parts = []
-        for c in range(len(jobs)):
-            with np.load(job_dir / f"chunk-{c}.npz") as z:
-                parts.append({k: z[k] for k in KEYS})
-        return parts
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            if p.stderr:
-                p.stderr.close()
+        return future.result()
+    except Exception as e:  # noqa: BLE001 - any failure in a worker (or its death) ends the run, named
+        env_name, policy, seed, chunk, size = job
+        raise DatasetError(
+            f"simulation worker failed on chunk {chunk} ({size} steps of {env_name} under policy {policy}, "
+            f"seed {seed}): {type(e).__name__}: {e}"
+        ) from e
 
 
 def write_hdf5(path: Path, data: dict[str, np.ndarray], attrs: dict) -> None:
