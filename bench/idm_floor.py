@@ -1,4 +1,5 @@
-"""What could ANY inverse dynamics model I(s, s') reach? A simulator-in-the-loop oracle on the bench's test set.
+"""What could ANY inverse dynamics model I(s, s') reach? A simulator-in-the-loop oracle on the bench's test
+set.
 
     python bench/idm_floor.py --models runs/bench-quality/models   # sim suite; MODELS/<dataset>/<candidate>/
     python bench/idm_floor.py --datasets sim-halfcheetah-mixed-v0 --models runs/bench-quality/models \
@@ -108,7 +109,8 @@ class Oracle:
         return best
 
     def solutions(self, qpos, qvel, target, free, vel_bounds, starts):
-        """Every start's fit of (action, velocities qvel[free]) to `target`: [(action, cost)]; x0 = (a0, v0)."""
+        """Every start's fit of (action, velocities qvel[free]) to `target`: [(action, cost)];
+        x0 = (a0, v0)."""
         act_dim = len(self.low)
 
         def reach(x):
@@ -161,7 +163,8 @@ def shown_velocities(replay, rows) -> np.ndarray:
 
 
 def clipped(replay, rows) -> np.ndarray:
-    """(rows, nv) bool: the qvel dims the observation of the recorded state clips (Hopper/Walker2d: |v| > 10)."""
+    """(rows, nv) bool: the qvel dims the observation of the recorded state clips (Hopper/Walker2d:
+    |v| > 10)."""
     return shown_velocities(replay, rows) != replay.transitions.qvel[rows]
 
 
@@ -240,7 +243,8 @@ def tracking(
 
 
 def actuated_obs_dims(replay) -> np.ndarray | None:
-    """Bool per observation dim: position or velocity of an actuated joint (obs = qpos[1:], qvel), else None."""
+    """Bool per observation dim: position or velocity of an actuated joint (obs = qpos[1:], qvel), else
+    None."""
     m = replay.model
     if replay.env_obs_dim != m.nq - 1 + m.nv:
         return None
@@ -297,7 +301,8 @@ def identifiability(replay, oracle, rows, std, restarts, seed, progress) -> dict
 
 
 def summarize(per_row: list[dict]) -> dict:
-    """Per subset (all / s' clipped / s' unclipped / s clipped) and kind (full / observed): the headline numbers."""
+    """Per subset (all / s' clipped / s' unclipped / s clipped) and kind (full / observed): the headline
+    numbers."""
     subsets = {
         "all": lambda r: True,
         "next_clipped": lambda r: r["clipped_next"],
@@ -333,7 +338,7 @@ def run_dataset(name: str, args, progress: bool) -> dict:
     from invdyn.normalizer import GaussianNormalizer
     from pipeline.data.sources import load_transitions
     from pipeline.sim.physics import Replay, seeded_sample, window_starts
-    from pipeline.training.trainer import split_indices
+    from pipeline.training.split import split_indices
 
     t = load_transitions(name)
     dev, test = split_indices(t, "episodes", 0.2, args.test_seed)
@@ -455,7 +460,8 @@ def table(results: list[dict], horizon: int) -> str:
                 k = s[kind]
                 lines.append(
                     f"| {r['dataset']} | {s['rows']} | {sub} | {kind} | {k['solved']:.2f} | "
-                    f"{k['determined']:.2f} | {k['ambiguous']:.2f} | {k['oracle_mse']:.2e} | {k['exact_mse']:.2e} | "
+                    f"{k['determined']:.2f} | {k['ambiguous']:.2f} | {k['oracle_mse']:.2e} | "
+                    f"{k['exact_mse']:.2e} | "
                     f"{k['gain_median']:.3g} | {k['gain_p90']:.3g} | {k['not_identifiable']:.2f} |"
                 )
     return "\n".join(lines) + "\n"

@@ -12,10 +12,11 @@ Modes (same datasets, same --search grid, same epochs, same seeds):
 
 "not in training steps" = 1 - (sum of the trials' time inside training steps) / (Tune's wall time x trials at
 once); "of the whole job's wall" uses the job's wall time instead (Ray start-up, dataset loading, the
-evaluation of the chosen models and the summary included); "orchestration" counts the per-epoch validation of the training loop as training too (it is the
-early stopping, not Ray). For `sequential` the denominator is its wall time. orchestration s/trial = the
-slot-seconds outside the training loop, per trial: what a longer training amortizes. Datasets are prepared (simulated + cached) first and not
-timed. Prints a Markdown table.
+evaluation of the chosen models and the summary included); "orchestration" counts the per-epoch
+validation of the training loop as training too (it is the early stopping, not Ray). For `sequential` the
+denominator is its wall time. orchestration s/trial = the slot-seconds outside the training loop, per
+trial: what a longer training amortizes. Datasets are prepared (simulated + cached) first and not timed.
+Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def run_sequential(args, out: Path) -> dict:
     from pipeline.data.catalog import resolve_datasets
     from pipeline.data.sources import load_transitions
     from pipeline.training import search
-    from pipeline.training.trainer import TrainConfig, available_cpus, train
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.machine import available_cpus
+    from pipeline.training.trainer import train
 
     points = search.grid_points(search.DEFAULT_GRID)
     t0 = time.time()
@@ -127,11 +130,13 @@ def main(argv=None) -> int:
         results.append(r)
         print(f"{mode}: {r['wall_s']:.0f} s", flush=True)
     print(
-        f"\n{os.cpu_count()} CPUs; --datasets {args.datasets} --search --max-epochs {args.max_epochs or 'default'}\n"
+        f"\n{os.cpu_count()} CPUs; --datasets {args.datasets} --search "
+        f"--max-epochs {args.max_epochs or 'default'}\n"
     )
     print(
-        "| mode | trials | job wall s | Tune wall s | in training steps s | in validation s | not in training steps "
-        "| the same, of the whole job's wall | not in the training loop (orchestration) | orchestration s/trial |"
+        "| mode | trials | job wall s | Tune wall s | in training steps s | in validation s "
+        "| not in training steps | the same, of the whole job's wall "
+        "| not in the training loop (orchestration) | orchestration s/trial |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -139,7 +144,8 @@ def main(argv=None) -> int:
         loop_s = r["train_time_s"] + r["eval_time_s"]
         per_trial = (slot_s - loop_s) / max(r["trials"], 1)
         print(
-            f"| {r['mode']} | {r['trials']} | {r['wall_s']:.0f} | {r['tune_wall_s']:.0f} | {r['train_time_s']:.0f} | "
+            f"| {r['mode']} | {r['trials']} | {r['wall_s']:.0f} | {r['tune_wall_s']:.0f} | "
+            f"{r['train_time_s']:.0f} | "
             f"{r['eval_time_s']:.0f} | {1 - r['train_time_s'] / slot_s:.1%} | "
             f"{1 - r['train_time_s'] / (r['wall_s'] * r['slots']):.1%} | {1 - loop_s / slot_s:.1%} | "
             f"{per_trial:.1f} |"

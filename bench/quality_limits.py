@@ -54,7 +54,9 @@ def run(args) -> list[dict]:
     import invdyn
     from pipeline.data.sources import load_transitions
     from pipeline.quality.report import subset
-    from pipeline.training.trainer import TrainConfig, split_indices, train
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.split import split_indices
+    from pipeline.training.trainer import train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,9 @@ def run(args) -> list[dict]:
     from pipeline.data.sources import load_transitions
     from pipeline.quality.evaluate import evaluate
     from pipeline.quality.report import subset
-    from pipeline.training.trainer import TrainConfig, split_indices, train
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.split import split_indices
+    from pipeline.training.trainer import train
 
     out = Path(args.out)
     done = {}  # --resume: runs already in OUT/results.json whose model directory is still there
@@ -142,7 +144,8 @@ def table(rows: list[dict], horizon: int) -> str:
     """Markdown: every candidate's test MSE and drift, and both as a ratio to the recipe's on that dataset."""
     recipe = {r["dataset"]: r["eval"] for r in rows if r["candidate"] == "recipe"}
     lines = [
-        f"| dataset | candidate | test MSE | / recipe | drift@{horizon} | / recipe | one-step | epochs | train s |",
+        f"| dataset | candidate | test MSE | / recipe | drift@{horizon} | / recipe | one-step | epochs "
+        "| train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -153,7 +156,8 @@ def table(rows: list[dict], horizon: int) -> str:
 
         lines.append(
             f"| {r['dataset']} | {r['candidate']} | {e['heldout_mse']:.5f} | {ratio('heldout_mse')} | "
-            f"{e['tracking_drift']:.4f} | {ratio('tracking_drift')} | {e['one_step_error']:.4f} | {r['epochs']} | "
+            f"{e['tracking_drift']:.4f} | {ratio('tracking_drift')} | {e['one_step_error']:.4f} | "
+            f"{r['epochs']} | "
             f"{r['train_wall_s']:.0f} |"
         )
     baselines = {r["dataset"]: r["eval"] for r in rows}
@@ -166,7 +170,8 @@ def table(rows: list[dict], horizon: int) -> str:
 
 
 def champion_report(rows: list[dict], out: Path, horizon: int) -> None:
-    """A pipeline.quality.report with, per dataset, the candidate best on both metrics (sum of ratios) vs the recipe."""
+    """A pipeline.quality.report with, per dataset, the candidate best on both metrics (sum of ratios) vs
+    the recipe."""
     from pipeline.quality.report import write_report
 
     entries = []

@@ -172,8 +172,8 @@ def main(argv=None) -> int:
         }
         rows.append(row)
         print(
-            f"{row['job']:>4} {code:>4} {wall:>7.1f} {len(left):>9} {len(row['ports']):>5} {row['tmp_mb']:>7.1f} "
-            f"{row['rss_mb']:>7.1f}",
+            f"{row['job']:>4} {code:>4} {wall:>7.1f} {len(left):>9} {len(row['ports']):>5} "
+            f"{row['tmp_mb']:>7.1f} {row['rss_mb']:>7.1f}",
             flush=True,
         )
     rss = [r["rss_mb"] for r in rows]

@@ -1,4 +1,5 @@
-"""Our training loop vs CleanDiffuser's recipe re-created with pytorch-lightning, on the same data and machine.
+"""Our training loop vs CleanDiffuser's recipe re-created with pytorch-lightning, on the same data and
+machine.
 
     python bench/train_throughput.py                       # sim-halfcheetah-mixed-v0, ~3-5 min on 2 cores
     python bench/train_throughput.py --dataset PATH_OR_NAME --epochs 3 --rounds 3 --max-epochs 300
@@ -38,7 +39,10 @@ import torch  # noqa: E402
 
 from pipeline.data.transitions import Transitions  # noqa: E402
 from pipeline.quality.report import RECIPE  # noqa: E402
-from pipeline.training.trainer import TrainConfig, available_cpus, resolve_precision, split_indices, train  # noqa: E402
+from pipeline.training.config import TrainConfig  # noqa: E402
+from pipeline.training.machine import available_cpus, resolve_precision  # noqa: E402
+from pipeline.training.split import split_indices  # noqa: E402
+from pipeline.training.trainer import train  # noqa: E402
 
 #: our loop with the recipe's model and optimizer settings: separates the loop's speed from the defaults
 RECIPE_SETTINGS = {k: RECIPE[k] for k in ("dropout", "optimizer", "lr", "weight_decay", "schedule")}
@@ -69,7 +73,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10, device: str =
 
 
 def step_label(model_dir) -> str:
-    """How our steps ran, from the model's params.json: eager, a captured CUDA graph, or the graph step uncaptured."""
+    """How our steps ran, from the model's params.json: eager, a captured CUDA graph, or the graph step
+    uncaptured."""
     resolved = json.loads((Path(model_dir) / "params.json").read_text())["training"]["resolved"]
     if resolved["step"] == "graph":
         return "CUDA graph" if resolved["cuda_graph"] else "graph, NOT captured"
@@ -211,7 +216,8 @@ def machine() -> str:
     except OSError:
         pass
     native = sorted(f for f in flags if f in {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    return f"{model}, {available_cpus()} CPUs given, {'/'.join(native) or 'no avx512'}, torch {torch.__version__}"
+    avx = "/".join(native) or "no avx512"
+    return f"{model}, {available_cpus()} CPUs given, {avx}, torch {torch.__version__}"
 
 
 def main(argv=None) -> int:
@@ -338,8 +344,8 @@ def main(argv=None) -> int:
         )
     print(
         f"\nTable 1: {args.epochs} epochs, random 80/20 transition split, batch 512, hidden 512, median of "
-        f"{args.rounds} interleaved rounds (val MSE: mean over rounds). recipe: dropout 0.1, Adam 3e-4; ours: our "
-        f"defaults (no dropout, AdamW + cosine) unless 'recipe settings'"
+        f"{args.rounds} interleaved rounds (val MSE: mean over rounds). recipe: dropout 0.1, Adam 3e-4; "
+        f"ours: our defaults (no dropout, AdamW + cosine) unless 'recipe settings'"
     )
     print(
         table(
@@ -411,8 +417,8 @@ def main(argv=None) -> int:
             )
             print(f"  {label} done: {rows[-1]}", flush=True)
     print(
-        f"\nTable 2: train until early stop on the 80% training episodes ({len(pool):,} transitions), score on the "
-        f"20% test episodes ({len(test):,}); mean-action baseline MSE {baseline:.5f}"
+        f"\nTable 2: train until early stop on the 80% training episodes ({len(pool):,} transitions), "
+        f"score on the 20% test episodes ({len(test):,}); mean-action baseline MSE {baseline:.5f}"
     )
     print(table(["contender", "time to stop (s)", "epochs", "test-episode MSE"], rows))
     print(f"\nload average {os.getloadavg()[0]:.1f} at end")

@@ -1,5 +1,6 @@
 """cluster.yaml passes Ray's own cluster-config validation (what `ray up` runs) and keeps its promises:
-a CPU head, autoscaling GPU workers, the project installed, token auth, a private MLflow server, no public dashboard."""
+a CPU head, autoscaling GPU workers, the project installed, token auth, a private MLflow server, no public
+dashboard."""
 
 from __future__ import annotations
 

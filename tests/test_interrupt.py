@@ -93,7 +93,8 @@ def _default_sigint():
 
 
 def _interrupt_when(cmd, ready, sig, *, timeout=60, env=None):
-    """Run `cmd`; as soon as `ready()` is true send `sig`; return (returncode, stderr). Fails if never ready."""
+    """Run `cmd`; as soon as `ready()` is true send `sig`; return (returncode, stderr). Fails if never
+    ready."""
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint
     )

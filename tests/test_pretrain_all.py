@@ -53,7 +53,8 @@ def broken_file(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def job(sim_files, tmp_path_factory):
-    """One job: 2 datasets x 2 hidden sizes + a broken dataset; the first attempt of a hopper trial crashes."""
+    """One job: 2 datasets x 2 hidden sizes + a broken dataset; the first attempt of a hopper trial
+    crashes."""
     root = tmp_path_factory.mktemp("job")
     out = root / "out"
     datasets = [str(sim_files[CHEETAH]), str(sim_files[HOPPER]), str(broken_file(root / "broken.hdf5"))]
@@ -201,8 +202,9 @@ def test_broken_dataset_fails_alone_with_its_reason(job):
 def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_path):
     out = tmp_path / "out"
     env = job_env(tmp_path)
-    # Trials run longest first (61, 60, then 2 epochs; no early stop): the kill lands between the first and the
-    # second finishing however slowly this machine runs (the ledger file appears within ~0.2 s of the first).
+    # Trials run longest first (61, 60, then 2 epochs; no early stop): the kill lands between the first and
+    # the second finishing however slowly this machine runs (the ledger file appears within ~0.2 s of the
+    # first).
     space = '{"max_epochs": [2, 60, 61], "patience": [1000], "hidden_dim": [256]}'
     args = [
         "--datasets",
@@ -271,16 +273,20 @@ def test_placement_never_reserves_more_than_the_cluster_has():
 
 
 def test_trials_are_ordered_longest_first():
-    from pipeline.job.pretrain_all import make_trials
+    from pipeline.job.records import PreparedDataset
+    from pipeline.job.trials import make_trials
+    from pipeline.training.config import TrainConfig
 
     info = {"obs_dim": 11, "act_dim": 3}
     ready = {
-        "small": {"sha256": "a", "info": {**info, "transitions": 1000}},
-        "big": {"sha256": "b", "info": {**info, "transitions": 9000}},
+        "small": PreparedDataset("small", "small", "a", {**info, "transitions": 1000}),
+        "big": PreparedDataset("big", "big", "b", {**info, "transitions": 9000}),
     }
-    trials = make_trials(ready, grid_points({"hidden_dim": [256, 1024]}), {"max_epochs": 5})
-    order = [(t["dataset"], t["hidden_dim"]) for t in trials]
+    trials = make_trials(ready, grid_points({"hidden_dim": [256, 1024]}), TrainConfig(max_epochs=5))
+    order = [(t.dataset, t.train["hidden_dim"]) for t in trials]
     assert order == [("big", 1024), ("small", 1024), ("big", 256), ("small", 256)]
+    assert all(t.train["max_epochs"] == 5 and "device" not in t.train for t in trials)
+    assert len({t.key for t in trials}) == 4
 
 
 def test_search_space_and_trial_keys():

@@ -100,7 +100,8 @@ def _temps(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("fault", ["readonly", "full"])
 def test_dataset_cache_on_bad_storage(request, tmp_path, monkeypatch, caplog, fault):
-    """The Arrow cache is only a cache: loads still work (parsed each time), with a warning naming the path."""
+    """The Arrow cache is only a cache: loads still work (parsed each time), with a warning naming the
+    path."""
     where = request.getfixturevalue(f"{fault}_dir")
     monkeypatch.setenv("INVDYN_HOME", str(where / "home"))
     if fault == "full":

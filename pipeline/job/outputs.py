@@ -6,35 +6,29 @@ DIR/summary.json          one record per dataset (the contract): dataset, heldou
                           metrics), champion_metric, ... or status "failed" + error
 DIR/summary.md            the same as a table (also printed)
 DIR/job.json              the job: name, datasets, placement, timing (wall, time in training steps)
-DIR/models/<dataset>/     the best model directory of each dataset (invdyn format)
-DIR/curves/<dataset>.json every trial's learning curve (+ .png plot)
+DIR/models/<name>/        the selected model directory of each dataset (invdyn format)
+DIR/curves/<name>.json    every trial's learning curve (+ .png plot)
 DIR/trials/<key>.json     ledger: one file per finished trial, written by the driver as it finishes
+
+<name> is the dataset's model name (invdyn.settings.dataset_model_name), as in the cache and the registry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
+import uuid
 from pathlib import Path
 
-from invdyn._files import atomic_file
+from invdyn._files import atomic_file, write_json
+from invdyn.settings import dataset_model_name
+from pipeline.job.records import DatasetRecord, TrialResult
+from pipeline.quality.metrics import finite, fmt_number
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 JOB_JSON = "job.json"
-
-
-def safe_name(dataset: str) -> str:
-    """A folder name for a dataset spec (Minari ids and paths hold '/' and ':')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("._") or "dataset"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    with atomic_file(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
 
 
 # ------------------------------------------------------------------------------------------- ledger
@@ -49,19 +43,19 @@ class Ledger:
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 
-    def done(self) -> dict[str, dict]:
+    def done(self) -> dict[str, TrialResult]:
         found = {}
         for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
             try:
                 entry = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
+                if entry.get("status") == "finished" and entry.get("checkpoint_path"):
+                    found[p.stem] = TrialResult.from_json(entry)
+            except (OSError, ValueError, TypeError, AttributeError):
                 continue  # never trust a damaged entry: that trial simply runs again
-            if entry.get("status") == "finished" and entry.get("checkpoint_path"):
-                found[p.stem] = entry
         return found
 
-    def record(self, key: str, entry: dict) -> None:
-        write_json_atomic(self.path(key), entry)
+    def record(self, entry: TrialResult) -> None:
+        write_json(self.path(entry.key), entry.to_json())
 
     def clear(self) -> int:
         n = 0
@@ -71,37 +65,42 @@ class Ledger:
         return n
 
 
+def job_state(out_dir: Path, resume: bool) -> dict:
+    """The job's name (stable across --resume: MLflow groups its runs by it) and its previous state; a
+    job that does not resume starts its ledger over."""
+    path = Path(out_dir) / JOB_JSON
+    if resume and path.is_file():
+        state = json.loads(path.read_text())
+        state["runs"] = state.get("runs", 0) + 1
+        return state
+    if not resume:
+        cleared = Ledger(out_dir).clear()
+        if cleared:
+            print(
+                f"starting over: {cleared} finished trial(s) of an earlier job in {out_dir} ignored "
+                "(use --resume)"
+            )
+    return {"job": f"invdyn-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}", "runs": 1}
+
+
+def write_job(out_dir: Path, state: dict) -> None:
+    write_json(Path(out_dir) / JOB_JSON, state)
+
+
 # ------------------------------------------------------------------------------------------ summary
 
 
-def best_entry(entries: list[dict]) -> dict | None:
-    """The finished trial with the lowest held-out MSE (ties: the first by key, for a stable choice)."""
-    scored = [e for e in entries if _finite(e.get("heldout_mse")) is not None]
-    return min(scored, key=lambda e: (e["heldout_mse"], e["key"])) if scored else None
-
-
-def _finite(v):
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if f == f and abs(f) != float("inf") else None
-
-
-def write_curves(out_dir: Path, dataset: str, entries: list[dict]) -> Path:
+def write_curves(out_dir: Path, dataset: str, entries: list[TrialResult]) -> Path:
     """Every trial's learning curve of one dataset as JSON, plus a PNG of held-out MSE per epoch."""
-    curves = {
-        e["key"]: {"trial_id": e.get("trial_id"), "config": e.get("config"), "curve": e.get("curve") or []}
-        for e in entries
-    }
-    path = Path(out_dir) / "curves" / f"{safe_name(dataset)}.json"
-    write_json_atomic(path, curves)
+    curves = {e.key: {"trial_id": e.trial_id, "config": e.config, "curve": e.curve or []} for e in entries}
+    path = Path(out_dir) / "curves" / f"{dataset_model_name(dataset)}.json"
+    write_json(path, curves)
     with contextlib.suppress(Exception):  # a plot is a convenience; the JSON above is the record
         _plot(path.with_suffix(".png"), dataset, entries)
     return path
 
 
-def _plot(path: Path, dataset: str, entries: list[dict]) -> None:
+def _plot(path: Path, dataset: str, entries: list[TrialResult]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,11 +108,9 @@ def _plot(path: Path, dataset: str, entries: list[dict]) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for e in entries:
-        pts = [
-            (p.get("epoch"), p.get("val_mse")) for p in e.get("curve") or [] if p.get("val_mse") is not None
-        ]
+        pts = [(p.get("epoch"), p.get("val_mse")) for p in e.curve or [] if p.get("val_mse") is not None]
         if pts:
-            cfg = e.get("config") or {}
+            cfg = e.config or {}
             ax.plot(*zip(*pts, strict=True), label=f"h{cfg.get('hidden_dim')} d{cfg.get('dropout')}")
     ax.set(xlabel="epoch", ylabel="held-out MSE", yscale="log", title=dataset)
     ax.legend(fontsize=7)
@@ -123,22 +120,23 @@ def _plot(path: Path, dataset: str, entries: list[dict]) -> None:
     plt.close(fig)
 
 
-def write_summary(out_dir: Path, records: list[dict]) -> str:
+def write_summary(out_dir: Path, records: list[DatasetRecord]) -> str:
     """DIR/summary.json + DIR/summary.md; returns the Markdown table."""
     out_dir = Path(out_dir)
-    write_json_atomic(out_dir / SUMMARY_JSON, records)
-    table = format_table(records)
+    lines = [r.to_json() for r in records]
+    write_json(out_dir / SUMMARY_JSON, lines)
+    table = format_table(lines)
     with atomic_file(out_dir / SUMMARY_MD, "w") as f:
         f.write(f"# invdyn pretraining summary\n\n{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n\n{table}\n")
     return table
 
 
 def _fmt(v, spec=".4g") -> str:
-    f = _finite(v)
-    return "-" if f is None else format(f, spec)
+    return fmt_number(finite(v), spec, missing="-")
 
 
 def format_table(records: list[dict]) -> str:
+    """The Markdown table of summary.json's records."""
     head = (
         "| dataset | status | held-out MSE | baseline MSE | one-step error | tracking drift | selected by | "
         "best config | epochs | trials | wall s | champion |"
@@ -153,12 +151,13 @@ def format_table(records: list[dict]) -> str:
         if status == "failed":
             status = f"failed: {str(r.get('error', ''))[:80]}"
         ev = r.get("evaluation") or {}
-        drift = _fmt(ev.get("tracking_drift")) + (
-            f" @{ev['horizon']}" if _finite(ev.get("tracking_drift")) else ""
-        )
+        drift = _fmt(ev.get("tracking_drift"))
+        if finite(ev.get("tracking_drift")) is not None:
+            drift += f" @{ev['horizon']}"
         rows.append(
             f"| {r['dataset']} | {status} | {_fmt(r.get('heldout_mse'))} | {_fmt(r.get('baseline_mse'))} | "
-            f"{_fmt(ev.get('one_step_error'))} | {drift} | {r.get('selected_by') or '-'} | {best or '-'} | {r.get('epochs', '-')} | {r.get('trials_finished', 0)}/{r.get('trials', 0)} | "
+            f"{_fmt(ev.get('one_step_error'))} | {drift} | {r.get('selected_by') or '-'} | {best or '-'} | "
+            f"{r.get('epochs', '-')} | {r.get('trials_finished', 0)}/{r.get('trials', 0)} | "
             f"{_fmt(r.get('wall_s'), '.0f')} | {champion} |"
         )
     return "\n".join(rows)

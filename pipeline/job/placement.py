@@ -1,14 +1,14 @@
 """Where trials run and with what: connecting to Ray and choosing the resources of a trial.
 
-Two executors run a trial's TorchTrainer. Measured with Ray 2.60 on a 2-core machine:
+Two executors run a trial's TorchTrainer (README "The Ray job" has their measured costs):
 - "local" (default): the Tune trial reserves the trial's CPUs / GPU fraction and runs the TorchTrainer in
   Ray Train's local mode (`num_workers=0`: the training function runs in the trial's own process). Tune
-  reuses that process from trial to trial, so a trial costs no process start-up at all (~0.2 s between
-  trials). The models are small: one process per trial trains them well, on a CPU or a GPU fraction.
+  reuses that process from trial to trial, so a trial costs no process start-up at all. The models are
+  small: one process per trial trains them well, on a CPU or a GPU fraction.
 - "train": the TorchTrainer gets one Train worker holding the CPUs / GPU fraction (process isolation per
   trial; the shape a multi-worker trial would take). Every fit starts five processes (controller, worker,
-  synchronization actor, dataset manager, placement-group cleaner), ~10 CPU-seconds and 6-13 s before the
-  training function runs. A Tune trial that also reserved a CPU would deadlock a 2-CPU node once two trials
+  synchronization actor, dataset manager, placement-group cleaner), seconds of CPU before the training
+  function runs. A Tune trial that also reserved a CPU would deadlock a 2-CPU node once two trials
   start (each holds the trial CPU, waits for a worker CPU; Ray waits forever), so the Tune trial here
   reserves no CPU/GPU, only a little memory (Tune refuses an all-zero bundle). `slots` is how many trials
   fit; `max_concurrent` is a quarter more (at least one), so the next trials start up while the others
@@ -23,8 +23,9 @@ Two executors run a trial's TorchTrainer. Measured with Ray 2.60 on a 2-core mac
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from invdyn import settings
 
 #: Memory (bytes) a Tune trial process reserves instead of a CPU: it only waits on its TorchTrainer.
 TRIAL_MEMORY = 128 * 2**20
@@ -46,32 +47,25 @@ TRIALS_PER_GPU = 4
 class Placement:
     """Resources of one trial's Train worker, how many trials run at once, and the torch threads."""
 
-    cpus: float
-    gpus: float
-    max_concurrent: int
-    threads: int
+    cpus: float  # CPUs of a trial (of its Train worker under executor "train")
+    gpus: float  # GPU (fraction) of a trial; 0: it trains on the CPU
+    max_concurrent: int  # trials Tune starts at once
+    threads: int  # torch threads of a trial: its CPUs
     slots: int  # trials that fit at once (train at once); max_concurrent may start more
-    cluster_cpus: float
+    cluster_cpus: float  # what the cluster had when the job decided
     cluster_gpus: float
-    nodes: int
+    nodes: int  # alive nodes then
 
     @property
     def training_slots(self) -> int:
         """Trials training at once: the slots that fit, or fewer when max_concurrent is lower."""
         return min(self.slots or self.max_concurrent, self.max_concurrent)
 
-    @property
-    def device(self) -> str:
-        return "cuda" if self.gpus > 0 else "cpu"
-
     def worker_resources(self) -> dict:
         res = {"CPU": self.cpus}
         if self.gpus > 0:
             res["GPU"] = self.gpus
         return res
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def describe(self) -> str:
         gpu = f", {self.gpus:g} GPU" if self.gpus else ""
@@ -94,7 +88,7 @@ def connect(*, address: str | None = None, num_cpus: int | None = None, log_to_d
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or settings.ray_address()
     kwargs = {"logging_level": "WARNING", "log_to_driver": log_to_driver}
     if address:
         ray.init(address=address, **kwargs)

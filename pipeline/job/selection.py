@@ -1,11 +1,12 @@
-"""Which trial becomes a dataset's model: `pretrain_all --select-by {heldout_mse,one_step_error,tracking_drift}`.
+"""Which trial becomes a dataset's model (`pretrain_all --select-by`), and the job's record of it.
 
-After the trials, the job evaluates (pipeline.quality.evaluate) the best `--select-top` finished trials of each
-dataset by held-out MSE on the held-out episodes of their own training split, in MuJoCo, as Ray tasks
-that each hold a trial's CPUs (so a cluster evaluates them in parallel), and keeps the one with the
-lowest `--select-by` metric. With the default `heldout_mse` only the best trial by held-out MSE is
-evaluated, for its model card and registry tags. Only the top K by held-out MSE are evaluated because a
-trial far behind on action error is not worth its MuJoCo time (default K = 3; 0 = every trial).
+After the trials, the job evaluates (pipeline.quality.evaluate) the best `--select-top` finished trials
+of each dataset by held-out MSE on the held-out episodes of their own training split, in MuJoCo, as Ray
+tasks that each hold a trial's CPUs (so a cluster evaluates them in parallel), and keeps the one with the
+lowest `--select-by` metric (pipeline.quality.metrics.rank: the registry's champion rule too). With the
+default `heldout_mse` only the best trial by held-out MSE is evaluated, for its model card and registry
+tags. Only the top K by held-out MSE are evaluated because a trial far behind on action error is not
+worth its MuJoCo time (default K = 3; 0 = every trial).
 
 A dataset that cannot be simulated (no `infos/qpos` / `infos/qvel`, or no known environment) gets the
 non-physics metrics, and is selected by held-out MSE with a one-line note.
@@ -14,27 +15,74 @@ non-physics metrics, and is selected by held-out MSE with a one-line note.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.quality.evaluate import SELECT_METRICS, headline
+from invdyn.settings import dataset_model_name
+from pipeline.job.config import DEFAULT_TOP
+from pipeline.job.outputs import Ledger, write_curves
+from pipeline.job.records import DatasetRecord, PreparedDataset, TrialResult, TrialSpec
+from pipeline.job.trials import fetch_model
+from pipeline.quality.evaluate import EvalConfig, attach_evaluation
+from pipeline.quality.metrics import (
+    DEFAULT_METRIC,
+    SELECT_METRICS,
+    Candidate,
+    finite,
+    fmt_number,
+    headline,
+    rank,
+)
 
-DEFAULT_TOP = 3
+#: what a dataset's record copies from its selected trial
+FROM_TRIAL = (
+    "heldout_mse",
+    "baseline_mse",
+    "config",
+    "checkpoint_path",
+    "epochs",
+    "wall_s",
+    "train_time_s",
+    "trial_id",
+    "key",
+    "node_ip",
+)
 
 
-@dataclasses.dataclass
+@dataclass
 class Options:
     """What `--evaluate` / `--select-by` asked for (and what an evaluation task holds)."""
 
-    evaluate: bool = True
-    select_by: str = "heldout_mse"
-    top: int = DEFAULT_TOP
-    horizon: int = 32
-    starts: int = 128
-    samples: int = 2000
-    seed: int = 0
-    num_cpus: float = 1.0
+    evaluate: bool = True  # evaluate the selected model (and the candidates of a physics metric)
+    select_by: str = DEFAULT_METRIC  # pipeline.quality.metrics.SELECT_METRICS
+    top: int = DEFAULT_TOP  # candidates of a physics metric, best by held-out MSE first; 0: all
+    eval_config: EvalConfig = field(default_factory=EvalConfig)
+    num_cpus: float = 1.0  # CPUs of an evaluation task (a trial's)
+
+    def to_json(self) -> dict:
+        """As job.json records it (flat)."""
+        ev = self.eval_config
+        return {
+            "evaluate": self.evaluate,
+            "select_by": self.select_by,
+            "top": self.top,
+            "horizon": ev.horizon,
+            "starts": ev.starts,
+            "samples": ev.samples,
+            "seed": ev.seed,
+            "num_cpus": self.num_cpus,
+        }
+
+
+@dataclass
+class Choice:
+    """The trial selected among a dataset's candidates, and how."""
+
+    entry: TrialResult
+    selected_by: str  # the metric that decided (held-out MSE when the asked-for one was missing)
+    note: str | None  # why the asked-for metric did not decide
+    table: list[dict]  # every candidate with its metrics (summary.json's "candidates")
 
 
 def physics_reason(transitions) -> str | None:
@@ -50,43 +98,38 @@ def physics_reason(transitions) -> str | None:
     return None
 
 
-def _mse(entry: dict) -> float | None:
-    try:
-        v = float(entry.get("heldout_mse"))
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+def candidates(entries: list[TrialResult], opts: Options, simulatable: bool) -> list[TrialResult]:
+    """The finished trials to evaluate, best held-out MSE first (the ranking rule of
+    pipeline.quality.metrics; ties: by key, for a stable choice)."""
+    by_key = {e.key: e for e in entries}
+    _, ranked = rank([Candidate(e.key, {DEFAULT_METRIC: e.heldout_mse}, (e.key,)) for e in entries])
+    best_first = [by_key[c.ident] for c in ranked]
+    if opts.select_by == DEFAULT_METRIC or not simulatable:
+        return best_first[:1]
+    return best_first[: opts.top] if opts.top > 0 else best_first
 
 
-def candidates(entries: list[dict], opts: Options, simulatable: bool) -> list[dict]:
-    """The finished trials to evaluate, best held-out MSE first (ties: by key, for a stable choice)."""
-    ranked = sorted((e for e in entries if _mse(e) is not None), key=lambda e: (_mse(e), e["key"]))
-    if opts.select_by == "heldout_mse" or not simulatable:
-        return ranked[:1]
-    return ranked[: opts.top] if opts.top > 0 else ranked
-
-
-def _evaluate_task(checkpoint_path: str, data, state, reason: str | None, opts: dict) -> dict:
+def _evaluate_task(checkpoint_path: str, data, state, reason: str | None, opts: Options) -> dict:
     """Ray task: fetch a trial's model directory from the storage path and evaluate it."""
     import torch
 
     import invdyn
-    from pipeline.job.pretrain_all import fetch_model
     from pipeline.quality.evaluate import evaluate
 
-    torch.set_num_threads(max(1, int(opts["num_cpus"])))
+    torch.set_num_threads(max(1, int(opts.num_cpus)))
     if state is not None:
         data = dataclasses.replace(data, qpos=state[0], qvel=state[1])
+    ev = opts.eval_config
     with tempfile.TemporaryDirectory(prefix="invdyn-eval-") as tmp:
         model = invdyn.read_model_dir(fetch_model(checkpoint_path, Path(tmp) / "model"))
         result = evaluate(
             model,
             data,
-            horizon=opts["horizon"],
+            horizon=ev.horizon,
             physics=reason is None,
-            seed=opts["seed"],
-            one_step_samples=opts["samples"],
-            tracking_starts=opts["starts"],
+            seed=ev.seed,
+            one_step_samples=ev.samples,
+            tracking_starts=ev.starts,
         )
     if reason is not None:
         result["physics_reason"] = reason
@@ -94,7 +137,9 @@ def _evaluate_task(checkpoint_path: str, data, state, reason: str | None, opts: 
     return result
 
 
-def evaluate_all(todo: dict[str, list[dict]], ready: dict, opts: Options) -> dict[str, dict]:
+def evaluate_all(
+    todo: dict[str, list[TrialResult]], ready: dict[str, PreparedDataset], opts: Options
+) -> dict[str, dict]:
     """Evaluate every candidate ({dataset: [ledger entries]}) as parallel Ray tasks, with a progress bar.
 
     Returns {trial key: evaluation result}; a task that failed gives {"error": ...} (that candidate
@@ -104,14 +149,11 @@ def evaluate_all(todo: dict[str, list[dict]], ready: dict, opts: Options) -> dic
     from tqdm.auto import tqdm
 
     task = ray.remote(_evaluate_task).options(num_cpus=opts.num_cpus, max_retries=1)
-    kw = dataclasses.asdict(opts)
     refs = {}
     for name, entries in todo.items():
         d = ready[name]
         for e in entries:
-            refs[
-                task.remote(e["checkpoint_path"], d["ref"], d.get("state_ref"), d.get("physics_reason"), kw)
-            ] = e
+            refs[task.remote(e.checkpoint_path, d.ref, d.state_ref, d.physics_reason, opts)] = e
     results: dict[str, dict] = {}
     pending = list(refs)
     with tqdm(total=len(pending), desc="evaluate in MuJoCo", unit="model", disable=not pending) as bar:
@@ -119,65 +161,136 @@ def evaluate_all(todo: dict[str, list[dict]], ready: dict, opts: Options) -> dic
             done, pending = ray.wait(pending, num_returns=1)
             entry = refs[done[0]]
             try:
-                results[entry["key"]] = ray.get(done[0])
+                results[entry.key] = ray.get(done[0])
             except Exception as e:  # noqa: BLE001 - one failed evaluation costs one candidate, not the job
-                results[entry["key"]] = {
-                    "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
-                }
+                results[entry.key] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"}
                 tqdm.write(
-                    f"warning: evaluation of {entry['dataset']} trial {entry.get('trial_id')} failed: "
-                    f"{results[entry['key']]['error']}"
+                    f"warning: evaluation of {entry.dataset} trial {entry.trial_id} failed: "
+                    f"{results[entry.key]['error']}"
                 )
             bar.update()
     return results
 
 
-def choose(cands: list[dict], results: dict[str, dict], opts: Options, reason: str | None) -> dict:
-    """The selected entry among `cands` (best held-out MSE first) and how: {"entry", "selected_by",
-    "note", "candidates"}. Without a finite `--select-by` value for any candidate: held-out MSE."""
-    metric = opts.select_by
-    table = []
+def choose(cands: list[TrialResult], results: dict[str, dict], opts: Options, reason: str | None) -> Choice:
+    """The selected entry among `cands` (best held-out MSE first) by the ranking rule of
+    pipeline.quality.metrics: `--select-by`, or held-out MSE where no candidate has a finite value of it."""
+    table, contenders = [], []
     for e in cands:
-        r = results.get(e["key"]) or {}
-        row = {"key": e["key"], "trial_id": e.get("trial_id"), "heldout_mse": _mse(e)}
-        row.update({m: r.get(m) for m in SELECT_METRICS if m != "heldout_mse"})
+        r = results.get(e.key) or {}
+        scores = {DEFAULT_METRIC: finite(e.heldout_mse)}
+        scores.update({m: r.get(m) for m in SELECT_METRICS if m != DEFAULT_METRIC})
+        row = {"key": e.key, "trial_id": e.trial_id, **scores}
         if r.get("error"):
             row["error"] = r["error"]
         table.append(row)
+        contenders.append(Candidate(e.key, scores, (e.key,)))
+    rule, ranked = rank(contenders, opts.select_by)
+    by_key = {e.key: e for e in cands}
+    entry = by_key[ranked[0].ident] if ranked else cands[0]
     note = None
-    if metric != "heldout_mse":
-        scored = [
-            (row[metric], row["heldout_mse"], row["key"], e)
-            for row, e in zip(table, cands, strict=True)
-            if isinstance(row[metric], (int, float)) and math.isfinite(row[metric])
-        ]
-        if scored:
-            return {
-                "entry": min(scored, key=lambda s: s[:3])[3],
-                "selected_by": metric,
-                "note": None,
-                "candidates": table,
-            }
-        said = [
-            r.get("physics_reason") or r.get("error") for r in (results.get(c["key"]) or {} for c in cands)
-        ]
+    if rule != opts.select_by:
+        said = [r.get("physics_reason") or r.get("error") for r in (results.get(c.key) or {} for c in cands)]
         why = reason or next((w for w in said if w), "no finite value")
-        note = f"{metric} unavailable ({why}): selected by heldout_mse"
-    return {"entry": cands[0], "selected_by": "heldout_mse", "note": note, "candidates": table}
+        note = f"{opts.select_by} unavailable ({why}): selected by {rule}"
+    return Choice(entry, rule, note, table)
 
 
-def record_fields(choice: dict, result: dict | None, opts: Options) -> dict:
-    """What a summary.json record gets from the selection: selected_by, champion_metric (the rule the
-    registry applies), evaluation (headline metrics of the selected model), candidates, selection_note."""
-    out = {
-        "selected_by": choice["selected_by"],
-        "champion_metric": opts.select_by,
-        "candidates": choice["candidates"],
-    }
-    if choice.get("note"):
-        out["selection_note"] = choice["note"]
+# --------------------------------------------------------------------------- one record per dataset
+
+
+def collect(
+    out: Path,
+    datasets: list[str],
+    ready: dict[str, PreparedDataset],
+    failed: list[DatasetRecord],
+    trials: list[TrialSpec],
+    errors: dict[str, str],
+    job_name: str,
+    opts: Options | None = None,
+) -> list[DatasetRecord]:
+    """One record per dataset: the selected trial's metrics, evaluation and model dir, or why it failed.
+
+    Without `opts` (or with `opts.evaluate` off) the trial with the best held-out MSE, unevaluated; else
+    the candidates are evaluated as Ray tasks and the result written into the selected model directory
+    (card + params.json) before anything registers it.
+    """
+    opts = opts or Options(evaluate=False)
+    done = Ledger(out).done()
+    failed_by_spec = {f.spec: f for f in failed}
+    by_spec = {d.spec: d for d in ready.values()}
+    records, chosen = [], {}
+    for spec in datasets:
+        if spec in failed_by_spec:
+            records.append(failed_by_spec[spec])
+            continue
+        d = by_spec.get(spec)
+        if d is None or any(r.dataset == d.name for r in records):
+            continue
+        rec, cands = _dataset_record(out, d, trials, done, errors, job_name, opts)
+        records.append(rec)
+        if cands:
+            chosen[d.name] = (rec, cands)
+    results = evaluate_all({n: c for n, (_, c) in chosen.items()}, ready, opts) if opts.evaluate else {}
+    for name, (rec, cands) in chosen.items():
+        _select(out, rec, cands, results, ready[name], opts)
+    return records
+
+
+def _dataset_record(out, d: PreparedDataset, trials, done, errors, job_name, opts):
+    """(the dataset's record so far, its candidates); a dataset without a finished trial is failed."""
+    keys = [t.key for t in trials if t.dataset == d.name]
+    entries = [done[k] for k in keys if k in done]
+    rec = DatasetRecord(
+        dataset=d.name,
+        spec=d.spec,
+        sha256=d.sha256,
+        trials=len(keys),
+        trials_finished=len(entries),
+        job=job_name,
+        info=dict(d.info),
+    )
+    if entries:
+        rec.curves = str(write_curves(out, d.name, entries))
+    cands = candidates(entries, opts, d.physics_reason is None)
+    if not cands:
+        errs = [errors[k] for k in keys if k in errors]
+        rec.status, rec.error = "failed", errs[0] if errs else "no trial finished"
+        return rec, []
+    rec.trials_failed = sum(1 for k in keys if k in errors and k not in done)
+    return rec, cands
+
+
+def _select(out: Path, rec: DatasetRecord, cands, results: dict, d: PreparedDataset, opts: Options) -> None:
+    """Choose the dataset's model, copy it to DIR/models/<name>/ with its evaluation, fill its record."""
+    choice = choose(cands, results, opts, d.physics_reason)
+    best = choice.entry
+    model_dir = fetch_model(best.checkpoint_path, Path(out) / "models" / dataset_model_name(d.name))
+    result = results.get(best.key)
     if result and not result.get("error"):
-        out["evaluation"] = headline(result)
-    elif result:
-        out["evaluation_error"] = result["error"]
-    return out
+        attach_evaluation(model_dir, result)  # before registration: the registered card shows it
+    rec.selected_by = choice.selected_by
+    if opts.evaluate:
+        rec.champion_metric, rec.candidates, rec.selection_note = opts.select_by, choice.table, choice.note
+        if result and not result.get("error"):
+            rec.evaluation = headline(result)
+        elif result:
+            rec.evaluation_error = result["error"]
+        print(_selection_line(rec, choice, len(cands), d.physics_reason))
+    rec.status, rec.model_dir = "ok", str(model_dir.resolve())
+    for name in FROM_TRIAL:
+        setattr(rec, name, getattr(best, name))
+
+
+def _selection_line(rec: DatasetRecord, choice: Choice, evaluated: int, reason: str | None) -> str:
+    ev = rec.evaluation or {}
+    line = (
+        f"{rec.dataset}: trial {choice.entry.trial_id} selected by {choice.selected_by} of {evaluated} "
+        f"evaluated: held-out MSE {fmt_number(choice.entry.heldout_mse)}, one-step error "
+        f"{fmt_number(ev.get('one_step_error'))}, tracking drift {fmt_number(ev.get('tracking_drift'))}"
+    )
+    if choice.note:
+        return f"{line}; note: {choice.note}"
+    if reason:
+        return f"{line}; note: cannot be simulated ({reason}), non-physics metrics only"
+    return line

@@ -1,0 +1,100 @@
+"""What a `pretrain_all` job is asked to do: `JobConfig`, one field per command-line flag with its help (the
+CLI is generated from it), plus the training and evaluation settings it passes on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.quality.evaluate import EvalConfig
+from pipeline.quality.metrics import DEFAULT_METRIC, SELECT_METRICS
+from pipeline.training.config import TrainConfig
+
+DEFAULT_OUT = "invdyn-out"
+#: How a trial runs its TorchTrainer (pipeline.job.placement's module doc).
+EXECUTORS = ("local", "train")
+#: The TrainConfig fields the job takes as flags; `--search-space` varies any of them.
+TRAIN_FLAGS = ("max_epochs", "patience", "batch_size", "seed")
+#: How many of a dataset's best trials (by held-out MSE) a physics `--select-by` evaluates by default.
+DEFAULT_TOP = 3
+
+
+class JobConfigError(ValueError):
+    """Flags that contradict each other (the CLI turns it into a usage error)."""
+
+
+def _flag(default, text: str, **more):
+    """A field with its command-line help (and choices / metavar)."""
+    return field(default=default, metadata={"help": text, **more})
+
+
+@dataclass
+class JobConfig:
+    """Every flag of `python -m pipeline.pretrain_all`; `train` and `evaluation` carry the settings the job
+    passes to each trial's training and to the evaluation of its candidates."""
+
+    datasets: str = _flag("sim", "comma-separated suites, names, minari:<id>, paths")
+    search: bool = _flag(False, "grid hidden_dim {256,512,1024} x dropout {0,0.1,0.2}")
+    search_space: str | None = _flag(
+        None, "any grid over TrainConfig fields, e.g. '{\"lr\": [1e-3, 3e-4]}'", metavar="JSON"
+    )
+    cpus_per_trial: float | None = _flag(None, "CPUs of a trial (default: 1)")
+    gpus_per_trial: float | None = _flag(
+        None, "GPU (fraction) per trial (default: 1/4 when the cluster has GPUs)"
+    )
+    max_concurrent: int | None = _flag(None, "trials at once (default: as many as the cluster fits)")
+    executor: str = _flag(
+        "local",
+        "local: each trial's TorchTrainer runs in Train's local mode in the Tune trial's process, reused "
+        "from trial to trial; train: a Train worker process per trial (seconds of process start-up per "
+        "trial; see pipeline.job.placement)",
+        choices=EXECUTORS,
+    )
+    max_failures: int = _flag(2, "retries of a crashed trial")
+    storage_path: str | None = _flag(
+        None, "checkpoints and Tune state: a local dir, NFS or s3:// (default: DIR/ray)"
+    )
+    resume: bool = _flag(False, "skip trials DIR/trials/ records as finished")
+    out: str = _flag(DEFAULT_OUT, "output directory")
+    download: bool = _flag(False, "download missing D4RL files")
+    num_cpus: int | None = _flag(None, "CPUs of the local Ray this starts (default: all)")
+    mlflow_uri: str | None = _flag(None, "default: $MLFLOW_TRACKING_URI, else sqlite:///DIR/mlflow.db")
+    experiment: str | None = _flag(None, "MLflow experiment (default: the job name)")
+    register: bool = _flag(True, "register each dataset's model (--no-register: track trials only)")
+    mlflow: bool = _flag(True, "track trials in MLflow (--no-mlflow: no MLflow at all)")
+    export: str | None = _flag(None, "write the registered champions as a bundle zip", metavar="PATH")
+    report: str | None = _flag(
+        None,
+        "then write the quality report (python -m pipeline.report --with-recipe) of the chosen models to DIR",
+        metavar="DIR",
+    )
+    verbose: int = _flag(1, "Tune verbosity (1: live table)", choices=(0, 1, 2))
+    # evaluation and selection (pipeline.job.selection)
+    evaluate: bool = _flag(
+        True,
+        "evaluate the selected model on its held-out episodes (MuJoCo metrics where the dataset can be "
+        "simulated) into its model card and registry tags (default: on)",
+    )
+    select_by: str = _flag(
+        DEFAULT_METRIC,
+        "metric that picks each dataset's model among its trials, and the registry's champion rule",
+        choices=SELECT_METRICS,
+    )
+    select_top: int = _flag(
+        DEFAULT_TOP,
+        "with a physics --select-by: evaluate the best K trials by held-out MSE (0: all)",
+        metavar="K",
+    )
+    # the base training config of every trial (the TRAIN_FLAGS set; a search point overrides it)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # sample sizes of the evaluation (flags --eval-horizon, --eval-starts, --eval-samples)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        """Raise JobConfigError when flags contradict each other."""
+        if self.select_by != DEFAULT_METRIC and not self.evaluate:
+            raise JobConfigError(f"--select-by {self.select_by} needs the evaluation: drop --no-evaluate")
+        ev = self.evaluation
+        if self.select_top < 0 or min(ev.horizon, ev.starts, ev.samples) < 1:
+            raise JobConfigError(
+                "--select-top must be >= 0 and --eval-horizon, --eval-starts, --eval-samples >= 1"
+            )

@@ -1,0 +1,212 @@
+"""The Tune / Train glue: the trials of a job, the Tune trial that runs a TorchTrainer, the Tune run, the
+callback that writes the ledger, and fetching a trial's model from the storage path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from invdyn._files import atomic_dir
+from pipeline.job import placement
+from pipeline.job.outputs import Ledger
+from pipeline.job.records import REPORTED, PreparedDataset, TrialResult, TrialSpec
+from pipeline.job.trial_worker import CrashOnce, WorkerTask, train_worker
+from pipeline.training import search
+from pipeline.training.config import TrainConfig
+
+
+def make_trials(ready: dict[str, PreparedDataset], points: list[dict], base: TrainConfig) -> list[TrialSpec]:
+    """One trial per (dataset, search point): the base config with the point's fields set."""
+    trials = []
+    for name, d in ready.items():
+        for point in points:
+            train = TrainConfig.from_dict({**base.to_dict(), **point})
+            train.validate()
+            cfg = train.to_dict()
+            for k in ("device", "threads"):  # decided by placement, not part of what is searched
+                cfg.pop(k)
+            trials.append(TrialSpec(name, d.sha256, search.trial_key(name, d.sha256, cfg), cfg))
+    # Longest first: Tune starts trials in this order, so the biggest ones no longer run alone at the end.
+    return sorted(trials, key=lambda t: -search.estimated_cost(t.train, ready[t.dataset].info))
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """What every Tune trial of one run shares (handed to each trial through the object store)."""
+
+    executor: str  # "local" or "train" (pipeline.job.placement)
+    storage_path: str  # checkpoints and Tune state: a local dir, NFS or s3://
+    placement: placement.Placement
+    specs: dict[str, TrialSpec]  # by trial key: the Tune config names the key, the spec says the rest
+    data: dict[str, Any]  # object-store ref of each dataset's Transitions, by name
+    crash_once: CrashOnce | None = None
+
+
+def run_trial(config: dict, run: TrialRun) -> None:
+    """The Tune trial: builds the trial's TorchTrainer and runs it (pipeline.job.placement has the two
+    executors: "local" trains in this process, "train" in a Train worker of its own)."""
+    entered = time.time()
+    spec = run.specs[config["key"]]
+    pl = run.placement
+    run_name = f"train-{spec.key}-{uuid.uuid4().hex[:6]}"
+    task = WorkerTask(
+        spec=spec,
+        data=run.data[spec.dataset],
+        threads=pl.threads,
+        device="cuda" if pl.gpus > 0 else "cpu",
+        run_path=f"{run.storage_path.rstrip('/')}/{run_name}",
+        trial_entered_at=entered,
+        crash_once=run.crash_once,
+    )
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if run.executor == "local":
+        # Ray Train's local mode: the training function runs here, in the Tune trial's process, which holds
+        # the trial's resources and which Tune reuses for the next trial. It returns its metrics (Ray
+        # refuses `ray.train.report` inside a Tune trial); the model is reported to Tune, which persists it
+        # to the storage path before the temp dir goes.
+        from ray import tune
+
+        with tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
+            result = TorchTrainer(
+                train_worker,
+                train_loop_config={"task": dataclasses.replace(task, model_root=tmp)},
+                scaling_config=ray.train.ScalingConfig(num_workers=0),
+                run_config=ray.train.RunConfig(name=run_name),
+            ).fit()
+            tune.report(result.return_value, checkpoint=tune.Checkpoint.from_directory(f"{tmp}/model"))
+        return
+    for k, v in placement.TRAIN_ENV.items():
+        os.environ.setdefault(k, v)  # read by TorchTrainer here and propagated to its controller/workers
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    TorchTrainer(
+        train_worker,
+        train_loop_config={"task": task},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, use_gpu=pl.gpus > 0, resources_per_worker=pl.worker_resources()
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=run.storage_path, callbacks=[TuneReportCallback()]
+        ),
+    ).fit()
+
+
+class LedgerCallback(Callback):
+    """Tune callback (driver): writes each finished trial to the ledger the moment it finishes."""
+
+    def __init__(self, ledger: Ledger, specs: dict[str, TrialSpec]):
+        self.ledger, self.specs = ledger, specs
+        self.started: dict[str, float] = {}
+        self.errors: dict[str, str] = {}  # trial key -> the last line of its error
+        self.finished = 0
+
+    def _progress(self, trial, what: str) -> None:
+        c = trial.config
+        point = ", ".join(f"{k}={c[k]}" for k in ("hidden_dim", "dropout", "arch") if k in c)
+        print(
+            f"[{self.finished}/{len(self.specs)} done, {len(self.errors)} failed] {c['dataset']} ({point}): "
+            f"{what}",
+            flush=True,
+        )
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, time.time())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = dict(trial.last_result or {})
+        spec = self.specs[trial.config["key"]]
+        now = time.time()
+        started = self.started.get(trial.trial_id)
+        entry = TrialResult(
+            key=spec.key,
+            dataset=spec.dataset,
+            sha256=spec.sha256,
+            config=dict(spec.train),
+            trial_id=trial.trial_id,
+            checkpoint_path=r.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None),
+            started_at=started,
+            finished_at=now,
+            wall_s=now - (started or now),
+            **{k: r.get(k) for k in REPORTED},
+        )
+        self.ledger.record(entry)
+        self.finished += 1
+        self._progress(
+            trial,
+            f"held-out MSE {r.get('heldout_mse', float('nan')):.4g} after {r.get('epochs')} "
+            f"epoch(s), {entry.wall_s:.0f} s on {r.get('node_ip')}",
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.errors[trial.config["key"]] = _error_text(trial)
+        self._progress(trial, f"FAILED: {self.errors[trial.config['key']]}")
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return lines[-1][:500] if lines else f"trial {trial.trial_id} failed"
+    except OSError:
+        return f"trial {trial.trial_id} failed (error file {path or 'missing'})"
+
+
+def flat_space(trials: list[TrialSpec]) -> dict:
+    """A Tune param space with one trial per spec and a flat config (the MLflow params): a grid over the
+    trial keys, every other field looked up from the key."""
+    from ray import tune
+
+    by_key = {t.key: t.tune_config() for t in trials}
+    fields = sorted({k for c in by_key.values() for k in c} - {"key"})
+    space = {"key": tune.grid_search(list(by_key))}
+    for f in fields:
+        space[f] = tune.sample_from(lambda config, f=f: by_key[config["key"]].get(f))
+    return space
+
+
+def run_tune(run: TrialRun, *, out: Path, name: str, callbacks: list, max_failures: int, verbose: int):
+    """Run the trials of `run` with Ray Tune; returns {trial key: error} for trials that failed for good."""
+    from ray import tune
+
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard per trial
+    pl = run.placement
+    resources = pl.worker_resources() if run.executor == "local" else placement.trial_resources()
+    trainable = tune.with_resources(tune.with_parameters(run_trial, run=run), resources)
+    ledger_cb = LedgerCallback(Ledger(out), run.specs)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=flat_space(list(run.specs.values())),
+        tune_config=tune.TuneConfig(max_concurrent_trials=pl.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=run.storage_path,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            callbacks=[ledger_cb, *callbacks],
+            verbose=verbose,
+        ),
+    )
+    tuner.fit()
+    return dict(ledger_cb.errors)
+
+
+def fetch_model(checkpoint_path: str, dest: Path) -> Path:
+    """Copy a trial's model directory from the storage path (local, NFS or s3://) to `dest`, atomically."""
+    import ray.train
+
+    with atomic_dir(dest) as tmp:
+        if Path(checkpoint_path).is_dir():
+            shutil.copytree(checkpoint_path, tmp, dirs_exist_ok=True)
+        else:
+            ray.train.Checkpoint(checkpoint_path).to_directory(str(tmp))
+    return dest
