@@ -1,4 +1,4 @@
-"""`python -m pipeline.pretrain_all`: the command for the Ray job; the code lives in `pipeline.job.pretrain_all`."""
+"""`python -m pipeline.pretrain_all`: the Ray job; the code lives in `pipeline.job.pretrain_all`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline.train`: the command for training without Ray; the code lives in `pipeline.training.cli`."""
+"""`python -m pipeline.train`: training without Ray; the code lives in `pipeline.training.cli`."""
 
 import sys
 
