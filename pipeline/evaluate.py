@@ -1,8 +1,20 @@
-"""`python -m pipeline.evaluate`: the command for evaluation; the code lives in `pipeline.quality.evaluate`."""
+"""`python -m pipeline.evaluate`: the command for evaluation; the code lives in `pipeline.quality.evaluate`,
+`--log-to-registry` in `pipeline.registry.register` (wired here: the registry sits above quality)."""
 
 import sys
 
-from pipeline.quality.evaluate import main
+from pipeline.quality import evaluate
+
+
+def log_evaluation(model_uri: str, result: dict, mlflow_uri: str | None = None) -> dict:
+    from pipeline.registry.register import log_evaluation as log  # MLflow is imported only when asked for
+
+    return log(model_uri, result, mlflow_uri)
+
+
+def main(argv=None) -> int:
+    return evaluate.main(argv, log_evaluation=log_evaluation)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""pipeline.quality.evaluate: a trained IDM beats the mean action in real MuJoCo; the CLI contract; clear errors."""
+"""pipeline.quality.evaluate: a trained IDM beats the mean action in real MuJoCo; the CLI contract; clear
+errors."""
 
 import json
 import os
@@ -10,7 +11,8 @@ import pytest
 
 import invdyn
 from pipeline.data.sources import load_transitions
-from pipeline.quality.evaluate import EvaluationError, attach_evaluation, evaluate, evaluation_tags
+from pipeline.quality.evaluate import EvaluationError, attach_evaluation, evaluate
+from pipeline.quality.metrics import evaluation_tags
 from pipeline.training.trainer import TrainConfig, train
 
 QUICK = {
@@ -183,13 +185,15 @@ def test_a_cleandiffuser_checkpoint_is_evaluated_on_all_rows(sim_files):
 def test_evaluation_is_logged_to_the_registered_champion(
     trained, cheetah, sim_files, tmp_path, monkeypatch, capsys
 ):
-    """`evaluate models:/...@champion --log-to-registry` puts the headline metrics on that registered version."""
+    """`evaluate models:/...@champion --log-to-registry` puts the headline metrics on that registered
+    version."""
     from mlflow import MlflowClient
 
-    from pipeline.quality.evaluate import main
-    from pipeline.registry import store as tracking
+    from pipeline.evaluate import main  # the command: --log-to-registry is wired there
+    from pipeline.registry import store
+    from pipeline.registry.register import register_dataset
 
-    uri = tracking.default_uri(tmp_path / "job")
+    uri = store.default_uri(tmp_path / "job")
     params = invdyn.read_model_dir(trained).params
     record = {
         "dataset": "sim-halfcheetah-random-v0",
@@ -198,7 +202,7 @@ def test_evaluation_is_logged_to_the_registered_champion(
         "heldout_mse": params["metrics"]["heldout_mse"],
         "baseline_mse": params["metrics"]["baseline_mse"],
     }
-    registered = tracking.register_dataset(uri, record)
+    registered = register_dataset(uri, record)
     assert registered["champion"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model_uri = f"models:/{registered['model_name']}@champion"

@@ -1,4 +1,5 @@
-"""Export: the registered champions as one bundle, reproducible, loading offline like the registry's champion."""
+"""Export: the registered champions as one bundle, reproducible, loading offline like the registry's
+champion."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 from helpers.mlflow_server import model_record
 
 import invdyn
-from pipeline.registry import store as tracking
-from pipeline.registry.export import export_bundle
+from pipeline.registry import store
+from pipeline.registry.export import champions, export_bundle
 from pipeline.registry.export import main as export_main
+from pipeline.registry.register import register_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 A, B = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
@@ -23,10 +25,10 @@ A, B = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
 def registry(tmp_path_factory):
     """A SQLite registry: A has a worse and a better version (champion v2), B one version."""
     tmp_path = tmp_path_factory.mktemp("registry")
-    uri = tracking.default_uri(tmp_path / "job")
-    tracking.register_dataset(uri, model_record(tmp_path, A, 1, 0.5))
-    tracking.register_dataset(uri, model_record(tmp_path, A, 2, 0.3))
-    tracking.register_dataset(uri, model_record(tmp_path, B, 3, 0.4))
+    uri = store.default_uri(tmp_path / "job")
+    register_dataset(uri, model_record(tmp_path, A, 1, 0.5))
+    register_dataset(uri, model_record(tmp_path, A, 2, 0.3))
+    register_dataset(uri, model_record(tmp_path, B, 3, 0.4))
     return uri
 
 
@@ -72,15 +74,15 @@ def test_export_is_reproducible_and_loads_offline_like_the_champion(registry, tm
 def test_export_selected_datasets_and_clear_errors(registry, tmp_path):
     only = export_bundle(registry, tmp_path / "b.zip", datasets=[B])
     assert [m["name"] for m in invdyn.verify_bundle(only)["models"]] == [B]
-    with pytest.raises(tracking.TrackingError, match=f"sim-walker2d-random-v0.*registered: {A}, {B}"):
+    with pytest.raises(store.TrackingError, match=f"sim-walker2d-random-v0.*registered: {A}, {B}"):
         export_bundle(registry, tmp_path / "c.zip", datasets=["sim-walker2d-random-v0"])
-    with pytest.raises(tracking.TrackingError, match="no registered invdyn-\\* model has alias 'best'"):
+    with pytest.raises(store.TrackingError, match="no registered invdyn-\\* model has alias 'best'"):
         export_bundle(registry, tmp_path / "d.zip", alias="best")
     assert not (tmp_path / "c.zip").exists() and not (tmp_path / "d.zip").exists()
 
 
 def test_export_refuses_a_tampered_artifact(registry, tmp_path):
-    champion = next(c for c in tracking.champions(registry) if c["model_name"] == f"invdyn-{A}")
+    champion = next(c for c in champions(registry) if c["model_name"] == f"invdyn-{A}")
     ckpt = Path(champion["source"].removeprefix("file://")) / "model.ckpt"
     original = ckpt.read_bytes()
     ckpt.write_bytes(original[:-10] + b"0123456789")

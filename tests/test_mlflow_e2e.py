@@ -1,4 +1,4 @@
-"""`pipeline.job.pretrain_all` with a real `mlflow server`: registers champions, exports the bundle, never moves
+"""`pipeline.pretrain_all` with a real `mlflow server`: registers champions, exports the bundle, never moves
 champion to a worse model, fails fast when the server is down, and recovers when it goes down mid-job."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from helpers.mlflow_server import MlflowServer, free_port
 from mlflow import MlflowClient
 
 import invdyn
-from pipeline.registry import store as tracking
+from pipeline.registry import store
 
 pytestmark = pytest.mark.slow
 
@@ -205,7 +205,7 @@ def test_server_stopped_before_registration_then_register_from_storage(server, s
     ]
     proc = subprocess.run(list(map(str, cli)), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    sha = tracking.weights_sha256(model_dir)
+    sha = store.weights_sha256(model_dir)
     client = MlflowClient(server.uri, registry_uri=server.uri)
     found = client.search_model_versions(f"name = 'invdyn-{CHEETAH}' and tag.weights_sha256 = '{sha}'")
     assert len(found) == 1 and found[0].tags["dataset_sha256"] == record["sha256"]

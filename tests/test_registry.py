@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 
 import invdyn
 from pipeline.registry import store as tracking
-from pipeline.registry.register import register_from_storage
+from pipeline.registry.champion import choose_champion, settle_champion
+from pipeline.registry.register import register_dataset, register_from_storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,28 +44,28 @@ def test_choose_champion_compares_only_the_newest_data():
     def v(n, mse, sha):
         return SimpleNamespace(version=str(n), tags={"heldout_mse": str(mse), "dataset_sha256": sha})
 
-    assert tracking.choose_champion([]) is None
-    assert tracking.choose_champion([v(1, 0.5, "a"), v(2, 0.7, "a"), v(3, 0.3, "a")]) == "3"
-    assert tracking.choose_champion([v(1, 0.3, "a"), v(2, 0.3, "a")]) == "1"  # a tie does not move it
+    assert choose_champion([]) is None
+    assert choose_champion([v(1, 0.5, "a"), v(2, 0.7, "a"), v(3, 0.3, "a")]) == "3"
+    assert choose_champion([v(1, 0.3, "a"), v(2, 0.3, "a")]) == "1"  # a tie does not move it
     # version 3 is on new data: the (lower) MSEs on the old data do not count any more
-    assert tracking.choose_champion([v(1, 0.1, "a"), v(2, 0.2, "a"), v(3, 0.9, "b")]) == "3"
-    assert tracking.choose_champion([v(1, 0.1, "a"), v(2, "nan", "a")]) == "1"
+    assert choose_champion([v(1, 0.1, "a"), v(2, 0.2, "a"), v(3, 0.9, "b")]) == "3"
+    assert choose_champion([v(1, 0.1, "a"), v(2, "nan", "a")]) == "1"
 
 
 def test_champion_moves_only_to_a_better_model_sqlite(tmp_path, monkeypatch):
     uri = tracking.default_uri(tmp_path / "job")
     tracking.check_server(uri)
     ds, name = "sim-hopper-random-v0", "invdyn-sim-hopper-random-v0"
-    first = tracking.register_dataset(uri, model_record(tmp_path, ds, 1, 0.5))
+    first = register_dataset(uri, model_record(tmp_path, ds, 1, 0.5))
     assert (first["model_name"], first["version"], first["champion"]) == (name, "1", True)
-    worse = tracking.register_dataset(uri, model_record(tmp_path, ds, 2, 0.7))
+    worse = register_dataset(uri, model_record(tmp_path, ds, 2, 0.7))
     assert (worse["version"], worse["champion"]) == ("2", False)
     assert "does not beat champion v1" in worse["reason"]
     better_record = model_record(tmp_path, ds, 3, 0.3)
-    better = tracking.register_dataset(uri, better_record)
+    better = register_dataset(uri, better_record)
     assert (better["version"], better["champion"]) == ("3", True) and "beats champion v1" in better["reason"]
     # the same weights again (a retried job): no new version
-    again = tracking.register_dataset(uri, better_record)
+    again = register_dataset(uri, better_record)
     assert (again["version"], again["registered"], again["champion"]) == ("3", False, True)
     versions = _versions(uri, name)
     assert sorted(versions) == ["1", "2", "3"] and _champion(uri, name) == "3"
@@ -83,36 +84,35 @@ def test_champion_moves_only_to_a_better_model_sqlite(tmp_path, monkeypatch):
     nxt = obs + 0.1
     np.testing.assert_array_equal(model.predict(obs, nxt), expected.predict(obs, nxt))
     # new data (another sha256): champion moves even with a higher MSE, and the reason says why
-    new_data = tracking.register_dataset(uri, model_record(tmp_path, ds, 4, 0.9, sha256="b" * 64))
+    new_data = register_dataset(uri, model_record(tmp_path, ds, 4, 0.9, sha256="b" * 64))
     assert new_data["champion"] and "new data" in new_data["reason"]
 
 
 def test_bad_records_are_refused_with_the_reason(tmp_path):
     uri = tracking.default_uri(tmp_path / "job")
     with pytest.raises(tracking.TrackingError, match=r"lacks \['heldout_mse'\]"):
-        tracking.register_dataset(uri, {"dataset": "sim-x-v0", "model_dir": str(tmp_path)})
+        register_dataset(uri, {"dataset": "sim-x-v0", "model_dir": str(tmp_path)})
     with pytest.raises(tracking.TrackingError, match="does not exist"):
-        tracking.register_dataset(
+        register_dataset(
             uri, {"dataset": "sim-x-v0", "heldout_mse": 0.1, "model_dir": str(tmp_path / "no")}
         )
     record = model_record(tmp_path, "sim-x-v0", 1, 0.1)
     (Path(record["model_dir"]) / "model.ckpt").write_bytes(b"truncated")
     with pytest.raises(invdyn.ChecksumError, match="model.ckpt"):
-        tracking.register_dataset(uri, record)
+        register_dataset(uri, record)
     assert not (tmp_path / "job" / "mlflow.db").exists()  # refused before MLflow was touched
 
 
 RACER = """
 import json, sys, time
 from pathlib import Path
-from pipeline.registry import store as tracking
-from pipeline.registry.register import register_from_storage
+from pipeline.registry.register import register_dataset
 uri, records, go = sys.argv[1], json.load(open(sys.argv[2])), Path(sys.argv[3])
 print("ready", flush=True)
 while not go.exists():
     time.sleep(0.005)
 for r in records:
-    print(json.dumps(tracking.register_dataset(uri, r)), flush=True)
+    print(json.dumps(register_dataset(uri, r)), flush=True)
 """
 
 
@@ -124,8 +124,8 @@ def test_an_alias_written_concurrently_is_read_again_not_an_error(tmp_path, monk
     uri = tracking.default_uri(tmp_path / "job")
     tracking.check_server(uri)
     ds, name = "sim-alias-race-v0", "invdyn-sim-alias-race-v0"
-    tracking.register_dataset(uri, model_record(tmp_path, ds, 1, 0.5))
-    tracking.register_dataset(uri, model_record(tmp_path, ds, 2, 0.3))
+    register_dataset(uri, model_record(tmp_path, ds, 1, 0.5))
+    register_dataset(uri, model_record(tmp_path, ds, 2, 0.3))
     client = MlflowClient(uri, registry_uri=uri)
     client.set_registered_model_alias(name, "champion", "1")  # stale: version 2 is better
     real, calls = MlflowClient.set_registered_model_alias, []
@@ -139,7 +139,7 @@ def test_an_alias_written_concurrently_is_read_again_not_an_error(tmp_path, monk
         return real(self, *args)
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", conflict_once)
-    assert tracking.settle_champion(client, name) == "2"
+    assert settle_champion(client, name) == "2"
     assert len(calls) == 2 and _champion(uri, name) == "2"
     real(client, name, "champion", "1")  # stale again; now every write fails for another reason
 
@@ -148,7 +148,7 @@ def test_an_alias_written_concurrently_is_read_again_not_an_error(tmp_path, monk
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refused)
     with pytest.raises(MlflowException, match="permission denied"):  # any other error still fails
-        tracking.settle_champion(client, name)
+        settle_champion(client, name)
 
 
 @pytest.mark.parametrize("store", ["server", "sqlite"])
@@ -183,7 +183,8 @@ def test_concurrent_registrations_leave_champion_on_the_best(store, request, tmp
 
 def test_server_down_retry_then_register_from_storage(server, tmp_path):
     """Server stopped before registration: a clear error naming the recovery command; a registration
-    already retrying survives the (short) outage; `python -m pipeline.register --from-storage` finishes the rest."""
+    already retrying survives the (short) outage; `python -m pipeline.register --from-storage` finishes the
+    rest."""
     job = tmp_path / "job"
     records = [model_record(job, "sim-a-v0", 1, 0.3), model_record(job, "sim-b-v0", 2, 0.4)]
     records[1]["model_dir"] = str(Path(records[1]["model_dir"]).relative_to(job))  # relative paths work too
@@ -203,7 +204,7 @@ def test_server_down_retry_then_register_from_storage(server, tmp_path):
 
     def register():
         try:
-            result.update(tracking.register_dataset(server.uri, retried, attempts=12))
+            result.update(register_dataset(server.uri, retried, attempts=12))
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 
@@ -211,7 +212,7 @@ def test_server_down_retry_then_register_from_storage(server, tmp_path):
     server.stop()
     try:
         with pytest.raises(tracking.TrackingError, match=r"pipeline\.register --from-storage"):
-            tracking.register_dataset(server.uri, records[0], attempts=1)
+            register_dataset(server.uri, records[0], attempts=1)
         thread.start()
         down = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=120)
         assert down.returncode == 2 and server.uri in down.stderr and "mlflow server" in down.stderr

@@ -1,4 +1,5 @@
-"""pipeline.quality.report renders its tables and plots from a small real run (trained models, MuJoCo replay)."""
+"""pipeline.quality.report renders its tables and plots from a small real run (trained models, MuJoCo
+replay)."""
 
 import json
 import re
@@ -6,7 +7,8 @@ import re
 import pytest
 
 from pipeline.data.sources import load_transitions
-from pipeline.quality.report import main, read_summary, subset
+from pipeline.quality.recipe import subset
+from pipeline.quality.report import main, read_summary
 from pipeline.training.trainer import TrainConfig, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +25,7 @@ QUICK = {
 
 @pytest.fixture(scope="module")
 def summary(sim_files, tmp_path_factory):
-    """What pipeline.job.pretrain_all leaves: DIR/summary.json with one record per dataset, model dirs relative."""
+    """What pipeline.pretrain_all leaves: DIR/summary.json, one record per dataset, model dirs relative."""
     root = tmp_path_factory.mktemp("job")
     records = []
     for name, path in sim_files.items():

@@ -1,6 +1,6 @@
-"""Evaluation inside the Ray job: `pretrain_all --select-by tracking_drift` picks the trial whose actions track
-best in MuJoCo, writes the evaluation into the model card, tags the registered version with `eval.*` and makes
-the registry's champion follow the same metric (real Ray, real MuJoCo, real SQLite MLflow store)."""
+"""Evaluation inside the Ray job: `pretrain_all --select-by tracking_drift` picks the trial whose actions
+track best in MuJoCo, writes the evaluation into the model card, tags the registered version with `eval.*`
+and makes the registry's champion follow the same metric (real Ray, real MuJoCo, real SQLite MLflow store)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ from test_pretrain_all import CHEETAH, job_env, run_job
 import invdyn
 from pipeline.job.pretrain_all import parse_args
 from pipeline.registry import store as tracking
-from pipeline.registry.register import register_from_storage
+from pipeline.registry.champion import choose_champion
+from pipeline.registry.export import download_version
+from pipeline.registry.register import register_dataset, register_from_storage
 
 
 @pytest.fixture(scope="module")
 def select_job(sim_files, tmp_path_factory):
-    """One job: simulated HalfCheetah x 2 hidden sizes, and a dataset without simulator state, selected by drift."""
+    """One job: simulated HalfCheetah x 2 hidden sizes, and a dataset without simulator state, selected by
+    drift."""
     root = tmp_path_factory.mktemp("select-job")
     out = root / "out"
     plain = root / "plain-data.hdf5"
@@ -96,7 +99,7 @@ def test_registered_version_carries_eval_tags_and_the_evaluated_card(select_job,
     assert float(version.tags["eval.horizon"]) == 32
     # what the registry serves is the evaluated directory, not the trial's upload from before the evaluation
     downloaded = invdyn.read_model_dir(
-        tracking.download_version(uri, reg["model_name"], reg["version"], tmp_path)
+        download_version(uri, reg["model_name"], reg["version"], tmp_path)
     )
     assert "## Evaluation" in downloaded.card
     assert downloaded.params["evaluation"]["tracking_drift"] == rec["evaluation"]["tracking_drift"]
@@ -144,12 +147,12 @@ def test_choose_champion_by_a_physics_metric():
         _v(1, 0.1, tracking_drift=0.9, horizon=32.0),
         _v(2, 0.3, tracking_drift=0.5, horizon=32.0),
     )
-    assert tracking.choose_champion([low_mse, low_drift]) == "1"
-    assert tracking.choose_champion([low_mse, low_drift], "tracking_drift") == "2"  # lower drift, worse MSE
+    assert choose_champion([low_mse, low_drift]) == "1"
+    assert choose_champion([low_mse, low_drift], "tracking_drift") == "2"  # lower drift, worse MSE
     # versions without the tag: held-out MSE decides when none carries it, else only carriers compete
-    assert tracking.choose_champion([_v(1, 0.1), _v(2, 0.3)], "tracking_drift") == "1"
+    assert choose_champion([_v(1, 0.1), _v(2, 0.3)], "tracking_drift") == "1"
     assert (
-        tracking.choose_champion([_v(1, 0.1), _v(2, 0.3, tracking_drift=2.0, horizon=32.0)], "tracking_drift")
+        choose_champion([_v(1, 0.1), _v(2, 0.3, tracking_drift=2.0, horizon=32.0)], "tracking_drift")
         == "2"
     )
     # drift at another horizon is another quantity: the newest carrier's horizon decides which compare
@@ -158,11 +161,11 @@ def test_choose_champion_by_a_physics_metric():
         _v(2, 0.3, tracking_drift=0.5, horizon=32.0),
         _v(3, 0.2, tracking_drift=0.7, horizon=32.0),
     ]
-    assert tracking.choose_champion(mixed, "tracking_drift") == "2"
+    assert choose_champion(mixed, "tracking_drift") == "2"
     # newer data still wins over better numbers on older data; ties go to the older version
-    assert tracking.choose_champion([low_mse, low_drift, _v(3, 0.9, sha="b")], "tracking_drift") == "3"
+    assert choose_champion([low_mse, low_drift, _v(3, 0.9, sha="b")], "tracking_drift") == "3"
     assert (
-        tracking.choose_champion(
+        choose_champion(
             [_v(1, 0.2, one_step_error=0.4), _v(2, 0.1, one_step_error=0.4)], "one_step_error"
         )
         == "1"
@@ -179,16 +182,16 @@ def test_registry_champion_follows_the_registered_models_metric(tmp_path):
         )
         return model_record(tmp_path, ds, seed, mse, evaluation=evaluation, champion_metric=metric)
 
-    first = tracking.register_dataset(uri, record(1, 0.2, drift=0.9))
+    first = register_dataset(uri, record(1, 0.2, drift=0.9))
     assert first["champion"] and "first champion: tracking drift 0.9" in first["reason"]
-    second = tracking.register_dataset(uri, record(2, 0.5, drift=0.4))  # worse MSE, better drift
+    second = register_dataset(uri, record(2, 0.5, drift=0.4))  # worse MSE, better drift
     assert second["champion"] and "tracking drift 0.4 beats champion v1's 0.9" in second["reason"]
     unevaluated = record(3, 0.1)
-    third = tracking.register_dataset(uri, unevaluated)  # best MSE, but no drift to compare
+    third = register_dataset(uri, unevaluated)  # best MSE, but no drift to compare
     assert not third["champion"] and "no eval.tracking_drift tag" in third["reason"]
     assert third["champion_version"] == "2"
     # the rule lives on the registered model: a job that selects by held-out MSE moves the alias back
-    again = tracking.register_dataset(uri, {**unevaluated, "champion_metric": "heldout_mse"})
+    again = register_dataset(uri, {**unevaluated, "champion_metric": "heldout_mse"})
     assert (again["registered"], again["champion"], again["champion_metric"]) == (False, True, "heldout_mse")
     with pytest.raises(tracking.TrackingError, match="champion_metric 'speed' is not one of"):
-        tracking.register_dataset(uri, record(4, 0.3, metric="speed"))
+        register_dataset(uri, record(4, 0.3, metric="speed"))

@@ -1,4 +1,4 @@
-"""Tracking: fail-fast checks of the store, and the Tune callback logging one MLflow run per trial (real Ray)."""
+"""The store: fail-fast checks and names; the trial logger: one MLflow run per Ray Tune trial (real Ray)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from helpers.mlflow_server import free_port
 from mlflow import MlflowClient
 
 from pipeline.registry import store as tracking
+from pipeline.registry.register import register_dataset
+from pipeline.registry.trial_logger import MlflowTrialLogger
 
 
 def test_default_uri_and_resolution(tmp_path, monkeypatch):
@@ -24,7 +26,9 @@ def test_default_uri_and_resolution(tmp_path, monkeypatch):
     assert tracking.resolve_uri("http://h:1", tmp_path / "out") == "http://h:1"
     assert tracking.model_name("sim-hopper-random-v0") == "invdyn-sim-hopper-random-v0"
     assert tracking.model_name("minari:mujoco/hopper/expert-v0") == "invdyn-minari-mujoco-hopper-expert-v0"
-    assert tracking.redact("https://user:secret@host:5000/x") == "https://host:5000/x"
+    # messages show a URI through invdyn's one redactor; a SQLite path is shown as it is
+    assert tracking.shown_uri("https://user:secret@host:5000/x?token=t") == "https://***@host:5000/x?token=***"
+    assert tracking.shown_uri(uri) == uri
 
 
 def test_check_server_sqlite_and_file_stores(tmp_path):
@@ -105,14 +109,14 @@ def _trainable(config):
 
 
 @pytest.mark.slow
-def test_tune_callback_logs_one_run_per_trial(tmp_path, monkeypatch):
+def test_trial_logger_logs_one_run_per_trial(tmp_path, monkeypatch):
     import ray
     from ray import tune
 
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # trials import helpers.mlflow_server
     uri = tracking.default_uri(tmp_path / "out")
-    callback = tracking.tune_callback(uri, "job-x", "job-x")
+    callback = MlflowTrialLogger(uri, "job-x", "job-x")
     space = {
         "dataset": tune.grid_search(["sim-a-v0", "sim-b-v0"]),
         "model_dir_in_result": tune.grid_search([True, False]),
@@ -166,7 +170,7 @@ def test_tune_callback_logs_one_run_per_trial(tmp_path, monkeypatch):
         "model_dir": str(_download(client, best.info.run_id, tmp_path / "dl")),
         "trial_id": best.data.tags["ray_trial_id"],
     }
-    result = tracking.register_dataset(uri, record)
+    result = register_dataset(uri, record)
     assert result["run_id"] == best.info.run_id and result["source"].endswith(f"/{tracking.MODEL_ARTIFACT}")
     assert result["champion"]
 

@@ -1,6 +1,5 @@
-"""Evaluate an IDM on the held-out episodes of a dataset: action errors, and what its actions do in MuJoCo.
-
-`python -m pipeline.evaluate MODEL DATASET [--json] [--horizon 32]`
+"""Evaluate an IDM on the held-out episodes of a dataset: action errors, and what its actions do in MuJoCo:
+`python -m pipeline.evaluate MODEL DATASET [--json] [--horizon H]`.
 
 MODEL is a model directory, a bundle (.zip path or URL), an MLflow `models:/...` URI or a model name in
 the invdyn cache; DATASET anything `pipeline.data.sources.load_transitions` accepts. The held-out rows are
@@ -21,7 +20,15 @@ from pathlib import Path
 import numpy as np
 
 from invdyn.errors import InvdynError, ShapeError
-from pipeline.quality.metrics import HEADLINE, SELECT_METRICS  # noqa: F401 - re-exported for callers
+from invdyn.settings import dataset_model_name
+from pipeline.dataclass_cli import add_options, from_namespace
+from pipeline.quality.metrics import (  # noqa: F401 - SELECT_METRICS, evaluation_tags, headline: old home
+    HEADLINE,
+    SELECT_METRICS,
+    evaluation_tags,
+    fmt_number,
+    headline,
+)
 
 
 @dataclass
@@ -31,7 +38,7 @@ class EvalConfig:
     horizon: int = field(default=32, metadata={"help": "closed-loop tracking horizon in steps"})
     starts: int = field(default=128, metadata={"help": "tracking start points sampled per model"})
     samples: int = field(default=2000, metadata={"help": "one-step transitions sampled per model"})
-    seed: int = 0
+    seed: int = 0  # of the sampled start points and transitions
 
     def validate(self) -> None:
         if min(self.horizon, self.starts, self.samples) < 1:
@@ -46,8 +53,8 @@ def check_dims(model, transitions) -> None:
     """Refuse a model whose obs/act dims differ from the dataset's, naming both."""
     if (model.obs_dim, model.act_dim) != (transitions.obs_dim, transitions.act_dim):
         raise EvaluationError(
-            f"model {model.name or '?'!r} expects obs_dim={model.obs_dim}, act_dim={model.act_dim} but dataset "
-            f"{transitions.name!r} has obs_dim={transitions.obs_dim}, act_dim={transitions.act_dim}: "
+            f"model {model.name or '?'!r} expects obs_dim={model.obs_dim}, act_dim={model.act_dim} but "
+            f"dataset {transitions.name!r} has obs_dim={transitions.obs_dim}, act_dim={transitions.act_dim}: "
             "evaluate the model on the dataset it was trained for"
         )
 
@@ -69,7 +76,7 @@ def heldout_rows(transitions, params: dict) -> tuple[np.ndarray, np.ndarray, str
             everything,
             "all rows (the model was trained on other data: dataset sha256 differs)",
         )
-    from pipeline.training.trainer import split_from_training
+    from pipeline.training.split import split_from_training
 
     train, val = split_from_training(transitions, training)
     return np.asarray(train), np.asarray(val), f"validation split of training ({training['split']})"
@@ -95,12 +102,12 @@ def evaluate(
     model,
     transitions,
     *,
-    horizon: int = 32,
+    horizon: int = EvalConfig.horizon,
     rows: tuple[np.ndarray, np.ndarray, str] | None = None,
     physics: bool = True,
-    one_step_samples: int = 2000,
-    tracking_starts: int = 128,
-    seed: int = 0,
+    one_step_samples: int = EvalConfig.samples,
+    tracking_starts: int = EvalConfig.starts,
+    seed: int = EvalConfig.seed,
     progress: bool = False,
 ) -> dict:
     """All metrics of `model` (a PretrainedIDM) on the held-out rows of `transitions`, as a JSON-able dict.
@@ -173,43 +180,12 @@ def load_model(spec: str, dataset_name: str = ""):
     import invdyn
 
     if "://" in spec or spec.startswith(("models:/", "runs:/")) or Path(spec).expanduser().is_file():
-        name = _safe_name(dataset_name) or "model"
+        name = dataset_model_name(dataset_name) if dataset_name else "model"
         return invdyn.load(name, source=spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return invdyn.read_model_dir(path)
     return invdyn.load(spec)
-
-
-def _safe_name(name: str) -> str:
-    """A dataset name as a model name (models are named after their dataset)."""
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in Path(name).stem if name)
-
-
-def evaluation_tags(result: dict) -> dict:
-    """Flat `{"eval.<metric>": float}` of the headline metrics (for MLflow model-version tags / metrics)."""
-    out = {f"eval.{k}": float(result[k]) for k in HEADLINE if isinstance(result.get(k), (int, float))}
-    out["eval.horizon"] = float(result.get("horizon") or 0)
-    return out
-
-
-def headline(result: dict) -> dict:
-    """The headline metrics of an evaluation and what they were measured on (for summary.json records)."""
-    keep = (*HEADLINE, "horizon", "tracking_starts", "one_step_samples", "env_id", "physics_reason")
-    return {k: result.get(k) for k in keep if k in result}
-
-
-def log_to_registry(model_uri: str, result: dict, mlflow_uri: str | None = None) -> dict:
-    """Attach `evaluation_tags(result)` to the registered version `model_uri` points at (MLflow lives in
-    pipeline.registry.store, the one module that talks to it)."""
-    import os
-
-    from pipeline.registry import store as tracking
-
-    uri = mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise EvaluationError("--log-to-registry needs --mlflow-uri or MLFLOW_TRACKING_URI")
-    return tracking.tag_model_version(uri, model_uri, evaluation_tags(result))
 
 
 def card_section(result: dict) -> dict:
@@ -267,24 +243,21 @@ def model_card_with_evaluation(params: dict) -> str:
         "## Evaluation",
         "",
         f"On `{ev.get('dataset')}`, {ev.get('heldout')}: {ev.get('heldout_transitions')} transitions, "
-        f"{ev.get('heldout_episodes')} episodes. Physics in `{ev.get('env_id') or 'n/a'}`, horizon {ev.get('horizon')}"
+        f"{ev.get('heldout_episodes')} episodes. Physics in `{ev.get('env_id') or 'n/a'}`, "
+        f"horizon {ev.get('horizon')}"
         + (f" ({ev['physics_reason']})" if ev.get("physics_reason") else "")
         + ".",
         "",
         "| metric | model | mean-action baseline | recorded action (floor) |",
         "|---|---|---|---|",
-        f"| action MSE | {_fmt(ev.get('heldout_mse'))} | {_fmt(ev.get('baseline_mse'))} | 0 |",
-        f"| one-step state error (normalized RMSE) | {_fmt(ev.get('one_step_error'))} | "
-        f"{_fmt(ev.get('one_step_baseline'))} | {_fmt(ev.get('one_step_floor'))} |",
-        f"| tracking drift at H (normalized RMSE) | {_fmt(ev.get('tracking_drift'))} | "
-        f"{_fmt(ev.get('tracking_baseline'))} | {_fmt(ev.get('tracking_floor'))} |",
+        f"| action MSE | {fmt_number(ev.get('heldout_mse'))} | {fmt_number(ev.get('baseline_mse'))} | 0 |",
+        f"| one-step state error (normalized RMSE) | {fmt_number(ev.get('one_step_error'))} | "
+        f"{fmt_number(ev.get('one_step_baseline'))} | {fmt_number(ev.get('one_step_floor'))} |",
+        f"| tracking drift at H (normalized RMSE) | {fmt_number(ev.get('tracking_drift'))} | "
+        f"{fmt_number(ev.get('tracking_baseline'))} | {fmt_number(ev.get('tracking_floor'))} |",
         "",
     ]
     return card + "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def format_table(result: dict) -> str:
@@ -315,15 +288,17 @@ def format_table(result: dict) -> str:
         f"{result.get('heldout_transitions')} transitions / {result.get('heldout_episodes')} episodes",
         f"{'metric':32} {'model':>12} {'mean action':>12} {'recorded':>12}",
     ]
-    out += [f"{name:32} {_fmt(m):>12} {_fmt(b):>12} {_fmt(f):>12}" for name, m, b, f in rows]
+    out += [
+        f"{name:32} {fmt_number(m):>12} {fmt_number(b):>12} {fmt_number(f):>12}" for name, m, b, f in rows
+    ]
     if result.get("physics_reason"):
         out.append(f"physics metrics: n/a ({result['physics_reason']})")
-    r2 = ", ".join(_fmt(v) for v in result.get("per_dim_r2") or [])
+    r2 = ", ".join(fmt_number(v) for v in result.get("per_dim_r2") or [])
     out.append(f"per-dim R^2: {r2}")
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate",
         description="Evaluate an IDM on a dataset's held-out episodes, including closed-loop MuJoCo checks.",
@@ -333,10 +308,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("dataset", metavar="DATASET", help="dataset name, path or minari:<id>")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ap.add_argument("--horizon", type=int, default=32, help="closed-loop tracking horizon (default 32)")
-    ap.add_argument("--starts", type=int, default=128, help="tracking start points sampled (default 128)")
-    ap.add_argument("--samples", type=int, default=2000, help="one-step transitions sampled (default 2000)")
-    ap.add_argument("--seed", type=int, default=0)
+    add_options(ap, EvalConfig)
+    ap.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of the sampled states")
     ap.add_argument("--no-physics", action="store_true", help="skip the MuJoCo metrics")
     ap.add_argument("--attach", action="store_true", help="also write the results into MODEL's directory")
     ap.add_argument(
@@ -347,20 +320,30 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--mlflow-uri", default=None, help="registry for --log-to-registry (default: $MLFLOW_TRACKING_URI)"
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None, *, log_evaluation=None) -> int:
+    """The CLI; `log_evaluation(model_uri, result, mlflow_uri)` serves --log-to-registry (the registry sits
+    above this package: `python -m pipeline.evaluate` passes pipeline.registry.register.log_evaluation)."""
+    args = parser().parse_args(argv)
     from pipeline.data.sources import load_transitions
 
+    config = from_namespace(EvalConfig, args)
     try:
+        config.validate()
+        if args.log_to_registry and log_evaluation is None:
+            raise EvaluationError("--log-to-registry: run it as `python -m pipeline.evaluate`")
         transitions = load_transitions(args.dataset)
         model = load_model(args.model, transitions.name)
         result = evaluate(
             model,
             transitions,
-            horizon=args.horizon,
+            horizon=config.horizon,
             physics=not args.no_physics,
-            one_step_samples=args.samples,
-            tracking_starts=args.starts,
-            seed=args.seed,
+            one_step_samples=config.samples,
+            tracking_starts=config.starts,
+            seed=config.seed,
             progress=not args.json and sys.stderr.isatty(),
         )
         if args.attach:
@@ -370,7 +353,7 @@ def main(argv=None) -> int:
                 )
             attach_evaluation(model.path, result)
         if args.log_to_registry:
-            result["registry"] = log_to_registry(args.model, result, args.mlflow_uri)
+            result["registry"] = log_evaluation(args.model, result, args.mlflow_uri)
     except (InvdynError, ShapeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

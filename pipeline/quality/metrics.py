@@ -88,3 +88,16 @@ def fmt_number(value, spec: str = ".4g", missing: str = "n/a") -> str:
         return str(value)
     number = finite(value)
     return missing if number is None else format(number, spec)
+
+
+def evaluation_tags(result: dict) -> dict:
+    """Flat `{"eval.<metric>": float}` of the headline metrics (MLflow model-version tags / metrics)."""
+    out = {f"eval.{k}": float(result[k]) for k in HEADLINE if isinstance(result.get(k), (int, float))}
+    out["eval.horizon"] = float(result.get("horizon") or 0)
+    return out
+
+
+def headline(result: dict) -> dict:
+    """The headline metrics of an evaluation and what they were measured on (for summary.json records)."""
+    keep = (*HEADLINE, "horizon", "tracking_starts", "one_step_samples", "env_id", "physics_reason")
+    return {k: result.get(k) for k in keep if k in result}

@@ -1,1 +1,2 @@
-"""MLflow, touched only from here: the store, the per-trial logger, registration with the champion alias, export."""
+"""MLflow, touched only from here: the store, the per-trial logger, registration and the champion alias,
+export."""
