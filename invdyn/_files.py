@@ -72,7 +72,7 @@ def json_safe(obj):
         return json_safe(obj.tolist())
     if obj is None or isinstance(obj, (str, int)):
         return obj
-    raise TypeError(f"cannot write a {type(obj).__name__} as JSON: {obj!r:.80}")
+    raise TypeError(f"JSON cannot hold {type(obj).__name__} values: {obj!r:.80}")
 
 
 @contextlib.contextmanager

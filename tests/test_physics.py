@@ -27,7 +27,7 @@ def _zeros(t):
 def _metrics(t, allowed=None, **kw):
     std = t.obs.std(0) + 1e-8
     allowed = np.ones(len(t), bool) if allowed is None else allowed
-    kw = {"one_step_samples": 300, "tracking_starts": 8, "horizon": 16, **kw}
+    kw = {"one_step_samples": 300, "tracking_starts": 8, "horizon": 16, "seed": 0, **kw}
     return physics_metrics(t, _zeros(t), std, t.act.mean(0), allowed, **kw)
 
 

@@ -1,11 +1,14 @@
 """Simulated datasets are real MuJoCo physics: every recorded step replays exactly from infos/qpos, infos/qvel."""
 
+import signal
 import subprocess
 import sys
+import time
 
 import gymnasium
 import h5py
 import numpy as np
+import psutil
 import pytest
 
 import pipeline.sim.simulate
@@ -158,3 +161,39 @@ def test_gait_and_ou_reach_states_random_never_reaches():
 
     assert outside("random") < 0.05
     assert outside("gait") > 0.1 and outside("ou") > 0.1 and outside("mixed") > 0.05
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_simulation_writes_nothing_and_stops_its_workers(tmp_path, sig):
+    """Ctrl-C / SIGTERM while worker processes roll out chunks: no dataset file, no temp file, no process
+    left behind; the next run writes the whole file."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.simulate", "sim-hopper-random-v0", "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--transitions", "400000", "--workers", "2"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while len(me.children(recursive=True)) < 3 and time.monotonic() < deadline:  # forkserver + 2
+            time.sleep(0.05)
+        workers = me.children(recursive=True)
+        assert len(workers) >= 3, "the worker processes never started"
+        time.sleep(1.0)  # mid-run: chunks are being rolled out
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode in (130, 143) and "Traceback" not in err, err
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert alive == [], f"worker processes left running: {alive}"
+    assert not out.exists() or list(out.iterdir()) == []  # no dataset, whole or half, and no temp file
+    r = subprocess.run([*cmd, "--transitions", "3000"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in out.iterdir()] == ["sim-hopper-random-v0.hdf5"]
+
+
+def test_a_failing_worker_is_named_in_the_error():
+    jobs = [("hopper", "random", 0, 0, 50), ("hopper", "no-such-policy", 0, 1, 50)]
+    with pytest.raises(DatasetError, match=r"worker failed on chunk 1 .*no-such-policy.*ValueError"):
+        pipeline.sim.simulate._run(jobs, workers=2, progress=False, desc="test")

@@ -167,13 +167,53 @@ def read_hdf5(
     """
     path = Path(path)
     where = str(path)
-    name = name or path.stem
+    arrays, attrs = _read_hdf5_arrays(path, where)
+    obs = _as_2d(where, "observations", arrays["observations"])
+    act = _as_2d(where, "actions", arrays["actions"])
+    nxt = arrays.get("next_observations")
+    if nxt is not None:
+        nxt = _as_2d(where, "next_observations", nxt)
+        if nxt.shape[1] != obs.shape[1]:
+            raise DatasetError(
+                f"{where}: key 'next_observations' has {nxt.shape[1]} values per row, "
+                f"'observations' {obs.shape[1]}"
+            )
+    if expect:
+        _check_dims(where, "observations", obs, expect.get("obs_dim"), expect["name"])
+        _check_dims(where, "actions", act, expect.get("act_dim"), expect["name"])
+    terminals = arrays["terminals"].reshape(-1).astype(bool)
+    inferred = "timeouts" not in arrays
+    timeouts = infer_timeouts(terminals) if inferred else arrays["timeouts"].reshape(-1).astype(bool)
+    stats = {
+        "source": str(path.resolve()),
+        "format": "d4rl-hdf5",
+        "sha256": sha256 or sha256_file(path),
+        "has_next_observations": nxt is not None,
+        "timeouts_inferred": inferred,
+        **_hdf5_provenance(where, attrs, expect),
+    }
+    qpos, qvel = (_as_2d(where, f"infos/{k}", arrays[k]) if k in arrays else None for k in ("qpos", "qvel"))
+    return make_transitions(
+        name or path.stem,
+        where,
+        obs,
+        act,
+        terminals=terminals,
+        timeouts=timeouts,
+        next_obs=nxt,
+        qpos=qpos,
+        qvel=qvel,
+        stats=stats,
+    )
+
+
+def _read_hdf5_arrays(path: Path, where: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The per-step arrays (infos/qpos, infos/qvel as qpos, qvel) and the file attributes, checked."""
     with _damaged_hdf5(where), open_hdf5(path) as f:
         _row_counts(f, where)
         try:
-            arrays = {
-                key: f[key][()] for key in (*REQUIRED_KEYS, "timeouts", "next_observations") if key in f
-            }
+            keys = (*REQUIRED_KEYS, "timeouts", "next_observations")
+            arrays = {key: f[key][()] for key in keys if key in f}
             for key in ("qpos", "qvel"):
                 if f"infos/{key}" in f:
                     arrays[key] = f[f"infos/{key}"][()]
@@ -190,55 +230,26 @@ def read_hdf5(
             attrs = {k: _attr(v) for k, v in f.attrs.items()}
         except (OSError, ValueError, TypeError) as e:
             raise DatasetError(f"{where}: unreadable file attributes ({e})") from None
-    obs = _as_2d(where, "observations", arrays["observations"])
-    act = _as_2d(where, "actions", arrays["actions"])
-    nxt = arrays.get("next_observations")
-    if nxt is not None:
-        nxt = _as_2d(where, "next_observations", nxt)
-        if nxt.shape[1] != obs.shape[1]:
-            raise DatasetError(
-                f"{where}: key 'next_observations' has {nxt.shape[1]} values per row, 'observations' {obs.shape[1]}"
-            )
-    if expect:
-        _check_dims(where, "observations", obs, expect.get("obs_dim"), expect["name"])
-        _check_dims(where, "actions", act, expect.get("act_dim"), expect["name"])
-    terminals = arrays["terminals"].reshape(-1).astype(bool)
-    inferred = "timeouts" not in arrays
-    timeouts = infer_timeouts(terminals) if inferred else arrays["timeouts"].reshape(-1).astype(bool)
-    stats = {
-        "source": str(path.resolve()),
-        "format": "d4rl-hdf5",
-        "sha256": sha256 or sha256_file(path),
-        "env_id": env_id
-        if isinstance(env_id := attrs.get("env_id"), str) and env_id
-        else (expect or {}).get("env_id"),
-        "has_next_observations": nxt is not None,
-        "timeouts_inferred": inferred,
-    }
+    return arrays, attrs
+
+
+def _hdf5_provenance(where: str, attrs: dict, expect: dict | None) -> dict:
+    """env_id (the file's attribute, else the catalog's), and for a simulated file its generator, policy,
+    seed and env_kwargs."""
+    env_id = attrs.get("env_id")
+    out = {"env_id": env_id if isinstance(env_id, str) and env_id else (expect or {}).get("env_id")}
     if attrs.get("generator"):
-        stats.update(generator=attrs["generator"], policy=attrs.get("policy"), seed=attrs.get("seed"))
+        out.update(generator=attrs["generator"], policy=attrs.get("policy"), seed=attrs.get("seed"))
     if attrs.get("env_kwargs"):
         try:
-            stats["env_kwargs"] = json.loads(attrs["env_kwargs"])
+            out["env_kwargs"] = json.loads(attrs["env_kwargs"])
         except (TypeError, ValueError, RecursionError):
-            stats["env_kwargs"] = None
-        if not isinstance(stats["env_kwargs"], dict):
+            out["env_kwargs"] = None
+        if not isinstance(out["env_kwargs"], dict):
             raise DatasetError(
                 f"{where}: attribute 'env_kwargs' must be a JSON object, got {attrs['env_kwargs']!r:.80}"
             )
-    qpos, qvel = (_as_2d(where, f"infos/{k}", arrays[k]) if k in arrays else None for k in ("qpos", "qvel"))
-    return make_transitions(
-        name,
-        where,
-        obs,
-        act,
-        terminals=terminals,
-        timeouts=timeouts,
-        next_obs=nxt,
-        qpos=qpos,
-        qvel=qvel,
-        stats=stats,
-    )
+    return out
 
 
 PARQUET_COLUMNS = ("obs", "act", "next_obs", "episode")
@@ -248,52 +259,10 @@ def read_parquet(
     path, *, name: str | None = None, expect: dict | None = None, sha256: str | None = None
 ) -> Transitions:
     """A Parquet file of pairs: list columns obs, act, next_obs and an integer episode column."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise DatasetMissingError(f"dataset file {path} does not exist")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DatasetError(f"{where}: not a readable Parquet file ({e})") from None
-    missing = [c for c in PARQUET_COLUMNS if c not in table.column_names]
-    if missing:
-        raise DatasetError(
-            f"{where}: missing column(s) {', '.join(missing)} (a Parquet dataset needs list columns obs, act, "
-            f"next_obs and an integer episode column; found: {', '.join(table.column_names)})"
-        )
-    if table.num_rows == 0:
-        raise DatasetError(f"{where}: no rows")
-
-    def matrix(col: str) -> np.ndarray:
-        arr = table.column(col).combine_chunks()
-        if not (
-            pa.types.is_list(arr.type)
-            or pa.types.is_large_list(arr.type)
-            or pa.types.is_fixed_size_list(arr.type)
-        ):
-            raise DatasetError(
-                f"{where}: column {col!r} must hold one list of numbers per row, got {arr.type}"
-            )
-        value_type = arr.type.value_type
-        if not (
-            pa.types.is_integer(value_type)
-            or pa.types.is_floating(value_type)
-            or pa.types.is_boolean(value_type)
-        ):
-            raise DatasetError(f"{where}: column {col!r} must hold lists of numbers, got {arr.type}")
-        lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-        if arr.null_count or len(set(lengths.tolist())) != 1:
-            raise DatasetError(f"{where}: column {col!r} has rows of different lengths or nulls")
-        return (
-            arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(arr), int(lengths[0]))
-        )
-
-    obs, act, nxt = matrix("obs"), matrix("act"), matrix("next_obs")
+    table = _parquet_table(path, where)
+    obs, act, nxt = (_parquet_matrix(table, where, col) for col in ("obs", "act", "next_obs"))
     if nxt.shape[1] != obs.shape[1]:
         raise DatasetError(
             f"{where}: column 'next_obs' has {nxt.shape[1]} values per row, 'obs' {obs.shape[1]}"
@@ -323,3 +292,44 @@ def read_parquet(
         next_obs=nxt,
         stats=stats,
     )
+
+
+def _parquet_table(path: Path, where: str):
+    """The whole table, with the columns a Parquet dataset needs and at least one row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DatasetMissingError(f"dataset file {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{where}: not a readable Parquet file ({e})") from None
+    missing = [c for c in PARQUET_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DatasetError(
+            f"{where}: missing column(s) {', '.join(missing)} (a Parquet dataset needs list columns obs, "
+            f"act, next_obs and an integer episode column; found: {', '.join(table.column_names)})"
+        )
+    if table.num_rows == 0:
+        raise DatasetError(f"{where}: no rows")
+    return table
+
+
+def _parquet_matrix(table, where: str, col: str) -> np.ndarray:
+    """A list column of numbers, all rows the same length, as a float64 (rows, dims) array."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = table.column(col).combine_chunks()
+    kind = arr.type
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+        raise DatasetError(f"{where}: column {col!r} must hold one list of numbers per row, got {kind}")
+    value = kind.value_type
+    if not (pa.types.is_integer(value) or pa.types.is_floating(value) or pa.types.is_boolean(value)):
+        raise DatasetError(f"{where}: column {col!r} must hold lists of numbers, got {kind}")
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    if arr.null_count or len(set(lengths.tolist())) != 1:
+        raise DatasetError(f"{where}: column {col!r} has rows of different lengths or nulls")
+    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    return values.reshape(len(arr), int(lengths[0]))

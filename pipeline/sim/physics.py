@@ -232,6 +232,22 @@ def normalized_rmse(a: np.ndarray, b: np.ndarray, std: np.ndarray, axis=None):
     )
 
 
+#: every metric physics_metrics reports, None when it cannot be computed
+_NULL_METRICS = dict.fromkeys(
+    (
+        "one_step_error",
+        "one_step_baseline",
+        "one_step_floor",
+        "tracking_drift",
+        "tracking_baseline",
+        "tracking_floor",
+        "drift_per_step",
+        "baseline_drift_per_step",
+        "floor_drift_per_step",
+    )
+)
+
+
 def physics_metrics(
     transitions,
     predict,
@@ -239,10 +255,10 @@ def physics_metrics(
     mean_action: np.ndarray,
     allowed: np.ndarray,
     *,
-    horizon: int = 32,
-    one_step_samples: int = 2000,
-    tracking_starts: int = 128,
-    seed: int = 0,
+    horizon: int,
+    one_step_samples: int,
+    tracking_starts: int,
+    seed: int,
     env_kwargs: dict | None = None,
     progress: bool = False,
 ) -> dict:
@@ -250,29 +266,17 @@ def physics_metrics(
 
     `predict(obs, next_obs)` maps raw observations (N, obs_dim) to actions (N, act_dim). Returns a dict of
     plain floats / lists; when the dataset cannot be simulated, every metric is None and "physics_reason"
-    says why.
+    says why. The sizes (horizon, samples, starts, seed) come from the caller's evaluation config.
     """
-    null = {
-        "one_step_error": None,
-        "one_step_baseline": None,
-        "one_step_floor": None,
-        "tracking_drift": None,
-        "tracking_baseline": None,
-        "tracking_floor": None,
-        "drift_per_step": None,
-        "baseline_drift_per_step": None,
-        "floor_drift_per_step": None,
-        "horizon": horizon,
-    }
+    null = {**_NULL_METRICS, "horizon": horizon}
     try:
         replay = Replay(transitions, env_kwargs)
     except PhysicsUnavailable as e:
         return {**null, "physics_reason": str(e)}
     from tqdm.auto import tqdm
 
-    replay.bar = tqdm(
-        desc=f"MuJoCo replay {transitions.name}", unit="step", unit_scale=True, disable=not progress
-    )
+    desc = f"MuJoCo replay {transitions.name}"
+    replay.bar = tqdm(desc=desc, unit="step", unit_scale=True, disable=not progress)
     # padding dims are zero in data and simulation alike: leave them out of the RMSE instead of diluting it
     std = np.asarray(std, np.float64)[: replay.env_obs_dim]
     mean_action = np.asarray(mean_action, np.float64)
@@ -282,47 +286,54 @@ def physics_metrics(
             return {**null, "physics_reason": "no held-out transition has a recorded next state"}
         # separate streams: the tracking starts do not depend on how many one-step samples were drawn
         rows = seeded_sample(rows, one_step_samples, seed, 0)
-        ref, ref_kind = replay.references(rows, std)
-        tr = transitions
-        pred = predict(tr.obs[rows], tr.next_obs[rows])
-        result = {
-            "env_id": replay.env_id,
-            "reference": ref_kind,
-            "one_step_samples": int(len(rows)),
-            "one_step_error": float(normalized_rmse(replay.step_from(rows, pred), ref, std)),
-            "one_step_baseline": float(
-                normalized_rmse(replay.step_from(rows, np.broadcast_to(mean_action, pred.shape)), ref, std)
-            ),
-            "one_step_floor": float(normalized_rmse(replay.step_from(rows, tr.act[rows]), ref, std)),
-            "horizon": horizon,
-        }
+        result = {**_one_step(replay, rows, predict, std, mean_action), "horizon": horizon}
         starts = window_starts(replay.successor, allowed, horizon)
         if len(starts) == 0:
-            return {
-                **null,
-                **result,
-                "physics_reason": f"no held-out episode has {horizon + 1} consecutive recorded states",
-            }
+            reason = f"no held-out episode has {horizon + 1} consecutive recorded states"
+            return {**null, **result, "physics_reason": reason}
         starts = seeded_sample(starts, tracking_starts, seed, 1)
-        ref_traj = replay.reference_trajectory(starts, horizon, std)
-        policies = {
-            "drift_per_step": lambda k, o, target: predict(o.astype(np.float32), target),
-            "baseline_drift_per_step": lambda k, o, target: np.broadcast_to(
-                mean_action, (len(o), len(mean_action))
-            ),
-            "floor_drift_per_step": lambda k, o, target: tr.act[starts + k],
-        }
-        for key, act_fn in policies.items():
-            sim = replay.rollout(starts, horizon, act_fn)
-            result[key] = normalized_rmse(sim, ref_traj, std, axis=(0, 2)).tolist()
-        result.update(
-            tracking_starts=int(len(starts)),
-            tracking_drift=result["drift_per_step"][-1],
-            tracking_baseline=result["baseline_drift_per_step"][-1],
-            tracking_floor=result["floor_drift_per_step"][-1],
-            physics_reason=None,
-        )
+        result.update(_tracking(replay, starts, horizon, predict, std, mean_action), physics_reason=None)
         return result
     finally:
         replay.bar.close()
         replay.close()
+
+
+def _one_step(replay: Replay, rows, predict, std, mean_action) -> dict:
+    """One-step error of the model's actions, of the mean action (baseline) and of the recorded ones (floor)."""
+    tr = replay.transitions
+    ref, ref_kind = replay.references(rows, std)
+    pred = predict(tr.obs[rows], tr.next_obs[rows])
+    baseline = np.broadcast_to(mean_action, pred.shape)
+    return {
+        "env_id": replay.env_id,
+        "reference": ref_kind,
+        "one_step_samples": int(len(rows)),
+        "one_step_error": float(normalized_rmse(replay.step_from(rows, pred), ref, std)),
+        "one_step_baseline": float(normalized_rmse(replay.step_from(rows, baseline), ref, std)),
+        "one_step_floor": float(normalized_rmse(replay.step_from(rows, tr.act[rows]), ref, std)),
+    }
+
+
+def _tracking(replay: Replay, starts, horizon: int, predict, std, mean_action) -> dict:
+    """Drift per step of the closed loop under the model, the mean action and the recorded actions."""
+    tr = replay.transitions
+    ref_traj = replay.reference_trajectory(starts, horizon, std)
+    policies = {
+        "drift_per_step": lambda k, o, target: predict(o.astype(np.float32), target),
+        "baseline_drift_per_step": lambda k, o, target: np.broadcast_to(
+            mean_action, (len(o), len(mean_action))
+        ),
+        "floor_drift_per_step": lambda k, o, target: tr.act[starts + k],
+    }
+    out = {}
+    for key, act_fn in policies.items():
+        sim = replay.rollout(starts, horizon, act_fn)
+        out[key] = normalized_rmse(sim, ref_traj, std, axis=(0, 2)).tolist()
+    return {
+        **out,
+        "tracking_starts": int(len(starts)),
+        "tracking_drift": out["drift_per_step"][-1],
+        "tracking_baseline": out["baseline_drift_per_step"][-1],
+        "tracking_floor": out["floor_drift_per_step"][-1],
+    }

@@ -125,17 +125,12 @@ def _run(jobs, workers: int, progress: bool, desc: str) -> list[dict]:
 
 def _pool_context():
     """forkserver where there is one, else spawn: a forked copy of a process that holds MuJoCo / torch /
-    Ray threads can deadlock. The forkserver imports the rollout code once and workers are forked from it.
-    Each worker also re-runs the parent's `-m` module (multiprocessing does): when that is one of ours
-    (a pipeline command, import-safe), the forkserver imports it too, so a worker pays for it once."""
+    Ray threads can deadlock. The forkserver imports the rollout code once and workers are forked from it
+    (each also re-imports the parent's main module: multiprocessing's rule)."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
-    preload = ["pipeline.sim.rollout"]
-    main = getattr(sys.modules["__main__"], "__spec__", None)
-    if main is not None and main.name.startswith("pipeline."):
-        preload.append(main.name)
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(preload)
+    ctx.set_forkserver_preload(["pipeline.sim.rollout"])
     return ctx
 
 
@@ -214,6 +209,9 @@ def main(argv=None) -> int:
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the dataset being simulated was not written", file=sys.stderr)
+        return 130
     return 0
 
 
