@@ -98,9 +98,7 @@ def test_registered_version_carries_eval_tags_and_the_evaluated_card(select_job,
     assert float(version.tags["eval.one_step_error"]) == rec["evaluation"]["one_step_error"]
     assert float(version.tags["eval.horizon"]) == 32
     # what the registry serves is the evaluated directory, not the trial's upload from before the evaluation
-    downloaded = invdyn.read_model_dir(
-        download_version(uri, reg["model_name"], reg["version"], tmp_path)
-    )
+    downloaded = invdyn.read_model_dir(download_version(uri, reg["model_name"], reg["version"], tmp_path))
     assert "## Evaluation" in downloaded.card
     assert downloaded.params["evaluation"]["tracking_drift"] == rec["evaluation"]["tracking_drift"]
     # re-registration from storage follows the same rule and adds nothing
@@ -152,8 +150,7 @@ def test_choose_champion_by_a_physics_metric():
     # versions without the tag: held-out MSE decides when none carries it, else only carriers compete
     assert choose_champion([_v(1, 0.1), _v(2, 0.3)], "tracking_drift") == "1"
     assert (
-        choose_champion([_v(1, 0.1), _v(2, 0.3, tracking_drift=2.0, horizon=32.0)], "tracking_drift")
-        == "2"
+        choose_champion([_v(1, 0.1), _v(2, 0.3, tracking_drift=2.0, horizon=32.0)], "tracking_drift") == "2"
     )
     # drift at another horizon is another quantity: the newest carrier's horizon decides which compare
     mixed = [
@@ -162,14 +159,11 @@ def test_choose_champion_by_a_physics_metric():
         _v(3, 0.2, tracking_drift=0.7, horizon=32.0),
     ]
     assert choose_champion(mixed, "tracking_drift") == "2"
-    # newer data still wins over better numbers on older data; ties go to the older version
+    # newer data still wins over better numbers on older data; a tie on the metric goes to the lower
+    # held-out MSE, then to the older version (pipeline.quality.metrics.rank, the job's rule too)
     assert choose_champion([low_mse, low_drift, _v(3, 0.9, sha="b")], "tracking_drift") == "3"
-    assert (
-        choose_champion(
-            [_v(1, 0.2, one_step_error=0.4), _v(2, 0.1, one_step_error=0.4)], "one_step_error"
-        )
-        == "1"
-    )
+    tie = [_v(1, 0.2, one_step_error=0.4), _v(2, 0.1, one_step_error=0.4), _v(3, 0.1, one_step_error=0.4)]
+    assert choose_champion(tie, "one_step_error") == "2"
 
 
 def test_registry_champion_follows_the_registered_models_metric(tmp_path):

@@ -146,7 +146,8 @@ def decide(versions, metric: str = DEFAULT_METRIC, anchor: str | None = None, pr
         carriers = [v for v in same if score(v, metric) is not None]
         if carriers:
             newest = max(carriers, key=_number).tags.get("eval.horizon")
-            d.horizon = held.tags.get("eval.horizon") if held in carriers else newest
+            held_carries = held is not None and any(v is held for v in carriers)
+            d.horizon = held.tags.get("eval.horizon") if held_carries else newest
             same = [v for v in same if score(v, metric) is None or v.tags.get("eval.horizon") == d.horizon]
     candidates = [
         Candidate(
