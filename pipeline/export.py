@@ -1,4 +1,4 @@
-"""`python -m pipeline.export`: the command for the bundle export; the code lives in `pipeline.registry.export`."""
+"""`python -m pipeline.export`: the bundle export; the code lives in `pipeline.registry.export`."""
 
 import sys
 

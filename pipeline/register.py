@@ -1,4 +1,4 @@
-"""`python -m pipeline.register`: the command for later registration; the code lives in `pipeline.registry.register`."""
+"""`python -m pipeline.register`: register later, promote; the code lives in `pipeline.registry.register`."""
 
 import sys
 

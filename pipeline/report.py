@@ -1,4 +1,4 @@
-"""`python -m pipeline.report`: the command for the quality report; the code lives in `pipeline.quality.report`."""
+"""`python -m pipeline.report`: the quality report; the code lives in `pipeline.quality.report`."""
 
 import sys
 

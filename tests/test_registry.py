@@ -15,7 +15,7 @@ from helpers.mlflow_server import MlflowServer, model_record
 from mlflow import MlflowClient
 
 import invdyn
-from pipeline.registry import store as tracking
+from pipeline.registry import store
 from pipeline.registry.champion import choose_champion, settle_champion
 from pipeline.registry.register import register_dataset, register_from_storage
 
@@ -53,8 +53,8 @@ def test_choose_champion_compares_only_the_newest_data():
 
 
 def test_champion_moves_only_to_a_better_model_sqlite(tmp_path, monkeypatch):
-    uri = tracking.default_uri(tmp_path / "job")
-    tracking.check_server(uri)
+    uri = store.default_uri(tmp_path / "job")
+    store.check_server(uri)
     ds, name = "sim-hopper-random-v0", "invdyn-sim-hopper-random-v0"
     first = register_dataset(uri, model_record(tmp_path, ds, 1, 0.5))
     assert (first["model_name"], first["version"], first["champion"]) == (name, "1", True)
@@ -89,13 +89,11 @@ def test_champion_moves_only_to_a_better_model_sqlite(tmp_path, monkeypatch):
 
 
 def test_bad_records_are_refused_with_the_reason(tmp_path):
-    uri = tracking.default_uri(tmp_path / "job")
-    with pytest.raises(tracking.TrackingError, match=r"lacks \['heldout_mse'\]"):
+    uri = store.default_uri(tmp_path / "job")
+    with pytest.raises(store.TrackingError, match=r"lacks \['heldout_mse'\]"):
         register_dataset(uri, {"dataset": "sim-x-v0", "model_dir": str(tmp_path)})
-    with pytest.raises(tracking.TrackingError, match="does not exist"):
-        register_dataset(
-            uri, {"dataset": "sim-x-v0", "heldout_mse": 0.1, "model_dir": str(tmp_path / "no")}
-        )
+    with pytest.raises(store.TrackingError, match="does not exist"):
+        register_dataset(uri, {"dataset": "sim-x-v0", "heldout_mse": 0.1, "model_dir": str(tmp_path / "no")})
     record = model_record(tmp_path, "sim-x-v0", 1, 0.1)
     (Path(record["model_dir"]) / "model.ckpt").write_bytes(b"truncated")
     with pytest.raises(invdyn.ChecksumError, match="model.ckpt"):
@@ -121,8 +119,8 @@ def test_an_alias_written_concurrently_is_read_again_not_an_error(tmp_path, monk
     (seen once in CI through a server). Planted here, since the real one needs a lucky interleaving."""
     from mlflow.exceptions import MlflowException
 
-    uri = tracking.default_uri(tmp_path / "job")
-    tracking.check_server(uri)
+    uri = store.default_uri(tmp_path / "job")
+    store.check_server(uri)
     ds, name = "sim-alias-race-v0", "invdyn-sim-alias-race-v0"
     register_dataset(uri, model_record(tmp_path, ds, 1, 0.5))
     register_dataset(uri, model_record(tmp_path, ds, 2, 0.3))
@@ -153,9 +151,7 @@ def test_an_alias_written_concurrently_is_read_again_not_an_error(tmp_path, monk
 
 @pytest.mark.parametrize("store", ["server", "sqlite"])
 def test_concurrent_registrations_leave_champion_on_the_best(store, request, tmp_path):
-    uri = (
-        request.getfixturevalue("server").uri if store == "server" else tracking.default_uri(tmp_path / "job")
-    )
+    uri = request.getfixturevalue("server").uri if store == "server" else store.default_uri(tmp_path / "job")
     ds = f"sim-race-{store}-v0"
     plans = {"a": [(1, 0.50), (2, 0.20), (3, 0.45)], "b": [(4, 0.40), (5, 0.30), (6, 0.25)]}
     go = tmp_path / "go"
@@ -173,7 +169,7 @@ def test_concurrent_registrations_leave_champion_on_the_best(store, request, tmp
     for p in procs:
         _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-3000:]
-    name = tracking.model_name(ds)
+    name = store.model_name(ds)
     versions = _versions(uri, name)
     assert len(versions) == 6
     best = min(versions.values(), key=lambda v: float(v.tags["heldout_mse"]))
@@ -211,7 +207,7 @@ def test_server_down_retry_then_register_from_storage(server, tmp_path):
     thread = threading.Thread(target=register)
     server.stop()
     try:
-        with pytest.raises(tracking.TrackingError, match=r"pipeline\.register --from-storage"):
+        with pytest.raises(store.TrackingError, match=r"pipeline\.register --from-storage"):
             register_dataset(server.uri, records[0], attempts=1)
         thread.start()
         down = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -226,8 +222,8 @@ def test_server_down_retry_then_register_from_storage(server, tmp_path):
     assert up.returncode == 0, up.stderr
     assert "sim-broken-v0" in up.stdout and "skipped" in up.stdout
     for ds in ("sim-a-v0", "sim-b-v0"):
-        assert _champion(server.uri, tracking.model_name(ds)) == "1"
+        assert _champion(server.uri, store.model_name(ds)) == "1"
     # idempotent: a second run registers nothing new
     again = register_from_storage(job, server.uri)
     assert [r["status"] for r in again] == ["present", "present", "skipped"]
-    assert list(_versions(server.uri, tracking.model_name("sim-a-v0"))) == ["1"]
+    assert list(_versions(server.uri, store.model_name("sim-a-v0"))) == ["1"]

@@ -16,7 +16,7 @@ from test_pretrain_all import CHEETAH, job_env, run_job
 
 import invdyn
 from pipeline.job.pretrain_all import parse_args
-from pipeline.registry import store as tracking
+from pipeline.registry import store
 from pipeline.registry.champion import choose_champion
 from pipeline.registry.export import download_version
 from pipeline.registry.register import register_dataset, register_from_storage
@@ -52,7 +52,7 @@ def select_job(sim_files, tmp_path_factory):
         job_env(root),
     )
     records = {r["dataset"]: r for r in json.loads((out / "summary.json").read_text())}
-    return {"proc": proc, "out": out, "records": records, "uri": tracking.default_uri(out)}
+    return {"proc": proc, "out": out, "records": records, "uri": store.default_uri(out)}
 
 
 @pytest.mark.slow
@@ -167,7 +167,7 @@ def test_choose_champion_by_a_physics_metric():
 
 
 def test_registry_champion_follows_the_registered_models_metric(tmp_path):
-    uri = tracking.default_uri(tmp_path / "job")
+    uri = store.default_uri(tmp_path / "job")
     ds = "sim-hopper-random-v0"
 
     def record(seed, mse, drift=None, metric="tracking_drift"):
@@ -187,5 +187,5 @@ def test_registry_champion_follows_the_registered_models_metric(tmp_path):
     # the rule lives on the registered model: a job that selects by held-out MSE moves the alias back
     again = register_dataset(uri, {**unevaluated, "champion_metric": "heldout_mse"})
     assert (again["registered"], again["champion"], again["champion_metric"]) == (False, True, "heldout_mse")
-    with pytest.raises(tracking.TrackingError, match="champion_metric 'speed' is not one of"):
+    with pytest.raises(store.TrackingError, match="champion_metric 'speed' is not one of"):
         register_dataset(uri, record(4, 0.3, metric="speed"))

@@ -11,41 +11,41 @@ import pytest
 from helpers.mlflow_server import free_port
 from mlflow import MlflowClient
 
-from pipeline.registry import store as tracking
+from pipeline.registry import store
 from pipeline.registry.register import register_dataset
 from pipeline.registry.trial_logger import MlflowTrialLogger
 
 
 def test_default_uri_and_resolution(tmp_path, monkeypatch):
-    uri = tracking.default_uri(tmp_path / "out")
+    uri = store.default_uri(tmp_path / "out")
     assert uri == f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db"
-    assert tracking.artifact_root(uri) == (tmp_path / "out" / "mlartifacts").resolve().as_uri()
-    assert tracking.resolve_uri(None, tmp_path / "out") == uri
+    assert store.artifact_root(uri) == (tmp_path / "out" / "mlartifacts").resolve().as_uri()
+    assert store.resolve_uri(None, tmp_path / "out") == uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.resolve_uri(None, tmp_path / "out") == "http://127.0.0.1:5000"
-    assert tracking.resolve_uri("http://h:1", tmp_path / "out") == "http://h:1"
-    assert tracking.model_name("sim-hopper-random-v0") == "invdyn-sim-hopper-random-v0"
-    assert tracking.model_name("minari:mujoco/hopper/expert-v0") == "invdyn-minari-mujoco-hopper-expert-v0"
+    assert store.resolve_uri(None, tmp_path / "out") == "http://127.0.0.1:5000"
+    assert store.resolve_uri("http://h:1", tmp_path / "out") == "http://h:1"
+    assert store.model_name("sim-hopper-random-v0") == "invdyn-sim-hopper-random-v0"
+    assert store.model_name("minari:mujoco/hopper/expert-v0") == "invdyn-minari-mujoco-hopper-expert-v0"
     # messages show a URI through invdyn's one redactor; a SQLite path is shown as it is
-    assert tracking.shown_uri("https://user:secret@host:5000/x?token=t") == "https://***@host:5000/x?token=***"
-    assert tracking.shown_uri(uri) == uri
+    assert store.shown_uri("https://user:secret@host:5000/x?token=t") == "https://***@host:5000/x?token=***"
+    assert store.shown_uri(uri) == uri
 
 
 def test_check_server_sqlite_and_file_stores(tmp_path):
-    tracking.check_server(tracking.default_uri(tmp_path / "new" / "dir"))  # creates the folder
+    store.check_server(store.default_uri(tmp_path / "new" / "dir"))  # creates the folder
     assert (tmp_path / "new" / "dir").is_dir()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(tracking.TrackingError, match="cannot create folder"):
-        tracking.check_server(tracking.default_uri(tmp_path / "file" / "sub"))
-    with pytest.raises(tracking.TrackingError, match="needs a database store"):
-        tracking.check_server(str(tmp_path / "mlruns"))
+    with pytest.raises(store.TrackingError, match="cannot create folder"):
+        store.check_server(store.default_uri(tmp_path / "file" / "sub"))
+    with pytest.raises(store.TrackingError, match="needs a database store"):
+        store.check_server(str(tmp_path / "mlruns"))
 
 
 def test_check_server_fails_fast_and_says_what_to_do():
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    with pytest.raises(tracking.TrackingError) as err:
-        tracking.check_server(uri)
+    with pytest.raises(store.TrackingError) as err:
+        store.check_server(uri)
     assert time.monotonic() - started < 10
     message = str(err.value)
     assert uri in message and "mlflow server" in message and "MLFLOW_TRACKING_URI" in message
@@ -64,8 +64,8 @@ def test_check_server_refuses_a_server_that_is_not_mlflow():
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        with pytest.raises(tracking.TrackingError, match="HTTP 404.*is it an MLflow tracking server"):
-            tracking.check_server(f"http://127.0.0.1:{httpd.server_address[1]}")
+        with pytest.raises(store.TrackingError, match="HTTP 404.*is it an MLflow tracking server"):
+            store.check_server(f"http://127.0.0.1:{httpd.server_address[1]}")
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -115,7 +115,7 @@ def test_trial_logger_logs_one_run_per_trial(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # trials import helpers.mlflow_server
-    uri = tracking.default_uri(tmp_path / "out")
+    uri = store.default_uri(tmp_path / "out")
     callback = MlflowTrialLogger(uri, "job-x", "job-x")
     space = {
         "dataset": tune.grid_search(["sim-a-v0", "sim-b-v0"]),
@@ -157,7 +157,7 @@ def test_trial_logger_logs_one_run_per_trial(tmp_path, monkeypatch):
         history = client.get_metric_history(run.info.run_id, "val_mse")
         assert [(m.step, round(m.value, 6)) for m in history] == [(10, 0.5), (20, 0.4), (30, 0.3)]
         assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [10, 20, 30]
-        files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, tracking.MODEL_ARTIFACT)}
+        files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, store.MODEL_ARTIFACT)}
         assert {"params.json", "model.ckpt", "README.md"} <= files
         assert callback.run_id(tags["ray_trial_id"]) == run.info.run_id
     # registration reuses the trial's logged artifacts (found by trial id), no second upload
@@ -171,9 +171,9 @@ def test_trial_logger_logs_one_run_per_trial(tmp_path, monkeypatch):
         "trial_id": best.data.tags["ray_trial_id"],
     }
     result = register_dataset(uri, record)
-    assert result["run_id"] == best.info.run_id and result["source"].endswith(f"/{tracking.MODEL_ARTIFACT}")
+    assert result["run_id"] == best.info.run_id and result["source"].endswith(f"/{store.MODEL_ARTIFACT}")
     assert result["champion"]
 
 
 def _download(client, run_id, dst):
-    return Path(client.download_artifacts(run_id, tracking.MODEL_ARTIFACT, str(dst)))
+    return Path(client.download_artifacts(run_id, store.MODEL_ARTIFACT, str(dst)))

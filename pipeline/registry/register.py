@@ -320,7 +320,11 @@ def _promote(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.register", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.register",
+        description="Register a job's models in MLflow later (--from-storage), or move the champion alias by "
+        "hand (--promote).",
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--from-storage", metavar="DIR", help="job output dir (holds summary.json)")
     what.add_argument(
@@ -328,7 +332,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--reason", help="why (recorded with --promote, with who and when)")
     parser.add_argument(
-        "--mlflow-uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///DIR/mlflow.db)"
+        "--mlflow-uri",
+        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///DIR/mlflow.db; with --promote "
+        f"sqlite:///{DEFAULT_OUT_DIR}/mlflow.db)",
     )
     parser.add_argument("--alias", default=CHAMPION, help="alias of the best version (default: champion)")
     args = parser.parse_args(argv)
