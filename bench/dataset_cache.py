@@ -1,17 +1,5 @@
-"""Parse-from-HDF5 versus cached (Arrow, memory-mapped) load of a 1M-transition D4RL-layout dataset.
-
-    python bench/dataset_cache.py [--transitions 1000000] [--repeat 3]
-
-Writes a HalfCheetah-shaped file (17 / 6 dims, 1000-step episodes, next_observations, infos/qpos, infos/qvel,
-float32 like D4RL v2) into a temp folder, then times:
-  parse   load_transitions(path, use_cache=False): sha256 + h5py read + pairing, what every process did without a cache
-  build   the first cached load: parse + write the Arrow file
-  cached  load_transitions(path): source index lookup + memory map (what a later run / Ray worker does)
-  cached+touch  the same, then one pass over every array (pages actually read)
-  fresh process  a cached load timed inside a new Python process with pyarrow imported (as in a Ray
-                 worker, which imports pyarrow itself): a worker's first load
-Best of --repeat runs each; the OS page cache is warm for all of them.
-"""
+"""Parse-from-HDF5 versus cached (Arrow, memory-mapped) load of a 1M-transition D4RL-layout dataset:
+`python bench/dataset_cache.py [--transitions 1000000] [--repeat 3]`."""
 
 import argparse
 import os
@@ -23,6 +11,17 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+# Writes a HalfCheetah-shaped file (17 / 6 dims, 1000-step episodes, next_observations, infos/qpos,
+# infos/qvel, float32 like D4RL v2) into a temp folder, then times:
+#   parse          load_transitions(path, use_cache=False): sha256 + h5py read + pairing, what every
+#                  process did without a cache
+#   build          the first cached load: parse + write the Arrow file
+#   cached         load_transitions(path): source index lookup + memory map (a later run / Ray worker)
+#   cached+touch   the same, then one pass over every array (pages actually read)
+#   fresh process  a cached load timed inside a new Python process with pyarrow imported (as in a Ray
+#                  worker, which imports pyarrow itself): a worker's first load
+# Best of --repeat runs each; the OS page cache is warm for all of them.
 
 
 def write_file(path: Path, n: int) -> None:

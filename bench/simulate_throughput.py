@@ -1,12 +1,5 @@
-"""Simulation throughput: MuJoCo steps per second per env and policy, and end to end with 1 vs 2 workers.
-
-    python bench/simulate_throughput.py [--steps 5000] [--transitions 50000]
-
-Per (env, policy): one process rolls out --steps transitions (env stepping, policy, recording; no file),
-reported per CPU-second (time.process_time), which a busy shared machine does not distort.
-End to end: `simulate()` of the sim suite's halfcheetah set (--transitions) with workers=1 and workers=2,
-including worker start-up and the HDF5 write: wall time and CPU time of this process plus its workers.
-"""
+"""Simulation throughput, MuJoCo steps per second per env and policy and end to end with 1 vs 2 workers:
+`python bench/simulate_throughput.py [--steps 5000] [--transitions 50000]`."""
 
 import argparse
 import os
@@ -17,6 +10,12 @@ import time
 from pipeline.data.catalog import SIM_ENVS, SIM_POLICIES, SUITES
 from pipeline.sim.rollout import rollout_chunk
 from pipeline.sim.simulate import simulate
+
+# Per (env, policy): one process rolls out --steps transitions (env stepping, policy, recording; no file),
+# reported per CPU-second (time.process_time), which a busy shared machine does not distort.
+# End to end: `simulate()` of the sim suite's halfcheetah set (--transitions) with workers=1 and workers=2,
+# including worker start-up and the HDF5 write: wall time, and CPU time of this process plus its waited-for
+# children (the pool's workers are the forkserver's children, so their CPU time is not in that figure).
 
 
 def main() -> None:

@@ -1,7 +1,5 @@
-"""Command line: `python -m invdyn list | info NAME | fetch URL_OR_PATH | verify BUNDLE`.
-
-Expected failures (unknown model, bad bundle, no network) print one line on stderr and exit 1.
-"""
+"""The library's command line, `python -m invdyn list | info NAME | fetch URL_OR_PATH | verify BUNDLE`:
+an expected failure (unknown model, bad bundle, no network) prints one line on stderr and exits 1."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""One resumable, verified HTTP download (urllib only), shared by bundle fetches and D4RL files.
-
-The bytes go to `<dest>.part`; a later call resumes it with an HTTP Range request. The file is renamed
-to `dest` only after its size (and sha256, when given) check out, so `dest` is never half-written.
-"""
+"""One resumable, verified HTTP download (urllib only), shared by bundle fetches and D4RL files: `dest`
+appears only once complete and checked; a cut transfer stays as `<dest>.part` for the next call to resume."""
 
 from __future__ import annotations
 
@@ -37,7 +34,8 @@ _SECRET_KEY = re.compile(r"token|sig|secret|passw|key|credential|auth", re.I)
 
 
 def redact_url(url) -> str:
-    """`url` safe to print, log or record: `user:password@` becomes `***@`, secret-looking query values `***`."""
+    """`url` safe to print, log or record: `user:password@` becomes `***@`, secret-looking query values
+    `***`."""
     try:
         parts = urllib.parse.urlsplit(str(url))
     except ValueError:
@@ -109,16 +107,16 @@ def _download_locked(url, dest: Path, expected, desc, progress, timeout, shown) 
             gained = (part.stat().st_size if part.exists() else 0) - before
             if attempt == ATTEMPTS or gained <= 0:
                 raise DownloadError(
-                    f"download of {shown} was cut short ({part.stat().st_size} bytes so far, kept in {part}); "
-                    "run again to resume"
+                    f"download of {shown} was cut short ({part.stat().st_size} bytes so far, kept in "
+                    f"{part}); run again to resume"
                 )
         if expected:
             actual = sha256_file(part)
             if actual != expected:
                 part.unlink()
                 raise ChecksumError(
-                    f"{shown}: downloaded file has sha256 {actual} but {expected} was expected; "
-                    "the file was deleted, try again (if it repeats, the server's file is not the expected one)"
+                    f"{shown}: downloaded file has sha256 {actual} but {expected} was expected; the file was "
+                    "deleted, try again (if it repeats, the server's file is not the expected one)"
                 )
         os.replace(part, dest)
     return dest
@@ -193,7 +191,8 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if urllib.parse.urlsplit(newurl).scheme.lower() not in {"http", "https"}:
             raise DownloadError(
-                f"{redact_url(req.full_url)} redirects to {redact_url(newurl)!r}; only http(s) redirects are followed"
+                f"{redact_url(req.full_url)} redirects to {redact_url(newurl)!r}; only http(s) redirects are "
+                "followed"
             )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 

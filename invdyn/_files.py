@@ -36,8 +36,8 @@ def storage_errors(path):
         if e.errno not in _STORAGE_ERRNOS:
             raise
         raise StorageError(
-            f"cannot write {path}: {_STORAGE_ERRNOS[e.errno]}; free space there or choose a writable location "
-            f"(for invdyn's caches: set INVDYN_HOME)"
+            f"cannot write {path}: {_STORAGE_ERRNOS[e.errno]}; free space there or choose a writable "
+            "location (for invdyn's caches: set INVDYN_HOME)"
         ) from None
 
 
@@ -165,7 +165,8 @@ def atomic_dir(target):
 
 
 def replace_dir(src: Path, target: Path) -> None:
-    """Rename `src` to `target`, moving an existing `target` aside first (retrying if another process races)."""
+    """Rename `src` to `target`, moving an existing `target` aside first (retrying if another process
+    races)."""
     for _ in range(100):
         try:
             os.replace(src, target)  # succeeds when target is absent (or an empty directory)

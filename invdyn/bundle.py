@@ -1,14 +1,5 @@
-"""Bundles: one reproducible zip holding many model directories plus a manifest of their checksums.
-
-    manifest.json        {"format_version", "invdyn_version", "models": [{"name", "files": {file:
-                          {"sha256", "size"}}, "metrics", "dataset", "architecture"}], ...extra}
-    <name>/params.json   one model directory per model (see model_dir.py)
-    <name>/model.ckpt
-    <name>/README.md
-
-Nothing in a bundle is trusted before every member's size and sha256 match the manifest, and no
-member may land outside its directory (absolute paths, `..`, backslashes, symlinks are refused).
-"""
+"""Bundles: one reproducible zip of many model directories plus a manifest of their checksums, and its
+verification (nothing in a bundle is trusted before every member's size and sha256 match)."""
 
 from __future__ import annotations
 
@@ -27,6 +18,10 @@ from .model_dir import PARAMS_FILE, read_model_dir
 from .settings import is_valid_name
 
 BUNDLE_FORMAT_VERSION = 1
+#: The zip holds `manifest.json` and one model directory per model, `<name>/params.json`, `model.ckpt`,
+#: `README.md` (see model_dir.py). The manifest: {"format_version", "invdyn_version", "models": [{"name",
+#: "files": {file: {"sha256", "size"}}, "metrics", "dataset", "architecture"}], ...extra}. No member may
+#: land outside its directory: absolute paths, `..`, backslashes and symlinks are refused.
 MANIFEST = "manifest.json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same inputs -> byte-identical zip
 _CHUNK = 1 << 20
@@ -113,7 +108,8 @@ def verify_bundle(zip_path) -> dict:
 
 
 def extract_bundle(zip_path, target_dir) -> dict:
-    """Verify, then extract to `target_dir/<name>/...` (plus manifest.json) atomically; returns the manifest."""
+    """Verify, then extract to `target_dir/<name>/...` (plus manifest.json) atomically; returns the
+    manifest."""
     zip_path = Path(zip_path)
     with open_bundle(zip_path) as zf:
         manifest = verify_open(zf, zip_path)
@@ -124,7 +120,8 @@ def extract_bundle(zip_path, target_dir) -> dict:
 
 
 def extract_verified(zf: zipfile.ZipFile, zip_path: Path, manifest: dict, into: Path) -> list[Path]:
-    """Write each model's files to `into/<name>/` (checksums checked again while writing); returns the dirs."""
+    """Write each model's files to `into/<name>/` (checksums checked again while writing); returns the
+    dirs."""
     dirs = []
     for model in manifest["models"]:
         out = Path(into) / model["name"]
@@ -146,7 +143,8 @@ def open_bundle(zip_path) -> zipfile.ZipFile:
         return zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as e:
         raise FormatError(
-            f"{zip_path} is not a readable zip bundle ({e}); it may be truncated or corrupt: download it again"
+            f"{zip_path} is not a readable zip bundle ({e}); it may be truncated or corrupt: download it "
+            "again"
         ) from None
 
 
@@ -227,9 +225,9 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> dict:
     if version != BUNDLE_FORMAT_VERSION:
         written = manifest.get("invdyn_version", "an unknown version")
         raise FormatError(
-            f"{zip_path}: bundle format_version {version!r} (written by invdyn {written}) is not supported by "
-            f"invdyn {__version__}, which reads format_version {BUNDLE_FORMAT_VERSION}; "
-            "upgrade invdyn (pip install -U invdyn)"
+            f"{zip_path}: bundle format_version {version!r} (written by invdyn {written}) is not supported "
+            f"by invdyn {__version__}, which reads format_version {BUNDLE_FORMAT_VERSION}; upgrade invdyn "
+            "(pip install -U invdyn)"
         )
     models = manifest.get("models")
     if not isinstance(models, list) or not models:
@@ -286,7 +284,8 @@ def _copy_member(zf: zipfile.ZipFile, zip_path: Path, member: str, meta: dict, d
                     dst.write(block)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
         raise ChecksumError(
-            f"{zip_path}: {member} is corrupt ({e}); expected sha256 {meta['sha256']}; download the bundle again"
+            f"{zip_path}: {member} is corrupt ({e}); expected sha256 {meta['sha256']}; download the bundle "
+            "again"
         ) from None
     actual = h.hexdigest()
     if size != meta["size"] or actual != meta["sha256"]:

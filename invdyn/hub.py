@@ -1,15 +1,4 @@
-"""Find a model by name (`load`), install bundles into the cache (`fetch`), list what is installed.
-
-Cache layout under `$INVDYN_HOME` (default ~/.cache/invdyn):
-
-    models/<name>/                    an installed model directory (exactly the bundle's files)
-    models/<name>/.invdyn-install.json where it came from and the checksums it was installed with
-    bundles/<sha256>.json             the verified manifest of every bundle installed
-    downloads/                        partial downloads (`*.part`), resumed by the next fetch
-
-Every model directory appears in the cache by one rename, so a reader sees the old copy or the new
-one, never half of one; concurrent fetches of the same bundle end with one good copy.
-"""
+"""Find a model by name (`load`), install bundles into the cache (`fetch`), list what is installed."""
 
 from __future__ import annotations
 
@@ -37,6 +26,14 @@ from .errors import (
 from .model_dir import PARAMS_FILE, read_model_dir, read_params
 from .pretrained import PretrainedIDM
 from .settings import cleandiffuser_dir, invdyn_home, is_offline, is_valid_name, model_cache_dir
+
+# The cache under $INVDYN_HOME (default ~/.cache/invdyn):
+#   models/<name>/                     an installed model directory (exactly the bundle's files)
+#   models/<name>/.invdyn-install.json where it came from and the checksums it was installed with
+#   bundles/<sha256>.json              the verified manifest of every bundle installed
+#   downloads/                         partial downloads (`*.part`), resumed by the next fetch
+# Every model directory appears by one rename, so a reader sees the old copy or the new one, never half
+# of one, and concurrent fetches of the same bundle end with one good copy.
 
 INSTALL_RECORD = ".invdyn-install.json"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -76,7 +73,8 @@ def _load_from_source(name: str, source, device) -> PretrainedIDM:
         return _load_installed(name, installed, redact_url(text), device)
     if "://" in text:
         raise DownloadError(
-            f"source {redact_url(text)!r}: only http(s) URLs, MLflow models:/ URIs and local paths are supported"
+            f"source {redact_url(text)!r}: only http(s) URLs, MLflow models:/ URIs and local paths are "
+            "supported"
         )
     path = _local_path(text)
     if path is None:
@@ -186,7 +184,8 @@ def _fetch_url(text: str, force: bool, progress: bool) -> list[str]:
 
 
 def _local_path(text: str) -> Path | None:
-    """`text` as a local path, or None when the OS cannot even look it up (name too long, NUL, unknown ~user)."""
+    """`text` as a local path, or None when the OS cannot even look it up (name too long, NUL, unknown
+    ~user)."""
     try:
         path = Path(text).expanduser()
         path.exists()
@@ -235,7 +234,8 @@ def _install(zip_path: Path, source: str, force: bool) -> list[str]:
 
 
 def _read_installed(model_dir: Path, device) -> PretrainedIDM:
-    """Verify and read an installed model; if a concurrent fetch swapped the directory mid-read, read the new one.
+    """Verify and read an installed model; if a concurrent fetch swapped the directory mid-read, read the
+    new one.
 
     Each install is one rename, but reading takes several opens: a swap in between shows up as a missing or
     mismatching file of a directory whose inode has changed. Then the new copy is read; a real fault repeats.
@@ -289,8 +289,8 @@ def _verify_installed(model_dir: Path) -> None:
         actual = sha256_file(path) if path.is_file() else "missing"
         if actual != meta.get("sha256"):
             raise ChecksumError(
-                f"{path}: sha256 {actual} does not match {meta.get('sha256')} recorded when it was installed; "
-                f"reinstall with invdyn.fetch({record.get('source')!r}, force=True)"
+                f"{path}: sha256 {actual} does not match {meta.get('sha256')} recorded when it was "
+                f"installed; reinstall with invdyn.fetch({record.get('source')!r}, force=True)"
             )
 
 

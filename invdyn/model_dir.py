@@ -1,15 +1,5 @@
-"""The one on-disk model format: a directory CleanDiffuser can read, with our metadata beside its keys.
-
-    <dir>/params.json   {"normalizers": {"state": {"mean", "std"}}, "config": {CleanDiffuser ctor args},
-                         "format_version", "architecture": {"name", ...options}, "name",
-                         "dataset": {"name", "sha256", ...}, "metrics": {...}, "training": {...},
-                         "learning_curve": [...], "weights": {"file", "sha256"}, "invdyn_version"}
-    <dir>/model.ckpt    torch.save({"state_dict": {...}}) with CleanDiffuser's key names
-    <dir>/README.md     model card
-
-CleanDiffuser's own directories (params.json with only "normalizers" + "config", one Lightning
-`*.ckpt`) are read too; they are always `FancyMlpInvDynamic`.
-"""
+"""The one on-disk model format, a directory CleanDiffuser can read with our metadata beside its keys:
+writing, reading and checking one, its model card, and CleanDiffuser's `from_pretrained`."""
 
 from __future__ import annotations
 
@@ -28,8 +18,13 @@ from .pretrained import PretrainedIDM
 from .settings import cleandiffuser_dir
 
 FORMAT_VERSION = 1
+#: torch.save({"state_dict": {...}}) with CleanDiffuser's key names
 WEIGHTS_FILE = "model.ckpt"
+#: the model card (Markdown)
 CARD_FILE = "README.md"
+#: {"normalizers": {"state": {"mean", "std"}}, "config": {CleanDiffuser ctor args}, "format_version",
+#: "architecture": {"name", ...options}, "name", "dataset": {"name", "sha256", ...}, "metrics": {...},
+#: "training": {...}, "learning_curve": [...], "weights": {"file", "sha256"}, "invdyn_version"}
 PARAMS_FILE = "params.json"
 
 
@@ -117,7 +112,8 @@ def read_params(path) -> dict:
         )
     if normalizer.dim != config.get("obs_dim"):
         raise FormatError(
-            f"{path}: 'normalizers.state' has {normalizer.dim} dims but 'config.obs_dim' is {config.get('obs_dim')!r}"
+            f"{path}: 'normalizers.state' has {normalizer.dim} dims but 'config.obs_dim' is "
+            f"{config.get('obs_dim')!r}"
         )
     return params
 
@@ -141,7 +137,11 @@ def _weights_file(model_dir: Path, params: dict) -> Path:
 
 
 def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
-    """Load a model directory (ours or CleanDiffuser's) into an eval-mode `PretrainedIDM`."""
+    """Load a model directory (ours or CleanDiffuser's) into an eval-mode `PretrainedIDM`.
+
+    CleanDiffuser's own directories (params.json with only "normalizers" + "config", one Lightning
+    `*.ckpt`) are always `FancyMlpInvDynamic`.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelNotFoundError(f"model directory {model_dir} does not exist")
@@ -209,14 +209,16 @@ def check_state_dict(net, state_dict: dict, source) -> None:
     unexpected = sorted(set(state_dict) - set(own))
     if missing or unexpected:
         raise ShapeError(
-            f"{source}: weights do not fit params.json's config: missing keys {missing}, unexpected keys {unexpected}"
+            f"{source}: weights do not fit params.json's config: missing keys {missing}, unexpected keys "
+            f"{unexpected}"
         )
     for key, tensor in own.items():
         got = state_dict[key]
         if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             raise ShapeError(
-                f"{source}: weight {key!r} has shape {shape} but params.json's config needs {tuple(tensor.shape)}"
+                f"{source}: weight {key!r} has shape {shape} but params.json's config needs "
+                f"{tuple(tensor.shape)}"
             )
         if tensor.is_floating_point() and not got.is_floating_point():
             raise FormatError(

@@ -1,10 +1,5 @@
-"""Inverse dynamics networks with CleanDiffuser's exact layer layout and state-dict keys.
-
-`MlpInvDynamic`: mlp.0 Linear, mlp.2 Linear, mlp.4 Linear (ReLU between, Tanh|Identity out).
-`FancyMlpInvDynamic`: mlp.0 Linear, mlp.1 LayerNorm|Identity, GELU(tanh), Dropout|Identity,
-mlp.4 Linear, mlp.5 LayerNorm|Identity, GELU(tanh), mlp.7 Linear, Tanh|Identity.
-The output is multiplied by `action_scale` when the tanh output is on, as in CleanDiffuser.
-"""
+"""Inverse dynamics networks with CleanDiffuser's exact layer layout and state-dict keys, and the registry
+of architectures a model directory can name."""
 
 from __future__ import annotations
 
@@ -16,7 +11,8 @@ from .errors import ShapeError
 
 
 class _InvDynBase(nn.Module):
-    """Shared forward/predict logic; subclasses build `self.mlp`."""
+    """Shared forward/predict logic; subclasses build `self.mlp`. The output is multiplied by `action_scale`
+    when the tanh output is on, as in CleanDiffuser."""
 
     #: registry name written to params.json["architecture"]["name"]
     arch_name = ""
@@ -34,7 +30,8 @@ class _InvDynBase(nn.Module):
 
     @property
     def config(self) -> dict:
-        """Constructor arguments, exactly the keys CleanDiffuser's class accepts (its params.json "config")."""
+        """Constructor arguments, exactly the keys CleanDiffuser's class accepts (its params.json
+        "config")."""
         return {
             "obs_dim": self.obs_dim,
             "act_dim": self.act_dim,
@@ -81,7 +78,8 @@ class _InvDynBase(nn.Module):
 
 
 class MlpInvDynamic(_InvDynBase):
-    """CleanDiffuser's plain MLP IDM (ReLU)."""
+    """CleanDiffuser's plain MLP IDM: mlp.0 Linear, mlp.2 Linear, mlp.4 Linear (ReLU between, Tanh|Identity
+    out)."""
 
     arch_name = "mlp"
 
@@ -106,6 +104,9 @@ class MlpInvDynamic(_InvDynBase):
 
 class FancyMlpInvDynamic(_InvDynBase):
     """CleanDiffuser's default IDM: LayerNorm + tanh-GELU + dropout; dropout rate configurable (default 0.1).
+
+    mlp.0 Linear, mlp.1 LayerNorm|Identity, GELU(tanh), Dropout|Identity, mlp.4 Linear,
+    mlp.5 LayerNorm|Identity, GELU(tanh), mlp.7 Linear, Tanh|Identity.
 
     CleanDiffuser's loader `FancyMlpInvDynamic.from_pretrained(name)` is attached by invdyn.model_dir.
     """

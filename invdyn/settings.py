@@ -1,7 +1,5 @@
-"""Every environment knob and path invdyn and its pipeline read, and the one rule for naming a dataset's model.
-
-Read at call time (not at import), so tests and users can change the environment between calls.
-"""
+"""Every environment knob and path invdyn and its pipeline read (at call time, never at import), and the
+one rule for naming a dataset's model."""
 
 from __future__ import annotations
 

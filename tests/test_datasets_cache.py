@@ -1,4 +1,5 @@
-"""The Arrow cache: built once per source content, memory-mapped, hit without opening the HDF5, rebuilt on change."""
+"""The Arrow cache: built once per source content, memory-mapped, hit without opening the HDF5, rebuilt on
+change."""
 
 import os
 

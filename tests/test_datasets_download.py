@@ -1,4 +1,5 @@
-"""D4RL downloads from a real loopback HTTP server (with Range support): resume, validity check, offline errors."""
+"""D4RL downloads from a real loopback HTTP server (with Range support): resume, validity check, offline
+errors."""
 
 import http.server
 import os

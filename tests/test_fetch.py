@@ -1,4 +1,5 @@
-"""Downloads and bundle installs over a real loopback HTTP server: resume, restart, checksums, offline, races."""
+"""Downloads and bundle installs over a real loopback HTTP server: resume, restart, checksums, offline,
+races."""
 
 import hashlib
 import os

@@ -1,8 +1,5 @@
-"""Hostile bundles: crafted manifests, member names, flipped bytes, truncations, bombs, links, odd sources.
-
-Every case must end in an invdyn error (FormatError / ChecksumError / DownloadError / BundleNotFoundError) or in
-an install whose files match the manifest, and nothing may be written outside the invdyn cache.
-"""
+"""Hostile bundles (crafted manifests, member names, flipped bytes, truncations, bombs, links, odd sources):
+each ends in an invdyn error or an install matching the manifest, with nothing written outside the cache."""
 
 import copy
 import io

@@ -1,7 +1,5 @@
-"""Hostile datasets: D4RL HDF5 with any key missing / mistyped / misshapen, Parquet of any column types, and
-any dataset name, path or URL on the command line. Each ends in a DatasetError (an InvdynError) or in
-Transitions that keep the contract; nothing is written outside the prepared-dataset cache.
-"""
+"""Hostile datasets (HDF5 keys missing / mistyped / misshapen, Parquet of any column types, any name, path or
+URL): each ends in a DatasetError or in Transitions that keep the contract; nothing lands outside caches."""
 
 import contextlib
 import json
@@ -17,8 +15,8 @@ from hypothesis import strategies as st
 
 from invdyn.errors import InvdynError
 from pipeline.data.catalog import DatasetError, resolve_datasets
-from pipeline.data.sources import load_transitions
 from pipeline.data.cli import main as datasets_cli
+from pipeline.data.sources import load_transitions
 
 SETTINGS = settings(
     max_examples=60,

@@ -1,9 +1,5 @@
-"""Hostile model directories: every crafted params.json / checkpoint ends in an invdyn error or a working model.
-
-Property-based (hypothesis): valid params.json with one field replaced by arbitrary JSON, arbitrary bytes as
-params.json, arbitrary bytes as the checkpoint. Explicit: JSON that crashes the stdlib parser, configs that
-would allocate terabytes, pickles that would run code.
-"""
+"""Hostile model directories (arbitrary JSON in any params.json field, arbitrary bytes as params.json or the
+checkpoint, parser-crashing JSON, terabyte configs, code-running pickles): an invdyn error or a good model."""
 
 import copy
 import json

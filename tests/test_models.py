@@ -1,4 +1,5 @@
-"""Networks and normalizer: CleanDiffuser's layout, predict on numpy / torch of any leading shape, clear errors."""
+"""Networks and normalizer: CleanDiffuser's layout, predict on numpy / torch of any leading shape, clear
+errors."""
 
 import numpy as np
 import pytest

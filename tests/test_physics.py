@@ -1,4 +1,5 @@
-"""Replaying recorded MuJoCo states: the reset is exact, windows stay inside episodes, bad data is reported."""
+"""Replaying recorded MuJoCo states: the reset is exact, windows stay inside episodes, bad data is
+reported."""
 
 import dataclasses
 

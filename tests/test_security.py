@@ -71,7 +71,8 @@ def test_every_torch_load_uses_weights_only():
 
 
 def test_no_other_unsafe_deserialisation_or_shell():
-    """No pickle / marshal / unsafe yaml / np.load(allow_pickle) / eval / exec / shell=True in shipped code."""
+    """No pickle / marshal / unsafe yaml / np.load(allow_pickle) / eval / exec / shell=True in shipped
+    code."""
     bad = []
     for path in SOURCES:
         shipped = path.parts[-2] in ("invdyn", "pipeline", "bench")

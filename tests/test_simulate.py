@@ -1,4 +1,5 @@
-"""Simulated datasets are real MuJoCo physics: every recorded step replays exactly from infos/qpos, infos/qvel."""
+"""Simulated datasets are real MuJoCo physics: every recorded step replays exactly from infos/qpos,
+infos/qvel."""
 
 import signal
 import subprocess
@@ -149,7 +150,8 @@ def test_cli_writes_the_file(tmp_path, capsys):
 
 
 def test_gait_and_ou_reach_states_random_never_reaches():
-    """Hopper: a fifth of gait / ou rows lie outside everything a random policy visited; random itself ~1 %."""
+    """Hopper: a fifth of gait / ou rows lie outside everything a random policy visited (random itself:
+    about 1 %)."""
     from pipeline.sim.rollout import rollout_chunk
 
     base = rollout_chunk("hopper", "random", 0, 0, 3000)["observations"]

@@ -1,14 +1,5 @@
-"""Prepared transitions cached as Arrow IPC files, one per source content (sha256), memory-mapped on read.
-
-Layout under `$INVDYN_HOME/transitions/`:
-  <sha256>-<reader>-r<version>.arrow columns obs, act, next_obs (fixed-size lists), episode, optional qpos /
-                                     qvel; the stats as JSON in the schema metadata
-  sources/<hash of path>.json        (path, size, mtime, inode) -> sha256, so an unchanged source is not
-                                     re-hashed on every load; any change of the file re-hashes it
-
-Reading maps the file (pyarrow.memory_map) and hands out zero-copy numpy views: a Ray worker that loads a
-1M-transition dataset reads no HDF5 and copies nothing until it touches the pages.
-"""
+"""Prepared transitions cached as Arrow IPC files under $INVDYN_HOME/transitions/, one per source content
+(sha256), memory-mapped on read; and the index that spares re-hashing an unchanged source."""
 
 from __future__ import annotations
 
@@ -36,11 +27,15 @@ def cache_dir() -> Path:
 
 
 def cache_path(sha256: str, kind: str = "hdf5") -> Path:
-    """The cache file of a source: its content, the reader that parsed it (hdf5 / parquet / minari), its version."""
+    """`<sha256>-<kind>-r<version>.arrow`: the source's content, the reader that parsed it (a source kind's
+    cache_tag: hdf5 / parquet / minari) and the readers' version. Columns obs, act, next_obs (fixed-size
+    lists), episode, optional qpos / qvel; the stats as JSON in the schema metadata."""
     return cache_dir() / f"{sha256}-{kind}-r{READER_VERSION}.arrow"
 
 
 def _index_path(source: Path) -> Path:
+    """`sources/<hash of path>.json`: (path, size, mtime, inode) -> sha256, so an unchanged source is not
+    re-hashed on every load; any change of the file re-hashes it."""
     return cache_dir() / "sources" / (hashlib.sha256(str(source).encode()).hexdigest()[:32] + ".json")
 
 
@@ -106,7 +101,8 @@ def write(t: Transitions, path) -> Path:
 
 
 def read(path, name: str | None = None) -> Transitions:
-    """Memory-map a cached file; arrays are read-only zero-copy views of the map."""
+    """Memory-map a cached file; arrays are read-only zero-copy views of the map, so a Ray worker that
+    loads a large dataset reads no HDF5 and copies nothing until it touches the pages."""
     import pyarrow as pa
 
     with pa.memory_map(str(path), "r") as source:

@@ -1,8 +1,5 @@
-"""Which datasets exist: D4RL's name -> file URL table (d4rl_catalog.json), the simulated sets and their
-MuJoCo envs, the named suites, and turning a `--datasets` string into dataset specs.
-
-A spec is a catalog name, a `sim-*` name, `minari:<dataset-id>`, or a path to an .hdf5 / .h5 / .parquet file.
-"""
+"""Which datasets exist (D4RL's name -> file URL table, the simulated sets and their MuJoCo envs, suites),
+and turning a `--datasets` string of names, suites, `minari:<id>` and file paths into dataset specs."""
 
 from __future__ import annotations
 
@@ -106,7 +103,8 @@ DATA_SUFFIXES = (".hdf5", ".h5", ".parquet")
 
 
 def d4rl_dir() -> Path:
-    """Where D4RL files (and simulated ones) live: $D4RL_DATASET_DIR, else ~/.d4rl/datasets (d4rl's default)."""
+    """Where D4RL files (and simulated ones) live: $D4RL_DATASET_DIR, else ~/.d4rl/datasets (d4rl's
+    default)."""
     return d4rl_dataset_dir()
 
 

@@ -1,12 +1,5 @@
-"""Download D4RL files by catalog name into $D4RL_DATASET_DIR (the file name of the URL, as d4rl does).
-
-The transfer itself (progress bar, resume of `<file>.part`, atomic rename, INVDYN_OFFLINE) is
-`invdyn._download.download`; this module adds the catalog lookup, a mirror, the validity check of the
-finished HDF5 and an offline message that says where to put the file by hand.
-
-INVDYN_D4RL_MIRROR=<base URL> replaces D4RL's base (http://rail.eecs.berkeley.edu/datasets/offline_rl), so
-the same relative paths are fetched from a mirror or a local server.
-"""
+"""D4RL downloads by catalog name into $D4RL_DATASET_DIR (under the URL's file name, as d4rl does), from
+D4RL or a mirror, checked as HDF5 once complete; the transfer itself is `invdyn._download.download`."""
 
 from __future__ import annotations
 
@@ -22,6 +15,8 @@ D4RL_BASE = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
 
 
 def dataset_url(name: str) -> str:
+    """The URL of a D4RL file: $INVDYN_D4RL_MIRROR, when set, replaces D4RL_BASE, so the same relative
+    paths come from a mirror or a local server."""
     entry = CATALOG.get(name)
     if entry is None:
         raise unknown(name)

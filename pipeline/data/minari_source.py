@@ -1,4 +1,5 @@
-"""Minari datasets (`minari:<dataset-id>`): finding one on this machine, hashing it, reading it with minari."""
+"""Minari datasets (`minari:<dataset-id>`): finding one on this machine, hashing it, reading it with
+minari."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""Readers that turn a dataset file into Transitions: D4RL-layout HDF5 and Parquet pairs.
-
-Each ends in `transitions.make_transitions` (the one pairing rule); every error names the file and the key.
-"""
+"""Readers that turn a D4RL-layout HDF5 file or a Parquet file of pairs into Transitions (through the one
+pairing rule, `make_transitions`); every error names the file and the key."""
 
 from __future__ import annotations
 
@@ -26,8 +24,8 @@ READER_VERSION = 2
 def _check_dims(where: str, key: str, arr: np.ndarray, expected: int | None, name: str) -> None:
     if expected is not None and arr.shape[1] != expected:
         raise DatasetError(
-            f"{where}: key {key!r} has {arr.shape[1]} values per row but {name} has {expected} in the catalog; "
-            "the file is not that dataset (delete it and download again, or pass it by path)"
+            f"{where}: key {key!r} has {arr.shape[1]} values per row but {name} has {expected} in the "
+            "catalog; the file is not that dataset (delete it and download again, or pass it by path)"
         )
 
 
@@ -73,14 +71,16 @@ def open_hdf5(path):
 
 @contextlib.contextmanager
 def _damaged_hdf5(where: str):
-    """h5py reports damaged metadata from any call, as OSError, KeyError, RuntimeError or ValueError: name the file."""
+    """h5py reports damaged metadata from any call, as OSError, KeyError, RuntimeError or ValueError: name the
+    file."""
     try:
         yield
     except DatasetError:
         raise
     except (OSError, KeyError, RuntimeError, ValueError) as e:
         raise DatasetError(
-            f"{where}: damaged HDF5 file ({type(e).__name__}: {e}); delete it and download or generate it again"
+            f"{where}: damaged HDF5 file ({type(e).__name__}: {e}); delete it and download or generate it "
+            "again"
         ) from None
 
 

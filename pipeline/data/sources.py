@@ -139,9 +139,7 @@ def load_transitions(
     if not use_cache:
         return _finish(kind.read(src, None), src)
     # a file (D4RL, sim, yours, Minari's main_data.hdf5) goes through the source index; a folder is hashed
-    sha = (
-        cache.source_sha256(src.path) if src.path.is_file() else minari_source.minari_sha256(src.path)
-    )
+    sha = cache.source_sha256(src.path) if src.path.is_file() else minari_source.minari_sha256(src.path)
     path = cache.cache_path(sha, kind.cache_tag)
     t = _read_cache(path, src)
     if t is None:

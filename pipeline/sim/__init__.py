@@ -1,8 +1,5 @@
 """Simulated D4RL-layout datasets from MuJoCo (Gymnasium), and replaying states to judge an IDM by physics.
-
-Importing this package registers the "simulated" source kind with pipeline.data.sources (data must not import
-sim): a missing sim-* catalog file is then generated wherever it is loaded.
-"""
+Importing it registers the "simulated" source kind: a missing sim-* file is generated where it is loaded."""
 
 from pathlib import Path
 

@@ -1,18 +1,5 @@
-"""Replay recorded states in MuJoCo to judge an IDM by what its actions do, not only by action MSE.
-
-Two measurements, both in normalized-state units (the model's observation normalizer):
-
-- one-step error: reset the simulator to the recorded state s_t, apply an action, compare the
-  observation reached with the recorded s_{t+1}. With the recorded action this is the *floor*
-  (floating-point level on simulated data: it proves the reset really restores the state).
-- closed-loop tracking: from a recorded state, for H steps, ask for the action toward the next
-  recorded observation from the *simulated* current observation, step, and measure how far the
-  simulated trajectory has drifted from the recorded one at every step.
-
-The reference next observation is computed in float64 from the recorded next state (qpos, qvel) when
-observations are a function of that state (HalfCheetah, Hopper, Walker2d; checked on the data), so the
-float32 rounding of stored observations does not hide the floor; otherwise the recorded next_obs is used.
-"""
+"""Replay recorded states in MuJoCo to judge an IDM by what its actions do, not only by action MSE: the
+one-step error and the closed-loop tracking drift (see `physics_metrics`)."""
 
 from __future__ import annotations
 
@@ -44,13 +31,14 @@ def env_id_for(transitions) -> str:
     if family in ENV_IDS:
         return ENV_IDS[family]
     raise PhysicsUnavailable(
-        f"dataset {transitions.name!r} has no known Gymnasium environment (known families: {sorted(ENV_IDS)}; "
-        "a simulated file names it in its 'env_id' attribute)"
+        f"dataset {transitions.name!r} has no known Gymnasium environment (known families: "
+        f"{sorted(ENV_IDS)}; a simulated file names it in its 'env_id' attribute)"
     )
 
 
 def env_kwargs_for(transitions) -> dict:
-    """Keyword arguments of the env (e.g. Ant without contact forces): stats["env_kwargs"], else the catalog."""
+    """Keyword arguments of the env (e.g. Ant without contact forces): stats["env_kwargs"], else the
+    catalog."""
     kwargs = (transitions.stats or {}).get("env_kwargs")
     if kwargs is None:
         kwargs = (CATALOG.get(transitions.name) or {}).get("env_kwargs") or {}
@@ -71,7 +59,8 @@ def zero_padding(transitions, env_obs_dim: int) -> int:
 
 
 def successor_mask(transitions) -> np.ndarray:
-    """True at row i when row i+1 is the recorded continuation of row i (same episode, obs[i+1] == next_obs[i])."""
+    """True at row i when row i+1 is the recorded continuation of row i (same episode, obs[i+1] ==
+    next_obs[i])."""
     n = len(transitions)
     ok = np.zeros(n, dtype=bool)
     if n > 1:
@@ -90,7 +79,8 @@ def window_starts(successor: np.ndarray, allowed: np.ndarray, horizon: int) -> n
 
 
 def seeded_sample(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
-    """Up to `n` of `rows`, sorted, drawn from stream `stream` of `seed` (0: one-step rows, 1: tracking starts)."""
+    """Up to `n` of `rows`, sorted, drawn from stream `stream` of `seed` (0: one-step rows, 1: tracking
+    starts)."""
     rng = np.random.default_rng([seed, stream])
     return np.sort(rng.choice(rows, min(n, len(rows)), replace=False))
 
@@ -136,7 +126,8 @@ class Replay:
         self.transitions = transitions
         self.successor = successor_mask(transitions)
         self.bar = None  # an optional tqdm bar counting env steps
-        #: during `rollout`, each start's current MuJoCo integration state (for act_fns that search in the sim)
+        #: during `rollout`, each start's current MuJoCo integration state (for act_fns that search in the
+        #: sim)
         self.states = None
 
     def close(self) -> None:
@@ -165,7 +156,8 @@ class Replay:
         return out
 
     def state_obs_gap(self, rows, std) -> float:
-        """Max normalized |env obs of recorded state - recorded obs|: ~1e-7 when obs is a function of state."""
+        """Max normalized |env obs of recorded state - recorded obs|: ~1e-7 when obs is a function of
+        state."""
         rows = np.asarray(rows)
         if len(rows) == 0:
             return 0.0
@@ -173,7 +165,12 @@ class Replay:
         return float(np.max(np.abs(self.observe(rows)[:, :d] - self.transitions.obs[rows, :d]) / std))
 
     def references(self, rows, std) -> tuple[np.ndarray, str]:
-        """Reference next observations for `rows` (which must have a successor) and how they were made."""
+        """Reference next observations for `rows` (which must have a successor) and how they were made.
+
+        Computed in float64 from the recorded next state (qpos, qvel) when observations are a function of
+        that state (HalfCheetah, Hopper, Walker2d; checked on the data), so the float32 rounding of stored
+        observations does not hide the floor; otherwise the recorded next_obs.
+        """
         rows = np.asarray(rows)
         probe = rows[:: max(1, len(rows) // 64)] + 1
         if self.state_obs_gap(probe, std) <= STATE_OBS_TOLERANCE:
@@ -181,7 +178,8 @@ class Replay:
         return self.transitions.next_obs[rows].astype(np.float64), "recorded next_obs"
 
     def reference_trajectory(self, starts, horizon: int, std) -> np.ndarray:
-        """Reference observations (len(starts), horizon, obs_dim) of the `horizon` recorded steps after each start."""
+        """Reference observations (len(starts), horizon, obs_dim) of the `horizon` recorded steps after
+        each start."""
         steps = np.asarray(starts)[:, None] + np.arange(1, horizon + 1)[None, :]
         ref, _ = self.references(steps.reshape(-1) - 1, std)
         return ref.reshape(len(starts), horizon, -1)
@@ -262,7 +260,15 @@ def physics_metrics(
     env_kwargs: dict | None = None,
     progress: bool = False,
 ) -> dict:
-    """One-step error and H-step tracking drift on rows in `allowed` (a bool mask, e.g. held-out episodes).
+    """One-step error and H-step tracking drift on rows in `allowed` (a bool mask, e.g. held-out episodes),
+    both in normalized-state units (the model's observation normalizer).
+
+    - one-step error: reset the simulator to the recorded state s_t, apply an action, compare the
+      observation reached with the recorded s_{t+1}. With the recorded action this is the *floor*
+      (floating-point level on simulated data: it proves the reset really restores the state).
+    - closed-loop tracking: from a recorded state, for H steps, ask for the action toward the next
+      recorded observation from the *simulated* current observation, step, and measure how far the
+      simulated trajectory has drifted from the recorded one at every step.
 
     `predict(obs, next_obs)` maps raw observations (N, obs_dim) to actions (N, act_dim). Returns a dict of
     plain floats / lists; when the dataset cannot be simulated, every metric is None and "physics_reason"
@@ -300,7 +306,8 @@ def physics_metrics(
 
 
 def _one_step(replay: Replay, rows, predict, std, mean_action) -> dict:
-    """One-step error of the model's actions, of the mean action (baseline) and of the recorded ones (floor)."""
+    """One-step error of the model's actions, of the mean action (baseline) and of the recorded ones
+    (floor)."""
     tr = replay.transitions
     ref, ref_kind = replay.references(rows, std)
     pred = predict(tr.obs[rows], tr.next_obs[rows])

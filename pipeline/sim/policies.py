@@ -1,9 +1,8 @@
-"""Behaviour policies for simulated datasets: open-loop action generators with different state coverage.
+"""Behaviour policies for simulated datasets: open-loop action generators with different state coverage."""
 
-A policy turns a numpy Generator into one episode's actions at once (vectorized, so the physics, not the
-policy, sets the simulation speed); all randomness comes from that Generator, so a seed reproduces a dataset.
-Actions are produced in [-1, 1] and mapped onto the env's action box.
-"""
+# A policy turns a numpy Generator into one episode's actions at once: vectorized, so the physics, not the
+# policy, sets the simulation speed; all randomness comes from that Generator, so a seed reproduces a
+# dataset. Actions are produced in [-1, 1] and mapped onto the env's action box.
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ def make_env(env: str):
 
 
 def _mujoco_warning(msg: str) -> None:
-    # Gymnasium's hopper / walker XML trips a compiler deprecation notice on every load: not the user's business
+    # Gymnasium's hopper / walker XML trips a compiler deprecation notice on every load: not the user's
+    # business
     level = logging.DEBUG if "deprecated" in msg else logging.WARNING
     logging.getLogger("mujoco").log(level, "MuJoCo: %s", msg.strip())
 
