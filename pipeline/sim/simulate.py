@@ -114,7 +114,8 @@ def _run(jobs, workers: int, progress: bool, desc: str) -> list[dict]:
         disable=not progress,
     )
     with bar:
-        if workers <= 1 or len(jobs) == 1:
+        # a daemonic process (a multiprocessing.Pool worker) may not start processes of its own
+        if workers <= 1 or len(jobs) == 1 or multiprocessing.current_process().daemon:
             parts = []
             for job in jobs:
                 parts.append(rollout_chunk(*job))
