@@ -149,10 +149,10 @@ def test_an_alias_written_concurrently_is_read_again_not_an_error(tmp_path, monk
         settle_champion(client, name)
 
 
-@pytest.mark.parametrize("store", ["server", "sqlite"])
-def test_concurrent_registrations_leave_champion_on_the_best(store, request, tmp_path):
-    uri = request.getfixturevalue("server").uri if store == "server" else store.default_uri(tmp_path / "job")
-    ds = f"sim-race-{store}-v0"
+@pytest.mark.parametrize("kind", ["server", "sqlite"])
+def test_concurrent_registrations_leave_champion_on_the_best(kind, request, tmp_path):
+    uri = request.getfixturevalue("server").uri if kind == "server" else store.default_uri(tmp_path / "job")
+    ds = f"sim-race-{kind}-v0"
     plans = {"a": [(1, 0.50), (2, 0.20), (3, 0.45)], "b": [(4, 0.40), (5, 0.30), (6, 0.25)]}
     go = tmp_path / "go"
     procs = []

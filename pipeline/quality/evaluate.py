@@ -22,13 +22,7 @@ import numpy as np
 from invdyn.errors import InvdynError, ShapeError
 from invdyn.settings import dataset_model_name
 from pipeline.dataclass_cli import add_options, from_namespace
-from pipeline.quality.metrics import (  # noqa: F401 - SELECT_METRICS, evaluation_tags, headline: old home
-    HEADLINE,
-    SELECT_METRICS,
-    evaluation_tags,
-    fmt_number,
-    headline,
-)
+from pipeline.quality.metrics import HEADLINE, fmt_number
 
 
 @dataclass
