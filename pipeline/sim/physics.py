@@ -8,6 +8,7 @@ import json
 import numpy as np
 
 from pipeline.data.catalog import CATALOG, SIM_ENVS
+from pipeline.sim.rollout import log_mujoco_warnings
 
 #: dataset family (the name's first word, after an optional "sim-") -> Gymnasium environment
 ENV_IDS = {family: spec["env_id"] for family, spec in SIM_ENVS.items()}
@@ -101,6 +102,7 @@ class Replay:
         self.env_id = env_id_for(transitions)
         import gymnasium as gym  # lazily: evaluation without physics must not need MuJoCo
 
+        log_mujoco_warnings()
         kwargs = env_kwargs if env_kwargs is not None else env_kwargs_for(transitions)
         try:
             self.env = gym.make(self.env_id, **kwargs).unwrapped

@@ -17,13 +17,19 @@ MAX_EPISODE_STEPS = 1000
 def make_env(env: str):
     """The bare MuJoCo env (no TimeLimit / checker wrappers: we count steps ourselves, and they cost time)."""
     import gymnasium
-    import mujoco
 
-    if mujoco.get_mju_user_warning() is None:  # else MuJoCo appends to MUJOCO_LOG.TXT in the working dir
-        mujoco.set_mju_user_warning(_mujoco_warning)
-
+    log_mujoco_warnings()
     spec = SIM_ENVS[env]
     return gymnasium.make(spec["env_id"], disable_env_checker=True, **spec["env_kwargs"]).unwrapped
+
+
+def log_mujoco_warnings() -> None:
+    """Send MuJoCo's warnings to the `mujoco` logger; else MuJoCo appends them to MUJOCO_LOG.TXT in the
+    working directory."""
+    import mujoco
+
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
 
 
 def _mujoco_warning(msg: str) -> None:
