@@ -1,6 +1,6 @@
 """Ctrl-C (SIGINT) and SIGTERM in the middle of real work, sent to a real subprocess at the moment it is busy:
 
-- a download from a loopback server that streams slowly (`invdyn fetch`, `pipeline.data.sources download`):
+- a download from a loopback server that streams slowly (`invdyn fetch`, `pipeline.datasets download`):
   only the resumable `.part` stays; the next run resumes with an HTTP Range request and installs;
 - the Arrow cache write of a prepared dataset: no half-written cache file; the next run rebuilds it;
 - a training run (`python -m pipeline.train`): no model directory, no temp directory; the next run trains;
@@ -158,14 +158,14 @@ def test_d4rl_download_interrupted_then_resumed(tmp_path, slow_server, monkeypat
     monkeypatch.setenv("INVDYN_D4RL_MIRROR", server.url("").rstrip("/"))
     dest = file_path(name)
     rc, err = _interrupt_when(
-        [sys.executable, "-m", "pipeline.data.sources", "download", name, "--quiet"],
+        [sys.executable, "-m", "pipeline.datasets", "download", name, "--quiet"],
         lambda: _part_bytes(dest.parent) > 100_000,
         signal.SIGINT,
     )
     assert rc != 0 and not dest.exists(), err
     kept = _part_bytes(dest.parent)
     server.slow = False
-    from pipeline.data.sources import main
+    from pipeline.data.cli import main
 
     assert main(["download", name, "--quiet"]) == 0
     assert server.ranges[-1] == f"bytes={kept}-"

@@ -108,7 +108,8 @@ def test_dataset_cache_on_bad_storage(request, tmp_path, monkeypatch, caplog, fa
         (where / "home").mkdir()
     data = tmp_path / "data.hdf5"
     write_d4rl_file(data, episodes=(20000, 20000), obs_dim=11, act_dim=3)  # ~4 MB of arrays: more than 1 MiB
-    from pipeline.data.sources import load_transitions, main
+    from pipeline.data.cli import main
+    from pipeline.data.sources import load_transitions
 
     with caplog.at_level("WARNING"):
         t = load_transitions(str(data))
