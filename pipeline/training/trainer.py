@@ -43,11 +43,7 @@ from pipeline.training.machine import (
     resolve_precision,
     resolve_step,
 )
-from pipeline.training.split import (
-    split_digest,
-    split_from_training,  # noqa: F401 - old home, until callers move
-    split_indices,
-)
+from pipeline.training.split import split_digest, split_indices
 from pipeline.training.steps import EagerStep, GraphStep, WeightAverage
 
 EVAL_CHUNK = 16384  # rows per forward pass when evaluating (bounds memory, not results)
