@@ -30,6 +30,10 @@ from pipeline.sim.rollout import MAX_EPISODE_STEPS, rollout_chunk
 #: Transitions per independently seeded chunk, the unit of parallel work: chunk c is rolled out from
 #: SeedSequence([seed, c]) in a fresh env, so a file depends on (name, transitions, seed), not on the workers.
 CHUNK = 5000
+#: Default worker count: 2 processes from this many transitions up, else this process alone. A pool takes
+#: seconds to start (each worker imports the rollout code and re-imports the parent's main module), which
+#: only a large dataset wins back.
+POOL_MIN_TRANSITIONS = 200_000
 GENERATOR = "simulated by invdyn"
 KEYS = ("observations", "actions", "next_observations", "rewards", "terminals", "timeouts", "qpos", "qvel")
 
@@ -54,17 +58,20 @@ def simulate(
     transitions: int | None = None,
     seed: int = 0,
     out_dir=None,
-    workers: int = 2,
+    workers: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Generate `name` (a sim-* catalog name) and write it atomically to OUT_DIR/NAME.hdf5 (default
-    $D4RL_DATASET_DIR) with D4RL's keys plus `infos/qpos`, `infos/qvel`; returns the path."""
+    $D4RL_DATASET_DIR) with D4RL's keys plus `infos/qpos`, `infos/qvel`; returns the path. `workers`:
+    processes rolling out chunks (default: see POOL_MIN_TRANSITIONS); the file does not depend on it."""
     env_name, policy_name = parse_sim_name(name)
     total = default_transitions() if transitions is None else int(transitions)
     if total <= 0:
         raise DatasetError(f"--transitions must be positive, got {total}")
     sizes = [min(CHUNK, total - start) for start in range(0, total, CHUNK)]
     jobs = [(env_name, policy_name, int(seed), c, size) for c, size in enumerate(sizes)]
+    if workers is None:
+        workers = 2 if total >= POOL_MIN_TRANSITIONS else 1
     parts = _run(jobs, workers, progress, desc=name)
     data = {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
     out = Path(out_dir).expanduser() if out_dir is not None else d4rl_dir()
@@ -199,7 +206,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default: $D4RL_DATASET_DIR)")
-    ap.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"processes (default: 2 from {POOL_MIN_TRANSITIONS:,} transitions up, else 1)",
+    )
     args = ap.parse_args(argv)
     try:
         for name in args.names:
