@@ -97,6 +97,9 @@ def test_registered_version_carries_eval_tags_and_the_evaluated_card(select_job,
     assert float(version.tags["eval.tracking_drift"]) == rec["evaluation"]["tracking_drift"]
     assert float(version.tags["eval.one_step_error"]) == rec["evaluation"]["one_step_error"]
     assert float(version.tags["eval.horizon"]) == 32
+    # the held-out protocol the version competes under comes from its params.json training section
+    assert version.tags["protocol"]
+    assert version.tags["protocol_desc"] == "split=episodes val_fraction=0.2 seed=0"
     # what the registry serves is the evaluated directory, not the trial's upload from before the evaluation
     downloaded = invdyn.read_model_dir(download_version(uri, reg["model_name"], reg["version"], tmp_path))
     assert "## Evaluation" in downloaded.card
