@@ -213,11 +213,13 @@ def _read_manifest(zf: zipfile.ZipFile, zip_path: Path) -> dict:
     except (
         zipfile.BadZipFile,
         zlib.error,
-        ValueError,
+        ValueError,  # bad JSON
         RecursionError,
         OSError,
         EOFError,
-    ) as e:  # ValueError: JSON
+        NotImplementedError,  # a flipped compression method or flag bit
+        RuntimeError,  # a flipped "encrypted" bit: zipfile asks for a password
+    ) as e:
         raise FormatError(f"{zip_path}: {MANIFEST} is not readable JSON ({e})") from None
     if not isinstance(manifest, dict):
         raise FormatError(f"{zip_path}: {MANIFEST} must be a JSON object")
@@ -282,7 +284,16 @@ def _copy_member(zf: zipfile.ZipFile, zip_path: Path, member: str, meta: dict, d
                 h.update(block)
                 if dst is not None:
                     dst.write(block)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+    # NotImplementedError / RuntimeError: a flipped compression method, flag bit or "encrypted" bit
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        OSError,
+        EOFError,
+        ValueError,
+        NotImplementedError,
+        RuntimeError,
+    ) as e:
         raise ChecksumError(
             f"{zip_path}: {member} is corrupt ({e}); expected sha256 {meta['sha256']}; download the bundle "
             "again"

@@ -4,6 +4,7 @@ each ends in an invdyn error or an install matching the manifest, with nothing w
 import copy
 import io
 import json
+import re
 import stat
 import zipfile
 import zlib
@@ -192,6 +193,34 @@ def test_any_flipped_byte(good_bundle, tmp_path, sandbox, hostile_case, pos, xor
     out = tmp_path / "flipped.zip"
     out.write_bytes(bytes(data))
     _install_or_invdyn_error(out)
+    assert _files_outside_cache(sandbox, out) == []
+
+
+@pytest.mark.parametrize(
+    "header, offset, value",
+    [
+        (b"PK\x01\x02", 8, 0x01),  # central directory: "encrypted" (zipfile wants a password)
+        (b"PK\x01\x02", 8, 0x20),  # central directory: "compressed patched data"
+        (b"PK\x01\x02", 8, 0x40),  # central directory: "strong encryption"
+        (b"PK\x01\x02", 10, 99),  # central directory: a compression method zipfile does not know
+    ],
+    ids=["encrypted", "patched", "strong-encryption", "unknown-method"],
+)
+@pytest.mark.parametrize("member", [0, -1], ids=["first-member", "last-member"])
+def test_flag_and_method_bits_zipfile_refuses(
+    good_bundle, tmp_path, sandbox, hostile_case, header, offset, value, member
+):
+    """Bits that make zipfile raise NotImplementedError / RuntimeError end in an invdyn error too."""
+    hostile_case("bundle flag bits")
+    data = bytearray(good_bundle.read_bytes())
+    starts = [m.start() for m in re.finditer(re.escape(header), data)]
+    data[starts[member] + offset] = value
+    out = tmp_path / "flags.zip"
+    out.write_bytes(bytes(data))
+    with pytest.raises((FormatError, ChecksumError), match=re.escape(str(out))):
+        invdyn.verify_bundle(out)
+    with pytest.raises((FormatError, ChecksumError)):
+        invdyn.fetch(out, progress=False)
     assert _files_outside_cache(sandbox, out) == []
 
 
