@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.quality.report import RECIPE  # noqa: E402
+from pipeline.quality.recipe import RECIPE  # noqa: E402
 
 
 def _with_true_velocities(t):
@@ -53,7 +53,7 @@ def _with_true_velocities(t):
 def run(args) -> list[dict]:
     import invdyn
     from pipeline.data.sources import load_transitions
-    from pipeline.quality.report import subset
+    from pipeline.quality.recipe import subset
     from pipeline.training.config import TrainConfig
     from pipeline.training.split import split_indices
     from pipeline.training.trainer import train

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.quality.report import RECIPE  # noqa: E402
+from pipeline.quality.recipe import RECIPE  # noqa: E402
 
 #: the recipe's fixes in one: honest episode split, best weights, no dropout, AdamW + cosine over 60 epochs
 LONG = {
@@ -60,7 +60,7 @@ def run(args) -> list[dict]:
     import invdyn
     from pipeline.data.sources import load_transitions
     from pipeline.quality.evaluate import evaluate
-    from pipeline.quality.report import subset
+    from pipeline.quality.recipe import subset
     from pipeline.training.config import TrainConfig
     from pipeline.training.split import split_indices
     from pipeline.training.trainer import train

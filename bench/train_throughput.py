@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.data.transitions import Transitions  # noqa: E402
-from pipeline.quality.report import RECIPE  # noqa: E402
+from pipeline.quality.recipe import RECIPE  # noqa: E402
 from pipeline.training.config import TrainConfig  # noqa: E402
 from pipeline.training.machine import available_cpus, resolve_precision  # noqa: E402
 from pipeline.training.split import split_indices  # noqa: E402

@@ -41,6 +41,8 @@ def redact_url(url) -> str:
     except ValueError:
         return "<malformed URL>"
     netloc = parts.netloc
+    if "@" not in netloc and not _SECRET_KEY.search(parts.query):
+        return str(url)  # nothing to mask: unchanged (urlunsplit would rewrite e.g. sqlite:////abs/path)
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = parts.query

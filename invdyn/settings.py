@@ -76,6 +76,16 @@ def code_version_override() -> str:
     return _env("INVDYN_CODE_VERSION")
 
 
+def mlflow_credentials() -> tuple[str, str, str]:
+    """(token, username, password) from MLflow's own `MLFLOW_TRACKING_TOKEN` / `_USERNAME` / `_PASSWORD`
+    ('' where unset), for the one request the pipeline sends to a server without MLflow's client."""
+    return (
+        _env("MLFLOW_TRACKING_TOKEN"),
+        _env("MLFLOW_TRACKING_USERNAME"),
+        _env("MLFLOW_TRACKING_PASSWORD"),
+    )
+
+
 def ray_address() -> str | None:
     """`$RAY_ADDRESS` (Ray's own variable, set by `ray job submit`), or None to start a local Ray."""
     return _env("RAY_ADDRESS") or None

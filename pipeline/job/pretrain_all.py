@@ -306,9 +306,9 @@ def job_record(job: JobConfig, state, specs, storage, pl, space, uri, opts, timi
     """DIR/job.json: the job's name and runs, what it was asked and how it ran."""
     shown = None
     if uri is not None:
-        from pipeline.registry.store import shown_uri
+        from invdyn._download import redact_url
 
-        shown = shown_uri(uri)
+        shown = redact_url(uri)
     return {
         **state,
         "datasets": specs,

@@ -220,7 +220,7 @@ def attach_evaluation(model_dir, result: dict) -> Path:
         for item in model_dir.iterdir():
             if item.name not in (PARAMS_FILE, CARD_FILE) and item.is_file():
                 shutil.copy2(item, tmp / item.name)
-        write_json(tmp / PARAMS_FILE, _finite(params))
+        write_json(tmp / PARAMS_FILE, params)
         (tmp / CARD_FILE).write_text(model_card_with_evaluation(params))
     return model_dir
 

@@ -22,7 +22,7 @@ from pipeline.dataclass_cli import add_options, from_namespace
 from pipeline.quality import plots
 from pipeline.quality.evaluate import EvalConfig
 from pipeline.quality.metrics import fmt_number
-from pipeline.quality.recipe import RECIPE, subset, train_recipe  # noqa: F401 - RECIPE, subset: old home
+from pipeline.quality.recipe import train_recipe
 
 #: "well served": held-out MSE under this fraction of the mean-action baseline's ...
 WELL_SERVED_MSE = 0.1

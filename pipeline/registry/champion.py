@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
 
+from invdyn._download import redact_url
 from pipeline.quality.metrics import (
     DEFAULT_METRIC,
     LABELS,
@@ -333,7 +334,7 @@ def promote(uri: str, name: str, version: str, reason: str = "", alias: str = CH
     versions = {str(v.version): v for v in store.all_versions(client, name)}
     if version not in versions:
         have = ", ".join(sorted(versions, key=int)) or "none"
-        raise TrackingError(f"{name} has no version {version} in {store.shown_uri(uri)} (versions: {have})")
+        raise TrackingError(f"{name} has no version {version} in {redact_url(uri)} (versions: {have})")
     if score(versions[version], DEFAULT_METRIC) is None:
         raise TrackingError(f"{name} v{version} has no finite heldout_mse tag: it cannot hold {alias!r}")
     before = store.alias_version(client, name, alias)

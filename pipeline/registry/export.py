@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow.artifacts
 
 import invdyn
+from invdyn._download import redact_url
 from invdyn.model_dir import PARAMS_FILE
 from invdyn.settings import is_valid_name
 from pipeline.registry import store
@@ -81,7 +82,7 @@ def select(found: list[dict], datasets, uri: str, alias: str) -> list[dict]:
     """The champions of `datasets` (all when None); a dataset without one is an error listing the others."""
     if not found:
         raise TrackingError(
-            f"no registered invdyn-* model has alias {alias!r} in MLflow at {store.shown_uri(uri)}; "
+            f"no registered invdyn-* model has alias {alias!r} in MLflow at {redact_url(uri)}; "
             "run `python -m pipeline.pretrain_all` first (or pass the --mlflow-uri it used)"
         )
     if not datasets:
@@ -92,7 +93,7 @@ def select(found: list[dict], datasets, uri: str, alias: str) -> list[dict]:
     if missing:
         have = ", ".join(c["tags"].get("dataset") or c["model_name"] for c in found)
         raise TrackingError(
-            f"no {alias!r} version registered for {', '.join(missing)} in {store.shown_uri(uri)}; "
+            f"no {alias!r} version registered for {', '.join(missing)} in {redact_url(uri)}; "
             f"registered: {have}"
         )
     return [by_name[name] for name in sorted(set(wanted))]
@@ -126,7 +127,7 @@ def export_bundle(uri: str, out_path, datasets=None, alias: str = CHAMPION) -> P
                     **{k: champ["tags"].get(k, "") for k in LINEAGE_TAGS},
                 }
             )
-        extra = {"registry": {"tracking_uri": store.shown_uri(uri), "alias": alias, "models": lineage}}
+        extra = {"registry": {"tracking_uri": redact_url(uri), "alias": alias, "models": lineage}}
         return invdyn.write_bundle(out_path, model_dirs, extra_manifest=extra)
 
 

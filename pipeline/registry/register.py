@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
+from invdyn._download import redact_url
 from invdyn.model_dir import PARAMS_FILE, read_params
 from invdyn.settings import mlflow_tracking_uri
 from pipeline.quality.metrics import SELECT_METRICS, evaluation_tags, finite
@@ -47,7 +48,7 @@ def register_dataset(uri: str, record: dict, *, alias: str = CHAMPION, attempts:
     sha = store.weights_sha256(model_dir)
     if attempts is None and time.monotonic() - _gave_up.get(uri, -1e9) < 120:
         attempts = 1  # it just failed after every retry: the next datasets of this job fail fast
-    shown = store.shown_uri(uri)
+    shown = redact_url(uri)
     try:
         result = store.retry(
             f"registering {record['dataset']} in {shown}",
@@ -225,7 +226,7 @@ def tag_model_version(uri: str, model_uri: str, tags: dict) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - MLflow / HTTP / SQL errors become one actionable error
         raise TrackingError(
-            f"could not tag {model_uri} in MLflow at {store.shown_uri(uri)} ({type(e).__name__}: {e})"
+            f"could not tag {model_uri} in MLflow at {redact_url(uri)} ({type(e).__name__}: {e})"
         ) from None
     return {"model_name": name, "version": version}
 

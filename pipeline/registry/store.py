@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import invdyn
+from invdyn import settings
 from invdyn._download import redact_url
 from invdyn._files import sha256_file
 from invdyn.errors import InvdynError
@@ -76,12 +77,6 @@ def artifact_root(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri()
 
 
-def shown_uri(uri: str) -> str:
-    """`uri` for messages and manifests: secrets masked by invdyn's one redactor, `redact_url` (a SQLite
-    path carries none, and `redact_url` would drop one of its slashes)."""
-    return uri if sqlite_path(uri) is not None else redact_url(uri)
-
-
 def check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before any training, when the tracking store at `uri` cannot be used."""
     if is_http(uri):
@@ -107,14 +102,14 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
         client(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - drivers raise many types
         raise TrackingError(
-            f"MLflow store {shown_uri(uri)} cannot be used: {type(e).__name__}: {e}"
+            f"MLflow store {redact_url(uri)} cannot be used: {type(e).__name__}: {e}"
         ) from None
 
 
 def _check_http(uri: str, timeout: float) -> None:
     url = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
     request = urllib.request.Request(url, headers=_auth_headers())
-    shown = shown_uri(uri)
+    shown = redact_url(uri)
     fix = (
         f"start one (mlflow server --host 127.0.0.1 --port {urllib.parse.urlsplit(uri).port or 5000} "
         "--backend-store-uri sqlite:///mlflow.db --serve-artifacts --artifacts-destination ./mlartifacts) "
@@ -147,10 +142,9 @@ def _check_http(uri: str, timeout: float) -> None:
 
 def _auth_headers() -> dict:
     """MLflow's own credential variables (MLflow reads them too), for the one request made without it."""
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    token, user, password = settings.mlflow_credentials()
     if token:
         return {"Authorization": f"Bearer {token}"}
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
         return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
     return {}

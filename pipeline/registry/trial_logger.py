@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from ray.tune import Callback
 
+from invdyn._download import redact_url
 from invdyn._files import sha256_file
 from invdyn.model_dir import PARAMS_FILE
 from pipeline.registry import store
@@ -109,16 +110,14 @@ class MlflowTrialLogger(Callback):
             self._failures = 0
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             self._failures += 1
-            log.warning(
-                "MLflow (%s): could not %s: %s: %s", store.shown_uri(self.uri), what, type(e).__name__, e
-            )
+            log.warning("MLflow (%s): could not %s: %s: %s", redact_url(self.uri), what, type(e).__name__, e)
             if self._failures >= 3:
                 self._disabled = True
                 log.warning(
                     "MLflow at %s failed 3 times in a row: tracking is off for the rest of this job; "
                     "models stay in the job's output and `python -m pipeline.register --from-storage DIR` "
                     "registers them later",
-                    store.shown_uri(self.uri),
+                    redact_url(self.uri),
                 )
 
     def _dataset(self, trial, result: dict) -> str:
@@ -133,9 +132,9 @@ class MlflowTrialLogger(Callback):
         if self._experiment_id is None:
             self._experiment_id = store.get_experiment_id(self._client, self.uri, self.experiment)
             where = (
-                f"{store.shown_uri(self.uri)}/#/experiments/{self._experiment_id}"
+                f"{redact_url(self.uri)}/#/experiments/{self._experiment_id}"
                 if store.is_http(self.uri)
-                else store.shown_uri(self.uri)
+                else redact_url(self.uri)
             )
             print(f"MLflow: experiment {self.experiment!r} at {where}", flush=True)
         return self._experiment_id

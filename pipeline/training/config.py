@@ -39,7 +39,7 @@ class TrainConfig:
     set: no dropout, AdamW (lr 1e-3, weight decay 1e-4) with a cosine schedule over 60 epochs, an
     exponential moving average of the weights (0.999), the honest episode split and the best (averaged)
     weights kept; precision / device / threads are chosen for the machine.
-    `pipeline.quality.report.RECIPE` pins CleanDiffuser's own recipe for comparison."""
+    `pipeline.quality.recipe.RECIPE` pins CleanDiffuser's own recipe for comparison."""
 
     arch: str = _option("fancy_mlp", "architecture (invdyn.models.ARCHITECTURES key)")
     hidden_dim: int = _option(512, "width of the hidden layers")
