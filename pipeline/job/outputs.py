@@ -131,8 +131,8 @@ def write_summary(out_dir: Path, records: list[DatasetRecord]) -> str:
     return table
 
 
-def _fmt(v, spec=".4g") -> str:
-    return fmt_number(finite(v), spec, missing="-")
+def _num(value, spec: str = ".4g") -> str:
+    return fmt_number(value, spec, missing="-")
 
 
 def format_table(records: list[dict]) -> str:
@@ -151,13 +151,22 @@ def format_table(records: list[dict]) -> str:
         if status == "failed":
             status = f"failed: {str(r.get('error', ''))[:80]}"
         ev = r.get("evaluation") or {}
-        drift = _fmt(ev.get("tracking_drift"))
+        drift = _num(ev.get("tracking_drift"))
         if finite(ev.get("tracking_drift")) is not None:
             drift += f" @{ev['horizon']}"
-        rows.append(
-            f"| {r['dataset']} | {status} | {_fmt(r.get('heldout_mse'))} | {_fmt(r.get('baseline_mse'))} | "
-            f"{_fmt(ev.get('one_step_error'))} | {drift} | {r.get('selected_by') or '-'} | {best or '-'} | "
-            f"{r.get('epochs', '-')} | {r.get('trials_finished', 0)}/{r.get('trials', 0)} | "
-            f"{_fmt(r.get('wall_s'), '.0f')} | {champion} |"
-        )
+        cells = [
+            r["dataset"],
+            status,
+            _num(r.get("heldout_mse")),
+            _num(r.get("baseline_mse")),
+            _num(ev.get("one_step_error")),
+            drift,
+            r.get("selected_by") or "-",
+            best or "-",
+            r.get("epochs", "-"),
+            f"{r.get('trials_finished', 0)}/{r.get('trials', 0)}",
+            _num(r.get("wall_s"), ".0f"),
+            champion,
+        ]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(rows)
