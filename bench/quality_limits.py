@@ -1,4 +1,4 @@
-"""Is issue 7's walker2d MSE target (<= 0.8x the recipe's) reachable on the 50k-transition sim set?
+"""Is the walker2d MSE target (<= 0.8x the recipe's) reachable on the 50k-transition sim set?
 
     python bench/quality_limits.py                              # walker2d, ~6 min on 2 cores
     python bench/quality_limits.py --datasets sim-halfcheetah-mixed-v0 --scaling-only --ensemble 1

@@ -15,7 +15,7 @@ def isolated_dirs(tmp_path_factory, monkeypatch):
     return root
 
 
-# ---- datasets (issue 3): simulated files for any test, and a writer of D4RL-layout files ----
+# ---- datasets: simulated files for any test, and a writer of D4RL-layout files ----
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +104,7 @@ def d4rl_file(tmp_path):
     return make
 
 
-# ---- hardening (issue 8): how many hostile-input cases ran, printed in the terminal summary ----
+# ---- hardening: how many hostile-input cases ran, printed in the terminal summary ----
 
 
 @pytest.fixture
