@@ -71,7 +71,7 @@ class WeightAverage:
 
 
 def make_optimizer(config, net, lr=None, capturable: bool = False):
-    """Adam / AdamW as `config` says, the fused kernel where there is one (one launch per parameter group instead of one per tensor).
+    """Adam / AdamW as `config` says, the fused kernel where there is one (fewer launches than foreach).
 
     `lr` may be a device tensor (the graph step's); `capturable` keeps the step count on the device too."""
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
