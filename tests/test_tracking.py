@@ -11,6 +11,7 @@ import pytest
 from helpers.mlflow_server import free_port
 from mlflow import MlflowClient
 
+from invdyn._download import redact_url
 from pipeline.registry import store
 from pipeline.registry.register import register_dataset
 from pipeline.registry.trial_logger import MlflowTrialLogger
@@ -27,8 +28,8 @@ def test_default_uri_and_resolution(tmp_path, monkeypatch):
     assert store.model_name("sim-hopper-random-v0") == "invdyn-sim-hopper-random-v0"
     assert store.model_name("minari:mujoco/hopper/expert-v0") == "invdyn-minari-mujoco-hopper-expert-v0"
     # messages show a URI through invdyn's one redactor; a SQLite path is shown as it is
-    assert store.shown_uri("https://user:secret@host:5000/x?token=t") == "https://***@host:5000/x?token=***"
-    assert store.shown_uri(uri) == uri
+    assert redact_url("https://user:secret@host:5000/x?token=t") == "https://***@host:5000/x?token=***"
+    assert redact_url(uri) == uri
 
 
 def test_check_server_sqlite_and_file_stores(tmp_path):
