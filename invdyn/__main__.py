@@ -70,10 +70,33 @@ def cmd_info(args) -> int:
         return 0
     for key in ("name", "source", "path", "obs_dim", "act_dim"):
         print(f"{key:>13}: {info[key]}")
+    tables = card_tables(model.card)
     for key in ("architecture", "config", "dataset", "metrics", "training"):
+        if key == "metrics" and tables:
+            continue  # shown below as the card shows it
         flat = {k: v for k, v in info[key].items() if not isinstance(v, (dict, list))} if info[key] else {}
         print(f"{key:>13}: " + (", ".join(f"{k}={_short(v)}" for k, v in sorted(flat.items())) or "-"))
+    for section, header, rows in tables:
+        print(f"\n{section} (model card):")
+        print(_table(rows, header))
     return 0
+
+
+def card_tables(card: str, sections=("Metrics", "Evaluation")) -> list[tuple[str, list[str], list]]:
+    """The Markdown tables under a model card's `sections` headings: (heading, header, rows), in order."""
+    tables, heading, rows = [], "", []
+    for line in [*card.splitlines(), ""]:
+        if line.startswith("|") and heading in sections:
+            cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):  # not the |---| line
+                rows.append(cells)
+            continue
+        if rows:
+            tables.append((heading, rows[0], rows[1:]))
+            rows = []
+        if line.startswith("## "):
+            heading = line[3:].strip()
+    return tables
 
 
 def _short(v) -> str:

@@ -41,6 +41,17 @@ def storage_errors(path):
         ) from None
 
 
+def check_writable(folder) -> None:
+    """Raise StorageError naming `folder` unless a file can be created in it (it is made if missing): a
+    command checks its output place before any long work, not when it saves the result."""
+    folder = Path(folder)
+    with storage_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from ._download import download, is_url, redact_url
 from ._files import atomic_file, file_lock, replace_dir, sha256_file, storage_errors
+from ._hints import MINARI_ID_PREFIX, how_to_get, minari_id_message
 from .bundle import extract_verified, open_bundle, verify_open
 from .errors import (
     BundleNotFoundError,
@@ -25,7 +26,14 @@ from .errors import (
 )
 from .model_dir import PARAMS_FILE, read_model_dir, read_params
 from .pretrained import PretrainedIDM
-from .settings import cleandiffuser_dir, invdyn_home, is_offline, is_valid_name, model_cache_dir
+from .settings import (
+    cleandiffuser_dir,
+    dataset_model_name,
+    invdyn_home,
+    is_offline,
+    is_valid_name,
+    model_cache_dir,
+)
 
 # The cache under $INVDYN_HOME (default ~/.cache/invdyn):
 #   models/<name>/                     an installed model directory (exactly the bundle's files)
@@ -46,6 +54,8 @@ def load(name: str, *, source=None, device="cpu") -> PretrainedIDM:
     the cache first — or an MLflow `models:/...` URI), the invdyn cache, CleanDiffuser's directory.
     """
     if not is_valid_name(name):
+        if isinstance(name, str) and name.startswith(MINARI_ID_PREFIX):
+            raise ModelNotFoundError(minari_id_message(name, dataset_model_name(name)))
         raise ModelNotFoundError(
             f"{name!r} is not a model name (letters, digits, '.', '_', '-'; e.g. hopper-medium-v2)"
         )
@@ -331,7 +341,4 @@ def _not_found(name: str) -> ModelNotFoundError:
     if near:
         msg += f" Did you mean: {', '.join(near)}?"
     msg += f" Available: {', '.join(available)}." if available else " No models are installed."
-    msg += (
-        " Install a bundle with invdyn.fetch(URL_OR_ZIP) or pass source=<model dir | bundle | models:/...>."
-    )
-    return ModelNotFoundError(msg)
+    return ModelNotFoundError(f"{msg} {how_to_get(name)}")

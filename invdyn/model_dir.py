@@ -15,7 +15,7 @@ from .errors import ChecksumError, FormatError, ModelNotFoundError, ShapeError
 from .models import ARCHITECTURES, FancyMlpInvDynamic, build_model
 from .normalizer import GaussianNormalizer
 from .pretrained import PretrainedIDM
-from .settings import cleandiffuser_dir
+from .settings import cleandiffuser_dir, is_valid_name
 
 FORMAT_VERSION = 1
 #: torch.save({"state_dict": {...}}) with CleanDiffuser's key names
@@ -26,6 +26,12 @@ CARD_FILE = "README.md"
 #: "architecture": {"name", ...options}, "name", "dataset": {"name", "sha256", ...}, "metrics": {...},
 #: "training": {...}, "learning_curve": [...], "weights": {"file", "sha256"}, "invdyn_version"}
 PARAMS_FILE = "params.json"
+#: figures a model directory may hold beside its card, drawn by the pipeline (invdyn draws none): file ->
+#: caption. The card links the ones present, so a directory without them still has no broken link.
+FIGURES = {
+    "learning_curve.png": "learning curve: validation MSE and training loss per step",
+    "per_dim_r2.png": "held-out R² per action dimension",
+}
 
 
 def save_model_dir(
@@ -39,9 +45,16 @@ def save_model_dir(
     training: dict | None = None,
     learning_curve: list | None = None,
     extra: dict | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write a model directory atomically (temp dir + rename) and return its path."""
+    """Write a model directory atomically (temp dir + rename) and return its path.
+
+    `files` are more files for the directory (name -> bytes), e.g. the FIGURES; the card links those."""
     out_dir = Path(out_dir)
+    files = dict(files or {})
+    for fname in files:
+        if not is_valid_name(fname) or fname in (WEIGHTS_FILE, PARAMS_FILE, CARD_FILE):
+            raise FormatError(f"{fname!r} cannot be an extra file of a model directory (a plain new name)")
     if normalizer.dim != net.obs_dim:
         raise ShapeError(f"normalizer has {normalizer.dim} dims but the model's obs_dim is {net.obs_dim}")
     state_dict = {k: v.detach().to("cpu", torch.float32).clone() for k, v in net.state_dict().items()}
@@ -65,8 +78,15 @@ def save_model_dir(
         (tmp / WEIGHTS_FILE).write_bytes(buf.getvalue())
         params["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(tmp / WEIGHTS_FILE)}
         write_json(tmp / PARAMS_FILE, params)  # NaN metrics become null
-        (tmp / CARD_FILE).write_text(model_card(params))
+        for fname, data in files.items():
+            (tmp / fname).write_bytes(data)
+        (tmp / CARD_FILE).write_text(model_card(params, card_figures(tmp)))
     return out_dir
+
+
+def card_figures(model_dir) -> list[str]:
+    """The FIGURES present in `model_dir`, in FIGURES' order (what its card links)."""
+    return [name for name in FIGURES if (Path(model_dir) / name).is_file()]
 
 
 def read_params(path) -> dict:
@@ -183,7 +203,7 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
     net.eval().to(device)
     normalizer = GaussianNormalizer.from_dict(params["normalizers"]["state"])
     card_path = model_dir / CARD_FILE
-    card = card_path.read_text() if card_path.exists() else model_card(params)
+    card = card_path.read_text() if card_path.exists() else model_card(params, card_figures(model_dir))
     return PretrainedIDM(net, normalizer, params, card=card, path=model_dir)
 
 
@@ -226,8 +246,9 @@ def check_state_dict(net, state_dict: dict, source) -> None:
             )
 
 
-def model_card(params: dict) -> str:
-    """A short Markdown model card: dataset, metrics, hyperparameters and how to load."""
+def model_card(params: dict, figures=()) -> str:
+    """A short Markdown model card: dataset, metrics, the `figures` (FIGURES' file names present beside
+    it), hyperparameters and how to load."""
     name = params.get("name", "model")
     ds = params.get("dataset") or {}
     metrics = params.get("metrics") or {}
@@ -255,6 +276,8 @@ def model_card(params: dict) -> str:
         ]
     else:
         lines.append("not trained by invdyn (no metrics recorded)")
+    for fname in figures:
+        lines += ["", f"![{FIGURES.get(fname, fname)}]({fname})"]
     lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted({**params.get("config", {}), **arch}.items())]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(training.items()) if not isinstance(v, (dict, list))]

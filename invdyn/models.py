@@ -51,13 +51,20 @@ class _InvDynBase(nn.Module):
             out = out * self.action_scale
         return out
 
-    def _as_input(self, x, name: str) -> torch.Tensor:
+    def check_input(self, x, name: str) -> None:
+        """Raise ShapeError unless `x` (array or tensor) ends in obs_dim."""
         if x.ndim == 0 or x.shape[-1] != self.obs_dim:
             raise ShapeError(
                 f"{name} has last dimension {x.shape[-1] if x.ndim else None} (shape {tuple(x.shape)}), "
                 f"but this model expects obs_dim={self.obs_dim}"
             )
+
+    def _as_input(self, x, name: str) -> torch.Tensor:
+        self.check_input(x, name)
         param = next(self.parameters())
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            # torch cannot share read-only memory (a memory-mapped cache) and warns; copy only these
+            return torch.tensor(x, dtype=param.dtype, device=param.device)
         return torch.as_tensor(x).to(device=param.device, dtype=param.dtype)
 
     @torch.no_grad()

@@ -70,8 +70,8 @@ class PretrainedIDM(nn.Module):
             obs = np.asarray(obs, dtype=np.float32)
         if not isinstance(next_obs, torch.Tensor):
             next_obs = np.asarray(next_obs, dtype=np.float32)
-        self.net._as_input(obs, "obs")  # clear error on a wrong last dimension before normalizing
-        self.net._as_input(next_obs, "next_obs")
+        self.net.check_input(obs, "obs")  # clear error on a wrong last dimension before normalizing
+        self.net.check_input(next_obs, "next_obs")
         return self.predict_normalized(self.normalizer.normalize(obs), self.normalizer.normalize(next_obs))
 
     def __repr__(self) -> str:

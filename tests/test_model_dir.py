@@ -170,7 +170,7 @@ class Payload:
 
 def test_pickled_objects_in_a_checkpoint_are_refused(tmp_path):
     src = Path(CD_DIR)
-    d = tmp_path / "evil"
+    d = tmp_path / "pickled"  # not "evil": test_hostile_bundles looks for that name anywhere under tmp
     shutil.copytree(src, d)
     ckpt = next(d.glob("*.ckpt"))
     state = torch.load(ckpt, weights_only=True)["state_dict"]

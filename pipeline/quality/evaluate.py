@@ -169,17 +169,37 @@ def _finite(obj):
     return obj
 
 
-def load_model(spec: str, dataset_name: str = ""):
-    """A PretrainedIDM from a model directory, bundle, URL, `models:/` URI or cached model name."""
+def load_model(spec: str, dataset_spec: str = ""):
+    """A PretrainedIDM from a model directory, bundle, URL, `models:/` URI or cached model name: cheap, so
+    a command loads its model before its dataset (which may be simulated or downloaded first)."""
     import invdyn
 
-    if "://" in spec or spec.startswith(("models:/", "runs:/")) or Path(spec).expanduser().is_file():
-        name = dataset_model_name(dataset_name) if dataset_name else "model"
-        return invdyn.load(name, source=spec)
     path = Path(spec).expanduser()
+    if "://" in spec or spec.startswith(("models:/", "runs:/")) or path.is_file():
+        if path.suffix == ".zip" and path.is_file():
+            installed = invdyn.fetch(path, progress=False)
+            if len(installed) == 1:  # a one-model bundle: that model, whatever its dataset is called
+                return invdyn.load(installed[0], source=path)
+        return invdyn.load(dataset_model_name(dataset_name(dataset_spec)), source=spec)
     if path.is_dir():
         return invdyn.read_model_dir(path)
+    if spec.startswith(("/", ".", "~")) or "/" in spec:
+        raise EvaluationError(
+            f"model {spec} does not exist; MODEL is a model directory, a bundle .zip or URL, a models:/ URI "
+            "or the name of a model in the invdyn cache (python -m invdyn list)"
+        )
     return invdyn.load(spec)
+
+
+def dataset_name(spec: str) -> str:
+    """The name a dataset spec's data goes by (a catalog name or `minari:<id>` as given, a file's catalog
+    name or stem), without reading, downloading or simulating anything."""
+    from pipeline.data.catalog import entry_for_file, is_path_spec
+
+    if not spec or not is_path_spec(spec):
+        return spec or "model"
+    entry = entry_for_file(spec)
+    return entry["name"] if entry else Path(spec).stem
 
 
 def card_section(result: dict) -> dict:
@@ -203,7 +223,8 @@ def card_section(result: dict) -> dict:
 
 
 def attach_evaluation(model_dir, result: dict) -> Path:
-    """Write `result` into the model directory's params.json ("evaluation") and model card, atomically.
+    """Write `result` into the model directory's params.json ("evaluation"), its R² figure and its model
+    card, atomically.
 
     The weights file is copied byte for byte (its checksum in params.json stays valid); readers see the
     old directory or the new one, never a mix.
@@ -211,25 +232,31 @@ def attach_evaluation(model_dir, result: dict) -> Path:
     import shutil
 
     from invdyn._files import atomic_dir, write_json
-    from invdyn.model_dir import CARD_FILE, PARAMS_FILE, read_params
+    from invdyn.model_dir import CARD_FILE, PARAMS_FILE, card_figures, read_params
+    from pipeline.training.figures import card_figures as draw_figures
 
     model_dir = Path(model_dir)
     params = read_params(model_dir / PARAMS_FILE)
     params["evaluation"] = card_section(result)
+    # the evaluation's R² replaces training's (the same held-out rows, unless the data changed)
+    figures = draw_figures(per_dim_r2=result.get("per_dim_r2"), name=params.get("name", ""))
     with atomic_dir(model_dir) as tmp:
         for item in model_dir.iterdir():
-            if item.name not in (PARAMS_FILE, CARD_FILE) and item.is_file():
+            if item.name not in (PARAMS_FILE, CARD_FILE, *figures) and item.is_file():
                 shutil.copy2(item, tmp / item.name)
+        for name, png in figures.items():
+            (tmp / name).write_bytes(png)
         write_json(tmp / PARAMS_FILE, params)
-        (tmp / CARD_FILE).write_text(model_card_with_evaluation(params))
+        (tmp / CARD_FILE).write_text(model_card_with_evaluation(params, card_figures(tmp)))
     return model_dir
 
 
-def model_card_with_evaluation(params: dict) -> str:
-    """invdyn's model card plus an "Evaluation" section (held-out and MuJoCo metrics)."""
+def model_card_with_evaluation(params: dict, figures=()) -> str:
+    """invdyn's model card (linking `figures`) plus an "Evaluation" section (held-out and MuJoCo
+    metrics)."""
     from invdyn.model_dir import model_card
 
-    card = model_card(params).rstrip("\n")
+    card = model_card(params, figures).rstrip("\n")
     ev = params.get("evaluation") or {}
     lines = [
         "",
@@ -325,11 +352,8 @@ def main(argv=None, *, log_evaluation=None) -> int:
 
     config = from_namespace(EvalConfig, args)
     try:
-        config.validate()
-        if args.log_to_registry and log_evaluation is None:
-            raise EvaluationError("--log-to-registry: run it as `python -m pipeline.evaluate`")
+        model = _checked_model(args, config, log_evaluation)  # every argument before any long work
         transitions = load_transitions(args.dataset)
-        model = load_model(args.model, transitions.name)
         result = evaluate(
             model,
             transitions,
@@ -341,10 +365,6 @@ def main(argv=None, *, log_evaluation=None) -> int:
             progress=not args.json and sys.stderr.isatty(),
         )
         if args.attach:
-            if model.path is None:
-                raise EvaluationError(
-                    f"--attach needs a model directory; {args.model} was not loaded from one"
-                )
             attach_evaluation(model.path, result)
         if args.log_to_registry:
             result["registry"] = log_evaluation(args.model, result, args.mlflow_uri)
@@ -353,6 +373,31 @@ def main(argv=None, *, log_evaluation=None) -> int:
         return 2
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result))
     return 0
+
+
+def _checked_model(args, config: EvalConfig, log_evaluation):
+    """The model, once the options that need no data are known to be usable (else EvaluationError)."""
+    from invdyn.settings import mlflow_tracking_uri, model_cache_dir
+
+    config.validate()
+    if args.log_to_registry:
+        if log_evaluation is None:
+            raise EvaluationError("--log-to-registry: run it as `python -m pipeline.evaluate`")
+        if not args.model.startswith("models:/"):
+            raise EvaluationError(
+                f"--log-to-registry tags a registered version: MODEL must be a models:/ URI, got {args.model}"
+            )
+        if not (args.mlflow_uri or mlflow_tracking_uri()):
+            raise EvaluationError("--log-to-registry needs --mlflow-uri or MLFLOW_TRACKING_URI")
+    model = load_model(args.model, args.dataset)
+    if args.attach and model.path is None:
+        raise EvaluationError(f"--attach needs a model directory; {args.model} was not loaded from one")
+    if args.attach and model.path.resolve().is_relative_to(model_cache_dir().resolve()):
+        raise EvaluationError(
+            f"--attach would change {model.path}, an installed model whose files are checksummed; copy it "
+            "to a folder of your own and evaluate that"
+        )
+    return model
 
 
 if __name__ == "__main__":

@@ -283,6 +283,27 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_records(records: list[dict], out) -> None:
+    """Before any evaluation (which may simulate a dataset or train the recipe): every model loads, every
+    dataset spec is known, and the report folder is writable."""
+    import invdyn
+    from invdyn._files import check_writable
+    from pipeline.data.catalog import CATALOG, DatasetMissingError
+    from pipeline.data.sources import locate
+
+    for rec in records:
+        model = invdyn.read_model_dir(rec["model_dir"])
+        spec = rec.get("spec") or rec.get("dataset") or model.params.get("dataset", {}).get("name")
+        if not spec:
+            raise InvdynError(f"{rec['model_dir']}: params.json names no dataset; pass it in a summary.json")
+        try:
+            locate(spec, simulate=False)
+        except DatasetMissingError:
+            if not CATALOG.get(spec, {}).get("simulated"):
+                raise  # a simulated set is made when evaluated; anything else missing stays missing
+    check_writable(Path(out))
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     config = from_namespace(EvalConfig, args)
@@ -290,15 +311,20 @@ def main(argv=None) -> int:
 
     try:
         config.validate()
+        for flag, value in (("--recipe-max-epochs", args.recipe_max_epochs), ("--threads", args.threads)):
+            if value is not None and value < 1:
+                raise InvdynError(f"{flag} must be >= 1, got {value}")
         records = (
             read_summary(args.summary) if args.summary else [{"model_dir": Path(m)} for m in args.models]
         )
         failed = [rec for rec in records if rec.get("status") == "failed"]
         todo = [r for r in records if r not in failed]
+        check_records(todo, args.out)
         kw = {"recipe_max_epochs": args.recipe_max_epochs, "threads": args.threads, "config": config}
+        kw["progress"] = sys.stderr.isatty()  # bars on a terminal, never carriage returns in a log
         entries = [
             evaluate_record(rec, with_recipe=args.with_recipe, work_dir=Path(args.out), **kw)
-            for rec in tqdm(todo, desc="report", unit="dataset")
+            for rec in tqdm(todo, desc="report", unit="dataset", disable=None)  # None: a bar on a terminal
         ]
         path = write_report(entries, args.out, config.horizon, failed=failed)
     except (InvdynError, FileNotFoundError, ValueError) as e:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from invdyn._files import check_writable
 from invdyn.errors import InvdynError
+from invdyn.model_dir import PARAMS_FILE
+from invdyn.settings import is_valid_name
 from pipeline.dataclass_cli import add_options, from_namespace
-from pipeline.training.config import TrainConfig
+from pipeline.training.config import TrainConfig, TrainConfigError
 from pipeline.training.trainer import train
 
 
@@ -54,6 +58,21 @@ def summary_table(result) -> str:
     return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
 
 
+def check_out(out) -> Path:
+    """`--out` as a path a model directory can replace, checked before any data is loaded: not a file, not
+    a folder of other things (replacing it would delete them), in a writable place."""
+    out = Path(out).expanduser()
+    if out.is_file():
+        raise TrainConfigError(f"--out {out} is a file; give a directory for the model")
+    if out.is_dir() and not (out / PARAMS_FILE).is_file() and any(out.iterdir()):
+        raise TrainConfigError(
+            f"--out {out} is a folder that holds other files and no model ({PARAMS_FILE}); writing the model "
+            "there would replace them: give a new or empty directory, or a model directory"
+        )
+    check_writable(out.resolve().parent)
+    return out
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = from_namespace(TrainConfig, args)
@@ -61,6 +80,11 @@ def main(argv=None) -> int:
 
     try:
         config.validate()
+        if args.name is not None and not is_valid_name(args.name):
+            raise TrainConfigError(
+                f"--name {args.name!r} is not a model name (letters, digits, '.', '_', '-')"
+            )
+        out = check_out(args.out)
         transitions = load_transitions(args.dataset, download=args.download)
         print(
             f"{transitions.name}: {len(transitions):,} transitions, obs_dim {transitions.obs_dim}, "
@@ -69,7 +93,7 @@ def main(argv=None) -> int:
             flush=True,
         )
         on_eval = None if args.quiet else (lambda r: print(_progress_line(r), flush=True))
-        result = train(transitions, config, args.out, on_eval=on_eval, dataset_name=args.name)
+        result = train(transitions, config, out, on_eval=on_eval, dataset_name=args.name)
     except InvdynError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

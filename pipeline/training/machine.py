@@ -1,4 +1,5 @@
-"""What the machine decides for a training run: CPUs, device, precision, step kind, subnormal flushing."""
+"""What the machine decides for a training run: CPUs, device, precision (and the fp32 input layer under
+bf16), step kind, subnormal flushing."""
 
 from __future__ import annotations
 
@@ -76,3 +77,33 @@ def flush_denormals(device):
         yield
     finally:
         torch.set_flush_denormal(False)  # PyTorch's default (it has no getter for the previous state)
+
+
+@contextlib.contextmanager
+def fp32_input_layer(net, device_type: str, enabled: bool):
+    """Run the first Linear (the one that sees the normalized s and s') outside autocast, in fp32.
+
+    An IDM reads the small difference s' - s out of two inputs of order 1; rounding them to bf16 (8
+    significant bits) loses much of that difference. The first layer is a small share of the FLOPs (its
+    input is narrow), so keeping it fp32 costs little; every later layer sees features, where bf16
+    rounding is harmless.
+    """
+    first = next((m for m in net.modules() if isinstance(m, torch.nn.Linear)), None)
+    if not enabled or first is None:
+        yield
+        return
+    saved = []
+
+    def before(module, args):
+        saved.append(torch.is_autocast_enabled(device_type))
+        torch.set_autocast_enabled(device_type, False)
+
+    def after(module, args, output):
+        torch.set_autocast_enabled(device_type, saved.pop())
+
+    handles = [first.register_forward_pre_hook(before), first.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

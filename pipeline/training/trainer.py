@@ -36,9 +36,11 @@ from invdyn.models import ARCHITECTURES, build_model
 from invdyn.normalizer import GaussianNormalizer
 from pipeline.data.transitions import Transitions
 from pipeline.training.config import TrainConfig, TrainConfigError
+from pipeline.training.figures import card_figures
 from pipeline.training.machine import (
     available_cpus,
     flush_denormals,
+    fp32_input_layer,
     resolve_device,
     resolve_precision,
     resolve_step,
@@ -122,6 +124,11 @@ class _Resident:
     def mse(self, net, idx, chunk=EVAL_CHUNK) -> tuple[float, float]:
         """fp32 (action MSE, normalized action MSE) of `net` on rows `idx`, in eval mode, without
         gradients."""
+        per_dim = self.per_dim_mse(net, idx, chunk)
+        return float(per_dim.mean()), float((per_dim / self.act_var).mean())
+
+    def per_dim_mse(self, net, idx, chunk=EVAL_CHUNK) -> torch.Tensor:
+        """fp32 MSE of each action dimension of `net` on rows `idx` (float64, on the device)."""
         was_training = net.training
         net.eval()
         sq = torch.zeros(self.act.shape[1], dtype=torch.float64, device=self.act.device)
@@ -131,8 +138,14 @@ class _Resident:
                 err = net(self.obs[rows], self.next_obs[rows]).float() - self.act[rows]
                 sq += (err.double() ** 2).sum(0)
         net.train(was_training)
-        per_dim = sq / max(int(idx.shape[0]), 1)
-        return float(per_dim.mean()), float((per_dim / self.act_var).mean())
+        return sq / max(int(idx.shape[0]), 1)
+
+    def heldout_r2(self, net) -> list:
+        """R² of each action dimension on the held-out rows (None where the held-out actions are
+        constant)."""
+        var = self.act[self.val_idx].double().var(0, correction=0)
+        r2 = 1.0 - self.per_dim_mse(net, self.val_idx) / var
+        return [float(v) if w > 0 else None for v, w in zip(r2.tolist(), var.tolist(), strict=True)]
 
     def baseline_mse(self) -> tuple[float, float]:
         """(MSE, normalized MSE) of predicting the training split's mean action on the held-out rows."""
@@ -163,43 +176,20 @@ def _build_model(config: TrainConfig, t: Transitions, device):
         ) from None
 
 
-@contextlib.contextmanager
-def _fp32_input_layer(net, device_type: str, enabled: bool):
-    """Run the first Linear (the one that sees the normalized s and s') outside autocast, in fp32.
-
-    An IDM reads the small difference s' - s out of two inputs of order 1; rounding them to bf16 (8
-    significant bits) loses much of that difference. The first layer is a small share of the FLOPs (its
-    input is narrow), so keeping it fp32 costs little; every later layer sees features, where bf16
-    rounding is harmless.
-    """
-    first = next((m for m in net.modules() if isinstance(m, torch.nn.Linear)), None)
-    if not enabled or first is None:
-        yield
-        return
-    saved = []
-
-    def before(module, args):
-        saved.append(torch.is_autocast_enabled(device_type))
-        torch.set_autocast_enabled(device_type, False)
-
-    def after(module, args, output):
-        torch.set_autocast_enabled(device_type, saved.pop())
-
-    handles = [first.register_forward_pre_hook(before), first.register_forward_hook(after)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def train(
-    transitions: Transitions, config: TrainConfig, out_dir, *, on_eval=None, dataset_name=None
+    transitions: Transitions,
+    config: TrainConfig,
+    out_dir,
+    *,
+    on_eval=None,
+    dataset_name=None,
+    figures: bool = True,
 ) -> TrainResult:
     """Train one IDM on `transitions`; write the kept model to `out_dir` (invdyn format) and return it.
 
     `on_eval(record)` is called at every evaluation with the learning-curve record (epoch, step,
-    train_loss, val_mse, val_mse_normalized, best_val_mse, elapsed_s, train_time_s).
+    train_loss, val_mse, val_mse_normalized, best_val_mse, elapsed_s, train_time_s). With `figures`, the
+    model directory also holds the card's PNGs (learning curve, held-out R² per action dimension).
     """
     started = time.perf_counter()
     if isinstance(config, dict):
@@ -245,6 +235,7 @@ def train(
         "obs_dim": transitions.obs_dim,
         "act_dim": transitions.act_dim,
     }
+    r2 = data.heldout_r2(net)
     model_dir = save_model_dir(
         out_dir,
         net.cpu().float(),
@@ -254,6 +245,8 @@ def train(
         metrics=metrics,
         training={**config.to_dict(), "resolved": resolved, "split_info": split_info},
         learning_curve=curve,
+        extra={"heldout_per_dim": {"r2": r2}},
+        files=card_figures(curve, r2, name) if figures else None,
     )
     return TrainResult(Path(model_dir), metrics, curve, config, split_info)
 
@@ -325,7 +318,7 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
         take_step = GraphStep(net, data, config, total_steps, precision, average)
     else:
         take_step = EagerStep(net, data, config, total_steps, autocast, average)
-    with _fp32_input_layer(net, device.type, fp32_input):
+    with fp32_input_layer(net, device.type, fp32_input):
         while not stopped and step < total_steps:
             take_step.begin_epoch(data.train_idx[torch.randperm(n_train, device=device, generator=gen)])
             t0 = time.perf_counter()
