@@ -46,8 +46,14 @@ def check_writable(folder) -> None:
     command checks its output place before any long work, not when it saves the result."""
     folder = Path(folder)
     with storage_errors(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        except OSError as e:
+            if e.errno in _STORAGE_ERRNOS:
+                raise
+            what = "a file is in the way" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror or e
+            raise StorageError(f"cannot write in {folder}: {what}; choose another place") from None
         os.close(fd)
         os.unlink(probe)
 

@@ -62,9 +62,10 @@ class _InvDynBase(nn.Module):
     def _as_input(self, x, name: str) -> torch.Tensor:
         self.check_input(x, name)
         param = next(self.parameters())
-        if isinstance(x, np.ndarray) and not x.flags.writeable:
-            # torch cannot share read-only memory (a memory-mapped cache) and warns; copy only these
-            return torch.tensor(x, dtype=param.dtype, device=param.device)
+        if isinstance(x, np.ndarray) and (not x.flags.writeable or min(x.strides, default=0) < 0):
+            # torch cannot share read-only memory (a memory-mapped cache: it warns) nor negative strides
+            # (it refuses): only these arrays are copied
+            x = np.array(x)
         return torch.as_tensor(x).to(device=param.device, dtype=param.dtype)
 
     @torch.no_grad()

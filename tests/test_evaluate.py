@@ -65,8 +65,10 @@ def test_evaluate_json_contract_from_the_command_line(trained, sim_files):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     cmd = [
         sys.executable,
+        "-W",
+        "error",  # a warning anywhere on the way fails the command
         "-m",
-        "pipeline.quality.evaluate",
+        "pipeline.evaluate",
         str(trained),
         str(sim_files["sim-halfcheetah-random-v0"]),
         "--json",
@@ -77,6 +79,7 @@ def test_evaluate_json_contract_from_the_command_line(trained, sim_files):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
     out = json.loads(proc.stdout)  # exactly one JSON object on stdout
     for key in (
         "heldout_mse",
@@ -138,6 +141,10 @@ def test_attach_evaluation_updates_params_and_card_atomically(trained, result, t
     ev = loaded.params["evaluation"]
     assert ev["tracking_drift"] == result["tracking_drift"] and ev["horizon"] == 32
     assert "## Evaluation" in loaded.card and "tracking drift" in loaded.card
+    # the R² figure is redrawn from the evaluation; both figures stay linked
+    assert (model_dir / "per_dim_r2.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(learning_curve.png)" in loaded.card and "(per_dim_r2.png)" in loaded.card
+    assert (model_dir / "learning_curve.png").read_bytes() == (trained / "learning_curve.png").read_bytes()
     assert loaded.params["metrics"] == invdyn.read_model_dir(trained).params["metrics"]
     obs = np.zeros((2, 17), np.float32)
     np.testing.assert_array_equal(loaded.predict(obs, obs), invdyn.read_model_dir(trained).predict(obs, obs))
@@ -225,3 +232,36 @@ def test_evaluation_is_logged_to_the_registered_champion(
     # a version that does not exist is a clear error, not a traceback
     assert main([f"models:/{registered['model_name']}@no-such-alias", *args[1:], "--log-to-registry"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_every_argument_is_checked_before_the_dataset_is_made(tmp_path, capsys, isolated_dirs):
+    """`sim-hopper-random-v0` would be simulated first (50k MuJoCo steps): a missing model, an unknown
+    model name, --attach on an installed model and --log-to-registry without a registry are refused
+    before, and no dataset file appears."""
+    from helpers.models import make_bundle
+
+    from pipeline.evaluate import main
+
+    invdyn.fetch(make_bundle(tmp_path, names=("a-v0",)))
+    d4rl = isolated_dirs / "d4rl"
+    cases = [
+        ([str(tmp_path / "missing" / "dir")], "missing/dir does not exist; MODEL is a model directory"),
+        (["sim-hopper-random-v0"], "--datasets sim-hopper-random-v0 --export"),
+        (["a-v0", "--attach"], "an installed model whose files are checksummed"),
+        ([str(tmp_path / "dirs" / "a-v0"), "--log-to-registry"], "MODEL must be a models:/ URI"),
+        (["models:/invdyn-x@champion", "--log-to-registry"], "needs --mlflow-uri or MLFLOW_TRACKING_URI"),
+        (["a-v0", "--horizon", "0"], "must each be >= 1"),
+    ]
+    for (model, *flags), message in cases:
+        assert main([model, "sim-hopper-random-v0", *flags]) == 2, model
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (model, err)
+    assert list(d4rl.iterdir()) == []
+
+
+def test_a_one_model_bundle_is_evaluated_whatever_the_dataset_is_called(trained, sim_files, tmp_path):
+    from pipeline.quality.evaluate import load_model
+
+    bundle = invdyn.write_bundle(tmp_path / "b.zip", {"my-cheetah": trained})
+    model = load_model(str(bundle), str(sim_files["sim-halfcheetah-random-v0"]))
+    assert model.obs_dim == 17 and model.source == str(bundle)

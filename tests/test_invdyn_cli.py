@@ -57,6 +57,23 @@ def test_fetch_list_info(tmp_path, capsys, monkeypatch):
     assert "Did you mean: b-v0" in capsys.readouterr().err
 
 
+def test_info_prints_the_cards_metrics_table(tmp_path, capsys):
+    assert main(["fetch", "--quiet", str(make_bundle(tmp_path, names=("a-v0",)))]) == 0
+    capsys.readouterr()
+    assert main(["info", "a-v0"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("Metrics (model card):\n", 1)[1].splitlines()
+    assert table[0].split() == ["metric", "value"] and set(table[1]) <= {"-", " "}
+    assert {tuple(line.split()) for line in table[2:]} == {("baseline_mse", "0.02"), ("heldout_mse", "0.01")}
+
+
+def test_info_on_a_dataset_name_says_how_to_get_its_model(capsys):
+    res = _cli("info", "walker2d-medium-expert-v2")
+    assert res.returncode == 1 and res.stdout == "" and "Traceback" not in res.stderr
+    assert "python -m pipeline.pretrain_all --datasets walker2d-medium-expert-v2 --download" in res.stderr
+    assert "python -m invdyn fetch <bundle URL or .zip>" in res.stderr
+
+
 def test_list_empty_and_fetch_offline(capsys, monkeypatch):
     assert main(["list"]) == 0
     assert "no models" in capsys.readouterr().out

@@ -79,6 +79,58 @@ def test_unknown_name_lists_available_and_nearest(tmp_path, monkeypatch):
         invdyn.load("x", source="ftp://example.org/b.zip")
 
 
+def test_an_unknown_dataset_name_says_which_command_trains_it_and_which_installs_it():
+    """Nothing installed: a D4RL, simulated or Minari name gets the job's command and the bundle's."""
+    fetch = "`python -m invdyn fetch <bundle URL or .zip>`"
+    for name, flags in (("walker2d-medium-expert-v2", " --download"), ("sim-hopper-random-v0", "")):
+        with pytest.raises(invdyn.ModelNotFoundError) as e:
+            invdyn.load(name)
+        msg = str(e.value)
+        assert "No models are installed." in msg and fetch in msg
+        assert f"`python -m pipeline.pretrain_all --datasets {name}{flags} --export invdyn-bundle.zip`" in msg
+        assert f"invdyn.load({name!r}, source=" in msg
+    with pytest.raises(invdyn.ModelNotFoundError) as e:
+        invdyn.load("minari:door/expert-v0")  # a dataset id: the message names its model
+    msg = str(e.value)
+    assert "its model is named 'minari-door-expert-v0'" in msg and "minari download door/expert-v0" in msg
+    assert "--datasets minari:door/expert-v0 --export" in msg and fetch in msg
+    with pytest.raises(invdyn.ModelNotFoundError, match=r"--datasets minari:<dataset id>"):
+        invdyn.load("minari-door-expert-v0")
+    with pytest.raises(invdyn.ModelNotFoundError, match=r"--datasets /path/to/door-human-v1\.hdf5"):
+        invdyn.load("door-human-v1")  # Adroit: not downloaded by the pipeline, trained from the file
+    with pytest.raises(invdyn.ModelNotFoundError) as e:
+        invdyn.load("my-own-model")
+    assert "pretrain_all" not in str(e.value) and fetch in str(e.value)
+
+
+def test_a_typo_gets_the_nearest_names_and_a_dataset_name_the_command(tmp_path):
+    invdyn.fetch(make_bundle(tmp_path, names=("hopper-medium-v2",)))
+    with pytest.raises(invdyn.ModelNotFoundError) as e:
+        invdyn.load("hopper-medium-v1")
+    msg = str(e.value)
+    assert "Did you mean: hopper-medium-v2?" in msg and "Available: hopper-medium-v2." in msg
+    assert "--datasets hopper-medium-v1 --download" in msg
+
+
+def test_predict_on_read_only_memory_maps_warns_nothing(tmp_path):
+    """Arrays from the Arrow cache are read-only memory maps; torch warns on those unless copied."""
+    import warnings
+
+    model = invdyn.read_model_dir(make_model_dir(tmp_path / "m"))
+    obs = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+    obs.tofile(tmp_path / "obs.bin")
+    mapped = np.memmap(tmp_path / "obs.bin", dtype=np.float32, mode="r", shape=obs.shape)
+    assert not mapped.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        raw = model.predict(mapped, mapped[::-1])
+        normalized = model.predict_normalized(mapped, mapped[::-1])
+        tensor = model.predict(torch.from_numpy(obs), torch.from_numpy(obs[::-1].copy()))
+    np.testing.assert_array_equal(raw, model.predict(obs, obs[::-1].copy()))
+    np.testing.assert_array_equal(normalized, model.predict_normalized(obs, obs[::-1].copy()))
+    np.testing.assert_array_equal(raw, tensor.numpy())
+
+
 def test_tampered_cache_is_refused(tmp_path):
     invdyn.fetch(make_bundle(tmp_path, names=("a-v0",)))
     readme = model_cache_dir() / "a-v0" / "README.md"
@@ -137,7 +189,7 @@ def test_import_is_light():
     code = (
         "import sys, numpy, torch; before = set(sys.modules); import invdyn; "
         "new = set(sys.modules) - before; "
-        "heavy = ['ray', 'mlflow', 'gymnasium', 'h5py', 'pyarrow', 'pipeline', 'tqdm']; "
+        "heavy = ['ray', 'mlflow', 'gymnasium', 'h5py', 'pyarrow', 'pipeline', 'tqdm', 'matplotlib']; "
         "print(sorted(m for m in heavy if m in new or (m != 'tqdm' and m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

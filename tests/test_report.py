@@ -113,3 +113,24 @@ def test_bad_summary_is_a_clear_error(tmp_path, capsys):
     bad.write_text(json.dumps([{"dataset": "x"}]))
     with pytest.raises(Exception, match="record 0 has no 'model_dir'"):
         read_summary(bad)
+
+
+def test_every_argument_is_checked_before_anything_is_evaluated(tmp_path, capsys, isolated_dirs):
+    """Evaluating a catalog sim name simulates it first (50k MuJoCo steps): an unwritable --out, an unknown
+    dataset or a bad option is refused before, and no dataset file appears."""
+    from helpers.models import make_model_dir
+
+    model = make_model_dir(tmp_path / "sim-hopper-random-v0", obs_dim=11, act_dim=3)
+    (tmp_path / "a-file").write_text("x")
+    unknown = tmp_path / "summary.json"
+    unknown.write_text(json.dumps([{"dataset": "no-such-set-v0", "model_dir": str(model)}]))
+    cases = [
+        (["--models", str(model), "--out", str(tmp_path / "a-file" / "r")], "a file is in the way"),
+        (["--summary", str(unknown), "--out", str(tmp_path / "r")], "unknown dataset 'no-such-set-v0'"),
+        (["--models", str(model), "--out", str(tmp_path / "r"), "--threads", "0"], "--threads must be >= 1"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    assert list((isolated_dirs / "d4rl").iterdir()) == []
