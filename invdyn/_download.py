@@ -213,17 +213,28 @@ def _content_range_total(header) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _terminal_tqdm():
+    """tqdm's bar class when stderr is a terminal and tqdm is installed, else None."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
 class _Progress:
-    """tqdm bar when tqdm is installed (imported lazily), else one line on stderr at start and end."""
+    """A tqdm bar on a terminal when tqdm is installed (imported lazily), else one line on stderr at start
+    and end (a log that is not a terminal gets no carriage-return frames)."""
 
     def __init__(self, desc: str, total: int | None, initial: int, enabled: bool):
         self.desc, self.total, self.done, self.enabled = desc, total, initial, enabled
         self.t0, self.bar = time.monotonic(), None
         if not enabled:
             return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
+        tqdm = _terminal_tqdm()
+        if tqdm is None:
             size = f"{total / 1e6:.1f} MB" if total else "unknown size"
             resume = f", resuming at {initial / 1e6:.1f} MB" if initial else ""
             print(f"downloading {desc} ({size}{resume}) ...", file=sys.stderr, flush=True)

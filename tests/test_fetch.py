@@ -107,6 +107,14 @@ def test_plain_progress_line_without_tqdm(served, tmp_path, monkeypatch, capsys)
     assert "downloading blob.bin (0.3 MB)" in err and "blob.bin: 0.3 MB in" in err
 
 
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(served, tmp_path, capsys):
+    """tqdm is installed, but a log file gets two plain lines, not carriage-return frames."""
+    server, _ = served
+    download(server.url("blob.bin"), tmp_path / "blob.bin")
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == 2 and "blob.bin: 0.3 MB in" in err
+
+
 def test_checksum_mismatch_leaves_nothing(served, tmp_path):
     server, _ = served
     with pytest.raises(invdyn.ChecksumError) as e:
