@@ -260,7 +260,12 @@ def test_every_argument_is_checked_before_the_dataset_is_made(tmp_path, capsys, 
 
 
 def test_a_one_model_bundle_is_evaluated_whatever_the_dataset_is_called(trained, sim_files, tmp_path):
-    from pipeline.quality.evaluate import load_model
+    from pipeline.quality.evaluate import dataset_name, load_model
+
+    assert dataset_name("minari:mujoco/hopper/medium-v0") == "minari:mujoco/hopper/medium-v0"
+    assert dataset_name(str(tmp_path / "mine.hdf5")) == "mine" and dataset_name("hopper-medium-v2") == (
+        "hopper-medium-v2"
+    )
 
     bundle = invdyn.write_bundle(tmp_path / "b.zip", {"my-cheetah": trained})
     model = load_model(str(bundle), str(sim_files["sim-halfcheetah-random-v0"]))

@@ -196,7 +196,7 @@ def dataset_name(spec: str) -> str:
     name or stem), without reading, downloading or simulating anything."""
     from pipeline.data.catalog import entry_for_file, is_path_spec
 
-    if not spec or not is_path_spec(spec):
+    if not spec or spec.startswith("minari:") or not is_path_spec(spec):
         return spec or "model"
     entry = entry_for_file(spec)
     return entry["name"] if entry else Path(spec).stem
