@@ -65,3 +65,18 @@ def test_download_skips_simulated_names(capsys, monkeypatch):
     assert main(["download", "sim-hopper-ou-v0", "kitchen-mixed-v0"]) != 0  # the D4RL one cannot be fetched
     err = capsys.readouterr().err
     assert "kitchen/kitchen_microwave_kettle_bottomburner_light-v0.hdf5" in err
+
+
+def test_prepare_checks_every_dataset_before_making_any(capsys, monkeypatch):
+    monkeypatch.setenv("INVDYN_SIM_TRANSITIONS", "1200")
+    from pipeline.data.catalog import file_path
+
+    # the simulated one would be generated first; the missing D4RL file stops the command before that
+    assert main(["prepare", "sim-hopper-ou-v0", "hopper-medium-v2"]) == 1
+    err = capsys.readouterr().err
+    assert "hopper_medium-v2.hdf5" in err and "--download" in err
+    assert not file_path("sim-hopper-ou-v0").exists()
+    assert main(["prepare", "--no-simulate", "sim-hopper-ou-v0", "walker2d-medium-v2"]) == 1
+    err = capsys.readouterr().err
+    assert "2 of the 2 datasets are not available" in err
+    assert "python -m pipeline.simulate sim-hopper-ou-v0" in err and "walker2d_medium-v2.hdf5" in err

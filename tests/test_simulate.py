@@ -199,3 +199,25 @@ def test_a_failing_worker_is_named_in_the_error():
     jobs = [("hopper", "random", 0, 0, 50), ("hopper", "no-such-policy", 0, 1, 50)]
     with pytest.raises(DatasetError, match=r"worker failed on chunk 1 .*no-such-policy.*ValueError"):
         pipeline.sim.simulate._run(jobs, workers=2, progress=False, desc="test")
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["sim-hopper-random-v0", "sim-hopper-nosuch-v0"], "'sim-hopper-nosuch-v0': it is not a simulated"),
+        (["sim-hopper-random-v0", "--workers", "0"], "--workers must be at least 1"),
+        (["sim-hopper-random-v0", "--transitions", "-5"], "--transitions must be positive"),
+        (["sim-hopper-random-v0", "--out", "{file}/sub"], "a file is in the way"),
+    ],
+)
+def test_cli_checks_every_argument_before_the_first_rollout(tmp_path, capsys, args, said):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = [a.format(file=blocker) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    if "--transitions" not in args:
+        args += ["--transitions", "300"]
+    assert pipeline.sim.simulate.main(args) == 2
+    assert said in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.hdf5"))  # not even the valid first name was simulated

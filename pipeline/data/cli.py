@@ -11,7 +11,7 @@ import sys
 from invdyn.errors import InvdynError
 from pipeline.data import cache
 from pipeline.data.catalog import CATALOG, SUITES, d4rl_dir, file_path, resolve_datasets
-from pipeline.data.sources import prepare
+from pipeline.data.sources import check_available, prepare
 
 
 def status(name: str) -> tuple[str, int | None]:
@@ -87,7 +87,10 @@ def _cmd_prepare(args) -> int:
 
     failed = 0
     specs = resolve_datasets(",".join(args.names))
-    for spec in tqdm(specs, desc="prepare", unit="dataset", disable=len(specs) < 2):
+    # every dataset is on disk or may be made, before the first one is simulated / parsed
+    check_available(specs, download=args.download, simulate=not args.no_simulate)
+    # a bar only on a terminal (tqdm's disable=None): a log file gets the lines, not the frames
+    for spec in tqdm(specs, desc="prepare", unit="dataset", disable=True if len(specs) < 2 else None):
         try:
             info = prepare(spec, download=args.download, simulate=not args.no_simulate)
             tqdm.write(

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from invdyn.errors import InvdynError
 from pipeline.data import cache, minari_source, readers
 from pipeline.data.catalog import (
     CATALOG,
@@ -83,9 +84,9 @@ def _kind(name: str) -> SourceKind:
         ) from None
 
 
-def locate(spec: str, *, download: bool = False, simulate: bool = True) -> Source:
+def locate(spec: str, *, download: bool = False, simulate: bool = True, fetch: bool = True) -> Source:
     """Resolve a spec to its source, downloading a missing D4RL file / generating a missing simulated one
-    when allowed."""
+    when allowed (with `fetch` False: only raising when that would not be allowed)."""
     spec = str(spec).strip()
     if spec.startswith(MINARI_PREFIX):
         dataset_id = spec[len(MINARI_PREFIX) :]
@@ -96,7 +97,7 @@ def locate(spec: str, *, download: bool = False, simulate: bool = True) -> Sourc
     if entry is not None:
         path = file_path(spec)
         if not path.is_file():
-            _fetch_missing(spec, entry, path, download=download, simulate=simulate)
+            _fetch_missing(spec, entry, path, download=download, simulate=simulate, fetch=fetch)
         return Source(spec, entry["kind"], path, entry)
     if is_path_spec(spec):
         path = Path(spec).expanduser()
@@ -109,7 +110,9 @@ def locate(spec: str, *, download: bool = False, simulate: bool = True) -> Sourc
     raise unknown(spec)
 
 
-def _fetch_missing(name: str, entry: dict, path: Path, *, download: bool, simulate: bool) -> None:
+def _fetch_missing(
+    name: str, entry: dict, path: Path, *, download: bool, simulate: bool, fetch: bool = True
+) -> None:
     """Put a catalog dataset's missing file in place: generate it (its kind has `make`) or download it."""
     make = _kind(entry["kind"]).make
     if make is not None:
@@ -117,13 +120,41 @@ def _fetch_missing(name: str, entry: dict, path: Path, *, download: bool, simula
             raise DatasetMissingError(
                 f"{name}: no file at {path} and simulation is off; run `python -m pipeline.simulate {name}`"
             )
-        make(name, path)
+        if fetch:
+            make(name, path)
         return
     from pipeline.data.download import download_dataset, missing_message
 
     if not download:
         raise DatasetMissingError(missing_message(name))
-    download_dataset(name)
+    if fetch:
+        download_dataset(name)
+
+
+#: How many unavailable datasets an error lists one by one.
+SHOWN_MISSING = 5
+
+
+def check_available(specs: list[str], *, download: bool = False, simulate: bool = True) -> None:
+    """Raise the error `load_transitions` would raise for each dataset that is not there and may not be
+    made, in one DatasetError naming each with its fix; generates, downloads or parses nothing, so a
+    command checks its datasets this way before any long work."""
+    problems = []
+    for spec in specs:
+        try:
+            locate(spec, download=download, simulate=simulate, fetch=False)
+        except InvdynError as e:
+            problems.append(str(e))
+    if len(problems) == 1:
+        raise DatasetError(problems[0])
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems[:SHOWN_MISSING])
+        if len(problems) > SHOWN_MISSING:
+            listed += (
+                f"\n  ... and {len(problems) - SHOWN_MISSING} more "
+                "(`python -m pipeline.datasets list` shows what is on disk)"
+            )
+        raise DatasetError(f"{len(problems)} of the {len(specs)} datasets are not available:\n{listed}")
 
 
 def load_transitions(

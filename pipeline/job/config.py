@@ -67,7 +67,12 @@ class JobConfig:
         "then write the quality report (python -m pipeline.report --with-recipe) of the chosen models to DIR",
         metavar="DIR",
     )
-    verbose: int = _flag(1, "Tune verbosity (1: live table)", choices=(0, 1, 2))
+    verbose: int = _flag(
+        0,
+        "0: a line per finished trial and the summary; 1 (-v): also Tune's status table; 2 (-vv): also every "
+        "result and each trial's own log",
+        choices=(0, 1, 2),
+    )
     # evaluation and selection (pipeline.job.selection)
     evaluate: bool = _flag(
         True,

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 from invdyn import settings
+from pipeline.job import console
 
 #: Memory (bytes) a Tune trial process reserves instead of a CPU: it only waits on its TorchTrainer.
 TRIAL_MEMORY = 128 * 2**20
@@ -88,6 +89,7 @@ def connect(*, address: str | None = None, num_cpus: int | None = None, log_to_d
 
     if ray.is_initialized():
         return False
+    console.quiet_ray_logs()
     address = address or settings.ray_address()
     kwargs = {"logging_level": "WARNING", "log_to_driver": log_to_driver}
     if address:

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from invdyn import settings
-from invdyn._files import storage_errors
+from invdyn import _files, settings
 from invdyn.errors import InvdynError
 from pipeline.dataclass_cli import add_options, from_namespace
 from pipeline.job import outputs, placement, selection
@@ -40,12 +37,14 @@ SELECTION_FLAGS = ("evaluate", "select_by", "select_top")
 
 def parse_args(argv=None) -> JobConfig:
     ap = argparse.ArgumentParser(prog="python -m pipeline.pretrain_all", description=__doc__.split("\n\n")[0])
-    add_options(ap, JobConfig, skip=SELECTION_FLAGS)
+    add_options(ap, JobConfig, skip=(*SELECTION_FLAGS, "verbose"))
+    add_verbosity(ap)
     add_options(ap, TrainConfig, only=TRAIN_FLAGS, group="training (every trial; --search-space varies them)")
     ev = ap.add_argument_group("evaluation and selection (pipeline.job.selection)")
     add_options(ev, JobConfig, only=SELECTION_FLAGS)
     add_options(ev, EvalConfig, prefix="eval-")
     args = ap.parse_args(argv)
+    args.verbose = min(args.verbose, 2)  # -vvv is -vv
     job = from_namespace(
         JobConfig,
         args,
@@ -59,14 +58,22 @@ def parse_args(argv=None) -> JobConfig:
     return job
 
 
+def add_verbosity(ap: argparse.ArgumentParser) -> None:
+    """`-v` / `-vv` counted, and `--verbose N` too; both set JobConfig.verbose (the field's help)."""
+    field = next(f for f in dataclasses.fields(JobConfig) if f.name == "verbose")
+    choices = field.metadata["choices"]
+    ap.add_argument("-v", dest="verbose", action="count", default=field.default, help=field.metadata["help"])
+    ap.add_argument("--verbose", dest="verbose", type=int, choices=choices, help="the same as a number")
+
+
 def main(argv=None) -> int:
     job = parse_args(argv)
     started = time.time()
     out = Path(job.out).expanduser().resolve()
     try:
-        check_writable(out)
+        _files.check_writable(out)  # before any training: every trial saves there
         if job.storage_path and "://" not in job.storage_path:
-            check_writable(Path(job.storage_path).expanduser().resolve())
+            _files.check_writable(Path(job.storage_path).expanduser().resolve())
         return run(job, out, started)
     except (InvdynError, placement.PlacementError, *_tracking_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -76,8 +83,10 @@ def main(argv=None) -> int:
 def run(job: JobConfig, out: Path, started: float) -> int:
     """The job, step by step; returns the exit code (1 when a dataset failed or MLflow did not finish)."""
     from pipeline.data.catalog import resolve_datasets
+    from pipeline.data.sources import check_available
 
     specs = resolve_datasets(job.datasets)
+    check_available(specs, download=job.download)  # before Ray starts: every dataset is there or made
     space = search.parse_space(job.search_space, search=job.search)
     points = search.grid_points(space)
     state = outputs.job_state(out, job.resume)
@@ -142,16 +151,6 @@ def run(job: JobConfig, out: Path, started: float) -> int:
 # ------------------------------------------------------------------------------------------ the steps
 
 
-def check_writable(path: Path) -> None:
-    """Fail before any training (StorageError naming `path`) when the output / storage folder is read-only
-    or full: otherwise every trial would train and then fail to save its checkpoint."""
-    with storage_errors(path):
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-
-
 def prepare_datasets(
     specs: list[str], *, download: bool, keep_state: bool = False
 ) -> tuple[dict[str, PreparedDataset], list[DatasetRecord]]:
@@ -164,7 +163,9 @@ def prepare_datasets(
     from pipeline.data.sources import load_transitions
 
     ready, failed = {}, []
-    for spec in tqdm(specs, desc="prepare datasets", unit="dataset", disable=len(specs) < 2):
+    # a bar only on a terminal (tqdm's disable=None): a log file gets no carriage-return frames
+    off = True if len(specs) < 2 else None
+    for spec in tqdm(specs, desc="prepare datasets", unit="dataset", disable=off):
         try:
             t = load_transitions(spec, download=download)
             if len(t) == 0:

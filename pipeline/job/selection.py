@@ -156,7 +156,9 @@ def evaluate_all(
             refs[task.remote(e.checkpoint_path, d.ref, d.state_ref, d.physics_reason, opts)] = e
     results: dict[str, dict] = {}
     pending = list(refs)
-    with tqdm(total=len(pending), desc="evaluate in MuJoCo", unit="model", disable=not pending) as bar:
+    # a bar only on a terminal (tqdm's disable=None): a log file gets no carriage-return frames
+    off = True if not pending else None
+    with tqdm(total=len(pending), desc="evaluate in MuJoCo", unit="model", disable=off) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             entry = refs[done[0]]

@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from invdyn._files import atomic_dir
-from pipeline.job import placement
+from pipeline.job import console, placement
 from pipeline.job.outputs import Ledger
 from pipeline.job.records import REPORTED, PreparedDataset, TrialResult, TrialSpec
 from pipeline.job.trial_worker import CrashOnce, WorkerTask, train_worker
@@ -103,22 +103,26 @@ def run_trial(config: dict, run: TrialRun) -> None:
 
 
 class LedgerCallback(Callback):
-    """Tune callback (driver): writes each finished trial to the ledger the moment it finishes."""
+    """Tune callback (driver): writes each finished trial to the ledger the moment it finishes, and prints
+    its line (pipeline.job.console)."""
 
-    def __init__(self, ledger: Ledger, specs: dict[str, TrialSpec]):
+    def __init__(self, ledger: Ledger, specs: dict[str, TrialSpec], *, nodes: int = 1):
         self.ledger, self.specs = ledger, specs
         self.started: dict[str, float] = {}
         self.errors: dict[str, str] = {}  # trial key -> the last line of its error
-        self.finished = 0
+        varying = console.varying_fields([s.train for s in specs.values()])
+        self.progress = console.TrialProgress(len(specs), varying=varying, nodes=nodes)
 
-    def _progress(self, trial, what: str) -> None:
-        c = trial.config
-        point = ", ".join(f"{k}={c[k]}" for k in ("hidden_dim", "dropout", "arch") if k in c)
-        print(
-            f"[{self.finished}/{len(self.specs)} done, {len(self.errors)} failed] {c['dataset']} ({point}): "
-            f"{what}",
-            flush=True,
-        )
+    def __getstate__(self):  # Tune pickles its callbacks with the run config; a tqdm bar does not pickle
+        state = dict(self.__dict__)
+        state["progress"] = console.TrialProgress(0, varying=[])
+        return state
+
+    def setup(self, **info):
+        self.progress.open()
+
+    def on_experiment_end(self, trials, **info):
+        self.progress.close()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, time.time())
@@ -141,16 +145,12 @@ class LedgerCallback(Callback):
             **{k: r.get(k) for k in REPORTED},
         )
         self.ledger.record(entry)
-        self.finished += 1
-        self._progress(
-            trial,
-            f"held-out MSE {r.get('heldout_mse', float('nan')):.4g} after {r.get('epochs')} "
-            f"epoch(s), {entry.wall_s:.0f} s on {r.get('node_ip')}",
-        )
+        self.progress.finished_line(spec.dataset, spec.train, r, entry.wall_s)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.errors[trial.config["key"]] = _error_text(trial)
-        self._progress(trial, f"FAILED: {self.errors[trial.config['key']]}")
+        spec = self.specs[trial.config["key"]]
+        self.errors[spec.key] = _error_text(trial)
+        self.progress.failed_line(spec.dataset, spec.train, self.errors[spec.key])
 
 
 def _error_text(trial) -> str:
@@ -176,14 +176,18 @@ def flat_space(trials: list[TrialSpec]) -> dict:
 
 
 def run_tune(run: TrialRun, *, out: Path, name: str, callbacks: list, max_failures: int, verbose: int):
-    """Run the trials of `run` with Ray Tune; returns {trial key: error} for trials that failed for good."""
+    """Run the trials of `run` with Ray Tune; returns {trial key: error} for trials that failed for good.
+    `verbose` 0 leaves the output to the job's own line per trial (pipeline.job.console)."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard per trial
+    # No CSV / TensorBoard files per trial. The JSON logger stays: at the end of a fit Tune reads each
+    # trial's result.json back (its ExperimentAnalysis) and warns about every trial that has none.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     pl = run.placement
     resources = pl.worker_resources() if run.executor == "local" else placement.trial_resources()
     trainable = tune.with_resources(tune.with_parameters(run_trial, run=run), resources)
-    ledger_cb = LedgerCallback(Ledger(out), run.specs)
+    ledger_cb = LedgerCallback(Ledger(out), run.specs, nodes=pl.nodes)
     tuner = tune.Tuner(
         trainable,
         param_space=flat_space(list(run.specs.values())),
@@ -192,11 +196,14 @@ def run_tune(run: TrialRun, *, out: Path, name: str, callbacks: list, max_failur
             name=name,
             storage_path=run.storage_path,
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            callbacks=[ledger_cb, *callbacks],
-            verbose=verbose,
+            callbacks=[ledger_cb, JsonLoggerCallback(), *callbacks],
+            verbose=console.tune_verbosity(verbose),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        ledger_cb.progress.close()  # an interrupted fit never calls on_experiment_end
     return dict(ledger_cb.errors)
 
 

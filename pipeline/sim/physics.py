@@ -284,7 +284,8 @@ def physics_metrics(
     from tqdm.auto import tqdm
 
     desc = f"MuJoCo replay {transitions.name}"
-    replay.bar = tqdm(desc=desc, unit="step", unit_scale=True, disable=not progress)
+    # disable=None: a bar on a terminal only, no carriage-return frames in a log file
+    replay.bar = tqdm(desc=desc, unit="step", unit_scale=True, disable=None if progress else True)
     # padding dims are zero in data and simulation alike: leave them out of the RMSE instead of diluting it
     std = np.asarray(std, np.float64)[: replay.env_obs_dim]
     mean_action = np.asarray(mean_action, np.float64)

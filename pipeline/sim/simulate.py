@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from invdyn._files import file_lock, sigterm_raises
+from invdyn._files import check_writable, file_lock, sigterm_raises
+from invdyn.errors import InvdynError
 from invdyn.settings import sim_transitions
 from pipeline.data.catalog import (
     CATALOG,
@@ -118,7 +119,7 @@ def _run(jobs, workers: int, progress: bool, desc: str) -> list[dict]:
         desc=f"simulate {desc}",
         unit="step",
         unit_scale=True,
-        disable=not progress,
+        disable=None if progress else True,  # None: a bar on a terminal only, no frames in a log file
     )
     with bar:
         # a daemonic process (a multiprocessing.Pool worker) may not start processes of its own
@@ -192,6 +193,18 @@ def write_hdf5(path: Path, data: dict[str, np.ndarray], attrs: dict) -> None:
             raise
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every name, number and the output folder, before the first rollout (not after the first dataset)."""
+    for name in args.names:
+        parse_sim_name(name)
+    if args.transitions is not None and args.transitions <= 0:
+        raise DatasetError(f"--transitions must be positive, got {args.transitions}")
+    default_transitions()  # a bad $INVDYN_SIM_TRANSITIONS fails here too
+    if args.workers is not None and args.workers < 1:
+        raise DatasetError(f"--workers must be at least 1, got {args.workers}")
+    check_writable(Path(args.out).expanduser() if args.out is not None else d4rl_dir())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.simulate",
@@ -214,12 +227,13 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
     try:
+        check_args(args)
         for name in args.names:
             path = simulate(
                 name, transitions=args.transitions, seed=args.seed, out_dir=args.out, workers=args.workers
             )
             print(path)
-    except DatasetError as e:
+    except InvdynError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
