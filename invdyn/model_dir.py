@@ -24,7 +24,8 @@ WEIGHTS_FILE = "model.ckpt"
 CARD_FILE = "README.md"
 #: {"normalizers": {"state": {"mean", "std"}}, "config": {CleanDiffuser ctor args}, "format_version",
 #: "architecture": {"name", ...options}, "name", "dataset": {"name", "sha256", ...}, "metrics": {...},
-#: "training": {...}, "learning_curve": [...], "weights": {"file", "sha256"}, "invdyn_version"}
+#: "training": {...}, "learning_curve": [...], "weights": {"file", "sha256"}, "invdyn_version"}; the pipeline
+#: adds "heldout_per_dim": {"r2": [...]} (training) and "evaluation": {...} (pipeline.evaluate --attach)
 PARAMS_FILE = "params.json"
 #: figures a model directory may hold beside its card, drawn by the pipeline (invdyn draws none): file ->
 #: caption. The card links the ones present, so a directory without them still has no broken link.
