@@ -10,6 +10,7 @@ from .errors import (  # noqa: E402
     FormatError,
     InvdynError,
     ModelNotFoundError,
+    NormalizerMismatchError,
     ShapeError,
     StorageError,
 )
@@ -18,6 +19,7 @@ from .model_dir import read_model_dir, save_model_dir  # noqa: E402
 from .models import ARCHITECTURES, FancyMlpInvDynamic, MlpInvDynamic, build_model  # noqa: E402
 from .normalizer import GaussianNormalizer  # noqa: E402
 from .pretrained import PretrainedIDM  # noqa: E402
+from .settings import configure  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
@@ -30,11 +32,13 @@ __all__ = [
     "InvdynError",
     "MlpInvDynamic",
     "ModelNotFoundError",
+    "NormalizerMismatchError",
     "PretrainedIDM",
     "ShapeError",
     "StorageError",
     "__version__",
     "build_model",
+    "configure",
     "extract_bundle",
     "fetch",
     "list_models",

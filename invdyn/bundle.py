@@ -19,9 +19,10 @@ from .settings import is_valid_name
 
 BUNDLE_FORMAT_VERSION = 1
 #: The zip holds `manifest.json` and one model directory per model, `<name>/params.json`, `model.ckpt`,
-#: `README.md` (see model_dir.py). The manifest: {"format_version", "invdyn_version", "models": [{"name",
-#: "files": {file: {"sha256", "size"}}, "metrics", "dataset", "architecture"}], ...extra}. No member may
-#: land outside its directory: absolute paths, `..`, backslashes and symlinks are refused.
+#: `model.safetensors`, `README.md` (see model_dir.py). The manifest: {"format_version", "invdyn_version",
+#: "models": [{"name", "files": {file: {"sha256", "size"}}, "metrics", "dataset", "architecture"}],
+#: ...extra}. No member may land outside its directory: absolute paths, `..`, backslashes and symlinks are
+#: refused.
 MANIFEST = "manifest.json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same inputs -> byte-identical zip
 _CHUNK = 1 << 20
@@ -99,6 +100,14 @@ def _zipinfo(name: str) -> zipfile.ZipInfo:
     info.create_system = 3  # unix, whatever OS writes it
     info.external_attr = (stat.S_IFREG | 0o644) << 16
     return info
+
+
+def bundle_models(zip_path) -> list[str]:
+    """The model names a bundle's manifest lists (its checksums are checked when it is installed)."""
+    with open_bundle(zip_path) as zf:
+        if MANIFEST not in zf.namelist():
+            raise FormatError(f"{zip_path}: no {MANIFEST}; this is not an invdyn bundle")
+        return [model["name"] for model in _read_manifest(zf, Path(zip_path))["models"]]
 
 
 def verify_bundle(zip_path) -> dict:

@@ -31,3 +31,7 @@ class BundleNotFoundError(InvdynError, FileNotFoundError):
 
 class StorageError(InvdynError, OSError):
     """A place invdyn must write to is read-only, full or not permitted (the message names the path)."""
+
+
+class NormalizerMismatchError(InvdynError, ValueError):
+    """A planner's observation normalizer that does not match the model's (the message names the dims)."""

@@ -1,4 +1,5 @@
-"""Find a model by name (`load`), install bundles into the cache (`fetch`), list what is installed."""
+"""Find a model by name (`load`), install bundles into the cache (`fetch`, or the team remote on a miss),
+list what is installed."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .errors import (
 )
 from .model_dir import PARAMS_FILE, read_model_dir, read_params
 from .pretrained import PretrainedIDM
+from .remote import Remote, bundle_for, configured_remote
 from .settings import (
     cleandiffuser_dir,
     dataset_model_name,
@@ -51,7 +53,8 @@ def load(name: str, *, source=None, device="cpu") -> PretrainedIDM:
     """A ready model (eval mode) with its normalizer and metadata.
 
     Looks in, in order: `source` (a model directory, a bundle .zip path or http(s) URL — installed into
-    the cache first — or an MLflow `models:/...` URI), the invdyn cache, CleanDiffuser's directory.
+    the cache first — or an MLflow `models:/...` URI), the invdyn cache, CleanDiffuser's directory, and
+    then installs it from the team remote (`INVDYN_REMOTE` / `invdyn.configure(remote=...)`) when one is set.
     """
     if not is_valid_name(name):
         if isinstance(name, str) and name.startswith(MINARI_ID_PREFIX):
@@ -67,7 +70,33 @@ def load(name: str, *, source=None, device="cpu") -> PretrainedIDM:
     theirs = cleandiffuser_dir(name)
     if theirs.is_dir():
         return read_model_dir(theirs, device)._with_source("CleanDiffuser")
+    remote = configured_remote()
+    if remote is not None:
+        return _load_from_remote(name, remote, device)
     raise _not_found(name)
+
+
+def _load_from_remote(name: str, remote: Remote, device) -> PretrainedIDM:
+    """Install the remote's bundle that holds `name` (checksums verified, a download resumed) and load it."""
+    pinned = invdyn_home() / "bundles" / f"{remote.sha256}.json"
+    if remote.sha256 and pinned.is_file():  # this exact bundle was installed before: no need to download it
+        try:
+            known = [m.get("name") for m in json.loads(pinned.read_text()).get("models", [])]
+        except (OSError, ValueError, AttributeError):
+            known = None
+        if known is not None and name not in known:
+            raise _not_found(
+                name, f"The team remote {remote.shown} (sha256 {remote.sha256}) has no model {name!r}."
+            )
+    bundle, why_not = bundle_for(remote, name)
+    if bundle is None:
+        raise _not_found(name, why_not)
+    installed = fetch(bundle, sha256=remote.sha256 or None)
+    if name not in installed:
+        raise _not_found(
+            name, f"The team remote {remote.shown} has no model {name!r}; it holds: {', '.join(installed)}."
+        )
+    return _read_installed(model_cache_dir() / name, device)._with_source(remote.shown)
 
 
 def _load_from_source(name: str, source, device) -> PretrainedIDM:
@@ -147,12 +176,13 @@ def _find_model_dir(root: Path, name: str, where: str) -> Path:
     raise ModelNotFoundError(f"{where} holds several model directories ({rel}) and none is named {name!r}")
 
 
-def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[str]:
+def fetch(url_or_path, *, force: bool = False, progress: bool = True, sha256: str | None = None) -> list[str]:
     """Install a bundle (http(s) URL or local .zip) into the cache; returns the names of its models.
 
     Downloads show progress and resume an interrupted `.part`; every checksum is verified before
     anything is installed; each model directory is swapped in whole. Models already installed with
-    identical files are left alone unless `force`. With INVDYN_OFFLINE=1 a URL is refused.
+    identical files are left alone unless `force`. With INVDYN_OFFLINE=1 a URL is refused. `sha256` pins
+    the bundle file itself: any other bundle is refused (ChecksumError) before it is opened.
     """
     text = str(url_or_path)
     if not is_url(text):
@@ -168,6 +198,10 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
         if not path.is_file():
             what = "is a directory, not a bundle .zip" if path.is_dir() else "does not exist"
             raise BundleNotFoundError(f"bundle {path} {what}")
+        if sha256 and sha256_file(path) != sha256.lower():
+            raise ChecksumError(
+                f"bundle {path} has sha256 {sha256_file(path)}, not the pinned {sha256.lower()}; refusing it"
+            )
         with storage_errors(model_cache_dir()):
             return _install(path, str(path.resolve()), force)
     if is_offline():
@@ -175,10 +209,10 @@ def fetch(url_or_path, *, force: bool = False, progress: bool = True) -> list[st
             f"INVDYN_OFFLINE=1: refusing to fetch {redact_url(text)}; unset it or fetch a local .zip path"
         )
     with storage_errors(invdyn_home()):
-        return _fetch_url(text, force, progress)
+        return _fetch_url(text, force, progress, sha256)
 
 
-def _fetch_url(text: str, force: bool, progress: bool) -> list[str]:
+def _fetch_url(text: str, force: bool, progress: bool, sha256: str | None = None) -> list[str]:
     downloads = invdyn_home() / "downloads"
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     base = Path(urllib.parse.urlsplit(text).path).name
@@ -186,7 +220,7 @@ def _fetch_url(text: str, force: bool, progress: bool) -> list[str]:
     with file_lock(downloads / f".{key}.lock"):  # one fetch of this URL at a time
         if force:
             dest.with_name(dest.name + ".part").unlink(missing_ok=True)
-        download(text, dest, desc=base or redact_url(text), progress=progress)
+        download(text, dest, expected_sha256=sha256, desc=base or redact_url(text), progress=progress)
         try:
             return _install(dest, redact_url(text), force)  # the install record never holds a password
         finally:
@@ -331,7 +365,7 @@ def list_models(*, include_cleandiffuser: bool = True) -> list[dict]:
     return records
 
 
-def _not_found(name: str) -> ModelNotFoundError:
+def _not_found(name: str, note: str = "") -> ModelNotFoundError:
     available = sorted({r["name"] for r in list_models()})
     near = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
     msg = (
@@ -341,4 +375,4 @@ def _not_found(name: str) -> ModelNotFoundError:
     if near:
         msg += f" Did you mean: {', '.join(near)}?"
     msg += f" Available: {', '.join(available)}." if available else " No models are installed."
-    return ModelNotFoundError(f"{msg} {how_to_get(name)}")
+    return ModelNotFoundError(f"{msg} {note + ' ' if note else ''}{how_to_get(name)}")

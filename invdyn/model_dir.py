@@ -3,28 +3,31 @@ writing, reading and checking one, its model card, and CleanDiffuser's `from_pre
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from ._files import atomic_dir, sha256_file, write_json
-from .errors import ChecksumError, FormatError, ModelNotFoundError, ShapeError
+from ._files import atomic_dir, write_json
+from .errors import FormatError, ModelNotFoundError, ShapeError
 from .models import ARCHITECTURES, FancyMlpInvDynamic, build_model
 from .normalizer import GaussianNormalizer
 from .pretrained import PretrainedIDM
 from .settings import cleandiffuser_dir, is_valid_name
+from .weights import CKPT_FILE, SAFETENSORS_FILE, check_weights_entry, read_state_dict, write_weights
 
 FORMAT_VERSION = 1
-#: torch.save({"state_dict": {...}}) with CleanDiffuser's key names
-WEIGHTS_FILE = "model.ckpt"
+#: torch.save({"state_dict": {...}}) with CleanDiffuser's key names; beside it the same tensors in
+#: SAFETENSORS_FILE, which invdyn reads by preference (see weights.py)
+WEIGHTS_FILE = CKPT_FILE
 #: the model card (Markdown)
 CARD_FILE = "README.md"
 #: {"normalizers": {"state": {"mean", "std"}}, "config": {CleanDiffuser ctor args}, "format_version",
 #: "architecture": {"name", ...options}, "name", "dataset": {"name", "sha256", ...}, "metrics": {...},
-#: "training": {...}, "learning_curve": [...], "weights": {"file", "sha256"}, "invdyn_version"}; the pipeline
+#: "training": {...}, "learning_curve": [...], "invdyn_version", "weights": {"file": "model.ckpt", "sha256",
+#: "safetensors": {"file": "model.safetensors", "sha256"}} (directories written before model.safetensors
+#: have only "file" and "sha256"; CleanDiffuser's have no "weights")}; the pipeline
 #: adds "heldout_per_dim": {"r2": [...]} (training) and "evaluation": {...} (pipeline.evaluate --attach)
 PARAMS_FILE = "params.json"
 #: figures a model directory may hold beside its card, drawn by the pipeline (invdyn draws none): file ->
@@ -54,7 +57,7 @@ def save_model_dir(
     out_dir = Path(out_dir)
     files = dict(files or {})
     for fname in files:
-        if not is_valid_name(fname) or fname in (WEIGHTS_FILE, PARAMS_FILE, CARD_FILE):
+        if not is_valid_name(fname) or fname in (WEIGHTS_FILE, SAFETENSORS_FILE, PARAMS_FILE, CARD_FILE):
             raise FormatError(f"{fname!r} cannot be an extra file of a model directory (a plain new name)")
     if normalizer.dim != net.obs_dim:
         raise ShapeError(f"normalizer has {normalizer.dim} dims but the model's obs_dim is {net.obs_dim}")
@@ -73,11 +76,7 @@ def save_model_dir(
         **(extra or {}),
     }
     with atomic_dir(out_dir) as tmp:
-        # serialized in memory: a full disk then fails as an OSError, not torch's RuntimeError
-        buf = io.BytesIO()
-        torch.save({"state_dict": state_dict}, buf)
-        (tmp / WEIGHTS_FILE).write_bytes(buf.getvalue())
-        params["weights"] = {"file": WEIGHTS_FILE, "sha256": sha256_file(tmp / WEIGHTS_FILE)}
+        params["weights"] = write_weights(tmp, state_dict)
         write_json(tmp / PARAMS_FILE, params)  # NaN metrics become null
         for fname, data in files.items():
             (tmp / fname).write_bytes(data)
@@ -124,37 +123,13 @@ def read_params(path) -> dict:
         or arch["name"] not in ARCHITECTURES
     ):
         raise FormatError(f"{path}: unknown 'architecture' {arch!r}; known: {sorted(ARCHITECTURES)}")
-    weights = params.get("weights", {})
-    if not isinstance(weights, dict) or not all(
-        isinstance(weights.get(k, ""), str) for k in ("file", "sha256")
-    ):
-        raise FormatError(
-            f'{path}: \'weights\' must be an object {{"file": name, "sha256": hex}}, got {weights!r}'
-        )
+    check_weights_entry(path, params.get("weights", {}))
     if normalizer.dim != config.get("obs_dim"):
         raise FormatError(
             f"{path}: 'normalizers.state' has {normalizer.dim} dims but 'config.obs_dim' is "
             f"{config.get('obs_dim')!r}"
         )
     return params
-
-
-def _weights_file(model_dir: Path, params: dict) -> Path:
-    named = (params.get("weights") or {}).get("file")
-    if named:
-        if Path(named).name != named:
-            raise FormatError(
-                f"{model_dir / PARAMS_FILE}: 'weights.file' must be a plain file name, got {named!r}"
-            )
-        return model_dir / named
-    ckpts = sorted(p for p in model_dir.iterdir() if p.suffix == ".ckpt")
-    if not ckpts:
-        raise ModelNotFoundError(f"no *.ckpt weights file in {model_dir}")
-    if len(ckpts) > 1:
-        raise FormatError(
-            f"{model_dir} holds several checkpoints ({', '.join(p.name for p in ckpts)}); keep one"
-        )
-    return ckpts[0]
 
 
 def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
@@ -167,18 +142,6 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
     if not model_dir.is_dir():
         raise ModelNotFoundError(f"model directory {model_dir} does not exist")
     params = read_params(model_dir / PARAMS_FILE)
-    weights = _weights_file(model_dir, params)
-    if not weights.is_file():
-        raise ModelNotFoundError(
-            f"{weights} (named in {model_dir / PARAMS_FILE} 'weights.file') does not exist"
-        )
-    expected = (params.get("weights") or {}).get("sha256")
-    if expected:
-        actual = sha256_file(weights)
-        if actual != expected:
-            raise ChecksumError(
-                f"{weights}: sha256 {actual} does not match {expected} recorded in params.json"
-            )
     arch = params.get("architecture", {"name": FancyMlpInvDynamic.arch_name})
     options = {k: v for k, v in arch.items() if k != "name"}
     try:
@@ -188,13 +151,7 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
         raise FormatError(
             f"{model_dir / PARAMS_FILE}: 'config' does not build a {arch['name']} model: {e}"
         ) from None
-    try:
-        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise FormatError(f"{weights} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
-    state_dict = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state_dict, dict):
-        raise FormatError(f"{weights}: no 'state_dict' in the checkpoint")
+    state_dict, weights = read_state_dict(model_dir, params.get("weights") or {})
     check_state_dict(shapes, state_dict, weights)  # the weights on disk fit: the real model is their size
     net = build_model(arch["name"], params["config"], options)
     try:

@@ -71,6 +71,17 @@ class GaussianNormalizer:
         mean, std = self._stats(x)
         return (x - mean) / std
 
+    def check(self, planner, std=None, *, atol: float = 1e-2) -> None:
+        """Raise NormalizerMismatchError naming the dimensions unless `planner` normalizes observations
+        as this normalizer does, within `atol` (normalized units) from mean - 2 std to mean + 2 std.
+
+        `planner` is a planner's normalizer (CleanDiffuser's GaussianNormalizer, diffuser / Decision
+        Diffuser's CDFNormalizer or DatasetNormalizer, anything with `normalize`) or a mean, with `std`.
+        """
+        from .planner_norms import compare
+
+        compare(self.mean, self.std, planner, std, atol=atol)
+
     def unnormalize(self, x):
         x = self._as_float(x)
         self._check(x)

@@ -59,8 +59,17 @@ class PretrainedIDM(nn.Module):
         return self.net(obs, next_obs)
 
     @torch.no_grad()
-    def predict_normalized(self, obs, next_obs):
-        """The network's output for observations already normalized (exactly CleanDiffuser's `predict`)."""
+    def predict_normalized(self, obs, next_obs, *, normalizer=None):
+        """The network's output for observations already normalized (exactly CleanDiffuser's `predict`).
+
+        `normalizer`: the planner's normalizer that made them (see `GaussianNormalizer.check` for the kinds
+        accepted): its states are unnormalized with it and normalized with the model's, so a planner
+        trained with other statistics or a CDF normalization feeds the model what it was trained on.
+        """
+        if normalizer is not None:
+            from .planner_norms import to_raw
+
+            return self.predict(to_raw(normalizer, obs), to_raw(normalizer, next_obs))
         return self.net.predict(obs, next_obs)
 
     @torch.no_grad()

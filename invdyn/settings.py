@@ -40,6 +40,25 @@ def is_offline() -> bool:
     return _env("INVDYN_OFFLINE").lower() in _TRUE
 
 
+#: what `configure` set for this process; None: the environment decides
+_CONFIGURED: dict[str, str | None] = {"remote": None, "sha256": None}
+
+
+def configure(*, remote: str | None = None, sha256: str | None = None) -> None:
+    """Set the team remote for this process, over `INVDYN_REMOTE`: a bundle URL (optionally ending in
+    `#sha256=<hex>`), a local bundle .zip or a directory of bundles; `sha256` pins a single bundle.
+    `configure(remote="")` turns the remote off; `configure()` gives the choice back to the environment."""
+    _CONFIGURED.update(remote=remote, sha256=sha256)
+
+
+def remote() -> tuple[str, str]:
+    """(`INVDYN_REMOTE` or what `configure` set, the sha256 pin or ''): where `load(name)` installs a model
+    that is not in the cache from ('' when unset)."""
+    if _CONFIGURED["remote"] is not None:
+        return _CONFIGURED["remote"].strip(), (_CONFIGURED["sha256"] or "").strip().lower()
+    return _env("INVDYN_REMOTE"), (_CONFIGURED["sha256"] or "").strip().lower()
+
+
 # ------------------------------------------------------------------------------------------ datasets
 
 

@@ -34,9 +34,10 @@ def test_bundle_is_reproducible_and_describes_its_models(tmp_path):
     assert manifest["invdyn_version"] == invdyn.__version__
     assert [m["name"] for m in manifest["models"]] == ["a-v0", "b-v0"]
     files = manifest["models"][1]["files"]
-    assert sorted(files) == ["README.md", "model.ckpt", "params.json"]
-    ckpt = (b / "model.ckpt").read_bytes()
-    assert files["model.ckpt"] == {"sha256": hashlib.sha256(ckpt).hexdigest(), "size": len(ckpt)}
+    assert sorted(files) == ["README.md", "model.ckpt", "model.safetensors", "params.json"]
+    for weights in ("model.ckpt", "model.safetensors"):  # both weight files travel, each with its checksum
+        data = (b / weights).read_bytes()
+        assert files[weights] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     assert manifest["models"][1]["metrics"] == {"heldout_mse": 1.01, "baseline_mse": 1.02}
     with zipfile.ZipFile(one) as zf:
         names = zf.namelist()
@@ -52,7 +53,7 @@ def test_extra_manifest_and_extract(tmp_path):
     manifest = invdyn.extract_bundle(bundle, target)
     assert manifest["created_by"] == "test"
     assert sorted(p.name for p in target.iterdir()) == ["a-v0", "manifest.json"]
-    for f in ("params.json", "model.ckpt", "README.md"):
+    for f in ("params.json", "model.ckpt", "model.safetensors", "README.md"):
         assert (target / "a-v0" / f).read_bytes() == (a / f).read_bytes()
     with pytest.raises(invdyn.FormatError, match="reserved"):
         invdyn.write_bundle(tmp_path / "c.zip", [a], extra_manifest={"models": []})

@@ -1,10 +1,12 @@
-"""Hostile model directories (arbitrary JSON in any params.json field, arbitrary bytes as params.json or the
-checkpoint, parser-crashing JSON, terabyte configs, code-running pickles): an invdyn error or a good model."""
+"""Hostile model directories (arbitrary JSON in any params.json field, arbitrary bytes as params.json, the
+checkpoint or model.safetensors, parser-crashing JSON, terabyte configs, code-running pickles, crafted
+safetensors headers): an invdyn error or a good model."""
 
 import copy
 import json
 import os
 import pickle
+import struct
 import zipfile
 
 import numpy as np
@@ -56,6 +58,9 @@ FIELDS = [
     ("weights",),
     ("weights", "file"),
     ("weights", "sha256"),
+    ("weights", "safetensors"),
+    ("weights", "safetensors", "file"),
+    ("weights", "safetensors", "sha256"),
     ("format_version",),
     ("metrics",),
     ("name",),
@@ -72,6 +77,23 @@ def _copy_dir(src, dst):
     for p in src.iterdir():
         (dst / p.name).write_bytes(p.read_bytes())
     return dst
+
+
+def _ckpt_only(d):
+    """`d` as invdyn 0.1 wrote it (model.ckpt only), so that the checkpoint is what gets parsed."""
+    (d / "model.safetensors").unlink()
+    params = json.loads((d / "params.json").read_text())
+    del params["weights"]["safetensors"]
+    (d / "params.json").write_text(json.dumps(params))
+    return d
+
+
+def _rerecord(d, fname="model.ckpt"):
+    """Record `fname`'s current sha256 in params.json: the attacker controls the whole directory."""
+    params = json.loads((d / "params.json").read_text())
+    entry = params["weights"] if fname == "model.ckpt" else params["weights"]["safetensors"]
+    entry["sha256"] = sha256_file(d / fname)
+    (d / "params.json").write_text(json.dumps(params))
 
 
 def _set(obj, path, value, delete=False):
@@ -128,11 +150,9 @@ def test_params_json_arbitrary_bytes(good_dir, tmp_path, hostile_case, data):
 def test_checkpoint_arbitrary_bytes(good_dir, tmp_path, hostile_case, data, prefix):
     """Random bytes whose sha256 is (re)recorded in params.json: torch must refuse them cleanly."""
     hostile_case("checkpoint bytes")
-    d = _copy_dir(good_dir, tmp_path / "m-v0")
+    d = _ckpt_only(_copy_dir(good_dir, tmp_path / "m-v0"))
     (d / "model.ckpt").write_bytes(prefix + data)
-    params = json.loads((d / "params.json").read_text())
-    params["weights"]["sha256"] = sha256_file(d / "model.ckpt")
-    (d / "params.json").write_text(json.dumps(params))
+    _rerecord(d)
     with pytest.raises(InvdynError):
         invdyn.read_model_dir(d)
 
@@ -184,6 +204,11 @@ def test_absurd_sizes_never_allocate(good_dir, tmp_path, hostile_case, dims):
         {"file": "/etc/passwd"},
         {"file": "sub/model.ckpt"},
         {"file": "model.ckpt", "sha256": 7},
+        {"file": "model.ckpt", "safetensors": 5},
+        {"file": "model.ckpt", "safetensors": None},
+        {"file": "model.ckpt", "safetensors": {"file": "model.safetensors"}},
+        {"file": "model.ckpt", "safetensors": {"file": "../model.safetensors", "sha256": "ab" * 32}},
+        {"file": "model.ckpt", "safetensors": {"file": "model.safetensors", "sha256": ["ab"]}},
     ],
 )
 def test_weights_entry_of_any_shape(good_dir, tmp_path, hostile_case, weights):
@@ -209,7 +234,7 @@ class _Canary:
 @pytest.mark.parametrize("wrap", ["top", "in_state_dict"])
 def test_pickle_payload_in_checkpoint_never_runs(good_dir, tmp_path, hostile_case, wrap):
     hostile_case("checkpoint explicit")
-    d = _copy_dir(good_dir, tmp_path / "m-v0")
+    d = _ckpt_only(_copy_dir(good_dir, tmp_path / "m-v0"))
     canary = tmp_path / "pwned"
     state = torch.load(d / "model.ckpt", weights_only=True)["state_dict"]
     obj = (
@@ -236,7 +261,7 @@ def test_pickle_payload_in_checkpoint_never_runs(good_dir, tmp_path, hostile_cas
 @pytest.mark.parametrize("kind", ["complex", "int", "nested", "missing_key", "extra_key", "list"])
 def test_state_dict_of_the_wrong_kind(good_dir, tmp_path, hostile_case, kind):
     hostile_case("checkpoint explicit")
-    d = _copy_dir(good_dir, tmp_path / "m-v0")
+    d = _ckpt_only(_copy_dir(good_dir, tmp_path / "m-v0"))
     sd = torch.load(d / "model.ckpt", weights_only=True)["state_dict"]
     key = "mlp.0.weight"
     if kind == "complex":
@@ -268,3 +293,133 @@ def test_checkpoint_zip_with_traversal_member_is_not_extracted(good_dir, tmp_pat
     (d / "params.json").write_text(json.dumps(params))
     _load_ok_or_invdyn_error(d)
     assert not list(tmp_path.rglob("escaped.txt"))
+
+
+# ---- model.safetensors: what is hashed is what is parsed; a crafted file with a matching checksum is still
+# ---- refused by safetensors' parser or by the shape check, never a crash
+
+
+def _safetensors_dir(good_dir, tmp_path, data: bytes):
+    d = _copy_dir(good_dir, tmp_path / "m-v0")
+    (d / "model.safetensors").write_bytes(data)
+    _rerecord(d, "model.safetensors")
+    return d
+
+
+def _header(entries: dict, body: bytes = b"") -> bytes:
+    text = json.dumps(entries).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+@SETTINGS
+@given(cut=st.integers(1, 400), flip=st.integers(0, 10**6), rerecord=st.booleans())
+def test_safetensors_truncated_or_flipped(good_dir, tmp_path, hostile_case, cut, flip, rerecord):
+    """Flipped or cut bytes: a ChecksumError; with the checksum re-recorded, an invdyn error or (a flip in
+    tensor data) a model that still predicts."""
+    hostile_case("safetensors bytes")
+    data = bytearray((good_dir / "model.safetensors").read_bytes())
+    if flip % 2:
+        data[flip % len(data)] ^= 0xFF
+    else:
+        del data[-cut:]
+    d = _copy_dir(good_dir, tmp_path / "m-v0")
+    (d / "model.safetensors").write_bytes(bytes(data))
+    if not rerecord:
+        with pytest.raises(invdyn.ChecksumError, match="model.safetensors"):
+            invdyn.read_model_dir(d)
+        return
+    _rerecord(d, "model.safetensors")
+    _load_ok_or_invdyn_error(d)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=600), prefix=st.sampled_from([b"", struct.pack("<Q", 40), b"\xff" * 8]))
+def test_safetensors_arbitrary_bytes(good_dir, tmp_path, hostile_case, data, prefix):
+    hostile_case("safetensors bytes")
+    d = _safetensors_dir(good_dir, tmp_path, prefix + data)
+    with pytest.raises(InvdynError):
+        invdyn.read_model_dir(d)
+
+
+def _state(good_dir):
+    from safetensors.torch import load_file
+
+    return load_file(good_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "kind", ["extra_tensor", "missing_tensor", "renamed", "wrong_shape", "int", "complex", "empty"]
+)
+def test_safetensors_with_the_wrong_tensors(good_dir, tmp_path, hostile_case, kind):
+    from safetensors.torch import save
+
+    hostile_case("safetensors explicit")
+    sd, key = _state(good_dir), "mlp.0.weight"
+    if kind == "extra_tensor":
+        sd["evil"] = torch.zeros(1)
+    elif kind == "missing_tensor":
+        del sd[key]
+    elif kind == "renamed":
+        sd["module." + key] = sd.pop(key)
+    elif kind == "wrong_shape":
+        sd[key] = torch.zeros(sd[key].shape[0] + 1, sd[key].shape[1])
+    elif kind in ("int", "complex"):
+        sd[key] = sd[key].to(torch.int32 if kind == "int" else torch.complex64)
+    elif kind == "empty":
+        sd = {}
+    d = _safetensors_dir(good_dir, tmp_path, save(sd))
+    expected = (
+        ShapeError
+        if kind in ("extra_tensor", "missing_tensor", "renamed", "wrong_shape", "empty")
+        else FormatError
+    )
+    with pytest.raises(expected, match="model.safetensors"):
+        invdyn.read_model_dir(d)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        struct.pack("<Q", 2**62) + b"{}",  # a header length no file has
+        _header({"mlp.0.weight": {"dtype": "F32", "shape": [16, 8], "data_offsets": [0, 10**9]}}),
+        _header(
+            {"mlp.0.weight": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16
+        ),
+        _header({"mlp.0.weight": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _header({"mlp.0.weight": {"dtype": "PY", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        _header(
+            {
+                "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            b"\0" * 4,
+        ),
+        struct.pack("<Q", 20_000) + b"[" * 10_000 + b"]" * 10_000,
+        b"",
+    ],
+    ids=[
+        "huge-header",
+        "offsets-past-end",
+        "overflowing-shape",
+        "negative-shape",
+        "unknown-dtype",
+        "overlap",
+        "deep",
+        "empty",
+    ],
+)
+def test_safetensors_crafted_headers(good_dir, tmp_path, hostile_case, data):
+    hostile_case("safetensors explicit")
+    d = _safetensors_dir(good_dir, tmp_path, data)
+    with pytest.raises(FormatError, match="model.safetensors"):
+        invdyn.read_model_dir(d)
+
+
+def test_oversized_weights_are_refused_unread(good_dir, tmp_path, hostile_case, monkeypatch):
+    import invdyn.weights
+
+    hostile_case("safetensors explicit")
+    d = _copy_dir(good_dir, tmp_path / "m-v0")
+    monkeypatch.setattr(invdyn.weights, "MAX_WEIGHTS_BYTES", 100)
+    with pytest.raises(FormatError, match="implausibly large"):
+        invdyn.read_model_dir(d)

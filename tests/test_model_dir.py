@@ -13,6 +13,7 @@ from helpers.models import CD_DIR, CD_HOME, CD_NAME, make_model_dir
 
 import invdyn
 from invdyn import FancyMlpInvDynamic
+from invdyn._files import sha256_file
 
 
 class CleanDiffuserFancyMlpInvDynamic(nn.Module):
@@ -64,7 +65,16 @@ def test_round_trip_and_params(tmp_path):
     assert params["dataset"]["name"] == "sim-hopper-random-v0" and len(params["dataset"]["sha256"]) == 64
     assert params["metrics"]["heldout_mse"] == pytest.approx(3.01) and "baseline_mse" in params["metrics"]
     assert params["weights"]["file"] == "model.ckpt"
-    assert sorted(p.name for p in d.iterdir()) == ["README.md", "model.ckpt", "params.json"]
+    assert params["weights"]["safetensors"] == {
+        "file": "model.safetensors",
+        "sha256": sha256_file(d / "model.safetensors"),
+    }
+    assert sorted(p.name for p in d.iterdir()) == [
+        "README.md",
+        "model.ckpt",
+        "model.safetensors",
+        "params.json",
+    ]
     model = invdyn.read_model_dir(d)
     assert not model.training and model.card == (d / "README.md").read_text()
     assert "heldout_mse" in model.card and "invdyn.load" in model.card
@@ -156,6 +166,58 @@ def test_damaged_directories_give_clear_errors(tmp_path):
     (d / "params.json").write_text(json.dumps({"config": {"obs_dim": 5}, "format_version": 7}))
     with pytest.raises(invdyn.FormatError, match="format_version 7.*upgrade"):
         invdyn.read_model_dir(d)
+
+
+def _record(d, **weights):
+    params = json.loads((d / "params.json").read_text())
+    params["weights"].update(weights)
+    params["weights"] = {k: v for k, v in params["weights"].items() if v is not None}
+    (d / "params.json").write_text(json.dumps(params))
+
+
+def test_safetensors_is_read_by_preference_and_both_files_hold_the_same_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    d = make_model_dir(tmp_path / "m", obs_dim=7, act_dim=3, hidden_dim=16)
+    from_ckpt = torch.load(d / "model.ckpt", weights_only=True)["state_dict"]
+    from_st = load_file(d / "model.safetensors")
+    assert sorted(from_ckpt) == sorted(from_st)
+    assert all(torch.equal(from_ckpt[k], from_st[k]) for k in from_ckpt)
+    x = np.random.default_rng(0).normal(size=(4, 7)).astype(np.float32)
+    before = invdyn.read_model_dir(d).predict(x, x)
+    # a checkpoint whose weights differ (checksum re-recorded): invdyn still answers from model.safetensors
+    torch.save({"state_dict": {k: v + 1.0 for k, v in from_ckpt.items()}}, d / "model.ckpt")
+    _record(d, sha256=sha256_file(d / "model.ckpt"))
+    np.testing.assert_array_equal(invdyn.read_model_dir(d).predict(x, x), before)
+    # the same directory without the safetensors entry reads the checkpoint
+    _record(d, safetensors=None)
+    assert not np.allclose(invdyn.read_model_dir(d).predict(x, x), before)
+
+
+def test_every_weights_file_named_must_be_there_and_match(tmp_path):
+    d = make_model_dir(tmp_path / "m")
+    st = d / "model.safetensors"
+    recorded = json.loads((d / "params.json").read_text())["weights"]["safetensors"]["sha256"]
+    good = st.read_bytes()
+    st.write_bytes(good[:-3])
+    with pytest.raises(invdyn.ChecksumError) as e:
+        invdyn.read_model_dir(d)
+    assert str(st) in str(e.value) and recorded in str(e.value)
+    st.unlink()
+    with pytest.raises(invdyn.ModelNotFoundError, match="model.safetensors"):
+        invdyn.read_model_dir(d)
+    st.write_bytes(good)
+    (d / "model.ckpt").write_bytes(b"not the checkpoint")  # checked although safetensors is what is parsed
+    with pytest.raises(invdyn.ChecksumError, match="model.ckpt"):
+        invdyn.read_model_dir(d)
+
+
+def test_extra_files_may_not_take_the_weights_names(tmp_path):
+    net = FancyMlpInvDynamic(3, 1, hidden_dim=8)
+    norm = invdyn.GaussianNormalizer(np.zeros(3), np.ones(3))
+    for name in ("model.safetensors", "model.ckpt", "params.json"):
+        with pytest.raises(invdyn.FormatError, match=name):
+            invdyn.save_model_dir(tmp_path / "m", net, norm, files={name: b"x"})
 
 
 class Payload:
