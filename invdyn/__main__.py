@@ -1,5 +1,6 @@
-"""The library's command line, `python -m invdyn list | info NAME | fetch URL_OR_PATH | verify BUNDLE`:
-an expected failure (unknown model, bad bundle, no network) prints one line on stderr and exits 1."""
+"""The library's command line, `python -m invdyn list | info NAME | fetch URL_OR_PATH | verify BUNDLE |
+export-onnx NAME`: an expected failure (unknown model, bad bundle, no network) prints one line on stderr and
+exits 1."""
 
 from __future__ import annotations
 
@@ -130,6 +131,21 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_export_onnx(args) -> int:
+    from .hub import load
+    from .onnx_export import card_path, export_onnx
+
+    card = export_onnx(load(args.name, source=args.source), args.out, normalized_io=args.normalized_io)
+    names = ", ".join(i["name"] for i in card["inputs"])
+    print(
+        f"wrote {args.out}: opset {card['opset']}, ({names}) -> {card['outputs'][0]['name']}, batch dynamic"
+    )
+    if card["check"]:
+        print(f"max |onnxruntime - predict| = {card['check']['max_abs_error']:.3g} on a batch of 64")
+    print(f"card: {card_path(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m invdyn", description="Pretrained inverse dynamics models."
@@ -151,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a bundle's layout and checksums (exit 0 when sound)")
     p.add_argument("bundle", metavar="BUNDLE")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser(
+        "export-onnx",
+        help="write a model as an ONNX graph, raw (obs, next_obs) -> action (normalizer inside)",
+    )
+    p.add_argument("name")
+    p.add_argument("--source", help="model directory, bundle .zip, http(s) URL or MLflow models:/ URI")
+    p.add_argument("--out", required=True, metavar="F.onnx", help="the graph; its card goes to F.onnx.json")
+    p.add_argument(
+        "--normalized-io",
+        action="store_true",
+        help="export the network alone, on observations normalized with the card's mean / std",
+    )
+    p.set_defaults(func=cmd_export_onnx)
     return parser
 
 

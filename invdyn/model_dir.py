@@ -245,13 +245,18 @@ def model_card(params: dict, figures=()) -> str:
         "",
         "```python",
         "import invdyn",
-        f'model = invdyn.load("{name}")            # or source="<this directory>"',
-        "act = model.predict(obs, next_obs)        # raw observations, normalized inside",
-        "act = model.predict_normalized(o, o2)     # observations already normalized (planner output)",
+        "",
+        f'model = invdyn.load("{name}")  # or source="<this directory>"',
+        "act = model.predict(obs, next_obs)  # raw observations, normalized inside",
+        "model.normalizer.check(planner_normalizer)  # raises, naming the dims, unless they agree",
+        "act = model.predict_normalized(o, o2)  # observations normalized as the model's own",
+        "act = model.predict_normalized(o, o2, normalizer=planner_normalizer)  # the planner's",
         "```",
         "",
-        "CleanDiffuser: copy this directory to `~/.CleanDiffuser/pretrained/invdyn/<name>/` and call "
-        "`FancyMlpInvDynamic.from_pretrained(<name>)`.",
+        f"Weights: `{SAFETENSORS_FILE}` (what invdyn reads) and `{WEIGHTS_FILE}` (the same tensors for "
+        "CleanDiffuser), each with its sha256 in params.json. CleanDiffuser: copy this directory to "
+        "`~/.CleanDiffuser/pretrained/invdyn/<name>/` and call `FancyMlpInvDynamic.from_pretrained(<name>)`. "
+        f"ONNX: `python -m invdyn export-onnx {name} --out model.onnx` (normalizer inside).",
         "",
     ]
     return "\n".join(lines)

@@ -41,7 +41,7 @@ def _check_outputs(model, key, expected):
 @pytest.mark.parametrize("name", MODELS)
 def test_a_v1_directory_loads_with_the_same_weights_and_outputs(name, expected, tmp_path):
     src = V1 / name
-    assert sorted(p.name for p in src.iterdir()) == ["README.md", "model.ckpt", "params.json"]
+    assert sorted(p.name for p in src.iterdir()) == ["model.ckpt", "params.json"]
     assert set(json.loads((src / "params.json").read_text())["weights"]) == {"file", "sha256"}
     d = shutil.copytree(src, tmp_path / name)  # read from a copy: nothing may be written into the fixture
     model = invdyn.read_model_dir(d)

@@ -189,7 +189,8 @@ def test_import_is_light():
     code = (
         "import sys, numpy, torch; before = set(sys.modules); import invdyn; "
         "new = set(sys.modules) - before; "
-        "heavy = ['ray', 'mlflow', 'gymnasium', 'h5py', 'pyarrow', 'pipeline', 'tqdm', 'matplotlib']; "
+        "heavy = ['ray', 'mlflow', 'gymnasium', 'h5py', 'pyarrow', 'pipeline', 'tqdm', 'matplotlib', "
+        "'safetensors', 'onnx', 'onnxscript', 'onnxruntime', 'scipy']; "
         "print(sorted(m for m in heavy if m in new or (m != 'tqdm' and m in sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
