@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_job(server, sim_files, tmp_path_factory):
-    """The issue's command: two simulated datasets, 2 epochs, a server, an exported bundle."""
+    """The issue's command: two simulated datasets, 3 epochs, a server, an exported bundle."""
     root = tmp_path_factory.mktemp("job1")
     out, bundle = root / "out", root / "invdyn-bundle.zip"
     datasets = f"{sim_files[CHEETAH]},{sim_files[HOPPER]}"
@@ -63,7 +65,7 @@ def first_job(server, sim_files, tmp_path_factory):
         "--datasets",
         datasets,
         "--max-epochs",
-        2,
+        3,
         "--mlflow-uri",
         server.uri,
         "--export",
@@ -97,7 +99,7 @@ def test_job_tracks_registers_and_exports_two_champions(first_job, server, monke
         assert run.data.tags["invdyn_kind"] == "trial" and run.data.params["dataset"] == ds
         assert run.data.params["sha256"] == records[ds]["sha256"] and run.data.params["hidden_dim"] == "512"
         curve = client.get_metric_history(reg["run_id"], "val_mse")
-        assert len(curve) == 2 and curve[0].step < curve[1].step
+        assert len(curve) == 3 and curve[0].step < curve[1].step < curve[2].step
         assert run.data.metrics["heldout_mse"] == pytest.approx(records[ds]["heldout_mse"])
         parent = client.get_run(run.data.tags["mlflow.parentRunId"])
         assert parent.data.tags["invdyn_kind"] == "dataset" and parent.info.run_name == ds
@@ -121,6 +123,51 @@ def test_job_tracks_registers_and_exports_two_champions(first_job, server, monke
     invdyn.fetch(first_job["bundle"], progress=False)
     for ds in (CHEETAH, HOPPER):
         np.testing.assert_array_equal(invdyn.load(ds).predict(*inputs[ds]), expected[ds])
+
+
+def rest(server, endpoint: str, body: dict | None = None, **query) -> dict:
+    """One call to MLflow's REST API, as the UI makes it (GET with a query, or POST with a JSON body)."""
+    url = f"{server.uri}/api/2.0/mlflow/{endpoint}"
+    if query:
+        url += "?" + urllib.parse.urlencode(query)
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_the_ui_sees_a_training_experiment_nested_runs_curves_and_the_champion(first_job, server):
+    """What `mlflow ui` shows, read through the REST API it reads: the experiment opens as model training,
+    the dataset run holds its trials, the curves have several steps, the champion links its source run."""
+    assert first_job["proc"].returncode == 0, first_job["proc"].stderr[-3000:]
+    assert "Downloading artifacts" not in first_job["proc"].stderr  # export's bars are off
+    records = summary(first_job["out"])
+    exp = rest(server, "experiments/get-by-name", experiment_name=records[HOPPER]["job"])["experiment"]
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    runs = rest(server, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs}
+    for ds in (CHEETAH, HOPPER):
+        reg = records[ds]["registration"]
+        dataset_runs = [i for i, t in tags.items() if t["invdyn_kind"] == "dataset" and t["dataset"] == ds]
+        assert len(dataset_runs) == 1 and "mlflow.parentRunId" not in tags[dataset_runs[0]]
+        trials = [i for i, t in tags.items() if t.get("mlflow.parentRunId") == dataset_runs[0]]
+        assert reg["run_id"] in trials and all(tags[i]["invdyn_kind"] == "trial" for i in trials)
+        assert tags[dataset_runs[0]]["registered_model"] == f"invdyn-{ds}"
+        for key in ("val_mse", "train_loss"):
+            points = rest(server, "metrics/get-history", run_id=reg["run_id"], metric_key=key)["metrics"]
+            steps = [int(m["step"]) for m in points]
+            assert len(steps) >= 3 and steps == sorted(set(steps)) and steps[0] > 0, (key, steps)
+        name = f"invdyn-{ds}"
+        version = rest(server, "registered-models/alias", name=name, alias="champion")["model_version"]
+        run = rest(server, "runs/get", run_id=reg["run_id"])["run"]
+        assert version["run_id"] == reg["run_id"]  # the version page links this run
+        assert version["source"] == f"{run['info']['artifact_uri']}/model"
+        version_tags = {t["key"]: t["value"] for t in version["tags"]}
+        assert version_tags["dataset_sha256"] == records[ds]["sha256"]
+        assert float(version_tags["heldout_mse"]) == pytest.approx(records[ds]["heldout_mse"])
+        assert len(version_tags["protocol"]) >= 8 and version_tags["champion_decision"]
+        model = rest(server, "registered-models/get", name=name)["registered_model"]
+        assert {a["alias"]: a["version"] for a in model["aliases"]}["champion"] == version["version"]
 
 
 def test_worse_run_registers_a_version_but_keeps_the_champion(first_job, server, sim_files):

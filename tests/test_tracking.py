@@ -72,6 +72,47 @@ def test_check_server_refuses_a_server_that_is_not_mlflow():
         httpd.server_close()
 
 
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    """MLflow 3's UI picks an experiment's view by its `mlflow.experimentKind` tag: every experiment the
+    pipeline makes or reuses gets the model-training one, unless someone already chose a view."""
+    uri = store.default_uri(tmp_path / "out")
+    client = store.client(uri)
+    kind = lambda exp_id: client.get_experiment(exp_id).tags.get(store.EXPERIMENT_KIND_TAG)  # noqa: E731
+    made = store.get_experiment_id(client, uri, "job-new")
+    assert kind(made) == "custom_model_development"
+    older = client.create_experiment("job-old")  # made before the pipeline tagged experiments
+    assert kind(older) is None
+    assert (
+        store.get_experiment_id(client, uri, "job-old") == older and kind(older) == "custom_model_development"
+    )
+    chosen = client.create_experiment("job-chosen", tags={store.EXPERIMENT_KIND_TAG: "genai_development"})
+    assert (
+        store.get_experiment_id(client, uri, "job-chosen") == chosen and kind(chosen) == "genai_development"
+    )
+    client.delete_experiment(made)
+    assert (
+        store.get_experiment_id(client, uri, "job-new") == made and kind(made) == "custom_model_development"
+    )
+    # a registration whose trial was never tracked makes its run in `invdyn-registry`: tagged too
+    from helpers.mlflow_server import model_record
+
+    result = register_dataset(uri, model_record(tmp_path, "sim-a-v0", 1, 0.3))
+    registry = client.get_experiment_by_name(store.REGISTRY_EXPERIMENT)
+    assert client.get_run(result["run_id"]).info.experiment_id == registry.experiment_id
+    assert registry.tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_artifact_progress_bars_are_off_unless_the_user_turns_them_on(tmp_path, monkeypatch):
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    store.client(store.default_uri(tmp_path / "a"))
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is False
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")
+    store.client(store.default_uri(tmp_path / "b"))
+    assert MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.get() is True
+
+
 def _trainable(config):
     """A Tune trial that reports a growing learning curve per epoch; the model dir comes at the end,
     either as `model_dir` in the result or only inside the checkpoint (both shapes occur)."""
@@ -143,6 +184,7 @@ def test_trial_logger_logs_one_run_per_trial(tmp_path, monkeypatch):
     assert not grid.errors and failing.errors
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("job-x")
+    assert exp.tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert exp.artifact_location.startswith((tmp_path / "out" / "mlartifacts").resolve().as_uri())
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = {r.data.tags["dataset"]: r for r in runs if r.data.tags.get("invdyn_kind") == "dataset"}

@@ -9,6 +9,7 @@ was registered with, and written with `invdyn.write_bundle`; the manifest record
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -131,6 +132,24 @@ def export_bundle(uri: str, out_path, datasets=None, alias: str = CHAMPION) -> P
         return invdyn.write_bundle(out_path, model_dirs, extra_manifest=extra)
 
 
+def _check_args(uri: str, out: Path, alias: str) -> None:
+    """What can be checked before any download: the alias, the bundle's folder, the store."""
+    store.check_alias(alias)
+    if out.is_dir():
+        raise TrackingError(
+            f"--out {out} is a folder: name the bundle file, e.g. {out / 'invdyn-bundle.zip'}"
+        )
+    if not out.parent.is_dir():
+        raise TrackingError(f"--out {out}: folder {out.parent} does not exist; create it or choose another")
+    if not os.access(out.parent, os.W_OK):
+        raise TrackingError(f"--out {out}: folder {out.parent} is not writable; choose another")
+    db = store.sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(
+            f"no MLflow store at {db}: run `python -m pipeline.pretrain_all` first, or pass --mlflow-uri"
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="bundle zip to write (e.g. invdyn-bundle.zip)")
@@ -146,11 +165,7 @@ def main(argv=None) -> int:
     uri = store.resolve_uri(args.mlflow_uri, DEFAULT_OUT_DIR)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     try:
-        db = store.sqlite_path(uri)
-        if db is not None and not db.is_file():
-            raise TrackingError(
-                f"no MLflow store at {db}: run `python -m pipeline.pretrain_all` first, or pass --mlflow-uri"
-            )
+        _check_args(uri, Path(args.out).expanduser(), args.alias)
         store.check_server(uri)
         path = export_bundle(uri, args.out, datasets, alias=args.alias)
     except (TrackingError, invdyn.InvdynError) as e:

@@ -308,12 +308,16 @@ def format_table(results: list[dict]) -> str:
 
 
 def _promote(args) -> int:
+    name, version = args.promote
+    if not version.isdigit() or int(version) < 1:
+        raise TrackingError(
+            f"--promote {name} {version}: the version is a number such as 1 (see the registry)"
+        )
     uri = store.resolve_uri(args.mlflow_uri, DEFAULT_OUT_DIR)
     db = store.sqlite_path(uri)
     if db is not None and not db.is_file():
         raise TrackingError(f"no MLflow store at {db}: pass the --mlflow-uri the job registered in")
     store.check_server(uri)
-    name, version = args.promote
     name = name if name.startswith(store.MODEL_PREFIX) else store.model_name(name)
     result = champion.promote(uri, name, version, args.reason or "", alias=args.alias)
     print(f"{name}: {args.alias} -> v{result['champion_version']} ({result['reason']})")
@@ -340,6 +344,7 @@ def main(argv=None) -> int:
     parser.add_argument("--alias", default=CHAMPION, help="alias of the best version (default: champion)")
     args = parser.parse_args(argv)
     try:
+        store.check_alias(args.alias)
         if args.promote:
             return _promote(args)
         results = register_from_storage(args.from_storage, args.mlflow_uri, alias=args.alias)

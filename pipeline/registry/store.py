@@ -38,6 +38,9 @@ CHAMPION_METRIC_TAG = "champion_metric"  # registered-model tag: the metric that
 MODEL_ARTIFACT = "model"  # artifact path of a model directory inside a run
 MODEL_PREFIX = "invdyn-"
 REGISTRY_EXPERIMENT = "invdyn-registry"  # runs made for registrations whose trial was never tracked
+# MLflow 3's UI opens an experiment by this tag: unset, it shows the GenAI view (traces); this value opens
+# the runs table and the model-training view
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 #: MLflow errors that mean "no such alias / version": an answer, not a failure
 MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
@@ -75,6 +78,25 @@ def artifact_root(uri: str) -> str | None:
     if db is None:
         return None
     return (db.parent / "mlartifacts").as_uri()
+
+
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The address of an experiment's runs table in the MLflow UI at `ui` (http://host:port).
+
+    MLflow 3.x's UI shows an experiment in the view of its global GenAI / Model training switch (kept in
+    the browser, GenAI at first), not of the experiment's tag; the query asks for the training view."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def where_to_look(uri: str, experiment_id: str) -> str:
+    """How a user opens experiment `experiment_id` of store `uri` in the UI (one line, secrets hidden)."""
+    if is_http(uri):
+        return experiment_url(redact_url(uri), experiment_id)
+    local = "http://127.0.0.1:5000"
+    return (
+        f"{redact_url(uri)} (to see it: mlflow ui --backend-store-uri {redact_url(uri)} --host 127.0.0.1 "
+        f"--port 5000, then {experiment_url(local, experiment_id)})"
+    )
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
@@ -166,6 +188,8 @@ def client(uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     # one "View run" line per finished run drowns the job's progress; the trial logger prints it once
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # the model directories we download are a few files: a bar per download finishes in a millisecond
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     db = sqlite_path(uri)
     if db is None or uri in _initialized:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -226,20 +250,35 @@ def retry(what: str, fn, *, attempts: int | None = None, first_delay: float = 1.
 
 
 def get_experiment_id(mlflow_client: MlflowClient, uri: str, name: str) -> str:
-    """The id of experiment `name`, created (race-safely) with its artifacts beside a SQLite store."""
+    """The id of experiment `name`, created (race-safely) with its artifacts beside a SQLite store and
+    tagged as a model-training experiment (an existing one lacking the tag gets it)."""
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage != "active":
             mlflow_client.restore_experiment(exp.experiment_id)
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # a user's own choice of view is left alone
+            mlflow_client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     root = artifact_root(uri)
     location = f"{root}/{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'x'}" if root else None
     try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
+        return mlflow_client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        return mlflow_client.get_experiment_by_name(name).experiment_id
+        return get_experiment_id(mlflow_client, uri, name)
+
+
+def check_alias(alias: str) -> str:
+    """`alias` when MLflow would take it as a model alias; else a TrackingError saying what would."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", alias or "") or re.fullmatch(r"[vV]\d+", alias):
+        raise TrackingError(
+            f"alias {alias!r} is not a valid MLflow alias: use letters, digits, '_' or '-' "
+            f"(not v<number>), e.g. {CHAMPION}"
+        )
+    return alias
 
 
 def quote(text: str) -> str:

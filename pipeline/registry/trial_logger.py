@@ -131,11 +131,7 @@ class MlflowTrialLogger(Callback):
     def _experiment(self) -> str:
         if self._experiment_id is None:
             self._experiment_id = store.get_experiment_id(self._client, self.uri, self.experiment)
-            where = (
-                f"{redact_url(self.uri)}/#/experiments/{self._experiment_id}"
-                if store.is_http(self.uri)
-                else redact_url(self.uri)
-            )
+            where = store.where_to_look(self.uri, self._experiment_id)
             print(f"MLflow: experiment {self.experiment!r} at {where}", flush=True)
         return self._experiment_id
 
@@ -143,7 +139,7 @@ class MlflowTrialLogger(Callback):
         runs = self._client.search_runs([self._experiment()], filter_string, max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def _parent(self, dataset: str) -> str:
+    def _parent(self, dataset: str, start_time: int | None) -> str:
         if dataset not in self.parent_run_ids:
             # A resumed job (same job name) goes on in the same parent run.
             found = self._find_run(
@@ -152,7 +148,10 @@ class MlflowTrialLogger(Callback):
             )
             if found is None:
                 tags = {"dataset": dataset, "job": self.job_name, "invdyn_kind": "dataset"}
-                found = self._client.create_run(self._experiment(), tags=tags, run_name=dataset).info.run_id
+                run = self._client.create_run(
+                    self._experiment(), start_time=start_time, tags=tags, run_name=dataset
+                )
+                found = run.info.run_id
             self.parent_run_ids[dataset] = found
         return self.parent_run_ids[dataset]
 
@@ -160,7 +159,8 @@ class MlflowTrialLogger(Callback):
         trial_id = trial.trial_id
         if trial_id not in self.run_ids:
             dataset = self._dataset(trial, result)
-            parent = self._parent(dataset)
+            start_time = _start_time(result)
+            parent = self._parent(dataset, start_time)
             found = self._find_run(
                 f"tags.ray_trial_id = '{store.quote(trial_id)}' and tags.job = '{store.quote(self.job_name)}'"
             )
@@ -173,7 +173,9 @@ class MlflowTrialLogger(Callback):
                     "mlflow.parentRunId": parent,
                     "code_version": store.code_version(),
                 }
-                run = self._client.create_run(self._experiment(), tags=tags, run_name=f"{dataset}/{trial_id}")
+                run = self._client.create_run(
+                    self._experiment(), start_time=start_time, tags=tags, run_name=f"{dataset}/{trial_id}"
+                )
                 found = run.info.run_id
             self.run_ids[trial_id] = found
             self._logged_params[trial_id] = set()
@@ -262,6 +264,13 @@ class MlflowTrialLogger(Callback):
         self._client.log_artifacts(run_id, str(model_dir), store.MODEL_ARTIFACT)
         self._client.set_tag(run_id, "weights_sha256", store.weights_sha256(model_dir))
         self._client.set_tag(run_id, "params_sha256", sha256_file(Path(model_dir) / PARAMS_FILE))
+
+
+def _start_time(result: dict) -> int | None:
+    """When the trial started (ms), from Tune's own clock: a trial reports once, at its end, and the
+    run's duration in the UI should be the trial's, not the moment of logging."""
+    end, took = _metric_value(result.get("timestamp")), _metric_value(result.get("time_total_s"))
+    return int((end - took) * 1000) if end is not None and took is not None else None
 
 
 def _metric_key(key: str) -> str:
