@@ -36,6 +36,7 @@ from .settings import (
     is_valid_name,
     model_cache_dir,
 )
+from .settings import remote as remote_setting
 
 # The cache under $INVDYN_HOME (default ~/.cache/invdyn):
 #   models/<name>/                     an installed model directory (exactly the bundle's files)
@@ -375,4 +376,9 @@ def _not_found(name: str, note: str = "") -> ModelNotFoundError:
     if near:
         msg += f" Did you mean: {', '.join(near)}?"
     msg += f" Available: {', '.join(available)}." if available else " No models are installed."
-    return ModelNotFoundError(f"{msg} {note + ' ' if note else ''}{how_to_get(name)}")
+    tail = ""
+    if not note and not remote_setting()[0]:
+        tail = (
+            " Or set INVDYN_REMOTE to a team's bundle URL or folder of bundles: load then installs from it."
+        )
+    return ModelNotFoundError(f"{msg} {note + ' ' if note else ''}{how_to_get(name)}{tail}")

@@ -4,6 +4,7 @@ checked against `predict`, and a card (opset, input and output names) beside the
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import warnings
@@ -31,11 +32,11 @@ CARD_KEY = "invdyn.card"
 class RawIO(nn.Module):
     """The network behind the model's normalizer, float32 as `predict` computes: (x - mean) / std."""
 
-    def __init__(self, model: PretrainedIDM):
+    def __init__(self, net: nn.Module, normalizer):
         super().__init__()
-        self.net = model.net
-        self.register_buffer("mean", torch.as_tensor(model.normalizer.mean, dtype=torch.float32))
-        self.register_buffer("std", torch.as_tensor(model.normalizer.std, dtype=torch.float32))
+        self.net = net
+        self.register_buffer("mean", torch.as_tensor(normalizer.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(normalizer.std, dtype=torch.float32))
 
     def forward(self, obs: torch.Tensor, next_obs: torch.Tensor) -> torch.Tensor:
         return self.net((obs - self.mean) / self.std, (next_obs - self.mean) / self.std)
@@ -55,7 +56,8 @@ def export_onnx(model: PretrainedIDM, out, *, normalized_io: bool = False, opset
     installed the graph is run against the model before anything is written.
     """
     onnx = _require_onnx()
-    module = (model.net if normalized_io else RawIO(model)).cpu().eval()
+    net = copy.deepcopy(model.net).cpu().train(False)  # a CPU copy: the caller's model stays where it is
+    module = net if normalized_io else RawIO(net, model.normalizer)
     inputs = NORMALIZED_INPUTS if normalized_io else RAW_INPUTS
     # two different example tensors: the exporter would merge identical ones into one input
     examples = (torch.zeros(2, model.obs_dim), torch.ones(2, model.obs_dim))

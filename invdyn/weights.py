@@ -31,7 +31,10 @@ def write_weights(folder: Path, state_dict: dict) -> dict:
     buf = io.BytesIO()  # serialized in memory: a full disk then fails as an OSError, not torch's RuntimeError
     torch.save({"state_dict": state_dict}, buf)
     ckpt = buf.getvalue()
-    tensors = safetensors_torch.save(state_dict, metadata={"format": "pt"})
+    # safetensors stores each tensor's bytes as one block: contiguous, not sharing memory with another
+    tensors = safetensors_torch.save(
+        {k: v.contiguous() for k, v in state_dict.items()}, metadata={"format": "pt"}
+    )
     (folder / CKPT_FILE).write_bytes(ckpt)
     (folder / SAFETENSORS_FILE).write_bytes(tensors)
     return {

@@ -230,3 +230,18 @@ def test_fetch_skips_identical_and_replaces_changed(tmp_path):
     newer = make_model_dir(tmp_path / "v2" / "a-v0", seed=5)
     invdyn.fetch(invdyn.write_bundle(tmp_path / "two.zip", [newer]))
     assert invdyn.load("a-v0").metrics["heldout_mse"] == pytest.approx(5.01)
+
+
+def test_a_pinned_bundle_is_refused_unless_its_sha256_matches(tmp_path):
+    bundle = make_bundle(tmp_path, names=("a-v0",))
+    sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    wrong = "f" * 64
+    with pytest.raises(invdyn.ChecksumError, match=f"not the pinned {wrong}"):
+        invdyn.fetch(bundle, sha256=wrong)
+    with FileServer(tmp_path) as server:
+        with pytest.raises(invdyn.ChecksumError, match=wrong):
+            invdyn.fetch(server.url(bundle.name), sha256=wrong, progress=False)
+        assert not model_cache_dir().exists() or not list(model_cache_dir().glob("a-v0"))
+        assert _leftovers(Path(os.environ["INVDYN_HOME"])) == []
+        assert invdyn.fetch(server.url(bundle.name), sha256=sha.upper(), progress=False) == ["a-v0"]
+    assert invdyn.fetch(bundle, sha256=sha) == ["a-v0"]

@@ -258,6 +258,19 @@ def test_pickle_payload_in_checkpoint_never_runs(good_dir, tmp_path, hostile_cas
     assert not canary.exists()
 
 
+def test_with_safetensors_recorded_the_checkpoint_is_hashed_never_unpickled(good_dir, tmp_path, hostile_case):
+    """A code-running checkpoint beside good safetensors (its checksum recorded): the model loads from
+    model.safetensors and the payload never runs."""
+    hostile_case("checkpoint explicit")
+    d = _copy_dir(good_dir, tmp_path / "m-v0")
+    canary = tmp_path / "pwned"
+    state = torch.load(d / "model.ckpt", weights_only=True)["state_dict"]
+    torch.save({"state_dict": state, "hook": _Canary(str(canary))}, d / "model.ckpt")
+    _rerecord(d)
+    assert _load_ok_or_invdyn_error(d) is not None, "the safetensors weights should load"
+    assert not canary.exists()
+
+
 @pytest.mark.parametrize("kind", ["complex", "int", "nested", "missing_key", "extra_key", "list"])
 def test_state_dict_of_the_wrong_kind(good_dir, tmp_path, hostile_case, kind):
     hostile_case("checkpoint explicit")
