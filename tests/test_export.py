@@ -100,3 +100,22 @@ def test_export_cli_without_a_store_says_what_to_do(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "no MLflow store" in err and "python -m pipeline.pretrain_all" in err
     assert not (tmp_path / "invdyn-out").exists() and not (tmp_path / "x.zip").exists()
+
+
+def test_export_cli_checks_its_arguments_before_any_download(registry, tmp_path, capsys, monkeypatch):
+    db = store.sqlite_path(registry)
+    downloads = []
+    monkeypatch.setattr("pipeline.registry.export.download_version", lambda *a: downloads.append(a))
+    (tmp_path / "folder").mkdir()
+    cases = {
+        str(tmp_path / "missing" / "x.zip"): "does not exist",
+        str(tmp_path / "folder"): "is a folder",
+    }
+    for out, said in cases.items():
+        assert export_main(["--out", out, "--mlflow-uri", registry]) == 2
+        assert said in capsys.readouterr().err
+    assert export_main(["--out", str(tmp_path / "x.zip"), "--alias", "v1", "--mlflow-uri", registry]) == 2
+    assert "not a valid MLflow alias" in capsys.readouterr().err
+    assert export_main(["--out", str(tmp_path / "x.zip"), "--mlflow-uri", f"sqlite:///{db}.nope"]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    assert downloads == [] and not (tmp_path / "x.zip").exists()

@@ -227,3 +227,14 @@ def test_server_down_retry_then_register_from_storage(server, tmp_path):
     again = register_from_storage(job, server.uri)
     assert [r["status"] for r in again] == ["present", "present", "skipped"]
     assert list(_versions(server.uri, store.model_name("sim-a-v0"))) == ["1"]
+
+
+def test_register_cli_checks_its_arguments_first(tmp_path, monkeypatch, capsys):
+    from pipeline.registry.register import main as register_main
+
+    monkeypatch.chdir(tmp_path)  # no store here: the version is refused before the store is looked for
+    assert register_main(["--promote", "sim-hopper-random-v0", "latest"]) == 2
+    assert "the version is a number" in capsys.readouterr().err
+    assert register_main(["--promote", "sim-hopper-random-v0", "1", "--alias", "best one"]) == 2
+    assert "not a valid MLflow alias" in capsys.readouterr().err
+    assert not (tmp_path / "invdyn-out").exists()

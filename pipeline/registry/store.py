@@ -196,6 +196,8 @@ def client(uri: str) -> MlflowClient:
     # MLflow creates / migrates a SQLite DB when a process first opens it; two processes doing that at
     # once break the migration ("Online migration expected to match one row"). One at a time.
     db.parent.mkdir(parents=True, exist_ok=True)
+    # and it says so at INFO on stderr ("Creating initial MLflow database tables..."): routine, not news
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     with FileLock(str(db) + ".lock"):
         mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         mlflow_client.search_experiments(max_results=1)
