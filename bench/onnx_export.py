@@ -51,8 +51,9 @@ def _parity(model, session, obs, nxt, batch: int) -> float:
     return worst
 
 
-def _timings(model, graph: Path, obs, nxt, threads: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds per call of each way, interleaved so that drift on the machine hits all alike."""
+def _timings(model, graph: Path, obs, nxt, threads: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) milliseconds per call of each way, interleaved so that drift on the machine hits all
+    alike; the min is what a quiet machine gives, the median what this one gave."""
     import onnxruntime
     import torch
 
@@ -81,7 +82,7 @@ def _timings(model, graph: Path, obs, nxt, threads: int, repeats: int) -> dict[s
             call()
             if i >= 5:  # the first calls warm caches and allocators
                 times[key].append((time.perf_counter() - t0) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return {k: (float(np.median(v)), float(np.min(v))) for k, v in times.items()}
 
 
 def _machine() -> str:
@@ -120,7 +121,7 @@ def run(args) -> str:
         for threads in sorted({1, os.cpu_count() or 1}):
             ms = _timings(model, graph, obs[: args.batch], nxt[: args.batch], threads, args.repeats)
             rows.append((threads, ms))
-            print(f"threads {threads}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()), flush=True)
+            print(f"threads {threads}: " + ", ".join(f"{k} {v[0]:.3f} ms" for k, v in ms.items()), flush=True)
     arch = model.params.get("architecture", {})
     lines = [
         "# ONNX export: parity with `predict` and CPU speed",
@@ -138,22 +139,28 @@ def run(args) -> str:
         f"Parity on the {len(test)} test transitions ({args.dataset}, episodes split seed {args.test_seed}): "
         f"max |onnxruntime - predict| = {parity:.3g} (target 1e-5: {'met' if parity <= 1e-5 else 'MISSED'}).",
         "",
-        f"Speed, one ({args.batch}, {model.obs_dim}) batch, median of {args.repeats} calls (ms):",
+        f"Speed, one ({args.batch}, {model.obs_dim}) batch, ms per call: median of {args.repeats} calls "
+        "(fastest call):",
         "",
-        "| threads | predict (numpy) | torch eager (tensors) | onnxruntime | onnxruntime / torch eager |",
+        "| threads | predict (numpy) | torch eager (tensors) | onnxruntime "
+        "| onnxruntime / eager: median (fastest) |",
         "|---|---|---|---|---|",
     ]
     for threads, ms in rows:
-        ratio = ms["onnxruntime"] / ms["torch eager (tensors)"]
-        lines.append(
-            f"| {threads} | {ms['predict (numpy)']:.3f} | {ms['torch eager (tensors)']:.3f} | "
-            f"{ms['onnxruntime']:.3f} | {ratio:.2f} |"
+        ratio = [ms["onnxruntime"][i] / ms["torch eager (tensors)"][i] for i in (0, 1)]
+        cells = " | ".join(f"{ms[k][0]:.2f} ({ms[k][1]:.2f})" for k in ms)
+        lines.append(f"| {threads} | {cells} | {ratio[0]:.2f} ({ratio[1]:.2f}) |")
+    lines.append("")
+    for i, what in enumerate(("median", "fastest call")):
+        slower = [str(th) for th, ms in rows if ms["onnxruntime"][i] > ms["torch eager (tensors)"][i]]
+        verdict = (
+            f"slower at {', '.join(slower)} thread(s)" if slower else "at least as fast at every thread count"
         )
-    slower = [th for th, ms in rows if ms["onnxruntime"] > ms["torch eager (tensors)"]]
+        lines.append(f"- By the {what}: onnxruntime is {verdict} (target: at least as fast as eager torch).")
     lines += [
-        "",
-        "Target: onnxruntime at least as fast as eager torch: "
-        + (f"MISSED at {', '.join(map(str, slower))} thread(s)." if slower else "met at every thread count."),
+        "- The machine is shared (load average above): other processes take CPUs during the timing, so the",
+        "  medians carry their noise, most with as many threads as CPUs; the fastest call shows the speed",
+        "  of a quiet moment.",
         "",
     ]
     return "\n".join(lines)
