@@ -111,7 +111,7 @@ def _card(model: PretrainedIDM, proto, inputs, normalized_io: bool) -> dict:
     return {
         "model": model.name,
         "dataset": {k: (params.get("dataset") or {}).get(k) for k in ("name", "sha256")},
-        "weights_sha256": (weights.get("safetensors") or weights).get("sha256"),
+        "weights_sha256": weights.get("sha256"),  # params.json's, the identity the registry records
         "architecture": params.get("architecture") or {"name": "fancy_mlp"},
         "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
         "producer": f"torch {torch.__version__} (torch.onnx, dynamo exporter)",

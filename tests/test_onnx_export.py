@@ -95,7 +95,7 @@ def test_the_card_names_opset_inputs_and_outputs(exported):
     dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", OBS_DIM] and card["inputs"][0]["shape"] == ["batch", OBS_DIM]
     assert card["model"] == model.name and card["normalized_io"] is False
-    assert card["weights_sha256"] == model.params["weights"]["safetensors"]["sha256"]
+    assert card["weights_sha256"] == model.params["weights"]["sha256"]
     assert card["check"]["max_abs_error"] <= 1e-5
     assert not any(p.key.startswith("pkg.torch") for n in graph.graph.node for p in n.metadata_props)
 
