@@ -100,6 +100,11 @@ def test_experiments_open_in_the_model_training_view(tmp_path):
     registry = client.get_experiment_by_name(store.REGISTRY_EXPERIMENT)
     assert client.get_run(result["run_id"]).info.experiment_id == registry.experiment_id
     assert registry.tags[store.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # MLflow 3.x's UI follows its own GenAI / training switch over the tag: the printed link chooses
+    url = "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning"
+    assert store.experiment_url("http://127.0.0.1:5000/", "7") == url
+    assert store.where_to_look("http://127.0.0.1:5000", "7") == url
+    assert f"mlflow ui --backend-store-uri {uri} " in store.where_to_look(uri, "7")
 
 
 def test_artifact_progress_bars_are_off_unless_the_user_turns_them_on(tmp_path, monkeypatch):
