@@ -35,6 +35,7 @@ from .settings import (
     is_offline,
     is_valid_name,
     model_cache_dir,
+    split_jump,
 )
 from .settings import remote as remote_setting
 
@@ -50,13 +51,16 @@ INSTALL_RECORD = ".invdyn-install.json"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
-def load(name: str, *, source=None, device="cpu") -> PretrainedIDM:
+def load(name: str, *, jump: int | None = None, source=None, device="cpu") -> PretrainedIDM:
     """A ready model (eval mode) with its normalizer and metadata.
 
     Looks in, in order: `source` (a model directory, a bundle .zip path or http(s) URL — installed into
     the cache first — or an MLflow `models:/...` URI), the invdyn cache, CleanDiffuser's directory, and
     then installs it from the team remote (`INVDYN_REMOTE` / `invdyn.configure(remote=...)`) when one is set.
+    `jump=k` asks for the model of a_t = I(s_t, s_{t+k}): `load("hopper-medium-v2", jump=4)` is
+    `load("hopper-medium-v2@k4")`.
     """
+    name = _with_jump(name, jump)
     if not is_valid_name(name):
         if isinstance(name, str) and name.startswith(MINARI_ID_PREFIX):
             raise ModelNotFoundError(minari_id_message(name, dataset_model_name(name)))
@@ -75,6 +79,18 @@ def load(name: str, *, source=None, device="cpu") -> PretrainedIDM:
     if remote is not None:
         return _load_from_remote(name, remote, device)
     raise _not_found(name)
+
+
+def _with_jump(name, jump) -> str:
+    """`name` with the jump suffix `jump` asks for; refuses a jump that contradicts the name's own."""
+    if jump is None or not isinstance(name, str):
+        return name
+    if isinstance(jump, bool) or not isinstance(jump, int) or jump < 1:
+        raise ValueError(f"jump must be an integer >= 1, got {jump!r}")
+    base, own = split_jump(name)
+    if own not in (1, jump):
+        raise ValueError(f"{name!r} is the model of jump {own}, but jump={jump} was asked for")
+    return base if jump == 1 else f"{base}@k{jump}"
 
 
 def _load_from_remote(name: str, remote: Remote, device) -> PretrainedIDM:
@@ -381,4 +397,9 @@ def _not_found(name: str, note: str = "") -> ModelNotFoundError:
         tail = (
             " Or set INVDYN_REMOTE to a team's bundle URL or folder of bundles: load then installs from it."
         )
+    base, jump = split_jump(name)
+    if jump > 1:  # the dataset's hints, and the flag that trains its jumpy model
+        hint = how_to_get(name, base).replace(" --export", f" --jumps 1,{jump} --export")
+        hint = f"{name!r} is the jump-{jump} model of {base!r} (a_t = I(s_t, s_{{t+{jump}}})). {hint}"
+        return ModelNotFoundError(f"{msg} {note + ' ' if note else ''}{hint}{tail}")
     return ModelNotFoundError(f"{msg} {note + ' ' if note else ''}{how_to_get(name)}{tail}")

@@ -7,8 +7,12 @@ import os
 import re
 from pathlib import Path
 
-#: a model name is one path component: letters, digits, '.', '_', '-' (D4RL names fit)
+#: a model name is one path component: letters, digits, '.', '_', '-' (D4RL names fit), and a jumpy model's
+#: `@k<k>` suffix (JUMP_RE)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+#: a jumpy model (a_t = I(s_t, s_{t+k}), k > 1) is `<dataset model name>@k<k>`; '@' never occurs in a
+#: dataset's model name, so the suffix cannot be mistaken for part of one
+JUMP_RE = re.compile(r"^(?P<base>.+)@k(?P<k>[1-9][0-9]{0,3})$")
 _TRUE = {"1", "true", "yes"}
 
 
@@ -122,12 +126,37 @@ def crash_once_dataset() -> str:
 
 
 def is_valid_name(name) -> bool:
-    return isinstance(name, str) and bool(NAME_RE.match(name)) and ".." not in name
+    if not isinstance(name, str):
+        return False
+    base, _ = split_jump(name)
+    return bool(NAME_RE.match(base)) and ".." not in base
+
+
+def split_jump(name: str) -> tuple[str, int]:
+    """(the name without its jump suffix, k): `hopper-medium-v2@k4` -> (`hopper-medium-v2`, 4); a name
+    without a suffix (or with `@k1`, which is no jump at all and so never valid) gives k = 1."""
+    m = JUMP_RE.match(name)
+    if m is None or int(m["k"]) < 2:
+        return name, 1
+    return m["base"], int(m["k"])
+
+
+def jump_model_name(dataset: str, jump: int = 1) -> str:
+    """The name of a dataset's model trained with `jump` = k (a_t = I(s_t, s_{t+k})): the dataset's model
+    name for k = 1, `<that>@k<k>` for k > 1. The registry's name is `invdyn-` and this (MLflow allows '@'
+    in a registered model's name; `models:/invdyn-x@k4@champion` still ends in the alias)."""
+    if isinstance(jump, bool) or not isinstance(jump, int) or jump < 1:
+        raise ValueError(f"jump must be an integer >= 1, got {jump!r}")
+    base = dataset_model_name(dataset)
+    return base if jump == 1 else f"{split_jump(base)[0]}@k{jump}"
 
 
 def dataset_model_name(dataset: str) -> str:
     """The one name a dataset's model goes by: its folder in a job's output and in the cache, what
     `invdyn.load` takes, and (after `invdyn-`) its registered-model name. Characters outside
-    [A-Za-z0-9._-] become '-': `minari:door/expert-v0` -> `minari-door-expert-v0`."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(dataset).strip()).strip("-.")
-    return name[:200] or "dataset"
+    [A-Za-z0-9._-] become '-': `minari:door/expert-v0` -> `minari-door-expert-v0`. A jumpy model's name
+    (`<name>@k4`, see `jump_model_name`) is kept as it is, so the name of a model's name is itself."""
+    base, jump = split_jump(str(dataset).strip())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")
+    name = name[:200] or "dataset"
+    return name if jump == 1 else f"{name}@k{jump}"

@@ -127,3 +127,49 @@ def make_transitions(
         qvel=None if qvel is None else np.ascontiguousarray(qvel[idx], np.float64),
         stats=stats,
     )
+
+
+def jump_pairs(t: Transitions, k: int) -> Transitions:
+    """The k-step pairs `(obs[i], act[i], next_obs[i + k - 1])` = (s_t, a_t, s_{t+k}) of every i whose rows
+    i..i+k-1 are consecutive pairs of one episode (`episode_links`). k = 1 returns `t` itself. Episode ids
+    and simulator state stay those of row i; `stats["jump"]` records k."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise DatasetError(f"jump must be an integer >= 1, got {k!r}")
+    if k == 1:
+        return t
+    n = len(t)
+    link = episode_links(t)
+    breaks = np.concatenate([[0], np.cumsum(~link, dtype=np.int64)])  # breaks[j]: broken links before row j
+    start = np.arange(max(n - k + 1, 0))
+    idx = start[breaks[start + k - 1] == breaks[start]]
+    if len(idx) == 0:
+        runs = np.diff(np.flatnonzero(np.concatenate([[True], ~link, [True]]))) if n else np.zeros(1, int)
+        raise DatasetError(
+            f"{t.name}: no episode has {k} consecutive transitions (the longest has {int(runs.max())}); "
+            f"a jump of {k} needs them: use a smaller --jump / --jumps"
+        )
+    stats = {**t.stats, "transitions": int(len(idx)), "jump": int(k)}
+    stats["episodes"] = int(np.unique(t.episode[idx]).shape[0])
+    return Transitions(
+        name=t.name,
+        obs=t.obs[idx],
+        act=t.act[idx],
+        next_obs=t.next_obs[idx + k - 1],
+        episode=t.episode[idx],
+        qpos=None if t.qpos is None else t.qpos[idx],
+        qvel=None if t.qvel is None else t.qvel[idx],
+        stats=stats,
+    )
+
+
+def episode_links(t: Transitions) -> np.ndarray:
+    """link[j] (length N - 1): row j + 1 continues row j's pair. Rows of one episode are in order, but a
+    row dropped as non-finite leaves a gap the episode id does not show. Where the data shows its chain
+    (most pairs' next observation is the following row's observation) a broken link is such a gap; data
+    whose next observations were stored apart from the rows (no chain to see) has only its episode ids."""
+    same = t.episode[1:] == t.episode[:-1]
+    # a tolerance far below any real step: files that wrote next_observations separately differ by float noise
+    chained = np.isclose(t.next_obs[:-1], t.obs[1:], rtol=1e-5, atol=1e-6).all(1)
+    if not same.any() or chained[same].mean() < 0.5:
+        return same
+    return same & chained

@@ -63,6 +63,9 @@ class TrainConfig:
     val_fraction: float = _option(0.2, "share of episodes (or transitions) held out")
     keep: str = _option("best", "weights to save: best on validation or last (CleanDiffuser)", KEEPS)
     seed: int = _option(0, "seed of the split, the initial weights and the batches")
+    jump: int = _option(
+        1, "k: learn a_t from (s_t, s_{t+k}), pairs k steps apart within an episode; 1 = the one-step IDM"
+    )
     precision: str = _option(
         "auto", "training-step precision; auto = bf16 on a CPU with native bf16, else fp32", PRECISIONS
     )
@@ -106,7 +109,7 @@ class TrainConfig:
             raise TrainConfigError(f"fp32_input_layer must be true or false, got {self.fp32_input_layer!r}")
 
     def _check_counts(self) -> None:
-        for key in ("hidden_dim", "batch_size", "max_epochs", "eval_every", "threads"):
+        for key in ("hidden_dim", "batch_size", "max_epochs", "eval_every", "threads", "jump"):
             value = getattr(self, key)
             if value is None and key in ("eval_every", "threads"):
                 continue

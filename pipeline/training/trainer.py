@@ -34,7 +34,8 @@ from invdyn.errors import InvdynError
 from invdyn.model_dir import save_model_dir
 from invdyn.models import ARCHITECTURES, build_model
 from invdyn.normalizer import GaussianNormalizer
-from pipeline.data.transitions import Transitions
+from invdyn.settings import jump_model_name
+from pipeline.data.transitions import Transitions, jump_pairs
 from pipeline.training.config import TrainConfig, TrainConfigError
 from pipeline.training.figures import card_figures
 from pipeline.training.machine import (
@@ -194,6 +195,8 @@ def train(
     started = time.perf_counter()
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    config.validate()
+    transitions = jump_pairs(transitions, config.jump)  # k = 1: the very same pairs (the object itself)
     train_idx, val_idx = _checked_split(transitions, config)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -226,7 +229,9 @@ def train(
         "torch": torch.__version__,
         "steps_per_epoch": stats["steps_per_epoch"],
     }
-    name = dataset_name or transitions.name
+    name = dataset_name or (
+        jump_model_name(transitions.name, config.jump) if config.jump > 1 else transitions.name
+    )
     dataset = {
         "name": name,
         "sha256": transitions.sha256,
@@ -245,7 +250,7 @@ def train(
         metrics=metrics,
         training={**config.to_dict(), "resolved": resolved, "split_info": split_info},
         learning_curve=curve,
-        extra={"heldout_per_dim": {"r2": r2}},
+        extra={"heldout_per_dim": {"r2": r2}, "jump": config.jump},
         files=card_figures(curve, r2, name) if figures else None,
     )
     return TrainResult(Path(model_dir), metrics, curve, config, split_info)

@@ -1,0 +1,162 @@
+"""Jumpy IDMs (a_t = I(s_t, s_{t+k})): the k-step pairs, the name rule, training, saving and loading."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import invdyn
+from invdyn.bundle import write_bundle
+from invdyn.errors import ModelNotFoundError
+from invdyn.settings import dataset_model_name, is_valid_name, jump_model_name, split_jump
+from pipeline.data.catalog import DatasetError
+from pipeline.data.sources import load_transitions
+from pipeline.data.transitions import Transitions, jump_pairs
+from pipeline.training.config import TrainConfig, TrainConfigError
+from pipeline.training.split import split_from_training
+from pipeline.training.trainer import train
+from tests.conftest import write_d4rl_file
+from tests.test_trainer import linear_transitions, small
+
+
+def _hand_built(data: dict, k: int) -> list[tuple]:
+    """(episode, step of s_t, step of s_{t+k}) for every k-step pair inside one episode, by counting."""
+    out, start = [], 0
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"])
+    for end in ends:
+        for t in range(start, end + 1 - k + 1):  # rows start..end are the episode's pairs (next_obs kept)
+            out.append(
+                (data["observations"][t, 0], data["observations"][t, 1], data["observations"][t, 1] + k)
+            )
+        start = end + 1
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 7])
+def test_k_step_pairs_equal_the_hand_built_ones_and_never_cross_an_episode(tmp_path, k):
+    path = tmp_path / "rows.hdf5"
+    data = write_d4rl_file(path, episodes=(5, 7, 4, 9))
+    t = jump_pairs(load_transitions(str(path)), k)
+    got = [(o[0], o[1], n[1]) for o, n in zip(t.obs, t.next_obs, strict=True)]
+    assert got == _hand_built(data, k)
+    assert (t.next_obs[:, 0] == t.obs[:, 0]).all()  # the same episode ...
+    assert (t.next_obs[:, 1] == t.obs[:, 1] + k).all()  # ... k steps later
+    assert t.stats["transitions"] == len(t) == sum(max(n - k + 1, 0) for n in (5, 7, 4, 9))
+
+
+def test_a_gap_inside_an_episode_breaks_the_chain():
+    t = linear_transitions(episodes=2, length=6)
+    t.next_obs[:] = np.roll(t.obs, -1, axis=0)  # a chained file: next_obs[i] is obs[i + 1]
+    t.next_obs[2] += 1.0  # row 2 no longer leads to row 3 (as when a non-finite row was dropped)
+    rows = [int(np.flatnonzero((t.obs == o).all(1))[0]) for o in jump_pairs(t, 2).obs]
+    # episode 0 (rows 0..5): no 2-step pair starts at row 2 (its chain breaks) or 5 (the episode ends)
+    assert rows == [0, 1, 3, 4, 6, 7, 8, 9, 10]
+
+
+def test_refuses_a_jump_longer_than_every_episode_and_a_jump_below_one(tmp_path):
+    path = tmp_path / "short.hdf5"
+    write_d4rl_file(path, episodes=(3, 4))
+    t = load_transitions(str(path))
+    with pytest.raises(DatasetError, match=r"no episode has 5 consecutive transitions \(the longest has 4\)"):
+        jump_pairs(t, 5)
+    with pytest.raises(TrainConfigError, match="jump must be a positive integer"):
+        train(t, small(jump=0), tmp_path / "m")
+    with pytest.raises(DatasetError, match="use a smaller --jump"):
+        train(t, small(jump=5, batch_size=2), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_name_rule():
+    assert jump_model_name("sim-hopper-random-v0") == "sim-hopper-random-v0"
+    assert jump_model_name("sim-hopper-random-v0", 4) == "sim-hopper-random-v0@k4"
+    assert jump_model_name("minari:door/expert-v0", 3) == "minari-door-expert-v0@k3"
+    # the name of a model's name is itself: the registry's store.model_name(record dataset) keeps the jump
+    assert dataset_model_name("sim-hopper-random-v0@k4") == "sim-hopper-random-v0@k4"
+    assert split_jump("hopper-medium-v2@k12") == ("hopper-medium-v2", 12)
+    assert is_valid_name("hopper-medium-v2@k4")
+    for bad in ("hopper@k1", "hopper@k0", "hopper@k04", "@k4", "../x@k4", "a@k4@k4", "a@b"):
+        assert not is_valid_name(bad), bad
+    with pytest.raises(ValueError, match="jump must be an integer >= 1"):
+        jump_model_name("x", 0)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_jump_1_is_the_one_step_model_bit_for_bit(tmp_path):
+    """A config written before `jump` existed (an old ledger's) and jump=1 give the same weights."""
+    data = linear_transitions()
+    assert jump_pairs(data, 1) is data
+    old = {k: v for k, v in small(seed=3).to_dict().items() if k != "jump"}
+    runs = [
+        train(data, cfg, tmp_path / str(i), figures=False)
+        for i, cfg in enumerate([old, small(seed=3, jump=1)])
+    ]
+    w = [torch.load(r.model_dir / "model.ckpt", weights_only=True)["state_dict"] for r in runs]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    assert runs[0].metrics["heldout_mse"] == runs[1].metrics["heldout_mse"]
+    assert json.loads((runs[1].model_dir / "params.json").read_text())["jump"] == 1
+
+
+def _chained(episodes=12, length=40, obs_dim=4, act_dim=2, seed=0) -> Transitions:
+    """s_{t+1} = s_t + B a_t: a chained dataset where (s_t, s_{t+k}) still tells a_t apart from noise."""
+    rng = np.random.default_rng(seed)
+    b = rng.normal(size=(act_dim, obs_dim)).astype(np.float32)
+    obs, act, nxt, ep = [], [], [], []
+    for e in range(episodes):
+        s = rng.normal(size=obs_dim).astype(np.float32)
+        for _ in range(length):
+            a = rng.uniform(-0.9, 0.9, size=act_dim).astype(np.float32)
+            obs.append(s), act.append(a), ep.append(e)
+            s = s + a @ b
+            nxt.append(s)
+    arr = [np.asarray(x, np.float32) for x in (obs, act, nxt)]
+    return Transitions("chained-v0", *arr, np.asarray(ep, np.int64), stats={"sha256": "1" * 64})
+
+
+def test_k4_model_trains_saves_records_its_jump_and_loads_by_jump(tmp_path):
+    data = _chained()
+    result = train(data, small(jump=4, max_epochs=2), tmp_path / "m")
+    params = json.loads((result.model_dir / "params.json").read_text())
+    assert params["name"] == "chained-v0@k4"
+    assert params["jump"] == 4 and params["training"]["jump"] == 4
+    assert params["dataset"]["transitions"] == 12 * (40 - 3)
+    # the split is by episode, re-created from params.json on the same k-step pairs
+    pairs = jump_pairs(data, 4)
+    train_idx, val_idx = split_from_training(pairs, params["training"])
+    assert not set(pairs.episode[train_idx]) & set(pairs.episode[val_idx])
+
+    model = invdyn.load("chained-v0", jump=4, source=result.model_dir)
+    assert model.name == "chained-v0@k4" and model.params["jump"] == 4
+    pred = model.predict(pairs.obs[val_idx], pairs.next_obs[val_idx])
+    mse = float(((pred - pairs.act[val_idx]) ** 2).mean())
+    assert mse == pytest.approx(result.metrics["heldout_mse"], rel=1e-4)
+
+    # from a bundle into the cache, then by name alone, either way of asking
+    bundle = write_bundle(tmp_path / "b.zip", {"chained-v0@k4": result.model_dir})
+    invdyn.fetch(bundle)
+    assert invdyn.load("chained-v0", jump=4).params["jump"] == 4
+    assert invdyn.load("chained-v0@k4").name == "chained-v0@k4"
+    with pytest.raises(ValueError, match="is the model of jump 4, but jump=2"):
+        invdyn.load("chained-v0@k4", jump=2)
+
+
+def test_a_missing_jumpy_model_says_which_command_trains_it():
+    with pytest.raises(ModelNotFoundError) as e:
+        invdyn.load("sim-hopper-random-v0", jump=4)
+    assert "pretrain_all --datasets sim-hopper-random-v0 --jumps 1,4" in str(e.value)
+
+
+def test_pipeline_train_jump_flag_names_the_model(tmp_path):
+    from pipeline.training.cli import main
+
+    path = tmp_path / "rows.hdf5"
+    write_d4rl_file(path, episodes=(30, 30, 30, 30))
+    argv = ["--dataset", str(path), "--out", str(tmp_path / "m"), "--jump", "3", "--quiet"]
+    assert (
+        main([*argv, "--max-epochs", "1", "--batch-size", "8", "--hidden-dim", "16", "--threads", "1"]) == 0
+    )
+    params = json.loads((tmp_path / "m" / "params.json").read_text())
+    assert params["name"] == "rows@k3" and params["training"]["jump"] == 3
+    assert TrainConfig().jump == 1
