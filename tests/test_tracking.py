@@ -78,8 +78,10 @@ def test_experiments_open_in_the_model_training_view(tmp_path):
     uri = store.default_uri(tmp_path / "out")
     client = store.client(uri)
     kind = lambda exp_id: client.get_experiment(exp_id).tags.get(store.EXPERIMENT_KIND_TAG)  # noqa: E731
+    assert kind("0") is None  # MLflow's own "Default", made with the SQLite store
     made = store.get_experiment_id(client, uri, "job-new")
     assert kind(made) == "custom_model_development"
+    assert kind("0") == "custom_model_development"  # in a store of ours, every experiment opens the same way
     older = client.create_experiment("job-old")  # made before the pipeline tagged experiments
     assert kind(older) is None
     assert (

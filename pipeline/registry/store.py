@@ -254,6 +254,8 @@ def retry(what: str, fn, *, attempts: int | None = None, first_delay: float = 1.
 def get_experiment_id(mlflow_client: MlflowClient, uri: str, name: str) -> str:
     """The id of experiment `name`, created (race-safely) with its artifacts beside a SQLite store and
     tagged as a model-training experiment (an existing one lacking the tag gets it)."""
+    if sqlite_path(uri) is not None:
+        _tag_default_experiment(mlflow_client)
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage != "active":
@@ -271,6 +273,14 @@ def get_experiment_id(mlflow_client: MlflowClient, uri: str, name: str) -> str:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return get_experiment_id(mlflow_client, uri, name)
+
+
+def _tag_default_experiment(mlflow_client: MlflowClient) -> None:
+    """A SQLite store gets MLflow's own "Default" experiment when it is made; in a store of ours it is
+    tagged like the job's, so every experiment there opens in the model-training view."""
+    default = mlflow_client.get_experiment("0")
+    if default.lifecycle_stage == "active" and default.tags.get(EXPERIMENT_KIND_TAG) is None:
+        mlflow_client.set_experiment_tag("0", EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def check_alias(alias: str) -> str:
