@@ -10,6 +10,7 @@ import torch
 
 from . import __version__
 from ._files import atomic_dir, write_json
+from .ensemble import ENSEMBLE_KEY, card_lines, read_members
 from .errors import FormatError, ModelNotFoundError, ShapeError
 from .models import ARCHITECTURES, FancyMlpInvDynamic, build_model
 from .normalizer import GaussianNormalizer
@@ -162,7 +163,9 @@ def read_model_dir(model_dir, device="cpu") -> PretrainedIDM:
     normalizer = GaussianNormalizer.from_dict(params["normalizers"]["state"])
     card_path = model_dir / CARD_FILE
     card = card_path.read_text() if card_path.exists() else model_card(params, card_figures(model_dir))
-    return PretrainedIDM(net, normalizer, params, card=card, path=model_dir)
+    loaded = PretrainedIDM(net, normalizer, params, card=card, path=model_dir)
+    # member 0 is this directory's own model, so CleanDiffuser reads it; the others sit beside it
+    return read_members(model_dir, params, loaded, device) if ENSEMBLE_KEY in params else loaded
 
 
 def from_pretrained(cls, env_name: str):
@@ -236,6 +239,7 @@ def model_card(params: dict, figures=()) -> str:
         lines.append("not trained by invdyn (no metrics recorded)")
     for fname in figures:
         lines += ["", f"![{FIGURES.get(fname, fname)}]({fname})"]
+    lines += card_lines(params)
     lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted({**params.get("config", {}), **arch}.items())]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(training.items()) if not isinstance(v, (dict, list))]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import InvdynError
 from .normalizer import GaussianNormalizer
 
 
@@ -59,13 +60,16 @@ class PretrainedIDM(nn.Module):
         return self.net(obs, next_obs)
 
     @torch.no_grad()
-    def predict_normalized(self, obs, next_obs, *, normalizer=None):
+    def predict_normalized(self, obs, next_obs, *, normalizer=None, return_std: bool = False):
         """The network's output for observations already normalized (exactly CleanDiffuser's `predict`).
 
         `normalizer`: the planner's normalizer that made them (see `GaussianNormalizer.check` for the kinds
         accepted): its states are unnormalized with it and normalized with the model's, so a planner
         trained with other statistics or a CDF normalization feeds the model what it was trained on.
+        `return_std` needs an ensemble (`EnsembleIDM`); a single model raises.
         """
+        if return_std:
+            _needs_ensemble("predict(..., return_std=True)")
         if normalizer is not None:
             from .planner_norms import to_raw
 
@@ -73,18 +77,32 @@ class PretrainedIDM(nn.Module):
         return self.net.predict(obs, next_obs)
 
     @torch.no_grad()
-    def predict(self, obs, next_obs):
-        """Actions for raw observations: normalized with the dataset's mean/std, then the network."""
+    def predict(self, obs, next_obs, *, return_std: bool = False):
+        """Actions for raw observations: normalized with the dataset's mean/std, then the network.
+        An ensemble's `return_std=True` gives (mean, std per action dimension)."""
         if not isinstance(obs, torch.Tensor):
             obs = np.asarray(obs, dtype=np.float32)
         if not isinstance(next_obs, torch.Tensor):
             next_obs = np.asarray(next_obs, dtype=np.float32)
         self.net.check_input(obs, "obs")  # clear error on a wrong last dimension before normalizing
         self.net.check_input(next_obs, "next_obs")
-        return self.predict_normalized(self.normalizer.normalize(obs), self.normalizer.normalize(next_obs))
+        obs_n, next_n = self.normalizer.normalize(obs), self.normalizer.normalize(next_obs)
+        return self.predict_normalized(obs_n, next_n, return_std=return_std)
+
+    def feasibility(self, obs, next_obs):
+        """One plausibility score per pair: an ensemble's (`EnsembleIDM.feasibility`); a single model
+        raises."""
+        _needs_ensemble("feasibility(obs, next_obs)")
 
     def __repr__(self) -> str:
         return (
             f"PretrainedIDM(name={self.name!r}, obs_dim={self.obs_dim}, act_dim={self.act_dim}, "
             f"source={self.source!r})"
         )
+
+
+def _needs_ensemble(what: str):
+    raise InvdynError(
+        f"{what} needs an ensemble, and this is a single model: load an ensemble directory (one made by "
+        "`python -m pipeline.train --ensemble K` or `python -m pipeline.pretrain_all --ensemble K`)"
+    )

@@ -1,0 +1,216 @@
+"""An ensemble of K members in one model directory: member 0 is the directory's own model (what CleanDiffuser
+reads), the others are `member-<i>.safetensors` beside it; predictions are the mean, the spread is the std."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import FormatError, ShapeError
+from .models import ARCHITECTURES, build_model
+from .pretrained import PretrainedIDM
+from .weights import SAFETENSORS_FILE, _read_verified, _safetensors
+
+#: params.json's "ensemble": {"members": [{"weights": {"file", "sha256"}, "architecture": {...}, "config":
+#: {...}, "seed", "metrics": {...}}, ...], "spread_ref": [per action dim] | null}; members[0] is the
+#: directory's own model (its "weights" is params.json's "weights.safetensors"). "uncertainty": {...} holds
+#: what was measured on held-out episodes (see card_lines).
+ENSEMBLE_KEY = "ensemble"
+UNCERTAINTY_KEY = "uncertainty"
+
+
+def member_file(index: int) -> str:
+    return f"member-{index}.safetensors"
+
+
+class EnsembleIDM(PretrainedIDM):
+    """What `invdyn.load` returns for an ensemble directory: `predict` is the members' mean,
+    `predict(..., return_std=True)` gives (mean, std), `feasibility` one plausibility score per pair."""
+
+    def __init__(self, nets, normalizer, params: dict, card: str = "", path=None, source=None):
+        super().__init__(nets[0], normalizer, params, card=card, path=path, source=source)
+        self.members = nn.ModuleList(list(nets)).eval()
+        ref = (params.get(ENSEMBLE_KEY) or {}).get("spread_ref")
+        # per-dimension spread typical of real pairs: the score weighs each action dimension alike
+        self.spread_ref = np.asarray(ref if ref else np.ones(self.act_dim), dtype=np.float64)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @torch.no_grad()
+    def predict_normalized(self, obs, next_obs, *, normalizer=None, return_std: bool = False):
+        """The members' mean for normalized observations; with `return_std`, (mean, std per action dim)."""
+        if normalizer is not None:
+            from .planner_norms import to_raw
+
+            return self.predict(to_raw(normalizer, obs), to_raw(normalizer, next_obs), return_std=return_std)
+        outs = [net.predict(obs, next_obs) for net in self.members]
+        if isinstance(outs[0], torch.Tensor):
+            stacked = torch.stack(outs)
+            mean, std = stacked.mean(0), stacked.std(0, unbiased=False)
+        else:
+            stacked = np.stack(outs)
+            mean, std = stacked.mean(0), stacked.std(0)
+        return (mean, std) if return_std else mean
+
+    @torch.no_grad()
+    def feasibility(self, obs, next_obs):
+        """One score per (obs, next_obs) pair of raw observations, any leading shape: minus the members'
+        spread (each dimension divided by its typical spread on real pairs), averaged over action dims.
+        Higher = more plausible; real transitions score near -1, infeasible ones lower."""
+        _, std = self.predict(obs, next_obs, return_std=True)
+        if isinstance(std, torch.Tensor):
+            ref = torch.as_tensor(self.spread_ref, dtype=std.dtype, device=std.device)
+            return -(std / ref).mean(-1)
+        return -(std / self.spread_ref).mean(-1).astype(np.float32)
+
+    def __repr__(self) -> str:
+        return (
+            f"EnsembleIDM(name={self.name!r}, members={self.size}, obs_dim={self.obs_dim}, "
+            f"act_dim={self.act_dim}, source={self.source!r})"
+        )
+
+
+def check_compatible(members: list[PretrainedIDM], names: list) -> None:
+    """Raise FormatError naming the member unless all have member 0's dims, normalizer and dataset."""
+    if len(members) < 2:
+        raise FormatError(f"an ensemble needs at least 2 members, got {len(members)}")
+    first = members[0]
+    sha = (first.params.get("dataset") or {}).get("sha256")
+    for model, name in zip(members[1:], names[1:], strict=True):
+        if (model.obs_dim, model.act_dim) != (first.obs_dim, first.act_dim):
+            raise ShapeError(
+                f"ensemble member {name}: obs_dim/act_dim {model.obs_dim}/{model.act_dim} differ from "
+                f"{names[0]}'s {first.obs_dim}/{first.act_dim}; members must be trained on the same data"
+            )
+        same = np.allclose(
+            model.normalizer.mean, first.normalizer.mean, rtol=1e-6, atol=1e-7
+        ) and np.allclose(model.normalizer.std, first.normalizer.std, rtol=1e-6, atol=1e-7)
+        if not same:
+            raise FormatError(
+                f"ensemble member {name}: its normalizer differs from {names[0]}'s; all members must share "
+                "one normalizer (train them on the same dataset)"
+            )
+        other = (model.params.get("dataset") or {}).get("sha256")
+        if sha and other and other != sha:
+            raise FormatError(
+                f"ensemble member {name}: dataset sha256 {other[:12]} differs from {names[0]}'s {sha[:12]}; "
+                "members must be trained on the same data"
+            )
+
+
+def write_member(folder: Path, index: int, model: PretrainedIDM) -> dict:
+    """Write member `index`'s weights (safetensors only: CleanDiffuser reads member 0) and return its
+    params.json entry; member 0's entry points at the directory's own weights, written elsewhere."""
+    net = model.net
+    entry = {
+        "architecture": {"name": net.arch_name, **net.options},
+        "config": net.config,
+        "seed": (model.params.get("training") or {}).get("seed"),
+        "metrics": {
+            k: v for k, v in (model.params.get("metrics") or {}).items() if not isinstance(v, (dict, list))
+        },
+    }
+    if index == 0:
+        return {"weights": dict(model.params["weights"]["safetensors"]), **entry}
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    data = _safetensors().save(state, metadata={"format": "pt"})
+    (folder / member_file(index)).write_bytes(data)
+    return {"weights": {"file": member_file(index), "sha256": hashlib.sha256(data).hexdigest()}, **entry}
+
+
+def read_members(model_dir: Path, params: dict, first: PretrainedIDM, device="cpu") -> EnsembleIDM:
+    """The ensemble of a directory whose params.json has "ensemble"; each member's weights are checked
+    against their sha256 before they are parsed."""
+    where = Path(model_dir) / "params.json"
+    members = (
+        (params.get(ENSEMBLE_KEY) or {}).get("members")
+        if isinstance(params.get(ENSEMBLE_KEY), dict)
+        else None
+    )
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+        raise FormatError(f"{where}: 'ensemble.members' must be a list of at least 2 member objects")
+    own = (params.get("weights") or {}).get("safetensors") or {}
+    if (members[0].get("weights") or {}).get("file") != own.get("file", SAFETENSORS_FILE):
+        raise FormatError(
+            f"{where}: 'ensemble.members[0]' must be the directory's own model ({SAFETENSORS_FILE})"
+        )
+    nets = [first.net]
+    for i, member in enumerate(members[1:], 1):
+        net = _read_member(Path(model_dir), member, f"{where}: 'ensemble.members[{i}]'")
+        if (net.obs_dim, net.act_dim) != (first.obs_dim, first.act_dim):
+            raise ShapeError(
+                f"{where}: 'ensemble.members[{i}]' has obs_dim/act_dim {net.obs_dim}/{net.act_dim}, member 0 "
+                f"{first.obs_dim}/{first.act_dim}; every member must fit the same data"
+            )
+        nets.append(net.eval().to(device))
+    return EnsembleIDM(nets, first.normalizer, params, card=first.card, path=first.path)
+
+
+def _read_member(model_dir: Path, member: dict, where: str) -> nn.Module:
+    weights, arch, config = member.get("weights"), member.get("architecture"), member.get("config")
+    if not isinstance(weights, dict) or not isinstance(weights.get("file"), str) or not weights.get("sha256"):
+        raise FormatError(f'{where}: \'weights\' must be {{"file": name, "sha256": hex}}')
+    if Path(weights["file"]).name != weights["file"] or not weights["file"].endswith(".safetensors"):
+        raise FormatError(f"{where}: 'weights.file' must be a plain *.safetensors file name")
+    if not isinstance(arch, dict) or arch.get("name") not in ARCHITECTURES or not isinstance(config, dict):
+        raise FormatError(
+            f"{where}: needs 'architecture' (a known name) and 'config' (constructor arguments)"
+        )
+    options = {k: v for k, v in arch.items() if k != "name"}
+    try:
+        with torch.device("meta"):  # shapes only: a crafted config cannot exhaust memory
+            shapes = build_model(arch["name"], config, options)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise FormatError(f"{where}: 'config' does not build a {arch['name']} model: {e}") from None
+    path = model_dir / weights["file"]
+    data = _read_verified(path, weights["sha256"])
+    try:
+        state = _safetensors().load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on bad bytes
+        raise FormatError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    expected = {k: tuple(v.shape) for k, v in shapes.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        wrong = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+        raise ShapeError(f"{path}: weights do not fit {where}'s config (keys/shapes differ: {wrong[:5]})")
+    net = build_model(arch["name"], config, options)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise FormatError(f"{path}: weights cannot be loaded into the model ({e})") from None
+    return net
+
+
+def card_lines(params: dict) -> list[str]:
+    """The card's "Ensemble" and "Uncertainty" sections (none for a single model)."""
+    ens = params.get(ENSEMBLE_KEY)
+    if not isinstance(ens, dict) or not isinstance(ens.get("members"), list):
+        return []
+    lines = ["", "## Ensemble", "", f"{len(ens['members'])} members; `predict` is their mean.", ""]
+    lines += ["| member | weights | seed | heldout_mse |", "|---|---|---|---|"]
+    for i, m in enumerate(ens["members"]):
+        if isinstance(m, dict):
+            mse = (m.get("metrics") or {}).get("heldout_mse")
+            mse = f"{mse:.6g}" if isinstance(mse, float) else "-"
+            lines.append(f"| {i} | `{(m.get('weights') or {}).get('file')}` | {m.get('seed')} | {mse} |")
+    unc = params.get(UNCERTAINTY_KEY)
+    if isinstance(unc, dict) and unc:
+        lines += [
+            "",
+            "## Uncertainty",
+            "",
+            str(unc.get("protocol", "")),
+            "",
+            "| measure | value |",
+            "|---|---|",
+        ]
+        for k, v in unc.items():
+            if k != "protocol" and not isinstance(v, (dict, list)):
+                lines.append(f"| {k} | {f'{v:.4g}' if isinstance(v, float) else v} |")
+    return lines
