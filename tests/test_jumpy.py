@@ -160,3 +160,15 @@ def test_pipeline_train_jump_flag_names_the_model(tmp_path):
     params = json.loads((tmp_path / "m" / "params.json").read_text())
     assert params["name"] == "rows@k3" and params["training"]["jump"] == 3
     assert TrainConfig().jump == 1
+
+
+def test_evaluate_scores_a_jumpy_model_on_its_own_k_step_pairs(tmp_path):
+    from pipeline.quality.evaluate import evaluate
+
+    data = _chained()
+    result = train(data, small(jump=3, max_epochs=1), tmp_path / "m", figures=False)
+    ev = evaluate(invdyn.read_model_dir(result.model_dir), data)
+    assert ev["heldout_mse"] == pytest.approx(result.metrics["heldout_mse"], rel=1e-4)
+    assert ev["heldout_transitions"] == result.split["val_transitions"]
+    assert ev["one_step_error"] is None and ev["tracking_drift"] is None
+    assert ev["physics_reason"].startswith("jump 3: ")

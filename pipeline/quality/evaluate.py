@@ -21,6 +21,7 @@ import numpy as np
 
 from invdyn.errors import InvdynError, ShapeError
 from invdyn.settings import dataset_model_name
+from pipeline.data.transitions import jump_pairs
 from pipeline.dataclass_cli import add_options, from_namespace
 from pipeline.quality.metrics import HEADLINE, fmt_number
 
@@ -112,6 +113,8 @@ def evaluate(
     from pipeline.sim.physics import physics_metrics
 
     check_dims(model, transitions)
+    jump = model_jump(model.params)
+    transitions = jump_pairs(transitions, jump)  # the (s_t, s_{t+k}) pairs it learned; k = 1: as they are
     if horizon < 1:
         raise EvaluationError(f"--horizon must be >= 1, got {horizon}")
     train, held, held_desc = rows if rows is not None else heldout_rows(transitions, model.params)
@@ -136,7 +139,10 @@ def evaluate(
             predict(transitions.obs[held], transitions.next_obs[held]), act[held], mean_action, act_var
         ),
     }
-    if physics:
+    if physics and jump > 1:
+        reason = f"jump {jump}: the one-step and tracking metrics replay one step (k = 1 models only)"
+        result.update({k: None for k in HEADLINE[3:]}, physics_reason=reason)
+    elif physics:
         allowed = np.zeros(len(transitions), dtype=bool)
         allowed[held] = True
         result.update(
@@ -156,6 +162,12 @@ def evaluate(
     else:
         result.update({k: None for k in HEADLINE[3:]}, physics_reason="physics not requested")
     return _finite(result)
+
+
+def model_jump(params: dict) -> int:
+    """k of a model of a_t = I(s_t, s_{t+k}) (params.json "jump", or its training's); 1 when unrecorded."""
+    params = params or {}
+    return int(params.get("jump") or (params.get("training") or {}).get("jump") or 1)
 
 
 def _finite(obj):
