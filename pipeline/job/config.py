@@ -53,6 +53,11 @@ class JobConfig:
     storage_path: str | None = _flag(
         None, "checkpoints and Tune state: a local dir, NFS or s3:// (default: DIR/ray)"
     )
+    jumps: str = _flag(
+        "1",
+        "comma-separated k: train a_t = I(s_t, s_{t+k}) models; each k > 1 is its own model <name>@k<k>",
+        metavar="K,K",
+    )
     resume: bool = _flag(False, "skip trials DIR/trials/ records as finished")
     out: str = _flag(DEFAULT_OUT, "output directory")
     download: bool = _flag(False, "download missing D4RL files")
@@ -89,6 +94,12 @@ class JobConfig:
         "with a physics --select-by: evaluate the best K trials by held-out MSE (0: all)",
         metavar="K",
     )
+    ensemble: int = _flag(
+        1,
+        "K > 1: each dataset's model is an ensemble of its K best finished trials by the ranking rule (the "
+        "selected one first); e.g. --search-space '{\"seed\": [0,1,2,3,4]}' gives seed members",
+        metavar="K",
+    )
     # the base training config of every trial (the TRAIN_FLAGS set; a search point overrides it)
     train: TrainConfig = field(default_factory=TrainConfig)
     # sample sizes of the evaluation (flags --eval-horizon, --eval-starts, --eval-samples)
@@ -99,6 +110,8 @@ class JobConfig:
         if self.select_by != DEFAULT_METRIC and not self.evaluate:
             raise JobConfigError(f"--select-by {self.select_by} needs the evaluation: drop --no-evaluate")
         ev = self.evaluation
+        if self.ensemble < 1:
+            raise JobConfigError(f"--ensemble must be >= 1 (1: a single model), got {self.ensemble}")
         if self.select_top < 0 or min(ev.horizon, ev.starts, ev.samples) < 1:
             raise JobConfigError(
                 "--select-top must be >= 0 and --eval-horizon, --eval-starts, --eval-samples >= 1"

@@ -26,13 +26,13 @@ from pipeline.job.config import TRAIN_FLAGS, JobConfig, JobConfigError
 from pipeline.job.outputs import Ledger
 from pipeline.job.records import DatasetRecord, PreparedDataset
 from pipeline.job.trial_worker import CrashOnce
-from pipeline.job.trials import TrialRun, make_trials, run_tune
+from pipeline.job.trials import TrialRun, make_trials, parse_jumps, run_tune, with_jumps
 from pipeline.quality.evaluate import EvalConfig
 from pipeline.training import search
 from pipeline.training.config import TrainConfig
 
 #: the flags of the "evaluation and selection" group (their help names pipeline.job.selection)
-SELECTION_FLAGS = ("evaluate", "select_by", "select_top")
+SELECTION_FLAGS = ("evaluate", "select_by", "select_top", "ensemble")
 
 
 def parse_args(argv=None) -> JobConfig:
@@ -53,6 +53,7 @@ def parse_args(argv=None) -> JobConfig:
     )
     try:
         job.validate()
+        parse_jumps(job.jumps)
     except JobConfigError as e:
         ap.error(str(e))
     return job
@@ -96,6 +97,7 @@ def run(job: JobConfig, out: Path, started: float) -> int:
     started_ray = placement.connect(num_cpus=job.num_cpus, log_to_driver=job.verbose >= 2)
     try:
         ready, failed = prepare_datasets(specs, download=job.download, keep_state=job.evaluate)
+        ready = with_jumps(ready, parse_jumps(job.jumps))
         trials = make_trials(ready, points, job.train)
         done = Ledger(out).done() if job.resume else {}
         todo = [t for t in trials if t.key not in done]
@@ -131,8 +133,13 @@ def run(job: JobConfig, out: Path, started: float) -> int:
             top=job.select_top,
             eval_config=job.evaluation,
             num_cpus=pl.cpus,  # an evaluation task holds a trial's CPUs
+            ensemble=job.ensemble,
         )
-        records = selection.collect(out, specs, ready, failed, trials, errors, state["job"], opts)
+        records = []
+        for i, k in enumerate(parse_jumps(job.jumps)):  # collect takes one model per dataset spec
+            of_k = {n: d for n, d in ready.items() if d.jump == k}
+            failed_k = failed if i == 0 else []
+            records += selection.collect(out, specs, of_k, failed_k, trials, errors, state["job"], opts)
     finally:
         if started_ray:
             import ray

@@ -59,6 +59,7 @@ class Options:
     top: int = DEFAULT_TOP  # candidates of a physics metric, best by held-out MSE first; 0: all
     eval_config: EvalConfig = field(default_factory=EvalConfig)
     num_cpus: float = 1.0  # CPUs of an evaluation task (a trial's)
+    ensemble: int = 1  # K > 1: the model is an ensemble of the selected trial and the next best K-1
 
     def to_json(self) -> dict:
         """As job.json records it (flat)."""
@@ -72,6 +73,7 @@ class Options:
             "samples": ev.samples,
             "seed": ev.seed,
             "num_cpus": self.num_cpus,
+            "ensemble": self.ensemble,
         }
 
 
@@ -229,18 +231,19 @@ def collect(
         d = by_spec.get(spec)
         if d is None or any(r.dataset == d.name for r in records):
             continue
-        rec, cands = _dataset_record(out, d, trials, done, errors, job_name, opts)
+        rec, cands, entries = _dataset_record(out, d, trials, done, errors, job_name, opts)
         records.append(rec)
         if cands:
-            chosen[d.name] = (rec, cands)
-    results = evaluate_all({n: c for n, (_, c) in chosen.items()}, ready, opts) if opts.evaluate else {}
-    for name, (rec, cands) in chosen.items():
-        _select(out, rec, cands, results, ready[name], opts)
+            chosen[d.name] = (rec, cands, entries)
+    results = evaluate_all({n: c for n, (_, c, _) in chosen.items()}, ready, opts) if opts.evaluate else {}
+    for name, (rec, cands, entries) in chosen.items():
+        _select(out, rec, cands, results, ready[name], opts, entries)
     return records
 
 
 def _dataset_record(out, d: PreparedDataset, trials, done, errors, job_name, opts):
-    """(the dataset's record so far, its candidates); a dataset without a finished trial is failed."""
+    """(the dataset's record so far, its candidates, its finished trials); a dataset without a finished
+    trial is failed."""
     keys = [t.key for t in trials if t.dataset == d.name]
     entries = [done[k] for k in keys if k in done]
     rec = DatasetRecord(
@@ -258,16 +261,27 @@ def _dataset_record(out, d: PreparedDataset, trials, done, errors, job_name, opt
     if not cands:
         errs = [errors[k] for k in keys if k in errors]
         rec.status, rec.error = "failed", errs[0] if errs else "no trial finished"
-        return rec, []
+        return rec, [], entries
     rec.trials_failed = sum(1 for k in keys if k in errors and k not in done)
-    return rec, cands
+    return rec, cands, entries
 
 
-def _select(out: Path, rec: DatasetRecord, cands, results: dict, d: PreparedDataset, opts: Options) -> None:
+def _select(
+    out: Path, rec: DatasetRecord, cands, results: dict, d: PreparedDataset, opts: Options, entries=()
+):
     """Choose the dataset's model, copy it to DIR/models/<name>/ with its evaluation, fill its record."""
     choice = choose(cands, results, opts, d.physics_reason)
     best = choice.entry
-    model_dir = fetch_model(best.checkpoint_path, Path(out) / "models" / dataset_model_name(d.name))
+    target = Path(out) / "models" / dataset_model_name(d.name)
+    if opts.ensemble > 1:
+        members = ensemble_members(list(entries) or [best], best, opts.ensemble)
+        model_dir = _write_ensemble(target, members, d)
+        rec.info["ensemble"] = [
+            {"trial_id": e.trial_id, "key": e.key, "heldout_mse": e.heldout_mse, "config": e.config}
+            for e in members
+        ]
+    else:
+        model_dir = fetch_model(best.checkpoint_path, target)
     result = results.get(best.key)
     if result and not result.get("error"):
         attach_evaluation(model_dir, result)  # before registration: the registered card shows it
@@ -282,6 +296,30 @@ def _select(out: Path, rec: DatasetRecord, cands, results: dict, d: PreparedData
     rec.status, rec.model_dir = "ok", str(model_dir.resolve())
     for name in FROM_TRIAL:
         setattr(rec, name, getattr(best, name))
+
+
+def ensemble_members(entries: list[TrialResult], best: TrialResult, k: int) -> list[TrialResult]:
+    """The selected trial first, then the best others by the ranking rule on held-out MSE (ties: by key),
+    `k` in all (fewer when fewer trials finished)."""
+    others = [e for e in entries if e.key != best.key]
+    _, ranked = rank([Candidate(e.key, {DEFAULT_METRIC: e.heldout_mse}, (e.key,)) for e in others])
+    by_key = {e.key: e for e in others}
+    return [best, *(by_key[c.ident] for c in ranked)][:k]
+
+
+def _write_ensemble(target: Path, members: list[TrialResult], d: PreparedDataset) -> Path:
+    """Fetch the members' model directories and write them as one ensemble at `target`."""
+    import ray
+
+    from pipeline.training.ensemble import write_ensemble
+
+    if len(members) < 2:
+        print(f"{d.name}: only 1 finished trial, so its model is a single model, not an ensemble")
+        return fetch_model(members[0].checkpoint_path, target)
+    with tempfile.TemporaryDirectory(prefix="invdyn-members-") as tmp:
+        dirs = [fetch_model(e.checkpoint_path, Path(tmp) / str(i)) for i, e in enumerate(members)]
+        data = ray.get(d.ref) if d.ref is not None else None  # calibrates the score on real pairs
+        return write_ensemble(target, dirs, transitions=data)
 
 
 def _selection_line(rec: DatasetRecord, choice: Choice, evaluated: int, reason: str | None) -> str:

@@ -7,6 +7,7 @@ summary table at the end. Every TrainConfig field is a flag (`--hidden-dim`, `--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,6 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model name in params.json (default: the dataset's name)")
     p.add_argument("--download", action="store_true", help="download a missing D4RL file")
     p.add_argument("--quiet", action="store_true", help="no per-evaluation progress lines")
+    p.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train K members (seeds seed .. seed+K-1) into one ensemble directory (default 1: one model)",
+    )
     add_options(p, TrainConfig, group="training (pipeline.training.config.TrainConfig)")
     return p
 
@@ -93,11 +101,24 @@ def main(argv=None) -> int:
             flush=True,
         )
         on_eval = None if args.quiet else (lambda r: print(_progress_line(r), flush=True))
-        result = train(transitions, config, out, on_eval=on_eval, dataset_name=args.name)
+        if args.ensemble != 1:
+            from pipeline.training.ensemble import train_ensemble
+
+            _, results = train_ensemble(
+                transitions, config, out, args.ensemble, on_eval=on_eval, dataset_name=args.name
+            )
+            result = dataclasses.replace(results[0], model_dir=out)
+        else:
+            result = train(transitions, config, out, on_eval=on_eval, dataset_name=args.name)
     except InvdynError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary_table(result))
+    if args.ensemble != 1:
+        print(
+            f"ensemble of {args.ensemble} members (seeds {config.seed}.."
+            f"{config.seed + args.ensemble - 1}); the table shows member 0"
+        )
     return 0
 
 

@@ -1,0 +1,158 @@
+"""Ensembles: train K seeds into one ensemble directory (`write_ensemble` assembles finished members), and
+measure on held-out rows whether the spread predicts the error and the score spots infeasible pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from invdyn._files import atomic_dir, write_json
+from invdyn.ensemble import ENSEMBLE_KEY, UNCERTAINTY_KEY, EnsembleIDM, check_compatible, write_member
+from invdyn.errors import FormatError
+from invdyn.model_dir import CARD_FILE, PARAMS_FILE, card_figures, model_card, read_model_dir
+from pipeline.training.config import TrainConfig, TrainConfigError
+from pipeline.training.split import split_from_training
+
+#: the state noise levels of the feasibility test, as fractions of each state dimension's std
+NOISE_LEVELS = (0.01, 0.05, 0.20)
+
+
+def write_ensemble(out, member_dirs, *, transitions=None) -> Path:
+    """One ensemble directory at `out` from finished model directories (member 0's files, params and card
+    on top, the others' weights beside them). With `transitions`, the score's per-dimension spread scale
+    is calibrated on member 0's validation rows."""
+    out, dirs = Path(out), [Path(d) for d in member_dirs]
+    if any(out.resolve() == d.resolve() for d in dirs):
+        raise FormatError(f"--out {out} is one of the members; write the ensemble to a new directory")
+    members = [read_model_dir(d) for d in dirs]  # each checked: checksums, shapes
+    for d, m in zip(dirs, members, strict=True):
+        if isinstance(m, EnsembleIDM):
+            raise FormatError(f"{d} is already an ensemble; give single-model directories as members")
+    check_compatible(members, [str(d) for d in dirs])
+    params = dict(members[0].params)
+    with atomic_dir(out) as tmp:
+        for path in sorted(dirs[0].iterdir()):
+            if path.is_file() and not path.name.startswith(".") and path.name not in (PARAMS_FILE, CARD_FILE):
+                shutil.copyfile(path, tmp / path.name)
+        entries = [write_member(tmp, i, m) for i, m in enumerate(members)]
+        params[ENSEMBLE_KEY] = {"members": entries, "spread_ref": None}
+        write_json(tmp / PARAMS_FILE, params)
+        (tmp / CARD_FILE).write_text(model_card(params, card_figures(tmp)))
+    if transitions is not None:
+        _, val_idx = split_from_training(transitions, members[0].params.get("training") or {})
+        calibrate(out, transitions, val_idx)
+    return out
+
+
+def update_params(model_dir, **keys) -> dict:
+    """Set top-level params.json keys of a model directory and re-render its card; returns the params."""
+    model_dir = Path(model_dir)
+    params = read_model_dir(model_dir).params  # checks the directory (weights included) first
+    params.update(keys)
+    write_json(model_dir / PARAMS_FILE, params)
+    (model_dir / CARD_FILE).write_text(model_card(params, card_figures(model_dir)))
+    return params
+
+
+def calibrate(model_dir, transitions, rows) -> list[float]:
+    """Record the median per-dimension spread on real pairs (`rows`) as the score's scale."""
+    model = read_model_dir(model_dir)
+    _, std = model.predict(transitions.obs[rows], transitions.next_obs[rows], return_std=True)
+    ref = np.maximum(np.median(std, axis=0), 1e-8).astype(float).tolist()
+    update_params(model_dir, **{ENSEMBLE_KEY: {**model.params[ENSEMBLE_KEY], "spread_ref": ref}})
+    return ref
+
+
+def train_ensemble(transitions, config: TrainConfig, out, k: int, *, on_eval=None, dataset_name=None):
+    """Train `k` members (seeds seed .. seed+k-1) and write them as one ensemble at `out`; returns
+    (out, [TrainResult per member])."""
+    from pipeline.training.trainer import train
+
+    if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+        raise TrainConfigError(f"--ensemble must be an integer >= 2 (members), got {k!r}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.members-", dir=out.parent))
+    try:
+        results = []
+        for i in range(k):
+            member = dataclasses.replace(config, seed=config.seed + i)
+            results.append(
+                train(transitions, member, work / str(i), on_eval=on_eval, dataset_name=dataset_name)
+            )
+        write_ensemble(out, [r.model_dir for r in results], transitions=transitions)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out, results
+
+
+def measure(model: EnsembleIDM, transitions, rows, *, seed: int = 0) -> dict:
+    """On held-out `rows`: single-member vs ensemble MSE, the spread-error rank correlation and the
+    feasibility AUROC against (s, s'') of the same episode and against s' + noise at NOISE_LEVELS."""
+    rows = np.asarray(rows)
+    obs, nxt, act = transitions.obs[rows], transitions.next_obs[rows], transitions.act[rows]
+    preds = np.stack([net.predict(*_normalized(model, obs, nxt)) for net in model.members])
+    member_mse = float(((preds - act) ** 2).mean())
+    mean, std = preds.mean(0), preds.std(0)
+    ens_mse = float(((mean - act) ** 2).mean())
+    err = ((mean - act) ** 2).mean(-1)
+    real = model.feasibility(obs, nxt)
+    rng = np.random.default_rng(seed)
+    other = _other_step(transitions.episode[rows], rng)
+    stats = {
+        "members": model.size,
+        "test_transitions": int(rows.shape[0]),
+        "member_mse": member_mse,
+        "ensemble_mse": ens_mse,
+        "mse_ratio": ens_mse / member_mse if member_mse > 0 else float("nan"),
+        "spread_error_spearman": spearman(std.mean(-1), err),
+        "auroc_other_step": auroc(real, model.feasibility(obs, nxt[other])),
+    }
+    state_std = model.normalizer.std.astype(np.float32)
+    for level in NOISE_LEVELS:
+        noisy = nxt + level * state_std * rng.standard_normal(nxt.shape).astype(np.float32)
+        stats[f"auroc_noise_{round(level * 100)}pct"] = auroc(real, model.feasibility(obs, noisy))
+    return stats
+
+
+def _normalized(model, obs, nxt):
+    return model.normalizer.normalize(obs), model.normalizer.normalize(nxt)
+
+
+def _other_step(episode, rng) -> np.ndarray:
+    """For each row, another row of the same episode (a different time step), chosen at random."""
+    idx = np.arange(episode.shape[0])
+    other = idx.copy()
+    for ep in np.unique(episode):
+        where = idx[episode == ep]
+        if where.shape[0] > 1:  # a random non-zero rotation: never the row itself
+            other[where] = np.roll(where, int(rng.integers(1, where.shape[0])))
+    return other
+
+
+def ranks(x) -> np.ndarray:
+    """1-based ranks, ties averaged (scipy's rankdata 'average')."""
+    _, inverse, counts = np.unique(np.asarray(x, dtype=np.float64), return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+
+
+def spearman(a, b) -> float:
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def auroc(positive, negative) -> float:
+    """P(score of a positive > score of a negative), ties counting half (the Mann-Whitney U form)."""
+    positive, negative = np.ravel(positive), np.ravel(negative)
+    r = ranks(np.concatenate([positive, negative]))
+    n_pos, n_neg = positive.shape[0], negative.shape[0]
+    return float((r[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def attach_uncertainty(model_dir, stats: dict, protocol: str) -> dict:
+    """Write `stats` (from `measure`) into params.json's "uncertainty" and the card's Uncertainty section."""
+    return update_params(model_dir, **{UNCERTAINTY_KEY: {"protocol": protocol, **stats}})
