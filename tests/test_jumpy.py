@@ -1,6 +1,7 @@
 """Jumpy IDMs (a_t = I(s_t, s_{t+k})): the k-step pairs, the name rule, training, saving and loading."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,55 @@ def test_evaluate_scores_a_jumpy_model_on_its_own_k_step_pairs(tmp_path):
     assert ev["heldout_transitions"] == result.split["val_transitions"]
     assert ev["one_step_error"] is None and ev["tracking_drift"] is None
     assert ev["physics_reason"].startswith("jump 3: ")
+
+
+# ---------------------------------------------------------------- the job
+
+
+def test_job_trials_cross_datasets_with_jumps_and_keep_one_step_keys():
+    from pipeline.job.config import JobConfigError
+    from pipeline.job.records import PreparedDataset
+    from pipeline.job.trials import make_trials, parse_jumps, with_jumps
+    from pipeline.training.search import trial_key
+
+    assert parse_jumps("4, 1,4") == [1, 4]
+    for bad in ("0,1", "a", ""):
+        with pytest.raises(JobConfigError, match="--jumps"):
+            parse_jumps(bad)
+    info = {"obs_dim": 11, "act_dim": 3, "transitions": 1000}
+    ready = with_jumps({"hop-v0": PreparedDataset("hop-v0", "hop.hdf5", "abc", info, ref="REF")}, [1, 4])
+    assert sorted(ready) == ["hop-v0", "hop-v0@k4"]
+    jumpy = ready["hop-v0@k4"]
+    assert (jumpy.jump, jumpy.spec, jumpy.ref, jumpy.sha256) == (4, "hop.hdf5", "REF", "abc")
+    assert jumpy.physics_reason.startswith("jump 4") and ready["hop-v0"].physics_reason is None
+    trials = {t.dataset: t for t in make_trials(ready, [{}], TrainConfig(max_epochs=5))}
+    assert trials["hop-v0@k4"].train["jump"] == 4
+    # a one-step trial's key is the key it had before jumps existed: --resume of an older job skips it
+    before = {
+        k: v for k, v in TrainConfig(max_epochs=5).to_dict().items() if k not in ("device", "threads", "jump")
+    }
+    assert trials["hop-v0"].key == trial_key("hop-v0", "abc", before)
+    assert trials["hop-v0@k4"].key != trials["hop-v0"].key
+    with pytest.raises(JobConfigError, match="use --jumps"):
+        make_trials(ready, [{"jump": 2}], TrainConfig())
+
+
+@pytest.mark.slow
+def test_job_jumps_1_2_gives_two_models_with_their_names(sim_files, tmp_path):
+    from tests.test_pretrain_all import HOPPER, job_env, run_job
+
+    out = tmp_path / "out"
+    args = ["--datasets", str(sim_files[HOPPER]), "--jumps", "1,2", "--no-mlflow", "--out", str(out)]
+    proc = run_job([*args, "--max-epochs", "1", "--search-space", '{"hidden_dim": [32]}'], job_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = {r["dataset"]: r for r in json.loads((out / "summary.json").read_text())}
+    assert sorted(records) == [HOPPER, f"{HOPPER}@k2"]
+    one, two = records[HOPPER], records[f"{HOPPER}@k2"]
+    assert one["status"] == two["status"] == "ok" and one["key"] != two["key"]
+    assert one["config"].get("jump", 1) == 1 and two["config"]["jump"] == 2
+    assert Path(two["model_dir"]) == out / "models" / f"{HOPPER}@k2"
+    model = invdyn.load(HOPPER, jump=2, source=two["model_dir"])
+    assert model.params["jump"] == 2 and model.name == f"{HOPPER}@k2"
+    # evaluated on its own 2-step pairs; the physics metrics apply to the one-step model only
+    assert two["evaluation"]["heldout_mse"] == pytest.approx(two["heldout_mse"], rel=1e-4)
+    assert two["evaluation"]["one_step_error"] is None and one["evaluation"]["one_step_error"] is not None

@@ -19,6 +19,7 @@ class PreparedDataset:
     ref: Any = None  # object-store ref of the Transitions, without simulator state
     physics_reason: str | None = None  # why it cannot be replayed in MuJoCo; None: it can
     state_ref: Any = None  # object-store ref of (qpos, qvel), for the evaluation tasks
+    jump: int = 1  # k of its models, a_t = I(s_t, s_{t+k}); k > 1: `name` is `<dataset model name>@k<k>`
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ from typing import Any
 from ray.tune import Callback
 
 from invdyn._files import atomic_dir
+from invdyn.settings import jump_model_name
 from pipeline.job import console, placement
+from pipeline.job.config import JobConfigError
 from pipeline.job.outputs import Ledger
 from pipeline.job.records import REPORTED, PreparedDataset, TrialResult, TrialSpec
 from pipeline.job.trial_worker import CrashOnce, WorkerTask, train_worker
@@ -24,16 +26,43 @@ from pipeline.training import search
 from pipeline.training.config import TrainConfig
 
 
+def parse_jumps(text: str) -> list[int]:
+    """`--jumps 1,4` -> [1, 4]: each k trains its own models (k > 1: `<name>@k<k>`)."""
+    try:
+        jumps = sorted({int(part) for part in str(text).split(",") if part.strip()})
+    except ValueError:
+        jumps = []
+    if not jumps or jumps[0] < 1:
+        raise JobConfigError(f"--jumps must be comma-separated integers >= 1 (e.g. 1,4), got {text!r}")
+    return jumps
+
+
+def with_jumps(ready: dict[str, PreparedDataset], jumps: list[int]) -> dict[str, PreparedDataset]:
+    """The datasets to train, each once per k of `jumps`: a k > 1 entry shares the data (one object in the
+    store) under its model's name, and has no physics evaluation (that replays one step)."""
+    out = {name: d for name, d in ready.items() if 1 in jumps}
+    for name, d in ready.items():
+        for k in (k for k in jumps if k > 1):
+            reason = f"jump {k}: the one-step and tracking metrics replay one step (k = 1 models only)"
+            jumpy = jump_model_name(name, k)
+            out[jumpy] = dataclasses.replace(d, name=jumpy, jump=k, physics_reason=reason, state_ref=None)
+    return out
+
+
 def make_trials(ready: dict[str, PreparedDataset], points: list[dict], base: TrainConfig) -> list[TrialSpec]:
-    """One trial per (dataset, search point): the base config with the point's fields set."""
+    """One trial per (dataset, jump, search point): the base config with the point's fields set."""
     trials = []
+    if any("jump" in point for point in points):
+        raise JobConfigError("jump cannot be searched (each k is its own model): use --jumps 1,4")
     for name, d in ready.items():
         for point in points:
-            train = TrainConfig.from_dict({**base.to_dict(), **point})
+            train = TrainConfig.from_dict({**base.to_dict(), **point, "jump": d.jump})
             train.validate()
             cfg = train.to_dict()
             for k in ("device", "threads"):  # decided by placement, not part of what is searched
                 cfg.pop(k)
+            if cfg["jump"] == 1:  # the trial keys of one-step models stay those of jobs before jumps
+                cfg.pop("jump")
             trials.append(TrialSpec(name, d.sha256, search.trial_key(name, d.sha256, cfg), cfg))
     # Longest first: Tune starts trials in this order, so the biggest ones no longer run alone at the end.
     return sorted(trials, key=lambda t: -search.estimated_cost(t.train, ready[t.dataset].info))
