@@ -127,19 +127,8 @@ def run(job: JobConfig, out: Path, started: float) -> int:
                 verbose=job.verbose,
             )
         tune_wall = time.time() - tune_started
-        opts = selection.Options(
-            evaluate=job.evaluate,
-            select_by=job.select_by,
-            top=job.select_top,
-            eval_config=job.evaluation,
-            num_cpus=pl.cpus,  # an evaluation task holds a trial's CPUs
-            ensemble=job.ensemble,
-        )
-        records = []
-        for i, k in enumerate(parse_jumps(job.jumps)):  # collect takes one model per dataset spec
-            of_k = {n: d for n, d in ready.items() if d.jump == k}
-            failed_k = failed if i == 0 else []
-            records += selection.collect(out, specs, of_k, failed_k, trials, errors, state["job"], opts)
+        opts = selection_options(job, pl)
+        records = select_models(job, out, specs, ready, failed, trials, errors, state["job"], opts)
     finally:
         if started_ray:
             import ray
@@ -192,6 +181,29 @@ def prepare_datasets(
         t = dataclasses.replace(t, qpos=None, qvel=None)
         ready[t.name] = PreparedDataset(t.name, spec, t.sha256, info, ray.put(t), reason, state)
     return ready, failed
+
+
+def selection_options(job: JobConfig, pl: placement.Placement) -> selection.Options:
+    return selection.Options(
+        evaluate=job.evaluate,
+        select_by=job.select_by,
+        top=job.select_top,
+        eval_config=job.evaluation,
+        num_cpus=pl.cpus,  # an evaluation task holds a trial's CPUs
+        ensemble=job.ensemble,
+    )
+
+
+def select_models(job: JobConfig, out, specs, ready, failed, trials, errors, job_name, opts) -> list:
+    """Each model's record (pipeline.job.selection), one jump at a time: `collect` takes one model per
+    dataset spec, and each k of `--jumps` makes one per spec."""
+    records = []
+    for i, k in enumerate(parse_jumps(job.jumps)):
+        of_k = {n: d for n, d in ready.items() if d.jump == k}
+        records += selection.collect(
+            out, specs, of_k, failed if i == 0 else [], trials, errors, job_name, opts
+        )
+    return records
 
 
 def decide_placement(job: JobConfig, n_trials: int) -> placement.Placement:
