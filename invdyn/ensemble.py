@@ -16,7 +16,8 @@ from .pretrained import PretrainedIDM
 from .weights import SAFETENSORS_FILE, _read_verified, _safetensors
 
 #: params.json's "ensemble": {"members": [{"weights": {"file", "sha256"}, "architecture": {...}, "config":
-#: {...}, "seed", "metrics": {...}}, ...], "spread_ref": [per action dim] | null}; members[0] is the
+#: {...}, "seed", "metrics": {...}}, ...], "spread_ref": [per action dim] | null, "dynamics": {"weights",
+#: "precision"} | null (see fit_dynamics)}; members[0] is the
 #: directory's own model (its "weights" is params.json's "weights.safetensors"). "uncertainty": {...} holds
 #: what was measured on held-out episodes (see card_lines).
 ENSEMBLE_KEY = "ensemble"
@@ -34,9 +35,11 @@ class EnsembleIDM(PretrainedIDM):
     def __init__(self, nets, normalizer, params: dict, card: str = "", path=None, source=None):
         super().__init__(nets[0], normalizer, params, card=card, path=path, source=source)
         self.members = nn.ModuleList(list(nets)).eval()
-        ref = (params.get(ENSEMBLE_KEY) or {}).get("spread_ref")
-        # per-dimension spread typical of real pairs: the score weighs each action dimension alike
+        entry = params.get(ENSEMBLE_KEY) or {}
+        ref = entry.get("spread_ref")
+        # per-dimension spread typical of real pairs: the spread weighs each action dimension alike
         self.spread_ref = np.asarray(ref if ref else np.ones(self.act_dim), dtype=np.float64)
+        self.dynamics = _checked_dynamics(entry.get("dynamics"), self.obs_dim, self.act_dim, path)
 
     @property
     def size(self) -> int:
@@ -60,20 +63,64 @@ class EnsembleIDM(PretrainedIDM):
 
     @torch.no_grad()
     def feasibility(self, obs, next_obs):
-        """One score per (obs, next_obs) pair of raw observations, any leading shape: minus the members'
-        spread (each dimension divided by its typical spread on real pairs), averaged over action dims.
-        Higher = more plausible; real transitions score near -1, infeasible ones lower."""
-        _, std = self.predict(obs, next_obs, return_std=True)
-        if isinstance(std, torch.Tensor):
-            ref = torch.as_tensor(self.spread_ref, dtype=std.dtype, device=std.device)
-            return -(std / ref).mean(-1)
-        return -(std / self.spread_ref).mean(-1).astype(np.float32)
+        """One score per (obs, next_obs) pair of raw observations, any leading shape; higher = more plausible.
+
+        With the recorded one-step model ("dynamics", fitted on the members' training pairs): minus the
+        squared Mahalanobis distance, per state dimension, of next_obs from what the ensemble's mean action
+        would give from obs (real pairs score about -1). Without it: minus the members' spread, each action
+        dimension divided by its typical spread on real pairs."""
+        is_tensor = isinstance(obs, torch.Tensor)
+        o = obs.detach().cpu().numpy() if is_tensor else np.asarray(obs, dtype=np.float32)
+        n = next_obs.detach().cpu().numpy() if isinstance(next_obs, torch.Tensor) else np.asarray(next_obs)
+        mean, std = self.predict(o, n.astype(np.float32), return_std=True)
+        if self.dynamics is None:
+            score = -(std / self.spread_ref).mean(-1)
+        else:
+            weights, precision = self.dynamics
+            o_n, n_n = self.normalizer.normalize(o), self.normalizer.normalize(n.astype(np.float32))
+            x = np.concatenate([o_n, mean, np.ones((*o_n.shape[:-1], 1), np.float32)], -1).astype(np.float64)
+            r = n_n - x @ weights
+            score = -np.einsum("...i,ij,...j->...", r, precision, r) / self.obs_dim
+        score = np.asarray(score, dtype=np.float32)
+        return torch.from_numpy(score).to(obs.device) if is_tensor else score
 
     def __repr__(self) -> str:
         return (
             f"EnsembleIDM(name={self.name!r}, members={self.size}, obs_dim={self.obs_dim}, "
             f"act_dim={self.act_dim}, source={self.source!r})"
         )
+
+
+def fit_dynamics(obs_n, act, next_n) -> dict:
+    """params.json's "ensemble.dynamics": a linear one-step model next_obs_n ~ [obs_n, act, 1] @ weights
+    (least squares, normalized states) and the precision matrix of its residuals."""
+    x = np.concatenate([obs_n, act, np.ones((obs_n.shape[0], 1))], 1).astype(np.float64)
+    y = np.asarray(next_n, dtype=np.float64)
+    weights, *_ = np.linalg.lstsq(x, y, rcond=None)
+    res = y - x @ weights
+    cov = np.atleast_2d(np.cov(res.T))
+    # a state dimension the model predicts exactly would make the covariance singular
+    cov += np.eye(cov.shape[0]) * max(1e-6 * float(np.trace(cov)) / cov.shape[0], 1e-12)
+    return {"weights": weights.tolist(), "precision": np.linalg.inv(cov).tolist()}
+
+
+def _checked_dynamics(dynamics, obs_dim: int, act_dim: int, path):
+    if dynamics is None:
+        return None
+    where = f"{Path(path) / 'params.json' if path else 'params.json'}: 'ensemble.dynamics'"
+    try:
+        weights = np.asarray(dynamics["weights"], dtype=np.float64)
+        precision = np.asarray(dynamics["precision"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"{where} must hold 'weights' and 'precision' (numeric matrices)") from None
+    if weights.shape != (obs_dim + act_dim + 1, obs_dim) or precision.shape != (obs_dim, obs_dim):
+        raise FormatError(
+            f"{where}: 'weights' {weights.shape} / 'precision' {precision.shape} must be "
+            f"({obs_dim + act_dim + 1}, {obs_dim}) / ({obs_dim}, {obs_dim}) for obs_dim {obs_dim}"
+        )
+    if not (np.isfinite(weights).all() and np.isfinite(precision).all()):
+        raise FormatError(f"{where} holds non-finite numbers; re-make the ensemble")
+    return weights, precision
 
 
 def check_compatible(members: list[PretrainedIDM], names: list) -> None:

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from invdyn._files import atomic_dir, write_json
-from invdyn.ensemble import ENSEMBLE_KEY, UNCERTAINTY_KEY, EnsembleIDM, check_compatible, write_member
+from invdyn.ensemble import (
+    ENSEMBLE_KEY,
+    UNCERTAINTY_KEY,
+    EnsembleIDM,
+    check_compatible,
+    fit_dynamics,
+    write_member,
+)
 from invdyn.errors import FormatError
 from invdyn.model_dir import CARD_FILE, PARAMS_FILE, card_figures, model_card, read_model_dir
 from pipeline.training.config import TrainConfig, TrainConfigError
@@ -23,8 +30,9 @@ NOISE_LEVELS = (0.01, 0.05, 0.20)
 
 def write_ensemble(out, member_dirs, *, transitions=None) -> Path:
     """One ensemble directory at `out` from finished model directories (member 0's files, params and card
-    on top, the others' weights beside them). With `transitions`, the score's per-dimension spread scale
-    is calibrated on member 0's validation rows."""
+    on top, the others' weights beside them). With `transitions` (the members' data), the feasibility
+    score is calibrated on member 0's split: its one-step model on the training rows, the typical spread
+    on the validation rows."""
     out, dirs = Path(out), [Path(d) for d in member_dirs]
     if any(out.resolve() == d.resolve() for d in dirs):
         raise FormatError(f"--out {out} is one of the members; write the ensemble to a new directory")
@@ -43,8 +51,8 @@ def write_ensemble(out, member_dirs, *, transitions=None) -> Path:
         write_json(tmp / PARAMS_FILE, params)
         (tmp / CARD_FILE).write_text(model_card(params, card_figures(tmp)))
     if transitions is not None:
-        _, val_idx = split_from_training(transitions, members[0].params.get("training") or {})
-        calibrate(out, transitions, val_idx)
+        train_idx, val_idx = split_from_training(transitions, members[0].params.get("training") or {})
+        calibrate(out, transitions, train_idx, val_idx)
     return out
 
 
@@ -58,13 +66,19 @@ def update_params(model_dir, **keys) -> dict:
     return params
 
 
-def calibrate(model_dir, transitions, rows) -> list[float]:
-    """Record the median per-dimension spread on real pairs (`rows`) as the score's scale."""
+def calibrate(model_dir, transitions, train_rows, val_rows) -> dict:
+    """Record the feasibility score's calibration: the linear one-step model fitted on `train_rows`, the
+    median per-dimension spread on real pairs `val_rows`; returns params.json's new "ensemble"."""
     model = read_model_dir(model_dir)
-    _, std = model.predict(transitions.obs[rows], transitions.next_obs[rows], return_std=True)
+    nz, t = model.normalizer, transitions
+    dynamics = fit_dynamics(
+        nz.normalize(t.obs[train_rows]), t.act[train_rows], nz.normalize(t.next_obs[train_rows])
+    )
+    _, std = model.predict(t.obs[val_rows], t.next_obs[val_rows], return_std=True)
     ref = np.maximum(np.median(std, axis=0), 1e-8).astype(float).tolist()
-    update_params(model_dir, **{ENSEMBLE_KEY: {**model.params[ENSEMBLE_KEY], "spread_ref": ref}})
-    return ref
+    entry = {**model.params[ENSEMBLE_KEY], "spread_ref": ref, "dynamics": dynamics}
+    update_params(model_dir, **{ENSEMBLE_KEY: entry})
+    return entry
 
 
 def train_ensemble(transitions, config: TrainConfig, out, k: int, *, on_eval=None, dataset_name=None):
@@ -113,9 +127,15 @@ def measure(model: EnsembleIDM, transitions, rows, *, seed: int = 0) -> dict:
         "auroc_other_step": auroc(real, model.feasibility(obs, nxt[other])),
     }
     state_std = model.normalizer.std.astype(np.float32)
+    spread_real = -(std / model.spread_ref).mean(-1)
     for level in NOISE_LEVELS:
         noisy = nxt + level * state_std * rng.standard_normal(nxt.shape).astype(np.float32)
         stats[f"auroc_noise_{round(level * 100)}pct"] = auroc(real, model.feasibility(obs, noisy))
+        if level == 0.05:  # the spread alone, for comparison with the score
+            _, noisy_std = model.predict(obs, noisy, return_std=True)
+            stats["auroc_spread_only_noise_5pct"] = auroc(
+                spread_real, -(noisy_std / model.spread_ref).mean(-1)
+            )
     return stats
 
 
