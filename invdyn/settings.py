@@ -143,20 +143,20 @@ def split_jump(name: str) -> tuple[str, int]:
 
 def jump_model_name(dataset: str, jump: int = 1) -> str:
     """The name of a dataset's model trained with `jump` = k (a_t = I(s_t, s_{t+k})): the dataset's model
-    name for k = 1, `<that>@k<k>` for k > 1. The registry's name is `invdyn-` and this (MLflow allows '@'
-    in a registered model's name; `models:/invdyn-x@k4@champion` still ends in the alias)."""
+    name for k = 1, `<that>@k<k>` for k > 1: the job's record, the bundle member, the cache entry, what
+    `invdyn.load` takes. In the registry (`invdyn-` + `dataset_model_name` of the record's name) the '@'
+    becomes '-' (`invdyn-<name>-k4`): MLflow reads `models:/<name>@...` as an alias, so a registered name
+    with '@' breaks `models:/<name>/<version>`."""
     if isinstance(jump, bool) or not isinstance(jump, int) or jump < 1:
         raise ValueError(f"jump must be an integer >= 1, got {jump!r}")
-    base = dataset_model_name(dataset)
-    return base if jump == 1 else f"{split_jump(base)[0]}@k{jump}"
+    base = dataset_model_name(split_jump(str(dataset).strip())[0])
+    return base if jump == 1 else f"{base}@k{jump}"
 
 
 def dataset_model_name(dataset: str) -> str:
     """The one name a dataset's model goes by: its folder in a job's output and in the cache, what
     `invdyn.load` takes, and (after `invdyn-`) its registered-model name. Characters outside
-    [A-Za-z0-9._-] become '-': `minari:door/expert-v0` -> `minari-door-expert-v0`. A jumpy model's name
-    (`<name>@k4`, see `jump_model_name`) is kept as it is, so the name of a model's name is itself."""
-    base, jump = split_jump(str(dataset).strip())
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")
-    name = name[:200] or "dataset"
-    return name if jump == 1 else f"{name}@k{jump}"
+    [A-Za-z0-9._-] become '-': `minari:door/expert-v0` -> `minari-door-expert-v0` (and a jumpy model's
+    `<name>@k4` -> `<name>-k4`, its registry and job-folder form)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", str(dataset).strip()).strip("-.")
+    return name[:200] or "dataset"

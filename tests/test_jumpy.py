@@ -72,8 +72,8 @@ def test_name_rule():
     assert jump_model_name("sim-hopper-random-v0") == "sim-hopper-random-v0"
     assert jump_model_name("sim-hopper-random-v0", 4) == "sim-hopper-random-v0@k4"
     assert jump_model_name("minari:door/expert-v0", 3) == "minari-door-expert-v0@k3"
-    # the name of a model's name is itself: the registry's store.model_name(record dataset) keeps the jump
-    assert dataset_model_name("sim-hopper-random-v0@k4") == "sim-hopper-random-v0@k4"
+    # the registry's form (store.model_name is invdyn- + this): MLflow reads '@' in models:/ URIs as an alias
+    assert dataset_model_name("sim-hopper-random-v0@k4") == "sim-hopper-random-v0-k4"
     assert split_jump("hopper-medium-v2@k12") == ("hopper-medium-v2", 12)
     assert is_valid_name("hopper-medium-v2@k4")
     for bad in ("hopper@k1", "hopper@k0", "hopper@k04", "@k4", "../x@k4", "a@k4@k4", "a@b"):
@@ -219,9 +219,31 @@ def test_job_jumps_1_2_gives_two_models_with_their_names(sim_files, tmp_path):
     one, two = records[HOPPER], records[f"{HOPPER}@k2"]
     assert one["status"] == two["status"] == "ok" and one["key"] != two["key"]
     assert one["config"].get("jump", 1) == 1 and two["config"]["jump"] == 2
-    assert Path(two["model_dir"]) == out / "models" / f"{HOPPER}@k2"
+    assert Path(two["model_dir"]) == out / "models" / f"{HOPPER}-k2"  # the job folder's path-safe form
     model = invdyn.load(HOPPER, jump=2, source=two["model_dir"])
     assert model.params["jump"] == 2 and model.name == f"{HOPPER}@k2"
     # evaluated on its own 2-step pairs; the physics metrics apply to the one-step model only
     assert two["evaluation"]["heldout_mse"] == pytest.approx(two["heldout_mse"], rel=1e-4)
     assert two["evaluation"]["one_step_error"] is None and one["evaluation"]["one_step_error"] is not None
+
+
+@pytest.mark.slow
+def test_job_registers_and_exports_a_jumpy_model_under_mlflow_safe_names(sim_files, tmp_path, monkeypatch):
+    from tests.test_pretrain_all import HOPPER, job_env, run_job
+
+    out, bundle = tmp_path / "out", tmp_path / "b.zip"
+    args = ["--datasets", str(sim_files[HOPPER]), "--jumps", "2", "--out", str(out), "--export", str(bundle)]
+    env = job_env(tmp_path)
+    proc = run_job([*args, "--max-epochs", "1", "--search-space", '{"hidden_dim": [32]}'], env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [record] = json.loads((out / "summary.json").read_text())
+    # '@' would make MLflow read models:/<name>@k2/1 as an alias: the registry has the '-k2' form
+    assert record["dataset"] == f"{HOPPER}@k2"
+    assert (
+        record["registration"]["model_name"] == f"invdyn-{HOPPER}-k2" and record["registration"]["champion"]
+    )
+    assert invdyn.fetch(bundle) == [f"{HOPPER}@k2"]
+    assert invdyn.load(HOPPER, jump=2).params["jump"] == 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    version = invdyn.load(f"{HOPPER}@k2", source=f"models:/invdyn-{HOPPER}-k2/1")
+    assert version.params["jump"] == 2
