@@ -239,8 +239,17 @@ def card_lines(params: dict) -> list[str]:
     ens = params.get(ENSEMBLE_KEY)
     if not isinstance(ens, dict) or not isinstance(ens.get("members"), list):
         return []
-    lines = ["", "## Ensemble", "", f"{len(ens['members'])} members; `predict` is their mean.", ""]
-    lines += ["| member | weights | seed | heldout_mse |", "|---|---|---|---|"]
+    lines = [
+        "",
+        "## Ensemble",
+        "",
+        f"{len(ens['members'])} members; `predict` is their mean, `predict(o, o2, return_std=True)` gives "
+        "(mean, std per action dimension), `feasibility(o, o2)` one plausibility score per pair (higher = "
+        "more plausible). Each member's held-out MSE is on its own validation episodes (its seed's split).",
+        "",
+        "| member | weights | seed | heldout_mse |",
+        "|---|---|---|---|",
+    ]
     for i, m in enumerate(ens["members"]):
         if isinstance(m, dict):
             mse = (m.get("metrics") or {}).get("heldout_mse")
