@@ -92,6 +92,10 @@ def main(argv=None) -> int:
             raise TrainConfigError(
                 f"--name {args.name!r} is not a model name (letters, digits, '.', '_', '-')"
             )
+        if args.ensemble < 1:
+            raise TrainConfigError(
+                f"--ensemble must be >= 1 (1: one model, K: K members), got {args.ensemble}"
+            )
         out = check_out(args.out)
         transitions = load_transitions(args.dataset, download=args.download)
         print(
