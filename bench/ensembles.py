@@ -1,0 +1,156 @@
+"""Ensembles on the sim suite: does the spread predict the error, does the feasibility score tell real
+transitions from infeasible ones, and how much does the members' mean lower the test MSE?
+
+    python bench/ensembles.py --workdir /tmp/invdyn-ensembles          # train 5 members per dataset, measure
+    python bench/ensembles.py --workdir /tmp/invdyn-ensembles --reuse  # measure the ensembles already there
+
+Test episodes: 15% of each dataset's episodes (split seed --test-seed), held out before training; the
+members (seeds 0..K-1) train on the rest, where the trainer splits off its own validation episodes. Writes
+--out (Markdown) with the command and the machine, and each ensemble's card section "Uncertainty".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATASETS = ("sim-hopper-mixed-v0", "sim-halfcheetah-mixed-v0", "sim-walker2d-mixed-v0")
+
+
+HOW = [
+    "- member MSE: the test action MSE of each member, averaged over the members; ensemble MSE: that of "
+    "their mean; ratio = ensemble / member.",
+    "- spread-error Spearman: per test pair, the members' std (mean over action dimensions) against the "
+    "ensemble mean's squared error (mean over action dimensions).",
+    "- AUROC: `model.feasibility` of the real test pairs (s, s') against (s, s'') with s'' the next state of "
+    "another time step of the same episode (chosen at random), and against (s, s' + noise), noise = "
+    "1 / 5 / 20 % of each state dimension's std times N(0, 1); 0.5 is chance. The score: minus the "
+    "Mahalanobis distance (per state dimension) of s' from a linear one-step model s'_n ~ [s_n, a, 1] W "
+    "(least squares on member 0's training pairs, residual covariance from them) driven by the ensemble's "
+    "mean action a. spread-only: minus the members' spread (each action dimension divided by its median on "
+    "member 0's validation pairs), the score without the one-step model.",
+]
+
+
+def _machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), "")
+    except (OSError, subprocess.SubprocessError):
+        name = ""
+    return f"{name or 'unknown CPU'}, {os.cpu_count()} CPUs visible (shared with other processes)"
+
+
+def one_dataset(name: str, args) -> dict:
+    import invdyn
+    from pipeline.data.sources import load_transitions
+    from pipeline.quality.recipe import subset
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.ensemble import attach_uncertainty, measure, train_ensemble
+    from pipeline.training.split import split_indices
+
+    t = load_transitions(name)
+    dev, test = split_indices(t, "episodes", args.test_fraction, args.test_seed)
+    out = Path(args.workdir) / invdyn.settings.dataset_model_name(name)
+    started = time.perf_counter()
+    if not (args.reuse and out.is_dir()):
+        config = TrainConfig(max_epochs=args.max_epochs, hidden_dim=args.hidden_dim, seed=0)
+        dev_set = subset(t, dev, f"bench-dev-{args.test_seed}")
+        train_ensemble(dev_set, config, out, args.members, dataset_name=name)
+    train_s = time.perf_counter() - started
+    model = invdyn.read_model_dir(out)
+    stats = measure(model, t, test, seed=args.test_seed)
+    protocol = (
+        f"Measured by bench/ensembles.py on {len(test)} transitions of held-out test episodes "
+        f"({args.test_fraction:.0%} of the episodes, split seed {args.test_seed}), never trained on."
+    )
+    attach_uncertainty(out, stats, protocol)
+    return {"dataset": name, "train_s": train_s, **stats}
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = [
+        "| dataset | member MSE | ensemble MSE | ratio | spread-error Spearman | AUROC other step "
+        "| AUROC 1% | AUROC 5% | AUROC 20% | spread-only AUROC 5% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return head + [
+        f"| {r['dataset']} | {r['member_mse']:.5f} | {r['ensemble_mse']:.5f} | {r['mse_ratio']:.3f} "
+        f"| {r['spread_error_spearman']:.3f} | {r['auroc_other_step']:.3f} | {r['auroc_noise_1pct']:.3f} "
+        f"| {r['auroc_noise_5pct']:.3f} | {r['auroc_noise_20pct']:.3f} "
+        f"| {r['auroc_spread_only_noise_5pct']:.3f} |"
+        for r in rows
+    ]
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per target: met on every dataset, or where it is missed."""
+    checks = [
+        ("feasibility AUROC >= 0.95 at 5% state noise", "auroc_noise_5pct", lambda v: v >= 0.95),
+        ("spread-error Spearman >= 0.5", "spread_error_spearman", lambda v: v >= 0.5),
+        ("ensemble test MSE <= 0.9x a member's", "mse_ratio", lambda v: v <= 0.9),
+    ]
+    lines = []
+    for text, key, ok in checks:
+        missed = [f"{r['dataset']} ({r[key]:.3f})" for r in rows if not ok(r[key])]
+        lines.append(f"- {text}: " + (f"missed on {', '.join(missed)}" if missed else "met on every dataset"))
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--workdir", default="/tmp/invdyn-ensembles", help="where the ensembles are written")
+    p.add_argument("--reuse", action="store_true", help="measure the ensembles already in --workdir")
+    p.add_argument("--members", type=int, default=5)
+    p.add_argument("--max-epochs", type=int, default=20)
+    p.add_argument("--hidden-dim", type=int, default=512)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--test-seed", type=int, default=1234)
+    p.add_argument("--out", default=str(ROOT / "bench" / "ensembles.md"))
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.datasets.split(","):
+        rows.append(one_dataset(name, args))
+        print(table(rows)[-1], f"(trained in {rows[-1]['train_s']:.0f} s)", flush=True)
+    command = "python bench/ensembles.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = [
+        "# Ensembles: spread, feasibility and the members' mean (issue item 3)",
+        "",
+        "```bash",
+        command.strip(),
+        "```",
+        "",
+        *(
+            ["The ensembles were trained by the same command without --reuse; this run measured them.", ""]
+            if args.reuse
+            else []
+        ),
+        f"Machine: {_machine()}. {args.members} members per dataset (seeds 0..{args.members - 1}), "
+        f"{args.max_epochs} epochs, hidden {args.hidden_dim}, the trainer's other defaults.",
+        f"Test episodes: {args.test_fraction:.0%} of each dataset's episodes (seed {args.test_seed}), held "
+        "out before training; each member's trainer splits its validation episodes from the rest by its own "
+        "seed.",
+        "",
+        *table(rows),
+        "",
+        *HOW,
+        "",
+        "Targets:",
+        "",
+        *verdicts(rows),
+        "",
+    ]
+    Path(args.out).write_text("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
