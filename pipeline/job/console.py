@@ -7,6 +7,11 @@ import logging
 import os
 import sys
 
+from pipeline.training.config import TrainConfig
+
+#: what a field left out of a trial's config means
+_DEFAULTS = TrainConfig().to_dict()
+
 #: Ray log records dropped on the driver: (logger, message start, why). Everything else Ray logs is kept.
 QUIET_RAY_LINES = (
     (
@@ -70,7 +75,7 @@ class TrialProgress:
             self.bar = None
 
     def point(self, train: dict) -> str:
-        return ", ".join(f"{k}={train.get(k)}" for k in self.varying)
+        return ", ".join(f"{k}={_value(train, k)}" for k in self.varying)
 
     def finished_line(self, dataset: str, train: dict, result: dict, wall_s: float) -> str:
         self.finished += 1
@@ -101,7 +106,13 @@ class TrialProgress:
 def varying_fields(configs: list[dict]) -> list[str]:
     """The config fields whose values differ between trials: what names a trial's search point."""
     keys = sorted({k for c in configs for k in c})
-    return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+    return [k for k in keys if len({repr(_value(c, k)) for c in configs}) > 1]
+
+
+def _value(train: dict, key: str):
+    """A field of a trial's config; one left out (a one-step trial's `jump`, kept out of its key) is the
+    TrainConfig default."""
+    return train[key] if key in train else _DEFAULTS.get(key)
 
 
 def _epochs(n) -> str:

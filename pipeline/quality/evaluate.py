@@ -310,7 +310,7 @@ def format_table(result: dict) -> str:
             result.get("one_step_floor"),
         ),
         (
-            f"tracking drift at {result.get('horizon')}",
+            f"tracking drift at {result['horizon']}" if result.get("horizon") else "tracking drift",
             result.get("tracking_drift"),
             result.get("tracking_baseline"),
             result.get("tracking_floor"),
