@@ -147,6 +147,7 @@ def test_train_cli_writes_a_loadable_ensemble_that_spots_perturbed_pairs(tmp_pat
     feas = ens.feasibility(torch.as_tensor(t.obs[val[:8]]), torch.as_tensor(t.next_obs[val[:8]]))
     assert isinstance(feas, torch.Tensor) and feas.shape == (8,)
     assert not list(tmp_path.glob(".ens.members-*"))  # the members' work folder is gone
+    assert main(["--dataset", "no-such-v0", "--out", str(tmp_path / "e0"), "--ensemble", "0"]) == 2
 
 
 def test_the_job_takes_the_selected_trial_then_the_next_best_by_the_ranking_rule():
@@ -172,7 +173,7 @@ def test_pretrain_all_ensemble_writes_one_ensemble_per_dataset(sim_files, tmp_pa
     assert proc.returncode == 0
     [rec] = json.loads((out / "summary.json").read_text())
     ens = invdyn.read_model_dir(rec["model_dir"])
-    assert isinstance(ens, EnsembleIDM) and ens.size == 2
+    assert isinstance(ens, EnsembleIDM) and ens.size == 2 and ens.dynamics is not None
     assert rec["ensemble"][0]["key"] == rec["key"] and len({m["key"] for m in rec["ensemble"]}) == 2
     assert sorted(m["seed"] for m in ens.params["ensemble"]["members"]) == sorted(
         m["config"]["seed"] for m in rec["ensemble"]
