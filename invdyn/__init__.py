@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .bundle import extract_bundle, verify_bundle, write_bundle  # noqa: E402
+from .ensemble import EnsembleIDM  # noqa: E402
 from .errors import (  # noqa: E402
     BundleNotFoundError,
     ChecksumError,
@@ -26,6 +27,7 @@ __all__ = [
     "BundleNotFoundError",
     "ChecksumError",
     "DownloadError",
+    "EnsembleIDM",
     "FancyMlpInvDynamic",
     "FormatError",
     "GaussianNormalizer",

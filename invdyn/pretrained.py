@@ -50,6 +50,12 @@ class PretrainedIDM(nn.Module):
     def metrics(self) -> dict:
         return self.params.get("metrics") or {}
 
+    @property
+    def jump(self) -> int:
+        """k of a_t = I(s_t, s_{t+k}): 1 for a one-step model (and for directories written before jumps)."""
+        training = self.params.get("training") or {}
+        return int(self.params.get("jump") or training.get("jump") or 1)
+
     def _with_source(self, source, path=...) -> PretrainedIDM:
         self.source = str(source)
         if path is not ...:

@@ -98,6 +98,7 @@ def test_jump_1_is_the_one_step_model_bit_for_bit(tmp_path):
     assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
     assert runs[0].metrics["heldout_mse"] == runs[1].metrics["heldout_mse"]
     assert json.loads((runs[1].model_dir / "params.json").read_text())["jump"] == 1
+    assert invdyn.read_model_dir(runs[1].model_dir).jump == 1
 
 
 def _chained(episodes=12, length=40, obs_dim=4, act_dim=2, seed=0) -> Transitions:
@@ -137,7 +138,7 @@ def test_k4_model_trains_saves_records_its_jump_and_loads_by_jump(tmp_path):
     # from a bundle into the cache, then by name alone, either way of asking
     bundle = write_bundle(tmp_path / "b.zip", {"chained-v0@k4": result.model_dir})
     invdyn.fetch(bundle)
-    assert invdyn.load("chained-v0", jump=4).params["jump"] == 4
+    assert invdyn.load("chained-v0", jump=4).jump == 4
     assert invdyn.load("chained-v0@k4").name == "chained-v0@k4"
     with pytest.raises(ValueError, match="is the model of jump 4, but jump=2"):
         invdyn.load("chained-v0@k4", jump=2)
