@@ -283,7 +283,7 @@ def _copy_member(zf: zipfile.ZipFile, zip_path: Path, member: str, meta: dict, d
             f"{zip_path}: {member} is {info.file_size} bytes but {MANIFEST} records {meta['size']} "
             f"(sha256 {meta['sha256']}): the bundle is corrupt or was tampered with"
         )
-    h, size = hashlib.sha256(), 0
+    h, size, write_error = hashlib.sha256(), 0, None
     try:
         with zf.open(info) as src:
             while block := src.read(_CHUNK):
@@ -292,7 +292,11 @@ def _copy_member(zf: zipfile.ZipFile, zip_path: Path, member: str, meta: dict, d
                     break
                 h.update(block)
                 if dst is not None:
-                    dst.write(block)
+                    try:
+                        dst.write(block)
+                    except OSError as e:  # the target's fault (full, read-only), not the bundle's
+                        write_error = e
+                        break
     # NotImplementedError / RuntimeError: a flipped compression method, flag bit or "encrypted" bit
     except (
         zipfile.BadZipFile,
@@ -307,6 +311,8 @@ def _copy_member(zf: zipfile.ZipFile, zip_path: Path, member: str, meta: dict, d
             f"{zip_path}: {member} is corrupt ({e}); expected sha256 {meta['sha256']}; download the bundle "
             "again"
         ) from None
+    if write_error is not None:
+        raise write_error
     actual = h.hexdigest()
     if size != meta["size"] or actual != meta["sha256"]:
         raise ChecksumError(
