@@ -34,7 +34,8 @@ class EnsembleIDM(PretrainedIDM):
 
     def __init__(self, nets, normalizer, params: dict, card: str = "", path=None, source=None):
         super().__init__(nets[0], normalizer, params, card=card, path=path, source=source)
-        self.members = nn.ModuleList(list(nets)).eval()
+        self.members = nn.ModuleList(list(nets))
+        self.members.eval()
         entry = params.get(ENSEMBLE_KEY) or {}
         ref = entry.get("spread_ref")
         # per-dimension spread typical of real pairs: the spread weighs each action dimension alike
