@@ -13,7 +13,7 @@ import torch
 
 import invdyn
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # copies of ../shared/fixtures, kept in the repo
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"  # kept in the repo: a clone tests itself
 CD_HOME = FIXTURES / "cleandiffuser"
 CD_NAME = "hopper-medium-v2"
 CD_DIR = CD_HOME / ".CleanDiffuser" / "pretrained" / "invdyn" / CD_NAME
