@@ -403,12 +403,13 @@ def test_graph_step_matches_the_eager_step(tmp_path, change):
 def test_graph_step_learning_rate_follows_the_cosine_schedule():
     """The LR tensor the graph step writes equals CosineAnnealingLR's at every step, and the padded rows
     of the last batch carry no weight."""
+    from pipeline.training.resident import Resident
     from pipeline.training.steps import GraphStep, build_optimizer
-    from pipeline.training.trainer import _build_model, _Resident
+    from pipeline.training.trainer import _build_model
 
     data = linear_transitions(episodes=4, length=25)
     train_idx, val_idx = split_indices(data, "episodes", 0.25, 0)
-    resident = _Resident.build(
+    resident = Resident.build(
         data, invdyn.GaussianNormalizer.from_data(data.obs), train_idx, val_idx, torch.device("cpu")
     )
     config = small(batch_size=32)
@@ -439,8 +440,9 @@ def test_graph_step_never_reads_a_device_value_on_the_host(change):
     optimizer takes the tensor-LR kernel. The recorder does see such a read when there is one."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from pipeline.training.resident import Resident
     from pipeline.training.steps import GraphStep, WeightAverage
-    from pipeline.training.trainer import _build_model, _Resident
+    from pipeline.training.trainer import _build_model
 
     class Recorder(TorchDispatchMode):
         def __init__(self):
@@ -454,7 +456,7 @@ def test_graph_step_never_reads_a_device_value_on_the_host(change):
     data = linear_transitions()
     train_idx, val_idx = split_indices(data, "episodes", 0.2, 0)
     cpu = torch.device("cpu")
-    resident = _Resident.build(data, invdyn.GaussianNormalizer.from_data(data.obs), train_idx, val_idx, cpu)
+    resident = Resident.build(data, invdyn.GaussianNormalizer.from_data(data.obs), train_idx, val_idx, cpu)
     config = small(**change)
     net = _build_model(config, data, cpu)
     step = GraphStep(net, resident, config, 100, "fp32", WeightAverage(net, 0.999))

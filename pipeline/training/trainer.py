@@ -46,10 +46,9 @@ from pipeline.training.machine import (
     resolve_precision,
     resolve_step,
 )
+from pipeline.training.resident import EarlyStopping, Resident
 from pipeline.training.split import split_digest, split_indices
 from pipeline.training.steps import EagerStep, GraphStep, WeightAverage
-
-EVAL_CHUNK = 16384  # rows per forward pass when evaluating (bounds memory, not results)
 
 
 class TrainingError(InvdynError, RuntimeError):
@@ -65,94 +64,6 @@ class TrainResult:
     curve: list[dict]  # one record per evaluation (epoch, step, train_loss, val_mse, ...)
     config: TrainConfig
     split: dict = field(default_factory=dict)  # sizes and fingerprint of the train / held-out split
-
-
-class EarlyStopping:
-    """Stop after `patience` evaluations in a row that fail to beat the best value by more than
-    `min_delta`."""
-
-    def __init__(self, patience: int = 3, min_delta: float = 0.0):
-        self.patience, self.min_delta = int(patience), float(min_delta)
-        self.best = math.inf
-        self.best_at = None
-        self.bad_evals = 0
-
-    def update(self, value: float, at=None) -> bool:
-        """Record one evaluation; True when it is the new best."""
-        if value < self.best - self.min_delta:
-            self.best, self.best_at, self.bad_evals = float(value), at, 0
-            return True
-        self.bad_evals += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.bad_evals > 0 and self.bad_evals >= self.patience
-
-
-# ---------------------------------------------------------------- the loop
-
-
-@dataclass
-class _Resident:
-    """The dataset on the device, observations already normalized: what every step and evaluation reads."""
-
-    obs: torch.Tensor
-    next_obs: torch.Tensor
-    act: torch.Tensor
-    act_var: torch.Tensor  # per-dimension action variance over the dataset (0 -> 1), for normalized MSE
-    train_idx: torch.Tensor
-    val_idx: torch.Tensor
-
-    @classmethod
-    def build(cls, t: Transitions, normalizer: GaussianNormalizer, train_idx, val_idx, device) -> _Resident:
-        mean = torch.as_tensor(normalizer.mean, dtype=torch.float64)
-        std = torch.as_tensor(normalizer.std, dtype=torch.float64)
-
-        def normalized(a):
-            return ((torch.as_tensor(np.asarray(a, dtype=np.float64)) - mean) / std).float().to(device)
-
-        var = np.asarray(t.act, dtype=np.float64).var(0)
-        return cls(
-            normalized(t.obs),
-            normalized(t.next_obs),
-            torch.as_tensor(np.array(t.act, dtype=np.float32)).to(device),
-            torch.as_tensor(np.where(var > 0, var, 1.0), device=device),
-            torch.as_tensor(train_idx, device=device),
-            torch.as_tensor(val_idx, device=device),
-        )
-
-    def mse(self, net, idx, chunk=EVAL_CHUNK) -> tuple[float, float]:
-        """fp32 (action MSE, normalized action MSE) of `net` on rows `idx`, in eval mode, without
-        gradients."""
-        per_dim = self.per_dim_mse(net, idx, chunk)
-        return float(per_dim.mean()), float((per_dim / self.act_var).mean())
-
-    def per_dim_mse(self, net, idx, chunk=EVAL_CHUNK) -> torch.Tensor:
-        """fp32 MSE of each action dimension of `net` on rows `idx` (float64, on the device)."""
-        was_training = net.training
-        net.eval()
-        sq = torch.zeros(self.act.shape[1], dtype=torch.float64, device=self.act.device)
-        with torch.inference_mode():
-            for start in range(0, idx.shape[0], chunk):
-                rows = idx[start : start + chunk]
-                err = net(self.obs[rows], self.next_obs[rows]).float() - self.act[rows]
-                sq += (err.double() ** 2).sum(0)
-        net.train(was_training)
-        return sq / max(int(idx.shape[0]), 1)
-
-    def heldout_r2(self, net) -> list:
-        """R² of each action dimension on the held-out rows (None where the held-out actions are
-        constant)."""
-        var = self.act[self.val_idx].double().var(0, correction=0)
-        r2 = 1.0 - self.per_dim_mse(net, self.val_idx) / var
-        return [float(v) if w > 0 else None for v, w in zip(r2.tolist(), var.tolist(), strict=True)]
-
-    def baseline_mse(self) -> tuple[float, float]:
-        """(MSE, normalized MSE) of predicting the training split's mean action on the held-out rows."""
-        mean_act = self.act[self.train_idx].double().mean(0)
-        per_dim = ((self.act[self.val_idx].double() - mean_act) ** 2).mean(0)
-        return float(per_dim.mean()), float((per_dim / self.act_var).mean())
 
 
 def _build_model(config: TrainConfig, t: Transitions, device):
@@ -177,6 +88,49 @@ def _build_model(config: TrainConfig, t: Transitions, device):
         ) from None
 
 
+@dataclass
+class Prepared:
+    """A dataset made ready to train on: pairs, split, device and the resident tensors. `train` and
+    `pipeline.training.population` both start here and end in `finish`, so every model directory is
+    written, measured and split the same way."""
+
+    transitions: Transitions  # the (jump) pairs trained on
+    config: TrainConfig
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    device: torch.device
+    precision: str
+    threads: int
+    normalizer: GaussianNormalizer
+    data: Resident
+
+
+def prepare(transitions: Transitions, config: TrainConfig) -> Prepared:
+    """Check the config and data, cut the split and put the data on the device (before any file)."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    config.validate()
+    transitions = jump_pairs(transitions, config.jump)  # k = 1: the very same pairs (the object itself)
+    train_idx, val_idx = _checked_split(transitions, config)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    normalizer = GaussianNormalizer.from_data(transitions.obs)  # all observations, as CleanDiffuser
+    data = Resident.build(transitions, normalizer, train_idx, val_idx, device)
+    threads = config.threads or available_cpus()
+    return Prepared(transitions, config, train_idx, val_idx, device, precision, threads, normalizer, data)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` for the block, restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def train(
     transitions: Transitions,
     config: TrainConfig,
@@ -185,33 +139,52 @@ def train(
     on_eval=None,
     dataset_name=None,
     figures: bool = True,
+    resolved_extra: dict | None = None,
 ) -> TrainResult:
     """Train one IDM on `transitions`; write the kept model to `out_dir` (invdyn format) and return it.
 
     `on_eval(record)` is called at every evaluation with the learning-curve record (epoch, step,
     train_loss, val_mse, val_mse_normalized, best_val_mse, elapsed_s, train_time_s). With `figures`, the
     model directory also holds the card's PNGs (learning curve, held-out R² per action dimension).
+    `resolved_extra` joins params.json's `training.resolved` (the job records Ray's GPU ids there).
     """
     started = time.perf_counter()
-    if isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
-    config.validate()
-    transitions = jump_pairs(transitions, config.jump)  # k = 1: the very same pairs (the object itself)
-    train_idx, val_idx = _checked_split(transitions, config)
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    threads = config.threads or available_cpus()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        normalizer = GaussianNormalizer.from_data(transitions.obs)  # all observations, as CleanDiffuser
-        data = _Resident.build(transitions, normalizer, train_idx, val_idx, device)
-        net = _build_model(config, transitions, device)
-        with flush_denormals(device):
-            net, curve, stats = _fit(net, data, config, device, precision, on_eval, started)
-    finally:
-        torch.set_num_threads(old_threads)
+    prepared = prepare(transitions, config)
+    config = prepared.config
+    with torch_threads(prepared.threads):
+        net = _build_model(config, prepared.transitions, prepared.device)
+        with flush_denormals(prepared.device):
+            net, curve, stats = _fit(
+                net, prepared.data, config, prepared.device, prepared.precision, on_eval, started
+            )
+    return finish(
+        prepared,
+        net,
+        curve,
+        stats,
+        out_dir,
+        started=started,
+        dataset_name=dataset_name,
+        figures=figures,
+        resolved_extra=resolved_extra,
+    )
 
+
+def finish(
+    prepared: Prepared,
+    net,
+    curve: list[dict],
+    stats: dict,
+    out_dir,
+    *,
+    started: float,
+    dataset_name=None,
+    figures: bool = True,
+    resolved_extra: dict | None = None,
+) -> TrainResult:
+    """Measure the kept weights in fp32 and write the model directory; `stats` are `_fit`'s counters."""
+    transitions, config, data = prepared.transitions, prepared.config, prepared.data
+    train_idx, val_idx = prepared.train_idx, prepared.val_idx
     metrics = _final_metrics(net, data, curve, stats, started)
     split_info = {
         "train_transitions": int(train_idx.shape[0]),
@@ -221,13 +194,14 @@ def train(
     if config.split == "episodes":
         split_info["val_episodes"] = np.unique(transitions.episode[val_idx]).astype(int).tolist()
     resolved = {
-        "device": str(device),
-        "precision": precision,
+        "device": str(prepared.device),
+        "precision": prepared.precision,
         "step": stats["step"],
         "cuda_graph": stats["cuda_graph"],
-        "threads": threads,
+        "threads": prepared.threads,
         "torch": torch.__version__,
         "steps_per_epoch": stats["steps_per_epoch"],
+        **(resolved_extra or {}),
     }
     name = dataset_name or (
         jump_model_name(transitions.name, config.jump) if config.jump > 1 else transitions.name
@@ -244,7 +218,7 @@ def train(
     model_dir = save_model_dir(
         out_dir,
         net.cpu().float(),
-        normalizer,
+        prepared.normalizer,
         name=name,
         dataset=dataset,
         metrics=metrics,
@@ -258,7 +232,6 @@ def train(
 
 def _checked_split(transitions: Transitions, config: TrainConfig):
     """(train rows, held-out rows), after refusing a config or data that cannot train (before any file)."""
-    config.validate()
     n = len(transitions)
     if n == 0:
         raise TrainConfigError(f"dataset {transitions.name!r} has no transitions")
@@ -273,7 +246,7 @@ def _checked_split(transitions: Transitions, config: TrainConfig):
     return train_idx, val_idx
 
 
-def _final_metrics(net, data: _Resident, curve: list[dict], stats: dict, started: float) -> dict:
+def _final_metrics(net, data: Resident, curve: list[dict], stats: dict, started: float) -> dict:
     """What params.json reports: fp32 metrics of the kept weights, and where the time went."""
     heldout, heldout_norm = data.mse(net, data.val_idx)
     baseline, baseline_norm = data.baseline_mse()
@@ -299,7 +272,7 @@ def _final_metrics(net, data: _Resident, curve: list[dict], stats: dict, started
     }
 
 
-def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_eval, started):
+def _fit(net, data: Resident, config: TrainConfig, device, precision: str, on_eval, started):
     """The optimization loop; returns (net holding the kept weights, learning curve, counters)."""
     n_train = int(data.train_idx.shape[0])
     steps_per_epoch = math.ceil(n_train / config.batch_size)
@@ -379,7 +352,7 @@ def _fit(net, data: _Resident, config: TrainConfig, device, precision: str, on_e
     return net.eval(), curve, stats
 
 
-def _evaluate(net, data: _Resident, step, steps_per_epoch, train_loss, stopper, started, train_time) -> dict:
+def _evaluate(net, data: Resident, step, steps_per_epoch, train_loss, stopper, started, train_time) -> dict:
     epoch = step / steps_per_epoch
     epoch = int(epoch) if float(epoch).is_integer() else round(epoch, 4)
     where = f"epoch {math.ceil(step / steps_per_epoch)} (step {step})"
