@@ -216,6 +216,7 @@ def model_card(params: dict, figures=()) -> str:
     training = params.get("training") or {}
     arch = params.get("architecture") or {"name": "fancy_mlp"}
     lines = [
+        *model_index(params),
         f"# invdyn model: {name}",
         "",
         "Inverse dynamics model `a_t = I(s_t, s_{t+1})` in CleanDiffuser's format "
@@ -231,9 +232,17 @@ def model_card(params: dict, figures=()) -> str:
             lines.append(f"- {key}: {ds[key]}")
     lines += ["", "## Metrics", ""]
     if metrics:
+        if "test_mse" in metrics:
+            lines += [
+                "`test_*`: on the test episodes, which no choice (early stop, kept weights, search, "
+                "champion) read; `heldout_*`: on the validation episodes that made those choices.",
+                "",
+            ]
         lines += ["| metric | value |", "|---|---|"]
         lines += [
-            f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))
+            f"| {k} | {_fmt(v)} |"
+            for k, v in sorted(metrics.items(), key=_metric_order)
+            if not isinstance(v, (dict, list))
         ]
     else:
         lines.append("not trained by invdyn (no metrics recorded)")
@@ -264,6 +273,55 @@ def model_card(params: dict, figures=()) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+#: the metrics a card's model-index carries (Hugging Face model-card convention): key -> (type, name)
+INDEX_METRICS = {
+    "test_mse": ("mse", "test action MSE"),
+    "test_mse_normalized": ("normalized_mse", "test action MSE / action variance"),
+    "test_r2": ("r2", "test R² (mean over action dimensions)"),
+    "test_baseline_mse": ("baseline_mse", "test MSE of the mean training action"),
+    "one_step_error": ("one_step_error", "one-step state error (normalized RMSE)"),
+    "tracking_drift": ("tracking_drift", "closed-loop tracking drift (normalized RMSE)"),
+}
+
+
+def _metric_order(item) -> tuple:
+    """Test metrics first, then validation (heldout_*), then the rest, each alphabetical."""
+    key = item[0]
+    return (0 if key.startswith("test_") else 1 if key.startswith("heldout_") else 2, key)
+
+
+def model_index(params: dict) -> list[str]:
+    """The card's YAML front matter with a `model-index` of the test figures (none without test metrics), so
+    hubs and tools read them; the physics metrics join when an evaluation on the test part is attached."""
+    metrics = dict(params.get("metrics") or {})
+    if not isinstance(metrics.get("test_mse"), (int, float)):
+        return []
+    ev = params.get("evaluation") or {}
+    if ev.get("part") == "test":
+        metrics.update({k: ev.get(k) for k in ("one_step_error", "tracking_drift")})
+    name = json.dumps(str(params.get("name", "model")))
+    dataset = json.dumps(str((params.get("dataset") or {}).get("name", "unknown")))
+    lines = [
+        "---",
+        "library_name: invdyn",
+        "tags: [inverse-dynamics, offline-reinforcement-learning]",
+        "model-index:",
+        f"- name: {name}",
+        "  results:",
+        "  - task: {type: inverse-dynamics, name: Inverse dynamics}",
+        f"    dataset: {{name: {dataset}, type: {dataset}, split: test}}",
+        "    metrics:",
+    ]
+    for key, (kind, label) in INDEX_METRICS.items():
+        value = metrics.get(key)
+        if key == "tracking_drift" and ev.get("horizon"):
+            label = f"{label} at horizon {ev['horizon']}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            label = json.dumps(label, ensure_ascii=False)
+            lines.append(f"    - {{type: {kind}, value: {float(value)!r}, name: {label}}}")
+    return [*lines, "---", ""]
 
 
 def _fmt(v) -> str:

@@ -83,7 +83,7 @@ def test_loop_stops_at_best_plus_patience_and_keeps_best_weights(tmp_path):
     assert m["heldout_mse"] < vals[-1]
     # recompute from the saved directory on the re-created held-out split
     model = invdyn.read_model_dir(result.model_dir)
-    _, val_idx = split_from_training(data, model.params["training"])
+    _, val_idx, _ = split_from_training(data, model.params["training"])
     pred = model.predict(data.obs[val_idx], data.next_obs[val_idx])
     assert float(((pred - data.act[val_idx]) ** 2).mean()) == pytest.approx(m["heldout_mse"], rel=1e-4)
 
@@ -112,10 +112,10 @@ def test_zero_learning_rate_stops_after_patience(tmp_path):
 
 
 def test_eval_every_steps(tmp_path):
-    data = linear_transitions()  # 800 training rows -> 13 steps per epoch at batch 64
+    data = linear_transitions()  # 700 training rows (14 of 20 episodes) -> 11 steps per epoch at batch 64
     result = train(data, small(eval_every=5, max_epochs=2, patience=100), tmp_path / "m")
-    assert [r["step"] for r in result.curve] == [5, 10, 15, 20, 25, 26]
-    assert result.curve[-1]["epoch"] == 2 and result.metrics["steps"] == 26
+    assert [r["step"] for r in result.curve] == [5, 10, 15, 20, 22]
+    assert result.curve[-1]["epoch"] == 2 and result.metrics["steps"] == 22
 
 
 # ---------------------------------------------------------------- split
@@ -184,20 +184,21 @@ def test_learns_on_simulated_halfcheetah_and_loads(sim_files, tmp_path):
     assert params["dataset"]["name"] == "sim-halfcheetah-random-v0"
     assert params["dataset"]["transitions"] == len(data) and params["dataset"]["obs_dim"] == 17
     assert params["dataset"]["sha256"] == data.sha256
-    assert params["training"]["split"] == "episodes" and params["training"]["split_info"]["val_episodes"]
+    assert params["training"]["split_kind"] == "episodes" and params["training"]["split_info"]["val_episodes"]
+    assert params["training"]["split"]["test_episodes"] > 0
     assert len(params["learning_curve"]) == m["epochs"]
     # all observations' statistics, like CleanDiffuser
     assert np.allclose(params["normalizers"]["state"]["mean"], data.obs.astype(np.float64).mean(0))
 
     model = invdyn.load("sim-halfcheetah-random-v0", source=result.model_dir)
-    _, val_idx = split_from_training(data, model.params["training"])
+    _, val_idx, _ = split_from_training(data, model.params["training"])
     pred = model.predict(data.obs[val_idx], data.next_obs[val_idx])
     assert float(((pred - data.act[val_idx]) ** 2).mean()) == pytest.approx(m["heldout_mse"], rel=1e-4)
 
 
 def test_split_from_training_detects_other_data():
     data = linear_transitions()
-    training = {**small().to_dict(), "split_info": {"val_digest": "0123456789abcdef"}}
+    training = {**small().to_dict(), "test_fraction": 0.0, "split_info": {"val_digest": "0123456789abcdef"}}
     with pytest.raises(TrainConfigError, match="differs from the one the model was trained with"):
         split_from_training(data, training)
 
@@ -211,7 +212,7 @@ def test_split_from_training_detects_other_data():
         ({"hidden_dim": 0}, "hidden_dim must be a positive integer, got 0"),
         ({"arch": "transformer"}, "arch='transformer' is not a known architecture"),
         ({"optimizer": "sgd"}, r"optimizer='sgd' is not one of \['adam', 'adamw'\]"),
-        ({"batch_size": 801}, "batch_size=801 is larger than the training split \\(800 of 1000"),
+        ({"batch_size": 701}, "batch_size=701 is larger than the training split \\(700 of 1000"),
         ({"val_fraction": 1.0}, "val_fraction must be in"),
         ({"dropout": -0.1}, "dropout must be in"),
         ({"lr": float("nan")}, "lr must be a finite number"),

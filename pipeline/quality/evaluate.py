@@ -1,11 +1,13 @@
-"""Evaluate an IDM on the held-out episodes of a dataset: action errors, and what its actions do in MuJoCo:
-`python -m pipeline.evaluate MODEL DATASET [--json] [--horizon H]`.
+"""Evaluate an IDM on the test (or validation) episodes of a dataset: action errors, and what its actions
+do in MuJoCo: `python -m pipeline.evaluate MODEL DATASET [--json] [--part test|val] [--horizon H]`.
 
 MODEL is a model directory, a bundle (.zip path or URL), an MLflow `models:/...` URI or a model name in
-the invdyn cache; DATASET anything `pipeline.data.sources.load_transitions` accepts. The held-out rows are
-the validation split the model was trained with (re-derived from params.json["training"]), so nothing
-the weights were fitted on is scored. Physics metrics (see pipeline.sim.physics) are null, with a reason,
-when the dataset has no recorded simulator state or no known environment.
+the invdyn cache; DATASET anything `pipeline.data.sources.load_transitions` accepts. The scored rows are a
+part of the split the model was trained with (re-derived from params.json["training"]): the command scores
+the test part by default (the validation part for a model trained before test parts), `evaluate()` the
+validation part unless told, because its callers choose between models (no choice may read test rows).
+Physics metrics (see pipeline.sim.physics) run on the same part and are null, with a reason, when the
+dataset has no recorded simulator state or no known environment.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from invdyn.errors import InvdynError, ShapeError
 from invdyn.settings import dataset_model_name
 from pipeline.data.transitions import jump_pairs
 from pipeline.dataclass_cli import add_options, from_namespace
-from pipeline.quality.metrics import HEADLINE, fmt_number
+from pipeline.quality.evaluation_card import attach_evaluation, card_section, format_table  # noqa: F401
+from pipeline.quality.metrics import HEADLINE
+
+PARTS = ("test", "val")
 
 
 @dataclass
@@ -54,12 +59,16 @@ def check_dims(model, transitions) -> None:
         )
 
 
-def heldout_rows(transitions, params: dict) -> tuple[np.ndarray, np.ndarray, str]:
-    """(train rows, held-out rows, description): the split recorded in params.json["training"].
+def heldout_rows(transitions, params: dict, part: str | None = "val") -> tuple[np.ndarray, np.ndarray, str]:
+    """(train rows, scored rows, description): `part` ("test" or "val"; None: test when the model has a
+    test part, else val) of the split recorded in params.json["training"]. The description starts with the
+    part's name: "test", "val" or "all".
 
     A model that records no split (e.g. a CleanDiffuser download) is scored on every row, and the
-    description says so.
+    description says so; asking a two-part model (trained before test parts) for "test" is refused.
     """
+    if part not in (*PARTS, None):
+        raise EvaluationError(f"part must be one of {list(PARTS)}, got {part!r}")
     training = (params or {}).get("training") or {}
     trained_on = ((params or {}).get("dataset") or {}).get("sha256")
     everything = np.arange(len(transitions))
@@ -71,10 +80,23 @@ def heldout_rows(transitions, params: dict) -> tuple[np.ndarray, np.ndarray, str
             everything,
             "all rows (the model was trained on other data: dataset sha256 differs)",
         )
-    from pipeline.training.split import split_from_training
+    from pipeline.training.split import split_from_training, split_settings
 
-    train, val = split_from_training(transitions, training)
-    return np.asarray(train), np.asarray(val), f"validation split of training ({training['split']})"
+    train, val, test = (np.asarray(p) for p in split_from_training(transitions, training))
+    kind = split_settings(training)[0]
+    if part == "test" and not len(test):
+        raise EvaluationError(
+            f"model {params.get('name')!r} was trained without a test part (before three-way splits, or with "
+            "test_fraction 0): evaluate --part val, or retrain it"
+        )
+    if part == "test" or (part is None and len(test)):
+        return train, test, f"test part of the training split ({kind}; no choice read it)"
+    return train, val, f"validation part of the training split ({kind})"
+
+
+def part_of(description: str) -> str:
+    """ "test", "val" or "all": the part a `heldout_rows` description names."""
+    return description.split(" ", 1)[0].replace("validation", "val")
 
 
 def action_metrics(pred: np.ndarray, act: np.ndarray, mean_action: np.ndarray, act_var: np.ndarray) -> dict:
@@ -104,11 +126,13 @@ def evaluate(
     tracking_starts: int = EvalConfig.starts,
     seed: int = EvalConfig.seed,
     progress: bool = False,
+    part: str | None = "val",
 ) -> dict:
-    """All metrics of `model` (a PretrainedIDM) on the held-out rows of `transitions`, as a JSON-able dict.
+    """All metrics of `model` (a PretrainedIDM) on `part` of `transitions` (see `heldout_rows`; "val" by
+    default: a caller that chooses must never read test rows), as a JSON-able dict that says the part.
 
-    `rows` = (train rows, held-out rows, description) overrides the split recorded in the model (the bench
-    uses it to score several models on the same held-out episodes).
+    `rows` = (train rows, scored rows, description) overrides the split recorded in the model (the bench
+    uses it to score several models on the same test episodes).
     """
     from pipeline.sim.physics import physics_metrics
 
@@ -117,12 +141,12 @@ def evaluate(
     transitions = jump_pairs(transitions, jump)  # the (s_t, s_{t+k}) pairs it learned; k = 1: as they are
     if horizon < 1:
         raise EvaluationError(f"--horizon must be >= 1, got {horizon}")
-    train, held, held_desc = rows if rows is not None else heldout_rows(transitions, model.params)
+    train, held, held_desc = rows if rows is not None else heldout_rows(transitions, model.params, part)
     if len(held) == 0:
         raise EvaluationError(f"dataset {transitions.name!r}: the held-out split is empty")
     act = transitions.act.astype(np.float64)
     mean_action = act[train].mean(0)
-    act_var = act.var(0)
+    act_var = act.var(0) if part_of(held_desc) == "all" else _fit_variance(transitions, model.params, act)
     act_var = np.where(act_var > 0, act_var, 1.0)
 
     def predict(obs, next_obs):
@@ -132,6 +156,7 @@ def evaluate(
     result = {
         "model": model.name,
         "dataset": transitions.name,
+        "part": part_of(held_desc),
         "heldout": held_desc,
         "heldout_transitions": int(len(held)),
         "heldout_episodes": int(len(np.unique(transitions.episode[held]))),
@@ -162,6 +187,17 @@ def evaluate(
     else:
         result.update({k: None for k in HEADLINE[3:]}, physics_reason="physics not requested")
     return _finite(result)
+
+
+def _fit_variance(transitions, params: dict, act: np.ndarray) -> np.ndarray:
+    """Per-dimension action variance over the rows a choice may read (train + val), as training's."""
+    from pipeline.training.split import split_from_training
+
+    training = (params or {}).get("training") or {}
+    if not training.get("split"):
+        return act.var(0)
+    train, val, test = split_from_training(transitions, training)
+    return act[np.concatenate([train, val])].var(0) if len(test) else act.var(0)
 
 
 def model_jump(params: dict) -> int:
@@ -214,123 +250,6 @@ def dataset_name(spec: str) -> str:
     return entry["name"] if entry else Path(spec).stem
 
 
-def card_section(result: dict) -> dict:
-    """What goes into params.json["evaluation"]: the headline metrics, drift curves and provenance."""
-    keep = (
-        *HEADLINE,
-        "horizon",
-        "dataset",
-        "heldout",
-        "heldout_transitions",
-        "heldout_episodes",
-        "env_id",
-        "reference",
-        "physics_reason",
-        "per_dim_mse",
-        "per_dim_r2",
-        "drift_per_step",
-        "baseline_drift_per_step",
-    )
-    return {k: result.get(k) for k in keep if k in result}
-
-
-def attach_evaluation(model_dir, result: dict) -> Path:
-    """Write `result` into the model directory's params.json ("evaluation"), its R² figure and its model
-    card, atomically.
-
-    The weights file is copied byte for byte (its checksum in params.json stays valid); readers see the
-    old directory or the new one, never a mix.
-    """
-    import shutil
-
-    from invdyn._files import atomic_dir, write_json
-    from invdyn.model_dir import CARD_FILE, PARAMS_FILE, card_figures, read_params
-    from pipeline.training.figures import card_figures as draw_figures
-
-    model_dir = Path(model_dir)
-    params = read_params(model_dir / PARAMS_FILE)
-    params["evaluation"] = card_section(result)
-    # the evaluation's R² replaces training's (the same held-out rows, unless the data changed)
-    figures = draw_figures(per_dim_r2=result.get("per_dim_r2"), name=params.get("name", ""))
-    with atomic_dir(model_dir) as tmp:
-        for item in model_dir.iterdir():
-            if item.name not in (PARAMS_FILE, CARD_FILE, *figures) and item.is_file():
-                shutil.copy2(item, tmp / item.name)
-        for name, png in figures.items():
-            (tmp / name).write_bytes(png)
-        write_json(tmp / PARAMS_FILE, params)
-        (tmp / CARD_FILE).write_text(model_card_with_evaluation(params, card_figures(tmp)))
-    return model_dir
-
-
-def model_card_with_evaluation(params: dict, figures=()) -> str:
-    """invdyn's model card (linking `figures`) plus an "Evaluation" section (held-out and MuJoCo
-    metrics)."""
-    from invdyn.model_dir import model_card
-
-    card = model_card(params, figures).rstrip("\n")
-    ev = params.get("evaluation") or {}
-    lines = [
-        "",
-        "",
-        "## Evaluation",
-        "",
-        f"On `{ev.get('dataset')}`, {ev.get('heldout')}: {ev.get('heldout_transitions')} transitions, "
-        f"{ev.get('heldout_episodes')} episodes. Physics in `{ev.get('env_id') or 'n/a'}`, "
-        f"horizon {ev.get('horizon')}"
-        + (f" ({ev['physics_reason']})" if ev.get("physics_reason") else "")
-        + ".",
-        "",
-        "| metric | model | mean-action baseline | recorded action (floor) |",
-        "|---|---|---|---|",
-        f"| action MSE | {fmt_number(ev.get('heldout_mse'))} | {fmt_number(ev.get('baseline_mse'))} | 0 |",
-        f"| one-step state error (normalized RMSE) | {fmt_number(ev.get('one_step_error'))} | "
-        f"{fmt_number(ev.get('one_step_baseline'))} | {fmt_number(ev.get('one_step_floor'))} |",
-        f"| tracking drift at H (normalized RMSE) | {fmt_number(ev.get('tracking_drift'))} | "
-        f"{fmt_number(ev.get('tracking_baseline'))} | {fmt_number(ev.get('tracking_floor'))} |",
-        "",
-    ]
-    return card + "\n".join(lines)
-
-
-def format_table(result: dict) -> str:
-    """The human-readable summary printed without --json."""
-    rows = [
-        ("held-out action MSE", result.get("heldout_mse"), result.get("baseline_mse"), None),
-        (
-            "held-out action MSE / variance",
-            result.get("heldout_mse_normalized"),
-            result.get("baseline_mse_normalized"),
-            None,
-        ),
-        (
-            "one-step state error",
-            result.get("one_step_error"),
-            result.get("one_step_baseline"),
-            result.get("one_step_floor"),
-        ),
-        (
-            f"tracking drift at {result['horizon']}" if result.get("horizon") else "tracking drift",
-            result.get("tracking_drift"),
-            result.get("tracking_baseline"),
-            result.get("tracking_floor"),
-        ),
-    ]
-    out = [
-        f"model {result.get('model')!r} on {result.get('dataset')!r}: {result.get('heldout')}, "
-        f"{result.get('heldout_transitions')} transitions / {result.get('heldout_episodes')} episodes",
-        f"{'metric':32} {'model':>12} {'mean action':>12} {'recorded':>12}",
-    ]
-    out += [
-        f"{name:32} {fmt_number(m):>12} {fmt_number(b):>12} {fmt_number(f):>12}" for name, m, b, f in rows
-    ]
-    if result.get("physics_reason"):
-        out.append(f"physics metrics: n/a ({result['physics_reason']})")
-    r2 = ", ".join(fmt_number(v) for v in result.get("per_dim_r2") or [])
-    out.append(f"per-dim R^2: {r2}")
-    return "\n".join(out)
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate",
@@ -341,6 +260,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("dataset", metavar="DATASET", help="dataset name, path or minari:<id>")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    ap.add_argument(
+        "--part",
+        choices=PARTS,
+        default=None,
+        help="episodes to score: test (default; val for a model trained before test parts) or val",
+    )
     add_options(ap, EvalConfig)
     ap.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of the sampled states")
     ap.add_argument("--no-physics", action="store_true", help="skip the MuJoCo metrics")
@@ -375,6 +300,7 @@ def main(argv=None, *, log_evaluation=None) -> int:
             tracking_starts=config.starts,
             seed=config.seed,
             progress=not args.json and sys.stderr.isatty(),
+            part=args.part,
         )
         if args.attach:
             attach_evaluation(model.path, result)

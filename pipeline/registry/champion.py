@@ -72,9 +72,30 @@ def protocol(training: dict | None) -> tuple[str, str]:
     training = training if isinstance(training, dict) else {}
     if not training.get("split"):
         return "", UNRECORDED
-    used = {k: training[k] for k in PROTOCOL_KEYS if k in training}
+    used = _protocol_fields(training)
     digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
     return digest, " ".join(f"{k}={used[k]}" for k in PROTOCOL_KEYS if k in used)
+
+
+def _protocol_fields(training: dict) -> dict:
+    """PROTOCOL_KEYS' values: a two-part model's as recorded (so its digest is the one it was registered
+    with); a three-part one's from its split record (params.json) or config (`split_seed`, else `seed`), so
+    members trained on one split with different init seeds share a protocol."""
+    split = training.get("split")
+    if not isinstance(split, dict) and "test_fraction" not in training:
+        return {k: training[k] for k in PROTOCOL_KEYS if k in training}
+    if isinstance(split, dict):
+        kind, val, test, seed = (
+            split.get("kind"),
+            split.get("val_fraction"),
+            split.get("test_fraction"),
+            split.get("seed"),
+        )
+    else:
+        seed = training.get("split_seed")
+        kind, val, test = split, training.get("val_fraction"), training.get("test_fraction")
+        seed = training.get("seed") if seed is None else seed
+    return {"split": kind, "val_fraction": val, "test_fraction": test, "seed": seed}
 
 
 def _recorded(version) -> tuple[str, str]:

@@ -137,11 +137,13 @@ def _find_or_create(client: MlflowClient, uri: str, name: str, record: dict, mod
             for key, value in sorted(eval_tags.items()):
                 client.set_model_version_tag(name, str(version.version), key, value)
         return version, False
-    training = read_params(model_dir / PARAMS_FILE).get("training")
+    params = read_params(model_dir / PARAMS_FILE)
+    training = params.get("training")
     digest, desc = champion.protocol(training if (training or {}).get("split") else record.get("config"))
     source, run_id = source_for(client, uri, record, model_dir, sha)
     baseline = finite(record.get("baseline_mse"))
     tags = {
+        **test_tags(params.get("metrics") or {}),  # first: the figures no choice read
         "dataset": record["dataset"],
         "dataset_sha256": str(record.get("sha256") or record.get("dataset_sha256") or ""),
         "heldout_mse": repr(float(record["heldout_mse"])),
@@ -162,6 +164,15 @@ def _find_or_create(client: MlflowClient, uri: str, name: str, record: dict, mod
     return version, True
 
 
+#: the test-episode metrics a version carries as tags (from its params.json), before anything else
+TEST_TAGS = ("test_mse", "test_mse_normalized", "test_r2", "test_baseline_mse")
+
+
+def test_tags(metrics: dict) -> dict:
+    """{tag: repr(value)} of the finite test metrics in params.json "metrics" (none: a two-part model)."""
+    return {k: repr(finite(metrics.get(k))) for k in TEST_TAGS if finite(metrics.get(k)) is not None}
+
+
 def _summarize_in_parent(client: MlflowClient, run_id: str, name: str, version, is_champion: bool) -> None:
     """Show the dataset's outcome on its parent run (the row a user sees first in the experiment)."""
     try:
@@ -172,7 +183,8 @@ def _summarize_in_parent(client: MlflowClient, run_id: str, name: str, version, 
         metrics = [
             Metric(k, float(version.tags[k]), now, 0)
             for k in sorted(version.tags)
-            if (k in ("heldout_mse", "baseline_mse") or k.startswith("eval.")) and version.tags.get(k)
+            if (k in ("heldout_mse", "baseline_mse", *TEST_TAGS) or k.startswith("eval."))
+            and version.tags.get(k)
         ]
         tags = [
             RunTag("registered_model", name),

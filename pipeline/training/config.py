@@ -60,9 +60,17 @@ class TrainConfig:
     split: str = _option(
         "episodes", "held-out set: whole episodes or random transitions (CleanDiffuser)", SPLITS
     )
-    val_fraction: float = _option(0.2, "share of episodes (or transitions) held out")
+    val_fraction: float = _option(
+        0.15,
+        "share of episodes (or transitions) in the validation part: early stopping, best weights, choices",
+    )
+    test_fraction: float = _option(
+        0.15,
+        "share of episodes (or transitions) in the test part: only reported, never chosen on; 0 = none",
+    )
     keep: str = _option("best", "weights to save: best on validation or last (CleanDiffuser)", KEEPS)
-    seed: int = _option(0, "seed of the split, the initial weights and the batches")
+    seed: int = _option(0, "seed of the initial weights and the batches (and of the split unless split_seed)")
+    split_seed: int | None = _option(None, "seed of the train / validation / test split (default: seed)")
     jump: int = _option(
         1, "k: learn a_t from (s_t, s_{t+k}), pairs k steps apart within an episode; 1 = the one-step IDM"
     )
@@ -115,9 +123,9 @@ class TrainConfig:
                 continue
             if not _is_int(value) or value <= 0:
                 raise TrainConfigError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("patience", "min_epochs", "seed"):
+        for key in ("patience", "min_epochs", "seed", "split_seed"):
             value = getattr(self, key)
-            if value is None and key == "min_epochs":
+            if value is None and key in ("min_epochs", "split_seed"):
                 continue
             if not _is_int(value) or value < 0:
                 raise TrainConfigError(f"{key} must be an integer >= 0, got {value!r}")
@@ -129,6 +137,15 @@ class TrainConfig:
             raise TrainConfigError(f"dropout must be in [0.0, 1.0), got {self.dropout!r}")
         if not (_is_number(self.val_fraction) and 0.0 < self.val_fraction < 1.0):
             raise TrainConfigError(f"val_fraction must be in (0.0, 1.0), got {self.val_fraction!r}")
+        if not (_is_number(self.test_fraction) and 0.0 <= self.test_fraction < 1.0):
+            raise TrainConfigError(
+                f"test_fraction must be in [0.0, 1.0) (0 = no test part), got {self.test_fraction!r}"
+            )
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise TrainConfigError(
+                f"val_fraction + test_fraction must leave rows to train on, got {self.val_fraction} + "
+                f"{self.test_fraction}"
+            )
         for key in ("lr", "weight_decay", "min_delta"):
             value = getattr(self, key)
             if not (_is_number(value) and math.isfinite(value) and value >= 0):
@@ -137,6 +154,11 @@ class TrainConfig:
             raise TrainConfigError(
                 f"action_scale must be a positive number or None, got {self.action_scale!r}"
             )
+
+    def resolved_split_seed(self) -> int:
+        """The seed the split is cut with: `split_seed`, else `seed` (members of one split may differ in
+        seed)."""
+        return int(self.seed if self.split_seed is None else self.split_seed)
 
     def resolved_min_epochs(self) -> int:
         """The first epoch early stopping may end: as set, or half of a cosine schedule (its noisy

@@ -51,7 +51,7 @@ def write_ensemble(out, member_dirs, *, transitions=None) -> Path:
         write_json(tmp / PARAMS_FILE, params)
         (tmp / CARD_FILE).write_text(model_card(params, card_figures(tmp)))
     if transitions is not None:
-        train_idx, val_idx = split_from_training(transitions, members[0].params.get("training") or {})
+        train_idx, val_idx, _ = split_from_training(transitions, members[0].params.get("training") or {})
         calibrate(out, transitions, train_idx, val_idx)
     return out
 

@@ -1,5 +1,6 @@
 """What every step and evaluation reads: the dataset resident on the device (observations normalized
-once), its fp32 metrics, and the early-stopping rule that watches them."""
+once), its fp32 metrics, and the early-stopping rule that watches them. Nothing a choice reads (the action
+variance of the normalized MSE, the validation metrics) is computed from test rows."""
 
 from __future__ import annotations
 
@@ -45,19 +46,27 @@ class Resident:
     obs: torch.Tensor
     next_obs: torch.Tensor
     act: torch.Tensor
-    act_var: torch.Tensor  # per-dimension action variance over the dataset (0 -> 1), for normalized MSE
+    act_var: torch.Tensor  # per-dimension action variance over train + val rows (0 -> 1), for normalized MSE
     train_idx: torch.Tensor
     val_idx: torch.Tensor
+    test_idx: torch.Tensor  # only reported (finish's test_* metrics), never read while training
 
     @classmethod
-    def build(cls, t: Transitions, normalizer: GaussianNormalizer, train_idx, val_idx, device) -> Resident:
+    def build(
+        cls, t: Transitions, normalizer: GaussianNormalizer, train_idx, val_idx, device, test_idx=None
+    ) -> Resident:
+        """Observations normalized with `normalizer` (the whole dataset's, as a planner's); actions as
+        stored."""
         mean = torch.as_tensor(normalizer.mean, dtype=torch.float64)
         std = torch.as_tensor(normalizer.std, dtype=torch.float64)
 
         def normalized(a):
             return ((torch.as_tensor(np.asarray(a, dtype=np.float64)) - mean) / std).float().to(device)
 
-        var = np.asarray(t.act, dtype=np.float64).var(0)
+        # the variance of the rows a choice may read: test actions must not move a validation number
+        fit_rows = np.sort(np.concatenate([np.asarray(train_idx), np.asarray(val_idx)]))
+        var = np.asarray(t.act[fit_rows], dtype=np.float64).var(0)
+        test_idx = np.zeros(0, np.int64) if test_idx is None else test_idx
         return cls(
             normalized(t.obs),
             normalized(t.next_obs),
@@ -65,6 +74,7 @@ class Resident:
             torch.as_tensor(np.where(var > 0, var, 1.0), device=device),
             torch.as_tensor(train_idx, device=device),
             torch.as_tensor(val_idx, device=device),
+            torch.as_tensor(test_idx, dtype=torch.int64, device=device),
         )
 
     def mse(self, net, idx, chunk=EVAL_CHUNK) -> tuple[float, float]:
@@ -86,15 +96,18 @@ class Resident:
         net.train(was_training)
         return sq / max(int(idx.shape[0]), 1)
 
-    def heldout_r2(self, net) -> list:
-        """R² of each action dimension on the held-out rows (None where the held-out actions are
+    def heldout_r2(self, net, idx=None) -> list:
+        """R² of each action dimension on rows `idx` (default: validation; None where those actions are
         constant)."""
-        var = self.act[self.val_idx].double().var(0, correction=0)
-        r2 = 1.0 - self.per_dim_mse(net, self.val_idx) / var
+        idx = self.val_idx if idx is None else idx
+        var = self.act[idx].double().var(0, correction=0)
+        r2 = 1.0 - self.per_dim_mse(net, idx) / var
         return [float(v) if w > 0 else None for v, w in zip(r2.tolist(), var.tolist(), strict=True)]
 
-    def baseline_mse(self) -> tuple[float, float]:
-        """(MSE, normalized MSE) of predicting the training split's mean action on the held-out rows."""
+    def baseline_mse(self, idx=None) -> tuple[float, float]:
+        """(MSE, normalized MSE) of predicting the training split's mean action on rows `idx` (default:
+        validation)."""
+        idx = self.val_idx if idx is None else idx
         mean_act = self.act[self.train_idx].double().mean(0)
-        per_dim = ((self.act[self.val_idx].double() - mean_act) ** 2).mean(0)
+        per_dim = ((self.act[idx].double() - mean_act) ** 2).mean(0)
         return float(per_dim.mean()), float((per_dim / self.act_var).mean())

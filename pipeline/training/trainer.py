@@ -4,14 +4,17 @@ Plain PyTorch (no Ray, no Lightning); Ray Train and Tune only wrap `train`. Why 
 observations are normalized and kept on the device once, batches are gathers by random index (no
 per-item DataLoader), Adam is the fused kernel, bf16 autocast runs on CPUs with native bf16, the
 loss is only read back at evaluations (no per-step device sync), and on a GPU the whole step is replayed
-as one CUDA graph (`pipeline.training.steps`). Why it is honest: by default the held-out set is whole
-episodes (`pipeline.training.split`), so neighbours of a validation transition never appear in training,
-and every metric reported is computed in fp32 on the weights that are saved (the per-epoch validation
-that early stopping watches runs in the training precision, as the steps do).
+as one CUDA graph (`pipeline.training.steps`). Why it is honest: by default the data is cut into whole
+train / validation / test episodes (`pipeline.training.split`), so neighbours of a validation or test
+transition never appear in training; validation decides everything (early stop, kept weights, and later
+the search and the champion), the test part is only measured at the end (`test_*` metrics), and nothing
+that decides reads a test action. Every metric reported is computed in fp32 on the weights that are saved
+(the per-epoch validation that early stopping watches runs in the training precision, as the steps do).
 
-Units: `val_mse` / `heldout_mse` is the MSE of actions as stored (what CleanDiffuser reports as its
-validation loss); `*_normalized` divides each action dimension's squared error by that dimension's
-variance over the dataset (1.0 = no better than predicting the mean). Early stopping watches `val_mse`;
+Units: `val_mse` / `heldout_mse` is the validation MSE of actions as stored (what CleanDiffuser reports as
+its validation loss; the name predates the test part), `test_mse` the same on the test episodes;
+`*_normalized` divides each action dimension's squared error by that dimension's variance over the
+train + validation rows (1.0 = no better than predicting the mean). Early stopping watches `val_mse`;
 `patience` counts evaluations without an improvement larger than `min_delta`; no early stop happens
 before `min_epochs` (default: half the epochs under a cosine schedule, else 0: early in a cosine
 schedule the learning rate is high and the validation MSE noisy enough to stop a run that the rest of
@@ -47,7 +50,7 @@ from pipeline.training.machine import (
     resolve_step,
 )
 from pipeline.training.resident import EarlyStopping, Resident
-from pipeline.training.split import split_digest, split_indices
+from pipeline.training.split import split_digest, split_parts, split_record
 from pipeline.training.steps import EagerStep, GraphStep, WeightAverage
 
 
@@ -66,11 +69,18 @@ class TrainResult:
     split: dict = field(default_factory=dict)  # sizes and fingerprint of the train / held-out split
 
 
-def _build_model(config: TrainConfig, t: Transitions, device):
-    """The network, seeded; tanh output scaled by `action_scale` (1.0 for actions in [-1, 1], like
-    CleanDiffuser)."""
+def build_net(prepared: Prepared):
+    """The network `prepared` trains, seeded with `config.seed`; its tanh scale never reads a test action."""
+    return _build_model(prepared.config, prepared.transitions, prepared.device, prepared.action_scale)
+
+
+def _build_model(config: TrainConfig, t: Transitions, device, action_scale: float | None = None):
+    """The network, seeded; tanh output scaled by `config.action_scale`, else `action_scale`, else max |act|
+    of `t` (1.0 for actions in [-1, 1], like CleanDiffuser). `build_net` passes the train + val rows' max."""
     torch.manual_seed(config.seed)
-    scale = config.action_scale or (max(1.0, float(np.abs(t.act).max())) if t.act.size else 1.0)
+    if action_scale is None:
+        action_scale = max(1.0, float(np.abs(t.act).max())) if t.act.size else 1.0
+    scale = config.action_scale or action_scale
     model_config = {
         "obs_dim": t.obs_dim,
         "act_dim": t.act_dim,
@@ -103,6 +113,8 @@ class Prepared:
     threads: int
     normalizer: GaussianNormalizer
     data: Resident
+    test_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # reported, never chosen on
+    action_scale: float = 1.0  # the tanh scale when config.action_scale is unset: from train + val actions
 
 
 def prepare(transitions: Transitions, config: TrainConfig) -> Prepared:
@@ -111,13 +123,17 @@ def prepare(transitions: Transitions, config: TrainConfig) -> Prepared:
         config = TrainConfig.from_dict(config)
     config.validate()
     transitions = jump_pairs(transitions, config.jump)  # k = 1: the very same pairs (the object itself)
-    train_idx, val_idx = _checked_split(transitions, config)
+    train_idx, val_idx, test_idx = _checked_split(transitions, config)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     normalizer = GaussianNormalizer.from_data(transitions.obs)  # all observations, as CleanDiffuser
-    data = Resident.build(transitions, normalizer, train_idx, val_idx, device)
+    data = Resident.build(transitions, normalizer, train_idx, val_idx, device, test_idx)
     threads = config.threads or available_cpus()
-    return Prepared(transitions, config, train_idx, val_idx, device, precision, threads, normalizer, data)
+    fit_act = transitions.act[np.concatenate([train_idx, val_idx])]
+    scale = max(1.0, float(np.abs(fit_act).max())) if fit_act.size else 1.0
+    return Prepared(
+        transitions, config, train_idx, val_idx, device, precision, threads, normalizer, data, test_idx, scale
+    )
 
 
 @contextlib.contextmanager
@@ -152,7 +168,7 @@ def train(
     prepared = prepare(transitions, config)
     config = prepared.config
     with torch_threads(prepared.threads):
-        net = _build_model(config, prepared.transitions, prepared.device)
+        net = build_net(prepared)
         with flush_denormals(prepared.device):
             net, curve, stats = _fit(
                 net, prepared.data, config, prepared.device, prepared.precision, on_eval, started
@@ -184,15 +200,23 @@ def finish(
 ) -> TrainResult:
     """Measure the kept weights in fp32 and write the model directory; `stats` are `_fit`'s counters."""
     transitions, config, data = prepared.transitions, prepared.config, prepared.data
-    train_idx, val_idx = prepared.train_idx, prepared.val_idx
+    train_idx, val_idx, test_idx = prepared.train_idx, prepared.val_idx, prepared.test_idx
     metrics = _final_metrics(net, data, curve, stats, started)
-    split_info = {
+    split = split_record(
+        transitions,
+        config.split,
+        config.val_fraction,
+        config.test_fraction,
+        config.resolved_split_seed(),
+        (train_idx, val_idx, test_idx),
+    )
+    split_info = {  # the sizes older readers look for (format 1's two-part split)
         "train_transitions": int(train_idx.shape[0]),
         "val_transitions": int(val_idx.shape[0]),
         "val_digest": split_digest(val_idx),
     }
     if config.split == "episodes":
-        split_info["val_episodes"] = np.unique(transitions.episode[val_idx]).astype(int).tolist()
+        split_info["val_episodes"] = split["val_episode_ids"]
     resolved = {
         "device": str(prepared.device),
         "precision": prepared.precision,
@@ -215,6 +239,8 @@ def finish(
         "act_dim": transitions.act_dim,
     }
     r2 = data.heldout_r2(net)
+    test_r2 = data.heldout_r2(net, data.test_idx) if len(test_idx) else None
+    metrics["test_r2"] = _mean_or_none(test_r2)
     model_dir = save_model_dir(
         out_dir,
         net.cpu().float(),
@@ -222,12 +248,23 @@ def finish(
         name=name,
         dataset=dataset,
         metrics=metrics,
-        training={**config.to_dict(), "resolved": resolved, "split_info": split_info},
+        training={**training_section(config, split), "resolved": resolved, "split_info": split_info},
         learning_curve=curve,
-        extra={"heldout_per_dim": {"r2": r2}, "jump": config.jump},
+        extra={"heldout_per_dim": {"r2": r2}, "test_per_dim": {"r2": test_r2}, "jump": config.jump},
         files=card_figures(curve, r2, name) if figures else None,
     )
-    return TrainResult(Path(model_dir), metrics, curve, config, split_info)
+    return TrainResult(Path(model_dir), metrics, curve, config, {**split_info, **split})
+
+
+def training_section(config: TrainConfig, split: dict) -> dict:
+    """params.json's "training": the config, with `split` the split record (counts, test episode ids, seed,
+    fractions, digests) and the config's split kind under `split_kind`."""
+    return {**config.to_dict(), "split_kind": config.split, "split": split}
+
+
+def _mean_or_none(values):
+    finite = [v for v in values or () if v is not None]
+    return float(np.mean(finite)) if finite else None
 
 
 def _checked_split(transitions: Transitions, config: TrainConfig):
@@ -237,24 +274,39 @@ def _checked_split(transitions: Transitions, config: TrainConfig):
         raise TrainConfigError(f"dataset {transitions.name!r} has no transitions")
     if not all(np.isfinite(a).all() for a in (transitions.obs, transitions.next_obs, transitions.act)):
         raise TrainConfigError(f"dataset {transitions.name!r} contains NaN or inf in obs/next_obs/actions")
-    train_idx, val_idx = split_indices(transitions, config.split, config.val_fraction, config.seed)
+    train_idx, val_idx, test_idx = split_parts(
+        transitions,
+        config.split,
+        config.val_fraction,
+        config.test_fraction,
+        config.resolved_split_seed(),
+        name=transitions.name,
+    )
     if config.batch_size > train_idx.shape[0]:
         raise TrainConfigError(
             f"batch_size={config.batch_size} is larger than the training split ({train_idx.shape[0]} of "
             f"{n} transitions of {transitions.name!r}); use a smaller --batch-size"
         )
-    return train_idx, val_idx
+    return train_idx, val_idx, test_idx
 
 
 def _final_metrics(net, data: Resident, curve: list[dict], stats: dict, started: float) -> dict:
-    """What params.json reports: fp32 metrics of the kept weights, and where the time went."""
+    """What params.json reports: fp32 metrics of the kept weights (`heldout_*`: validation, `test_*`: test,
+    None without a test part), and where the time went."""
     heldout, heldout_norm = data.mse(net, data.val_idx)
     baseline, baseline_norm = data.baseline_mse()
+    tested = len(data.test_idx) > 0
+    test, test_norm = data.mse(net, data.test_idx) if tested else (None, None)
+    test_base, test_base_norm = data.baseline_mse(data.test_idx) if tested else (None, None)
     best = min(curve, key=lambda r: r["val_mse"])
     # train MSE: an estimate on every k-th training row, about as many rows as are held out (the whole
     # training split would cost as much as a share of the job)
     every = math.ceil(len(data.train_idx) / max(len(data.val_idx), 1))
     return {
+        "test_mse": test,
+        "test_mse_normalized": test_norm,
+        "test_baseline_mse": test_base,
+        "test_baseline_mse_normalized": test_base_norm,
         "heldout_mse": heldout,
         "heldout_mse_normalized": heldout_norm,
         "baseline_mse": baseline,
