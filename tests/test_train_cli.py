@@ -42,12 +42,13 @@ def test_cli_writes_model_dir(sim_files, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("val_mse") == 3  # one progress line per evaluation
-    assert "held-out MSE (actions)" in proc.stdout and "mean-action baseline MSE" in proc.stdout
+    assert "test MSE (actions)" in proc.stdout and "validation MSE (heldout_mse)" in proc.stdout
     params = json.loads((out / "params.json").read_text())
     m = params["metrics"]
     assert m["epochs"] == 3 and 0 < m["heldout_mse"] < m["baseline_mse"]
     assert [r["epoch"] for r in params["learning_curve"]] == [1, 2, 3]
-    assert params["training"]["split"] == "transitions" and params["training"]["seed"] == 1
+    assert params["training"]["split_kind"] == "transitions" and params["training"]["seed"] == 1
+    assert params["training"]["split"]["kind"] == "transitions" and params["training"]["split"]["seed"] == 1
     assert params["config"]["hidden_dim"] == 64 and params["config"]["obs_dim"] == 11
     assert proc.stderr == ""  # nothing to warn about on a successful run
     model = invdyn.read_model_dir(out)

@@ -2,6 +2,8 @@
 
 Writes the model directory (invdyn format) at DIR, prints one progress line per evaluation and a
 summary table at the end. Every TrainConfig field is a flag (`--hidden-dim`, `--precision`, ...).
+`--split-seeds 0,1,2` retrains on each split seed into DIR/split-<seed>/ and writes DIR/splits.json and
+DIR/splits.md (mean ± std, min, max over the splits; pipeline.training.repeats).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from invdyn.model_dir import PARAMS_FILE
 from invdyn.settings import is_valid_name
 from pipeline.dataclass_cli import add_options, from_namespace
 from pipeline.training.config import TrainConfig, TrainConfigError
+from pipeline.training.repeats import SPLITS_JSON, parse_seeds, splits_table, train_split_seeds
 from pipeline.training.trainer import train
 
 
@@ -36,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="train K members (seeds seed .. seed+K-1) into one ensemble directory (default 1: one model)",
     )
+    p.add_argument(
+        "--split-seeds",
+        default=None,
+        metavar="S,S,...",
+        help="retrain on each of these split seeds (DIR/split-<seed>/), summarize over them (DIR/splits.md)",
+    )
     add_options(p, TrainConfig, group="training (pipeline.training.config.TrainConfig)")
     return p
 
@@ -51,9 +60,13 @@ def summary_table(result) -> str:
     m = result.metrics
     rows = [
         ("model directory", str(result.model_dir)),
-        ("held-out MSE (actions)", f"{m['heldout_mse']:.6f}"),
-        ("held-out MSE (normalized)", f"{m['heldout_mse_normalized']:.6f}"),
-        ("mean-action baseline MSE", f"{m['baseline_mse']:.6f}"),
+        ("test MSE (actions)", _number(m.get("test_mse"))),
+        ("test MSE (normalized)", _number(m.get("test_mse_normalized"))),
+        ("test R² (mean)", _number(m.get("test_r2"))),
+        ("test mean-action baseline MSE", _number(m.get("test_baseline_mse"))),
+        ("validation MSE (heldout_mse)", f"{m['heldout_mse']:.6f}"),
+        ("validation MSE (normalized)", f"{m['heldout_mse_normalized']:.6f}"),
+        ("validation baseline MSE", f"{m['baseline_mse']:.6f}"),
         ("train MSE", f"{m['train_mse']:.6f}"),
         ("epochs (best)", f"{m['epochs']} ({m['best_epoch']})"),
         ("stopped early", str(m["stopped_early"])),
@@ -66,6 +79,10 @@ def summary_table(result) -> str:
     return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
 
 
+def _number(v) -> str:
+    return "- (no test part)" if v is None else f"{v:.6f}"
+
+
 def check_out(out) -> Path:
     """`--out` as a path a model directory can replace, checked before any data is loaded: not a file, not
     a folder of other things (replacing it would delete them), in a writable place."""
@@ -76,6 +93,20 @@ def check_out(out) -> Path:
         raise TrainConfigError(
             f"--out {out} is a folder that holds other files and no model ({PARAMS_FILE}); writing the model "
             "there would replace them: give a new or empty directory, or a model directory"
+        )
+    check_writable(out.resolve().parent)
+    return out
+
+
+def check_repeats_out(out) -> Path:
+    """`--out` of `--split-seeds`: a folder for split-<seed>/ model directories (new, empty, or one already
+    holding a splits.json), in a writable place."""
+    out = Path(out).expanduser()
+    if out.is_file():
+        raise TrainConfigError(f"--out {out} is a file; give a directory for the split-<seed>/ models")
+    if out.is_dir() and not (out / SPLITS_JSON).is_file() and any(out.iterdir()):
+        raise TrainConfigError(
+            f"--out {out} holds other files and no {SPLITS_JSON}; give --split-seeds a new or empty folder"
         )
     check_writable(out.resolve().parent)
     return out
@@ -96,7 +127,10 @@ def main(argv=None) -> int:
             raise TrainConfigError(
                 f"--ensemble must be >= 1 (1: one model, K: K members), got {args.ensemble}"
             )
-        out = check_out(args.out)
+        seeds = parse_seeds(args.split_seeds) if args.split_seeds is not None else None
+        if seeds is not None and args.ensemble != 1:
+            raise TrainConfigError("--split-seeds and --ensemble cannot be combined; run one, then the other")
+        out = check_out(args.out) if seeds is None else check_repeats_out(args.out)
         transitions = load_transitions(args.dataset, download=args.download)
         print(
             f"{transitions.name}: {len(transitions):,} transitions, obs_dim {transitions.obs_dim}, "
@@ -105,6 +139,13 @@ def main(argv=None) -> int:
             flush=True,
         )
         on_eval = None if args.quiet else (lambda r: print(_progress_line(r), flush=True))
+        if seeds is not None:
+            summary, _ = train_split_seeds(
+                transitions, config, out, seeds, on_eval=on_eval, dataset_name=args.name
+            )
+            print(splits_table(summary), end="")
+            print(f"models in {out}/split-<seed>/, summary in {out / SPLITS_JSON}")
+            return 0
         if args.ensemble != 1:
             from pipeline.training.ensemble import train_ensemble
 
