@@ -47,6 +47,11 @@ _D4RL: dict[str, dict] = _TABLE["datasets"]
 SIM_POLICIES = ("random", "ou", "gait", "mixed")
 #: Policy of the `sim` suite: the mix covers the union of the others' states (see README, datasets section).
 SIM_SUITE_POLICY = "mixed"
+#: D4RL-like kinds made from trained agents (pipeline/sim/agent_weights, from `python -m pipeline.agents`):
+#: the medium and expert policies sampled stochastically, the training rollouts up to medium, and the union
+#: of medium and expert. Only the locomotion envs with committed agents have them.
+AGENT_KINDS = ("medium", "medium-replay", "expert", "medium-expert")
+AGENT_ENVS = ("halfcheetah", "hopper", "walker2d")
 #: Transitions a `sim-*` dataset gets when it is generated on demand (3 of them train in minutes on 2 cores).
 DEFAULT_SIM_TRANSITIONS = 50_000
 
@@ -58,7 +63,7 @@ def sim_name(env: str, policy: str) -> str:
 def _catalog() -> dict[str, dict]:
     cat = {name: dict(entry, name=name, kind="hdf5", simulated=False) for name, entry in _D4RL.items()}
     for env, spec in SIM_ENVS.items():
-        for policy in SIM_POLICIES:
+        for policy in SIM_POLICIES + (AGENT_KINDS if env in AGENT_ENVS else ()):
             name = sim_name(env, policy)
             cat[name] = {
                 "name": name,
@@ -94,6 +99,7 @@ SUITES: dict[str, list[str]] = {
     + ["kitchen-partial-v0", "kitchen-mixed-v0"]
     + [f"antmaze-{m}-v2" for m in ("medium-play", "medium-diverse", "large-play", "large-diverse")],
     "sim": [sim_name(env, SIM_SUITE_POLICY) for env in _LOCO],
+    "sim-d4rl": [sim_name(env, kind) for env in _LOCO for kind in AGENT_KINDS],
 }
 #: `all`: the union of the suites above (not every catalog entry: v0/v1 and maze2d are there by name only)
 SUITES["all"] = list(dict.fromkeys(n for s in list(SUITES.values()) for n in s))

@@ -11,7 +11,7 @@ import sys
 from invdyn.errors import InvdynError
 from pipeline.data import cache
 from pipeline.data.catalog import CATALOG, SUITES, d4rl_dir, file_path, resolve_datasets
-from pipeline.data.sources import check_available, prepare
+from pipeline.data.sources import check_available, load_transitions, prepare
 
 
 def status(name: str) -> tuple[str, int | None]:
@@ -57,12 +57,20 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    from pathlib import Path
+
+    from pipeline.data.facts import dataset_facts, facts_table
+
     info = prepare(args.spec, download=args.download, simulate=not args.no_simulate)
+    t = load_transitions(args.spec, download=args.download, simulate=not args.no_simulate)
+    facts = dataset_facts(t, Path(info["source"]) if info.get("source") else None)
     if args.json:
-        print(json.dumps(info, sort_keys=True))
+        print(json.dumps(info | facts, sort_keys=True))
     else:
         for k, v in info.items():
             print(f"{k:>22}: {v}")
+        print()
+        print("\n".join(facts_table(facts)))
     return 0
 
 

@@ -18,6 +18,7 @@ from invdyn._files import check_writable, file_lock, sigterm_raises
 from invdyn.errors import InvdynError
 from invdyn.settings import sim_transitions
 from pipeline.data.catalog import (
+    AGENT_KINDS,
     CATALOG,
     DEFAULT_SIM_TRANSITIONS,
     SIM_ENVS,
@@ -49,8 +50,50 @@ def parse_sim_name(name: str) -> tuple[str, str]:
     what = "is a D4RL dataset (download it)" if entry else "is not a simulated dataset"
     raise DatasetError(
         f"cannot simulate {name!r}: it {what}; simulated names are sim-<env>-<policy>-v0 with env in "
-        f"{', '.join(SIM_ENVS)} and policy in {', '.join(SIM_POLICIES)}, e.g. sim-hopper-mixed-v0"
+        f"{', '.join(SIM_ENVS)} and policy in {', '.join(SIM_POLICIES)}, e.g. sim-hopper-mixed-v0, or "
+        f"sim-<env>-<kind>-v0 with kind in {', '.join(AGENT_KINDS)} (trained agents): sim-hopper-medium-v0"
     )
+
+
+def run_chunk(env_name: str, policy: str, seed: int, chunk: int, size: int) -> dict[str, np.ndarray]:
+    """One chunk of any sim-* kind: an open-loop behaviour policy, a trained agent (medium / expert) or the
+    replay of the agent's recorded training rollouts (medium-replay; chunk c is transitions c * CHUNK...)."""
+    if policy in ("medium", "expert"):
+        from pipeline.sim.agent_rollout import agent_chunk
+
+        return agent_chunk(env_name, policy, seed, chunk, size)
+    if policy == "medium-replay":
+        from pipeline.sim.agent_rollout import replay_chunk
+
+        return replay_chunk(env_name, seed, chunk, chunk * CHUNK, size)
+    return rollout_chunk(env_name, policy, seed, chunk, size)
+
+
+def plan_chunks(env_name: str, policy: str, seed: int, total: int) -> tuple[list[tuple], dict]:
+    """The chunk jobs of a dataset and its extra attributes. medium-expert is the medium set of
+    ceil(total / 2) transitions followed by the expert set of the rest (each as its own file would be);
+    medium-replay holds at most the recorded transitions."""
+
+    def jobs(kind: str, n: int) -> list[tuple]:
+        sizes = [min(CHUNK, n - start) for start in range(0, n, CHUNK)]
+        return [(env_name, kind, int(seed), c, size) for c, size in enumerate(sizes)]
+
+    if policy not in AGENT_KINDS:
+        return jobs(policy, total), {}
+    from pipeline.sim.agent_policy import agent_path, read_meta
+    from pipeline.sim.agent_rollout import replay_size
+
+    if policy == "medium-replay":
+        total = min(total, replay_size(env_name))
+    parts = {"medium-expert": [("medium", (total + 1) // 2), ("expert", total // 2)]}.get(
+        policy, [(policy, total)]
+    )
+    meta = {kind: read_meta(agent_path(env_name, kind.split("-")[0])) for kind, _ in parts}
+    agents = {
+        kind: f"{m['algorithm']} {m['env_id']} {m['checkpoint']} at {m['steps']} steps"
+        for kind, m in meta.items()
+    }
+    return [j for kind, n in parts for j in jobs(kind, n)], {"agents": json.dumps(agents, sort_keys=True)}
 
 
 def simulate(
@@ -69,8 +112,8 @@ def simulate(
     total = default_transitions() if transitions is None else int(transitions)
     if total <= 0:
         raise DatasetError(f"--transitions must be positive, got {total}")
-    sizes = [min(CHUNK, total - start) for start in range(0, total, CHUNK)]
-    jobs = [(env_name, policy_name, int(seed), c, size) for c, size in enumerate(sizes)]
+    jobs, extra = plan_chunks(env_name, policy_name, seed, total)
+    total = sum(job[-1] for job in jobs)
     if workers is None:
         workers = 2 if total >= POOL_MIN_TRANSITIONS else 1
     parts = _run(jobs, workers, progress, desc=name)
@@ -86,6 +129,7 @@ def simulate(
         "transitions": total,
         "max_episode_steps": MAX_EPISODE_STEPS,
         "generator": GENERATOR,
+        **extra,
     }
     write_hdf5(path, data, attrs)
     return path
@@ -126,7 +170,7 @@ def _run(jobs, workers: int, progress: bool, desc: str) -> list[dict]:
         if workers <= 1 or len(jobs) == 1 or multiprocessing.current_process().daemon:
             parts = []
             for job in jobs:
-                parts.append(rollout_chunk(*job))
+                parts.append(run_chunk(*job))
                 bar.update(job[-1])
             return parts
         return _run_pool(jobs, min(workers, len(jobs)), bar)
@@ -139,7 +183,7 @@ def _pool_context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.sim.rollout"])
+    ctx.set_forkserver_preload(["pipeline.sim.rollout", "pipeline.sim.agent_rollout"])
     return ctx
 
 
@@ -149,7 +193,7 @@ def _run_pool(jobs, workers: int, bar) -> list[dict]:
     parts: list[dict | None] = [None] * len(jobs)
     with sigterm_raises(), ProcessPoolExecutor(workers, mp_context=_pool_context()) as pool:
         try:
-            pending = {pool.submit(rollout_chunk, *job): c for c, job in enumerate(jobs)}
+            pending = {pool.submit(run_chunk, *job): c for c, job in enumerate(jobs)}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:

@@ -1,0 +1,129 @@
+"""Rollouts of the committed agents (sim-<env>-medium / -expert: the stochastic policy, as D4RL sampled)
+and the exact replay of the recorded training rollouts up to medium (sim-<env>-medium-replay)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.catalog import DatasetError
+from pipeline.sim.agent_policy import AGENT_DIR, agent_path, load_actor
+from pipeline.sim.rollout import MAX_EPISODE_STEPS, make_env
+
+#: the committed record of the training rollouts up to the medium checkpoint (see pipeline.agents.publish)
+REPLAY_FILE = "medium_replay.npz"
+#: int16 action codes of the replay record -> actions: code / ACTION_SCALE (as pipeline.agents.record)
+ACTION_SCALE = 32767
+
+
+def _empty(size: int, obs_dim: int, act_dim: int, nq: int, nv: int) -> dict[str, np.ndarray]:
+    return {
+        "observations": np.empty((size, obs_dim), np.float32),
+        "actions": np.empty((size, act_dim), np.float32),
+        "next_observations": np.empty((size, obs_dim), np.float32),
+        "rewards": np.empty(size, np.float32),
+        "terminals": np.zeros(size, bool),
+        "timeouts": np.zeros(size, bool),
+        "qpos": np.empty((size, nq), np.float64),
+        "qvel": np.empty((size, nv), np.float64),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _actor(env_name: str, checkpoint: str, root: str | None = None):
+    import torch
+
+    # one thread per simulation worker: the 256x256 actor on one observation gains nothing from more
+    torch.set_num_threads(1)
+    return load_actor(agent_path(env_name, checkpoint, Path(root) if root else None))[0]
+
+
+def agent_chunk(
+    env_name: str, checkpoint: str, seed: int, chunk: int, size: int, root: str | None = None
+) -> dict[str, np.ndarray]:
+    """`size` transitions of the stochastic `checkpoint` policy (medium / expert) of `env_name`'s agent
+    (from AGENT_DIR, or `root`); the policy noise comes from SeedSequence([seed, chunk]): reproducible."""
+    actor = _actor(env_name, checkpoint, root)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, chunk]))
+    env = make_env(env_name)
+    act_dim = env.action_space.shape[0]
+    out = _empty(size, env.observation_space.shape[0], act_dim, env.model.nq, env.model.nv)
+    i, env_seed = 0, int(rng.integers(2**31 - 1))
+    while i < size:
+        obs, _ = env.reset(seed=env_seed if i == 0 else None)
+        noise = rng.standard_normal((MAX_EPISODE_STEPS, act_dim))
+        for t in range(MAX_EPISODE_STEPS):
+            action = actor.act(obs[None], noise[t : t + 1])[0].astype(np.float32)
+            out["qpos"][i], out["qvel"][i] = env.data.qpos, env.data.qvel
+            next_obs, reward, terminated, _, _ = env.step(action)
+            out["observations"][i], out["actions"][i], out["next_observations"][i] = obs, action, next_obs
+            out["rewards"][i], out["terminals"][i] = reward, terminated
+            i += 1
+            if terminated:
+                break
+            if t == MAX_EPISODE_STEPS - 1 or i == size:
+                out["timeouts"][i - 1] = True
+                break
+            obs = next_obs
+    env.close()
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def replay_record(env_name: str, root: str | None = None) -> dict[str, np.ndarray]:
+    """The committed replay record of `env_name`'s agent (in AGENT_DIR, or `root`): per episode its start
+    state, length and return, and the int16 action codes of every step (MuJoCo is deterministic: the
+    states follow from these)."""
+    path = Path(root or AGENT_DIR) / env_name / REPLAY_FILE
+    if not path.is_file():
+        raise DatasetError(
+            f"{path} does not exist: the {env_name} agent has no medium checkpoint yet; train it with "
+            f"`python -m pipeline.agents train {env_name}` and publish it"
+        )
+    with np.load(path, allow_pickle=False) as f:
+        return dict(f)
+
+
+def replay_size(env_name: str, root: str | None = None) -> int:
+    """Transitions in `env_name`'s medium-replay record."""
+    return int(replay_record(env_name, root)["lengths"].sum())
+
+
+def replay_chunk(
+    env_name: str, seed: int, chunk: int, start: int, size: int, root: str | None = None
+) -> dict[str, np.ndarray]:
+    """Transitions start .. start + size of the recorded training rollouts, replayed in MuJoCo from each
+    episode's recorded start state (`seed` and `chunk` are unused: the record fixes everything)."""
+    rec = replay_record(env_name, root)
+    lengths = rec["lengths"].astype(np.int64)
+    ends = np.cumsum(lengths)
+    begins = ends - lengths
+    env = make_env(env_name)
+    act_dim = env.action_space.shape[0]
+    out = _empty(size, env.observation_space.shape[0], act_dim, env.model.nq, env.model.nv)
+    episode, i = int(np.searchsorted(ends, start, side="right")), 0
+    while i < size:
+        env.reset(seed=0)
+        env.set_state(rec["init_qpos"][episode], rec["init_qvel"][episode])
+        obs = env.unwrapped._get_obs()
+        first = begins[episode]
+        actions = rec["action_codes"][first : ends[episode]].astype(np.float32) / np.float32(ACTION_SCALE)
+        for t, action in enumerate(actions):
+            qpos, qvel = env.data.qpos.copy(), env.data.qvel.copy()
+            next_obs, reward, terminated, _, _ = env.step(action)
+            if first + t >= start + i:
+                out["qpos"][i], out["qvel"][i] = qpos, qvel
+                out["observations"][i], out["actions"][i], out["next_observations"][i] = obs, action, next_obs
+                out["rewards"][i] = reward
+                out["terminals"][i] = terminated and t == len(actions) - 1 and rec["terminal"][episode]
+                out["timeouts"][i] = t == len(actions) - 1 and not out["terminals"][i]
+                i += 1
+                if i == size:
+                    out["timeouts"][i - 1] |= not out["terminals"][i - 1]
+                    break
+            obs = next_obs
+        episode += 1
+    env.close()
+    return out
