@@ -146,7 +146,10 @@ def evaluate(
         raise EvaluationError(f"dataset {transitions.name!r}: the held-out split is empty")
     act = transitions.act.astype(np.float64)
     mean_action = act[train].mean(0)
-    act_var = act.var(0) if part_of(held_desc) == "all" else _fit_variance(transitions, model.params, act)
+    if rows is not None:  # the caller's split: the variance of every row it does not score
+        act_var = np.delete(act, held, axis=0).var(0) if len(held) < len(act) else act.var(0)
+    else:
+        act_var = act.var(0) if part_of(held_desc) == "all" else _fit_variance(transitions, model.params, act)
     act_var = np.where(act_var > 0, act_var, 1.0)
 
     def predict(obs, next_obs):

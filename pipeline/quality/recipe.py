@@ -24,6 +24,8 @@ RECIPE = {
     "loss": "mse",
     "patience": 3,
     "split": "transitions",
+    "val_fraction": 0.2,
+    "test_fraction": 0.0,  # CleanDiffuser has no test part: the report scores it on the champion's test part
     "keep": "last",
     "ema": 0.0,  # the raw weights
     "precision": "fp32",  # CleanDiffuser trains in fp32 (bf16 inputs lose the small s' - s, see bench)

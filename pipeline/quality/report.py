@@ -4,8 +4,11 @@
 `python -m pipeline.report --models MODEL_DIR... --out REPORT_DIR [--with-recipe]`
 
 Writes REPORT_DIR/report.md (tables), results.json (every number) and PNG plots (pipeline.quality.plots).
-With --with-recipe, CleanDiffuser's recipe is trained on the champion's training episodes and scored on
-the same held-out episodes.
+Every model is scored on its test episodes (its validation episodes if it was trained before test parts;
+the report says which). With --with-recipe, CleanDiffuser's recipe is trained on the champion's train and
+validation episodes (what the champion's choices saw) and scored on the same test episodes. Several
+summaries (one per split seed: `--summary a/summary.json b/summary.json`) add a table of mean ± std, min
+and max over the splits (pipeline.training.repeats).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pipeline.quality import plots
 from pipeline.quality.evaluate import EvalConfig
 from pipeline.quality.metrics import fmt_number
 from pipeline.quality.recipe import train_recipe
+from pipeline.training.repeats import fmt_interval, interval
 
 #: "well served": held-out MSE under this fraction of the mean-action baseline's ...
 WELL_SERVED_MSE = 0.1
@@ -47,7 +51,7 @@ CONFIG_KEYS = (
 )
 #: (key in an evaluation result, label) of the metrics in the main table
 METRICS = (
-    ("heldout_mse", "held-out action MSE"),
+    ("heldout_mse", "action MSE"),
     ("one_step_error", "one-step state error"),
     ("tracking_drift", "tracking drift at H"),
 )
@@ -75,14 +79,14 @@ def evaluate_record(
     """Evaluate one champion (and optionally the recipe on the same split) -> a report entry."""
     import invdyn
     from pipeline.data.sources import load_transitions
-    from pipeline.quality.evaluate import evaluate, heldout_rows
+    from pipeline.quality.evaluate import evaluate, heldout_rows, part_of
 
     config = config or EvalConfig()
     model = invdyn.read_model_dir(record["model_dir"])
     transitions = load_transitions(
         record.get("spec") or record.get("dataset") or model.params["dataset"]["name"]
     )
-    rows = heldout_rows(transitions, model.params)
+    rows = heldout_rows(transitions, model.params, part=None)  # test, when the model has a test part
     kw = {
         "horizon": config.horizon,
         "tracking_starts": config.starts,
@@ -93,6 +97,8 @@ def evaluate_record(
     }
     entry = {
         "dataset": transitions.name,
+        "part": part_of(rows[2]),
+        "split_seed": split_seed_of(model.params),
         "champion": evaluate(model, transitions, **kw),
         "champion_dir": str(record["model_dir"]),
         "champion_curve": model.params.get("learning_curve") or [],
@@ -101,7 +107,8 @@ def evaluate_record(
     }
     if with_recipe:
         work = work_dir / "recipe" / transitions.name
-        trained = train_recipe(transitions, rows[0], work, max_epochs=recipe_max_epochs, threads=threads)
+        fit_rows = _non_test_rows(transitions, model.params, rows)
+        trained = train_recipe(transitions, fit_rows, work, max_epochs=recipe_max_epochs, threads=threads)
         recipe = invdyn.read_model_dir(trained.model_dir)
         entry.update(
             recipe=evaluate(recipe, transitions, **kw),
@@ -109,6 +116,27 @@ def evaluate_record(
             recipe_curve=recipe.params.get("learning_curve") or [],
         )
     return entry
+
+
+def _non_test_rows(transitions, params: dict, rows) -> np.ndarray:
+    """The rows the champion's choices saw (train + validation) when it is scored on its test part; else its
+    training rows (the validation rows are the scored ones)."""
+    from pipeline.quality.evaluate import part_of
+    from pipeline.training.split import split_from_training
+
+    if part_of(rows[2]) != "test":
+        return rows[0]
+    train, val, _ = split_from_training(transitions, params["training"])
+    return np.sort(np.concatenate([train, val]))
+
+
+def split_seed_of(params: dict):
+    """The split seed a model's params.json records (None: none recorded)."""
+    training = (params or {}).get("training") or {}
+    split = training.get("split")
+    if isinstance(split, dict):
+        return split.get("seed")
+    return training.get("seed") if split else None
 
 
 def read_summary(path) -> list[dict]:
@@ -158,7 +186,7 @@ def _at_a_glance(entries: list[dict], horizon: int) -> list[str]:
     lines = [
         "## At a glance",
         "",
-        "| dataset | held-out MSE / baseline | mean R² | tracking drift / baseline | verdict |",
+        "| dataset | action MSE / baseline | mean R² | tracking drift / baseline | verdict |",
         "|---|---|---|---|---|",
     ]
     for e in entries:
@@ -233,16 +261,54 @@ def _models(entries: list[dict]) -> list[str]:
     return lines
 
 
+def _over_splits(entries: list[dict], horizon: int) -> list[str]:
+    """Mean ± std over split seeds of each dataset measured on more than one split (none otherwise)."""
+    by_dataset: dict[str, list[dict]] = {}
+    for e in entries:
+        by_dataset.setdefault(e["dataset"], []).append(e)
+    repeated = {d: es for d, es in by_dataset.items() if len(es) > 1}
+    if not repeated:
+        return []
+    lines = [
+        "## Over split seeds",
+        "",
+        "Each split seed retrains on another train / validation / test cut of the episodes; mean ± sample "
+        "std over the splits (min - max in results.json).",
+        "",
+        "| dataset | splits | metric | champion | recipe | baseline | champion / recipe |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dataset, es in repeated.items():
+        seeds = ",".join(str(e.get("split_seed")) for e in es)
+        for key, label in METRICS:
+            label = label.replace("at H", f"at {horizon}")
+            c = interval(e["champion"].get(key) for e in es)
+            r = interval((e.get("recipe") or {}).get(key) for e in es)
+            b = interval(e["champion"].get(BASELINE_OF[key]) for e in es)
+            ratio = interval(_ratio(e["champion"].get(key), (e.get("recipe") or {}).get(key)) for e in es)
+            lines.append(
+                f"| {dataset} | {seeds} | {label} | {fmt_interval(c)} | {fmt_interval(r)} | "
+                f"{fmt_interval(b)} | {fmt_interval(ratio, '.3g')} |"
+            )
+    return [*lines, ""]
+
+
 def markdown(entries: list[dict], horizon: int, failed: list[dict] = ()) -> str:
+    parts = sorted({e.get("part", "val") for e in entries})
+    where = {
+        ("test",): "test episodes, which no choice (early stop, kept weights, search, champion) read",
+        ("val",): "validation episodes (models trained before test parts): optimistic, they made the choices",
+    }.get(tuple(parts), "each model's test episodes, or validation episodes where it has none (column part)")
     intro = (
-        "Every number is measured on held-out episodes the model never trained on. Physics metrics are the "
+        f"Every number is measured on {where}; the model never trained on them. Physics metrics are the "
         "normalized-state RMSE between where MuJoCo goes under the predicted actions and the recorded "
         f"trajectory: one step from the recorded state, and after {horizon} closed-loop steps (tracking "
         "drift). The mean-action baseline applies the training data's mean action; lower is better "
         "everywhere."
     )
     lines = ["# invdyn quality report", "", intro, "", *_at_a_glance(entries, horizon), ""]
-    lines += [*_versus_recipe(entries, horizon), *_notes(entries, failed), "", *_models(entries)]
+    lines += [*_versus_recipe(entries, horizon), "", *_over_splits(entries, horizon)]
+    lines += [*_notes(entries, failed), "", *_models(entries)]
     return "\n".join(lines) + "\n"
 
 
@@ -265,7 +331,11 @@ def write_report(
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--summary", help="summary.json written by pipeline.pretrain_all")
+    src.add_argument(
+        "--summary",
+        nargs="+",
+        help="summary.json of pipeline.pretrain_all (several: one per split seed, summarized over them)",
+    )
     src.add_argument(
         "--models", nargs="+", metavar="MODEL_DIR", help="model directories (dataset from params.json)"
     )
@@ -315,7 +385,9 @@ def main(argv=None) -> int:
             if value is not None and value < 1:
                 raise InvdynError(f"{flag} must be >= 1, got {value}")
         records = (
-            read_summary(args.summary) if args.summary else [{"model_dir": Path(m)} for m in args.models]
+            [rec for path in args.summary for rec in read_summary(path)]
+            if args.summary
+            else [{"model_dir": Path(m)} for m in args.models]
         )
         failed = [rec for rec in records if rec.get("status") == "failed"]
         todo = [r for r in records if r not in failed]
