@@ -217,3 +217,25 @@ def test_run_sh_budget_spent_runs_nothing(tmp_path):
     }
     assert {status.pop(k) for k in ("check", "data", "env", "throughput", "job")} == {"no time left"}
     assert set(status.values()) <= {"no time left", "not in checkout"}  # population, job_population
+
+
+def test_report_reads_a_benchs_markdown_table():
+    import report
+
+    text = "title\n| contender | train samples/s |\n|---|---|\n| ours fp32 | 1,234 |\n\n"
+    text += "| K | x |\n|--|--|\n| 9 | 2 |"
+    assert report.parse_tables(text) == [
+        {"contender": "ours fp32", "train samples/s": "1,234"},
+        {"K": "9", "x": "2"},
+    ]
+
+
+def test_capacity_places_longest_first_and_takes_only_full_gpu_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import capacity
+
+    assert capacity.makespan([3, 3, 2, 2, 2], 2) == 7  # longest first: {3, 2, 2} and {3, 2}
+    assert capacity.makespan([5, 1, 1, 1], 4) == 5
+    (tmp_path / "summary.json").write_text(json.dumps({"device": "cpu", "quick": True}))
+    with pytest.raises(SystemExit, match="not a full --device cuda run"):
+        capacity.device_run_rates(tmp_path)

@@ -62,6 +62,21 @@ def table_lines(text: str) -> str:
     return "\n".join(out).strip()
 
 
+def parse_tables(text: str) -> list[dict]:
+    """Every row of the Markdown tables in `text` as {column header: cell}, for bench/capacity.py."""
+    rows, header = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not all(set(c) <= set("-: ") for c in cells):
+            rows.append(dict(zip(header, cells, strict=False)))
+    return rows
+
+
 def job_result(work: Path, name: str, step: dict | None) -> dict | None:
     """The job's own timing (job.json) and the best held-out MSE per dataset (summary.json)."""
     folder = work / "results" / name
@@ -186,7 +201,13 @@ def main(argv=None) -> int:
     args.outdir.mkdir(parents=True, exist_ok=True)
     (args.outdir / "tables.md").write_text(md)
     summary = {"device": args.device, "quick": bool(args.quick), "total_s": args.total_s, "env": env}
-    summary |= {"steps": steps, "jobs": jobs}
+    population = sorted((args.work / "results" / "population").glob("*.md"))
+    summary |= {
+        "steps": steps,
+        "jobs": jobs,
+        "throughput_rows": parse_tables(log_text(args.work, "throughput")) if "throughput" in by else [],
+        "population_rows": parse_tables("\n".join(p.read_text() for p in population)),
+    }
     (args.outdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     archive(args.work, args.outdir / "logs.tar.gz")
     print(md)
