@@ -1,0 +1,199 @@
+"""Population training: a member follows the path of its config trained alone, stops and freezes on its own,
+groups form by shape, and bad input is refused clearly."""
+
+import json
+
+import pytest
+import torch
+from test_trainer import linear_transitions, small
+
+import invdyn
+from invdyn.model_dir import read_model_dir
+from pipeline.training.config import TrainConfigError
+from pipeline.training.population import run_search_space, shape_groups, train_population
+from pipeline.training.trainer import train
+
+MEMBERS = [  # one group: lr, weight decay, optimizer, schedule, weight average and keep rule all differ
+    {},
+    {"lr": 3e-3, "weight_decay": 0.0, "ema": 0.0},
+    {"lr": 3e-4, "weight_decay": 1e-2, "optimizer": "adam", "schedule": "none", "keep": "last"},
+]
+
+
+def weights(result) -> dict:
+    return torch.load(result.model_dir / "model.ckpt", weights_only=True)["state_dict"]
+
+
+def assert_same_path(member, alone):
+    """Same learning curve (to 1e-4), same saved weights, same fp32 metrics."""
+    assert len(member.curve) == len(alone.curve)
+    for key in ("val_mse", "train_loss", "step"):
+        assert [r[key] for r in member.curve] == pytest.approx([r[key] for r in alone.curve], rel=1e-4), key
+    mine, theirs = weights(member), weights(alone)
+    assert mine.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.allclose(mine[key], theirs[key], rtol=1e-4, atol=1e-5), key
+    for key in ("heldout_mse", "steps", "best_step", "stopped_early"):
+        assert member.metrics[key] == pytest.approx(alone.metrics[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("step", ["eager", "graph"])
+@pytest.mark.parametrize("arch", ["fancy_mlp", "res_mlp"])
+def test_member_follows_the_path_of_its_config_trained_alone(tmp_path, step, arch):
+    data = linear_transitions()
+    configs = [small(step=step, arch=arch, max_epochs=4, **m) for m in MEMBERS]
+    seen = []
+    pop = train_population(
+        data,
+        configs,
+        [tmp_path / f"p{i}" for i in range(3)],
+        figures=False,
+        on_eval=lambda i, r: seen.append((i, r["step"])),
+    )
+    for i, config in enumerate(configs):
+        assert_same_path(pop[i], train(data, config, tmp_path / f"a{i}", figures=False))
+        assert [s for j, s in seen if j == i] == [r["step"] for r in pop[i].curve]
+        params = json.loads((pop[i].model_dir / "params.json").read_text())
+        assert params["training"]["lr"] == config.lr
+        assert params["training"]["resolved"]["population"] == {"members": 3, "group": 0, "index": i}
+        assert params["training"]["resolved"]["step"] == step
+    assert read_model_dir(pop[1].model_dir).predict(data.obs[:4], data.next_obs[:4]).shape == (4, 2)
+
+
+@pytest.mark.parametrize("step", ["eager", "graph"])
+def test_member_that_stops_early_is_frozen_while_the_others_go_on(tmp_path, step):
+    """Actions independent of states: validation gets worse as members memorize, so the impatient members
+    stop early. Each saves its best weights (those of its alone-training) and its curve ends where the
+    alone-training's ends; the patient member trains on."""
+    data = linear_transitions(noise_actions=True, episodes=10)
+    base = {"step": step, "max_epochs": 8, "schedule": "none", "ema": 0.0, "lr": 1e-2, "hidden_dim": 128}
+    configs = [small(**base, patience=p) for p in (1, 2, 100)]
+    pop = train_population(data, configs, [tmp_path / f"p{i}" for i in range(3)], figures=False)
+    alone = [train(data, c, tmp_path / f"a{i}", figures=False) for i, c in enumerate(configs)]
+    for member, single in zip(pop, alone, strict=True):
+        assert_same_path(member, single)
+    assert pop[0].metrics["stopped_early"] and pop[1].metrics["stopped_early"]
+    assert not pop[2].metrics["stopped_early"] and pop[2].metrics["epochs"] == 8
+    assert pop[0].metrics["steps"] < pop[1].metrics["steps"] < pop[2].metrics["steps"]
+    best = min(pop[0].curve, key=lambda r: r["val_mse"])
+    assert pop[0].metrics["best_step"] == best["step"] < pop[0].curve[-1]["step"]
+
+
+def test_a_member_without_dropout_is_untouched_by_a_neighbour_with_dropout(tmp_path):
+    data = linear_transitions()
+    configs = [small(max_epochs=3), small(max_epochs=3, dropout=0.2)]
+    assert shape_groups(configs) == [[0, 1]]
+    pop = train_population(data, configs, [tmp_path / "p0", tmp_path / "p1"], figures=False)
+    assert_same_path(pop[0], train(data, configs[0], tmp_path / "a0", figures=False))
+    loaded = read_model_dir(pop[1].model_dir)
+    assert loaded.net.dropout == 0.2 and pop[1].metrics["heldout_mse"] < pop[1].metrics["baseline_mse"]
+
+
+def test_groups_form_by_shape_and_split():
+    configs = [
+        small(),  # 0
+        small(lr=1e-2, weight_decay=0.0, dropout=0.1, ema=0.0, max_epochs=7),  # 1: same group as 0
+        small(hidden_dim=32),  # 2: another shape
+        small(arch="mlp"),  # 3: another architecture
+        small(batch_size=32),  # 4: other batches
+        small(seed=1),  # 5: seed 1 means split seed 1: another split
+        small(seed=1, split_seed=0),  # 6: same split as 0, own initial weights and batches
+        small(jump=2),  # 7: other pairs
+    ]
+    assert shape_groups(configs) == [[0, 1, 6], [2], [3], [4], [5], [7]]
+
+
+def test_several_groups_come_back_in_the_order_of_the_configs(tmp_path):
+    data = linear_transitions()
+    configs = [
+        small(hidden_dim=32, max_epochs=2),
+        small(max_epochs=2),
+        small(hidden_dim=32, lr=3e-3, max_epochs=2),
+    ]
+    pop = train_population(data, configs, [tmp_path / f"p{i}" for i in range(3)], figures=False)
+    for i, config in enumerate(configs):
+        params = json.loads((pop[i].model_dir / "params.json").read_text())
+        assert params["config"]["hidden_dim"] == config.hidden_dim
+        assert params["training"]["lr"] == config.lr
+    assert [
+        json.loads((r.model_dir / "params.json").read_text())["training"]["resolved"]["population"]
+        for r in pop
+    ] == [
+        {"members": 2, "group": 0, "index": 0},
+        {"members": 1, "group": 1, "index": 0},
+        {"members": 2, "group": 0, "index": 1},
+    ]
+
+
+def test_search_space_trains_every_point_into_its_own_folder(tmp_path):
+    data = linear_transitions()
+    results = run_search_space(
+        data, small(max_epochs=2), '{"lr": [1e-3, 3e-3], "hidden_dim": [32]}', tmp_path
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hidden_dim-32_lr-0.001",
+        "hidden_dim-32_lr-0.003",
+        "population.json",
+    ]
+    summary = json.loads((tmp_path / "population.json").read_text())
+    assert [s["point"]["lr"] for s in summary] == [1e-3, 3e-3]
+    assert [s["heldout_mse"] for s in summary] == [r.metrics["heldout_mse"] for r in results]
+
+
+@pytest.mark.parametrize(
+    "configs, dirs, message",
+    [
+        ([], [], "non-empty list"),
+        ([small(), small()], ["a"], "needs as many output directories"),
+        ([small(), small(lr=-1.0)], ["a", "b"], "member 1: lr must be"),
+    ],
+    ids=["empty", "mismatched-lengths", "bad-member"],
+)
+def test_bad_input_is_refused_clearly(tmp_path, configs, dirs, message):
+    with pytest.raises(TrainConfigError, match=message):
+        train_population(linear_transitions(), configs, [tmp_path / d for d in dirs])
+    assert not any(tmp_path.iterdir())
+
+
+def test_graph_population_step_is_capturable():
+    """What a CUDA graph needs, checked on the CPU: the step reads no device value on the host, every
+    tensor it touches keeps its address from step to step, and a frozen member's weights stay put."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipeline.training.population_steps import PopulationGraphStep
+    from pipeline.training.resident import Resident
+    from pipeline.training.split import split_indices
+    from pipeline.training.trainer import _build_model
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    data = linear_transitions()
+    train_idx, val_idx = split_indices(data, "episodes", 0.2, 0)[:2]
+    cpu = torch.device("cpu")
+    resident = Resident.build(data, invdyn.GaussianNormalizer.from_data(data.obs), train_idx, val_idx, cpu)
+    configs = [small(**m) for m in MEMBERS]
+    nets = [_build_model(c, data, cpu) for c in configs]
+    step = PopulationGraphStep(nets, resident, configs, [100] * 3, "fp32")
+    step.begin_epoch(torch.stack([resident.train_idx] * 3))
+    step(0)
+    addresses = [
+        t.data_ptr() for t in step.stack.params + step.stack.avg + [p.grad for p in step.stack.params]
+    ]
+    step.freeze([1])
+    frozen = [p.detach()[1].clone() for p in step.stack.params]
+    with Recorder() as recorder:
+        step(1)
+    host_reads = [op for op in recorder.ops if "_local_scalar_dense" in op or "nonzero" in op]
+    assert host_reads == [] and any("tensor_lr" in op for op in recorder.ops)
+    assert addresses == [
+        t.data_ptr() for t in step.stack.params + step.stack.avg + [p.grad for p in step.stack.params]
+    ]
+    assert all(torch.equal(p.detach()[1], f) for p, f in zip(step.stack.params, frozen, strict=True))
+    assert not torch.equal(step.stack.params[0].detach()[0], nets[0].mlp[0].weight.detach())
