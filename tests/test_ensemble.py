@@ -140,9 +140,16 @@ def test_train_cli_writes_a_loadable_ensemble_that_spots_perturbed_pairs(tmp_pat
     assert [m["seed"] for m in ens.params["ensemble"]["members"]] == [0, 1]
     assert len(ens.params["ensemble"]["spread_ref"]) == ens.act_dim
     t = load_transitions(data)
-    _, val = split_from_training(t, ens.params["training"])
+    _, val, test = split_from_training(t, ens.params["training"])
     stats = measure(ens, t, val)
     assert min(stats["auroc_noise_5pct"], stats["auroc_other_step"]) > 0.95, stats
+    # the members differ in initial weights and batches, not in their split: both left the same test
+    # episodes out, so the card's figures are measured on episodes no member saw
+    assert ens.params["training"]["split"]["seed"] == 0
+    measured = ens.params["uncertainty"]
+    assert measured["test_transitions"] == len(test) > 0 and "test episodes" in measured["protocol"]
+    assert measured == {**measure(ens, t, test), "protocol": measured["protocol"]}
+    assert "Uncertainty" in ens.card
     assert len(ens.params["ensemble"]["dynamics"]["precision"]) == ens.obs_dim
     feas = ens.feasibility(torch.as_tensor(t.obs[val[:8]]), torch.as_tensor(t.next_obs[val[:8]]))
     assert isinstance(feas, torch.Tensor) and feas.shape == (8,)

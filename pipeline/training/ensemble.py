@@ -22,7 +22,7 @@ from invdyn.ensemble import (
 from invdyn.errors import FormatError
 from invdyn.model_dir import CARD_FILE, PARAMS_FILE, card_figures, model_card, read_model_dir
 from pipeline.training.config import TrainConfig, TrainConfigError
-from pipeline.training.split import split_from_training
+from pipeline.training.split import split_from_training, split_settings
 
 #: the state noise levels of the feasibility test, as fractions of each state dimension's std
 NOISE_LEVELS = (0.01, 0.05, 0.20)
@@ -51,9 +51,29 @@ def write_ensemble(out, member_dirs, *, transitions=None) -> Path:
         write_json(tmp / PARAMS_FILE, params)
         (tmp / CARD_FILE).write_text(model_card(params, card_figures(tmp)))
     if transitions is not None:
-        train_idx, val_idx, _ = split_from_training(transitions, members[0].params.get("training") or {})
+        training = members[0].params.get("training") or {}
+        train_idx, val_idx, test_idx = split_from_training(transitions, training)
         calibrate(out, transitions, train_idx, val_idx)
+        if test_idx.size and _one_split(members):
+            stats = measure(read_model_dir(out), transitions, test_idx)
+            protocol = (
+                f"Measured when the ensemble was written, on the {test_idx.size} transitions of its "
+                f"test episodes ({split_settings(training)[2]:.0%} of the episodes), which no member trained "
+                "on and no choice read; the members share one split."
+            )
+            attach_uncertainty(out, stats, protocol)
     return out
+
+
+def _one_split(members) -> bool:
+    """Whether every member was trained on the same split (same validation and test digests)."""
+
+    def digests(m):
+        split = (m.params.get("training") or {}).get("split")
+        return (split.get("val_digest"), split.get("test_digest")) if isinstance(split, dict) else None
+
+    first = digests(members[0])
+    return first is not None and all(digests(m) == first for m in members[1:])
 
 
 def update_params(model_dir, **keys) -> dict:
@@ -82,8 +102,8 @@ def calibrate(model_dir, transitions, train_rows, val_rows) -> dict:
 
 
 def train_ensemble(transitions, config: TrainConfig, out, k: int, *, on_eval=None, dataset_name=None):
-    """Train `k` members (seeds seed .. seed+k-1) and write them as one ensemble at `out`; returns
-    (out, [TrainResult per member])."""
+    """Train `k` members (seeds seed .. seed+k-1: initial weights and batches) on one split (the config's
+    split seed) and write them as one ensemble at `out`; returns (out, [TrainResult per member])."""
     from pipeline.training.trainer import train
 
     if not isinstance(k, int) or isinstance(k, bool) or k < 2:
@@ -91,10 +111,11 @@ def train_ensemble(transitions, config: TrainConfig, out, k: int, *, on_eval=Non
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.members-", dir=out.parent))
+    split_seed = config.seed if config.split_seed is None else config.split_seed
     try:
         results = []
         for i in range(k):
-            member = dataclasses.replace(config, seed=config.seed + i)
+            member = dataclasses.replace(config, seed=config.seed + i, split_seed=split_seed)
             results.append(
                 train(transitions, member, work / str(i), on_eval=on_eval, dataset_name=dataset_name)
             )
