@@ -1,0 +1,146 @@
+"""The D4RL-like sim sets come from the committed agents: their safetensors actors run with plain torch,
+every kind is a valid D4RL-layout file fixed by (name, transitions, seed), medium-expert is the union of
+medium and expert, medium-replay replays the recorded training rollouts, and `datasets info` reports the
+facts that tell these sets from the open-loop ones."""
+
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.data.catalog import AGENT_KINDS, CATALOG, SUITES
+from pipeline.data.cli import main as datasets_main
+from pipeline.data.facts import dataset_facts
+from pipeline.data.scores import normalized_score
+from pipeline.data.sources import load_transitions
+from pipeline.sim.agent_policy import AGENT_DIR, CHECKPOINTS, agent_path, load_actor
+from pipeline.sim.agent_rollout import replay_chunk, replay_record
+from pipeline.sim.rollout import make_env
+from pipeline.sim.simulate import main as simulate_main
+from pipeline.sim.simulate import simulate
+
+ENVS = ("hopper", "walker2d", "halfcheetah")
+KEYS = ("observations", "actions", "next_observations", "rewards", "terminals", "timeouts")
+
+
+def read(path) -> dict:
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in KEYS}
+        data["qpos"], data["qvel"] = f["infos/qpos"][()], f["infos/qvel"][()]
+        data["attrs"] = dict(f.attrs)
+    return data
+
+
+def test_suite_names_every_kind_of_every_env():
+    assert SUITES["sim-d4rl"] == [f"sim-{e}-{k}-v0" for e in sorted(ENVS) for k in AGENT_KINDS]
+    assert all(CATALOG[n]["kind"] == "simulated" for n in SUITES["sim-d4rl"])
+
+
+def test_actors_load_without_stable_baselines3():
+    code = (
+        "import sys; from pipeline.sim.agent_policy import agent_path, load_actor\n"
+        "for env in ('hopper', 'walker2d', 'halfcheetah'):\n"
+        "    for c in ('medium', 'expert'): load_actor(agent_path(env, c))\n"
+        "assert 'stable_baselines3' not in sys.modules, 'SB3 was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_committed_policies_act(env):
+    card = json.loads((AGENT_DIR / env / "card.json").read_text())
+    mujoco = make_env(env)
+    obs, _ = mujoco.reset(seed=0)
+    for checkpoint in CHECKPOINTS:
+        actor, meta = load_actor(agent_path(env, checkpoint))
+        assert meta["env"] == env and meta["obs_dim"] == obs.shape[0] and meta["steps"] <= card["steps"]
+        batch = np.repeat(obs[None].astype(np.float32), 64, axis=0)
+        mean = actor.act(batch)
+        sampled = actor.act(batch, np.random.default_rng(0).standard_normal(mean.shape))
+        assert mean.shape == (64, mujoco.action_space.shape[0]) and np.all(np.abs(sampled) <= 1)
+        assert np.ptp(mean, axis=0).max() == 0 and np.ptp(sampled, axis=0).max() > 0  # noise, not state
+        next_obs, *_ = mujoco.step(mean[0])
+        assert np.abs(next_obs - obs).max() > 0
+    assert card["scores"]["expert"]["steps"] == card["steps"]
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_every_kind_through_the_command_line(env, tmp_path):
+    names = [f"sim-{env}-{kind}-v0" for kind in AGENT_KINDS]
+    assert simulate_main([*names, "--transitions", "1200", "--seed", "3", "--out", str(tmp_path)]) == 0
+    for name in names:
+        data = read(tmp_path / f"{name}.hdf5")
+        n, entry = len(data["rewards"]), CATALOG[name]
+        assert n == 1200 and data["attrs"]["name"] == name and data["attrs"]["policy"] == entry["policy"]
+        assert data["observations"].shape == data["next_observations"].shape == (n, entry["obs_dim"])
+        assert data["actions"].shape == (n, entry["act_dim"]) and np.all(np.abs(data["actions"]) <= 1)
+        assert data["qpos"].shape[0] == data["qvel"].shape[0] == n
+        assert data["timeouts"][-1] or data["terminals"][-1]  # the last episode is closed
+        inside = ~(data["terminals"] | data["timeouts"])[:-1]
+        np.testing.assert_array_equal(
+            data["next_observations"][:-1][inside], data["observations"][1:][inside]
+        )
+
+
+def test_a_dataset_depends_only_on_name_transitions_and_seed(tmp_path):
+    a = read(
+        simulate("sim-hopper-medium-v0", transitions=6000, seed=5, out_dir=tmp_path / "a", progress=False)
+    )
+    b = read(simulate("sim-hopper-medium-v0", transitions=6000, seed=5, out_dir=tmp_path / "b", workers=2))
+    c = read(
+        simulate("sim-hopper-medium-v0", transitions=6000, seed=6, out_dir=tmp_path / "c", progress=False)
+    )
+    for key in (*KEYS, "qpos"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)  # workers change nothing
+    assert not np.array_equal(a["actions"], c["actions"])
+
+
+def test_medium_expert_is_the_union(tmp_path):
+    union = read(simulate("sim-walker2d-medium-expert-v0", transitions=2001, seed=2, out_dir=tmp_path))
+    medium = read(simulate("sim-walker2d-medium-v0", transitions=1001, seed=2, out_dir=tmp_path))
+    expert = read(simulate("sim-walker2d-expert-v0", transitions=1000, seed=2, out_dir=tmp_path))
+    for key in (*KEYS, "qpos", "qvel"):
+        np.testing.assert_array_equal(union[key], np.concatenate([medium[key], expert[key]]), err_msg=key)
+    assert set(json.loads(union["attrs"]["agents"])) == {"medium", "expert"}
+
+
+def test_medium_replay_replays_the_recorded_rollouts(tmp_path):
+    rec = replay_record("halfcheetah")
+    n = int(rec["lengths"][:2].sum())  # the first two recorded episodes, whole
+    data = replay_chunk("halfcheetah", 0, 0, 0, n)
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
+    np.testing.assert_array_equal(ends, np.cumsum(rec["lengths"][:2]))
+    returns = np.add.reduceat(data["rewards"].astype(np.float64), [0, ends[0]])
+    np.testing.assert_allclose(returns, rec["returns"][:2], rtol=1e-5)  # the training's own returns
+    np.testing.assert_array_equal(data["qpos"][[0, ends[0]]], rec["init_qpos"][:2])
+    # more transitions than recorded: the file holds the record, no more
+    total = int(rec["lengths"].sum())
+    path = simulate("sim-halfcheetah-medium-replay-v0", transitions=total + 500, out_dir=tmp_path, workers=1)
+    assert len(read(path)["rewards"]) == total
+
+
+def test_info_json_reports_the_facts(tmp_path, capsys):
+    path = simulate("sim-hopper-expert-v0", transitions=3000, seed=0, out_dir=tmp_path, progress=False)
+    assert datasets_main(["info", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    data = read(path)
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
+    returns = np.add.reduceat(data["rewards"].astype(np.float64), np.concatenate([[0], ends[:-1]]))
+    assert info["return_mean"] == pytest.approx(returns.mean()) and info["return_episodes"] == len(returns)
+    assert info["normalized_score"] == pytest.approx(normalized_score("hopper", returns.mean()))
+    vel = np.abs(np.concatenate([data["observations"][:, 5:], data["next_observations"][:, 5:]], axis=1))
+    assert info["velocity_clip_fraction"] == pytest.approx((vel >= 10 - 1e-6).any(axis=1).mean())
+    assert 0 <= info["action_bound_fraction"] <= 1
+    assert datasets_main(["info", str(path)]) == 0
+    assert "| D4RL-normalized score" in capsys.readouterr().out
+
+
+def test_facts_of_an_open_loop_set(sim_files):
+    path = sim_files["sim-hopper-random-v0"]
+    facts = dataset_facts(load_transitions(str(path)), path)
+    assert facts["return_episodes"] > 10 and facts["normalized_score"] < 10  # random is D4RL's 0
+    # uniform random actions in [-1, 1]: about 2 * BOUND_TOL / 2 of the entries sit at a bound
+    assert facts["action_bound_fraction"] < 0.01 and 0 <= facts["velocity_clip_fraction"] <= 1
