@@ -49,7 +49,7 @@ def result(trained, cheetah):
 def test_trained_model_beats_the_mean_action_in_mujoco(result, trained):
     params = invdyn.read_model_dir(trained).params
     # scored on exactly the held-out episodes the trainer kept out, with the trainer's own metric
-    assert result["heldout"].startswith("validation split")
+    assert result["part"] == "val" and result["heldout"].startswith("validation part")
     assert result["heldout_episodes"] == len(params["training"]["split_info"]["val_episodes"])
     assert result["heldout_mse"] == pytest.approx(params["metrics"]["heldout_mse"], rel=1e-4)
     assert result["heldout_mse"] < 0.3 * result["baseline_mse"]
@@ -81,6 +81,7 @@ def test_evaluate_json_contract_from_the_command_line(trained, sim_files):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     out = json.loads(proc.stdout)  # exactly one JSON object on stdout
+    assert out["part"] == "test" and out["heldout"].startswith("test part")  # the command's default
     for key in (
         "heldout_mse",
         "baseline_mse",
