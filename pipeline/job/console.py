@@ -90,6 +90,15 @@ class TrialProgress:
         self.failed += 1
         return self._emit(dataset, train, f"FAILED: {error}")
 
+    def warning_line(self, text: str) -> str:
+        """A warning about a trial, on stderr (above the bar when there is one)."""
+        line = f"warning: {text}"
+        if self.bar is None:
+            print(line, file=sys.stderr, flush=True)
+        else:
+            self.bar.write(line, file=sys.stderr)
+        return line
+
     def _emit(self, dataset: str, train: dict, what: str) -> str:
         point = self.point(train)
         head = f"[{self.finished}/{self.total} done, {self.failed} failed] {dataset}"

@@ -25,7 +25,7 @@ from pipeline.job import outputs, placement, selection
 from pipeline.job.config import TRAIN_FLAGS, JobConfig, JobConfigError
 from pipeline.job.outputs import Ledger
 from pipeline.job.records import DatasetRecord, PreparedDataset
-from pipeline.job.trial_worker import CrashOnce
+from pipeline.job.trial_worker import Barrier, CrashOnce
 from pipeline.job.trials import TrialRun, make_trials, parse_jumps, run_tune, with_jumps
 from pipeline.quality.evaluate import EvalConfig
 from pipeline.training import search
@@ -114,6 +114,7 @@ def run(job: JobConfig, out: Path, started: float) -> int:
             specs={t.key: t for t in todo},
             data={n: d.ref for n, d in ready.items()},
             crash_once=crash_once(out),
+            barrier=Barrier.from_env(),
         )
         tune_started = time.time()
         errors = {}

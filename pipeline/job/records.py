@@ -57,6 +57,9 @@ REPORTED = (
     "trial_entered_at",
     "worker_entered_at",
     "worker_finished_at",
+    "device",
+    "ray_gpu_ids",
+    "gpu_fallback",
 )
 
 
@@ -94,6 +97,9 @@ class TrialResult:
     trial_entered_at: float | None = None  # the Tune trial started running
     worker_entered_at: float | None = None  # the training function started ...
     worker_finished_at: float | None = None  # ... and finished
+    device: str | None = None  # what it trained on ("cpu", "cuda")
+    ray_gpu_ids: list | None = None  # the GPU ids Ray gave it (ray.get_gpu_ids())
+    gpu_fallback: str | None = None  # why it trained on the CPU although Ray gave it a GPU
 
     @classmethod
     def from_json(cls, entry: dict) -> TrialResult:

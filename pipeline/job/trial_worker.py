@@ -8,6 +8,7 @@ per trial on a small machine.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -27,6 +28,38 @@ class CrashOnce:
     marker: str
 
 
+#: Test hook, JSON {"parties": N, "folder": DIR, "timeout_s": T}: a trial entering its training function
+#: waits until N trials are in theirs (or T s passed), and leaves after training. Trials that can run at
+#: once then surely overlap, however slowly their processes start; a trial that runs alone is held T s, so
+#: any other trial running beside it would overlap it (what a test of one-at-a-time placement looks for).
+BARRIER_ENV = "INVDYN_TEST_TRIAL_BARRIER"
+
+
+@dataclass(frozen=True)
+class Barrier:
+    """The BARRIER_ENV test hook: a file in `folder` per trial inside its training function."""
+
+    parties: int
+    folder: str
+    timeout_s: float = 120.0
+
+    @classmethod
+    def from_env(cls) -> Barrier | None:
+        text = os.environ.get(BARRIER_ENV, "")
+        return cls(**json.loads(text)) if text else None
+
+    def enter(self, key: str) -> None:
+        folder = Path(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{key}-{os.getpid()}").touch()
+        deadline = time.time() + self.timeout_s
+        while len(list(folder.iterdir())) < self.parties and time.time() < deadline:
+            time.sleep(0.05)
+
+    def leave(self, key: str) -> None:
+        (Path(self.folder) / f"{key}-{os.getpid()}").unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class WorkerTask:
     """What the training function gets (as `train_loop_config["task"]`: Ray Train wants a dict)."""
@@ -38,6 +71,7 @@ class WorkerTask:
     run_path: str  # where Train persists this run's checkpoint (executor "train")
     trial_entered_at: float  # when the Tune trial started running
     crash_once: CrashOnce | None = None
+    barrier: Barrier | None = None
     # executor "local": write the model here and return the metrics; None: report them from here
     model_root: str | None = None
 
@@ -64,17 +98,24 @@ def train_worker(loop_config: dict) -> dict | None:
     os.environ["OMP_NUM_THREADS"] = str(task.threads)  # Ray set 1 for a 1-CPU worker; match the CPUs held
     torch.set_num_threads(task.threads)
     _maybe_crash(task.crash_once, spec.dataset)
+    if task.barrier is not None:
+        task.barrier.enter(spec.key)
     started = time.time()
     transitions = ray.get(task.data)  # zero-copy from the object store, once per node
-    config = TrainConfig.from_dict({**spec.train, "threads": task.threads, "device": task.device})
+    device, placed = trial_device(task.device, f"{spec.key} of {spec.dataset}")
+    config = TrainConfig.from_dict({**spec.train, "threads": task.threads, "device": device})
     root = task.model_root
     with contextlib.nullcontext(root) if root else tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
-        result = train(transitions, config, Path(tmp) / "model", dataset_name=spec.dataset)
+        result = train(
+            transitions, config, Path(tmp) / "model", dataset_name=spec.dataset, resolved_extra=placed
+        )
         scalars = {
             k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None
         }
         metrics = {
             **scalars,
+            **placed,
+            "device": device,
             "dataset": spec.dataset,
             "sha256": spec.sha256,
             "key": spec.key,
@@ -88,6 +129,8 @@ def train_worker(loop_config: dict) -> dict | None:
             "worker_entered_at": entered,
             "worker_finished_at": time.time(),
         }
+        if task.barrier is not None:
+            task.barrier.leave(spec.key)
         if root:  # Train's local mode inside a Tune trial, where Ray refuses `ray.train.report`: return it
             return metrics
         import ray.train
@@ -96,6 +139,27 @@ def train_worker(loop_config: dict) -> dict | None:
         checkpoint = ray.train.Checkpoint.from_directory(str(result.model_dir))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="model")
         return None
+
+
+def trial_device(wanted: str, trial: str) -> tuple[str, dict]:
+    """(the device this trial trains on, what params.json's training.resolved records about it).
+
+    `wanted` is "cuda" when the trial holds a GPU (fraction). Ray hands out GPUs by id whether or not CUDA
+    can use them (a cluster's logical GPUs, `ray start --num-gpus` on a machine without a driver, a CPU
+    build of torch): then the trial trains on the CPU, and says so in one line (the job prints it as the
+    trial finishes) rather than failing the trial."""
+    import ray
+    import torch
+
+    gpu_ids = [int(i) if str(i).isdigit() else str(i) for i in ray.get_gpu_ids()]
+    placed = {"ray_gpu_ids": gpu_ids, "requested_device": wanted, "gpu_fallback": None}
+    if wanted == "cuda" and not torch.cuda.is_available():
+        placed["gpu_fallback"] = (
+            f"trial {trial}: Ray assigned GPU {gpu_ids} but CUDA is not available in this process "
+            "(torch.cuda.is_available() is False); training on the CPU"
+        )
+        return "cpu", placed
+    return wanted, placed
 
 
 def _maybe_crash(crash_once: CrashOnce | None, dataset: str) -> None:

@@ -21,7 +21,7 @@ from pipeline.job import console, placement
 from pipeline.job.config import JobConfigError
 from pipeline.job.outputs import Ledger
 from pipeline.job.records import REPORTED, PreparedDataset, TrialResult, TrialSpec
-from pipeline.job.trial_worker import CrashOnce, WorkerTask, train_worker
+from pipeline.job.trial_worker import Barrier, CrashOnce, WorkerTask, train_worker
 from pipeline.training import search
 from pipeline.training.config import TrainConfig
 
@@ -78,6 +78,7 @@ class TrialRun:
     specs: dict[str, TrialSpec]  # by trial key: the Tune config names the key, the spec says the rest
     data: dict[str, Any]  # object-store ref of each dataset's Transitions, by name
     crash_once: CrashOnce | None = None
+    barrier: Barrier | None = None  # test hook (pipeline.job.trial_worker.BARRIER_ENV)
 
 
 def run_trial(config: dict, run: TrialRun) -> None:
@@ -95,6 +96,7 @@ def run_trial(config: dict, run: TrialRun) -> None:
         run_path=f"{run.storage_path.rstrip('/')}/{run_name}",
         trial_entered_at=entered,
         crash_once=run.crash_once,
+        barrier=run.barrier,
     )
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -117,11 +119,15 @@ def run_trial(config: dict, run: TrialRun) -> None:
         return
     for k, v in placement.TRAIN_ENV.items():
         os.environ.setdefault(k, v)  # read by TorchTrainer here and propagated to its controller/workers
+    from ray.train.torch import TorchConfig
     from ray.tune.integration.ray_train import TuneReportCallback
 
     TorchTrainer(
         train_worker,
         train_loop_config={"task": task},
+        # One worker, no gradients exchanged: gloo always starts, where Train's GPU default (NCCL) fails on
+        # a torch without NCCL (a CPU build given a Ray GPU trains on the CPU, trial_worker.trial_device).
+        torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=1, use_gpu=pl.gpus > 0, resources_per_worker=pl.worker_resources()
         ),
@@ -175,6 +181,8 @@ class LedgerCallback(Callback):
         )
         self.ledger.record(entry)
         self.progress.finished_line(spec.dataset, spec.train, r, entry.wall_s)
+        if entry.gpu_fallback:  # the trial's own words, once, where the user reads the job's lines
+            self.progress.warning_line(entry.gpu_fallback)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         spec = self.specs[trial.config["key"]]
