@@ -33,10 +33,6 @@ def _empty(size: int, obs_dim: int, act_dim: int, nq: int, nv: int) -> dict[str,
 
 @functools.lru_cache(maxsize=8)
 def _actor(env_name: str, checkpoint: str, root: str | None = None):
-    import torch
-
-    # one thread per simulation worker: the 256x256 actor on one observation gains nothing from more
-    torch.set_num_threads(1)
     return load_actor(agent_path(env_name, checkpoint, Path(root) if root else None))[0]
 
 
@@ -45,7 +41,19 @@ def agent_chunk(
 ) -> dict[str, np.ndarray]:
     """`size` transitions of the stochastic `checkpoint` policy (medium / expert) of `env_name`'s agent
     (from AGENT_DIR, or `root`); the policy noise comes from SeedSequence([seed, chunk]): reproducible."""
-    actor = _actor(env_name, checkpoint, root)
+    import torch
+
+    threads = torch.get_num_threads()
+    # one thread: the 256x256 actor on one observation gains nothing from more, and simulation workers
+    # share the cores; restored after, since the caller's process may go on to train
+    torch.set_num_threads(1)
+    try:
+        return _agent_steps(_actor(env_name, checkpoint, root), env_name, seed, chunk, size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _agent_steps(actor, env_name: str, seed: int, chunk: int, size: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(np.random.SeedSequence([seed, chunk]))
     env = make_env(env_name)
     act_dim = env.action_space.shape[0]
