@@ -244,7 +244,7 @@ def test_no_secret_from_the_environment_lands_in_a_model(tmp_path, monkeypatch, 
     ):
         monkeypatch.setenv(var, f"{var}-{CANARY}")
     data = tmp_path / "data.hdf5"
-    write_d4rl_file(data, episodes=(300, 300), obs_dim=4, act_dim=2)
+    write_d4rl_file(data, episodes=(200, 200, 200), obs_dim=4, act_dim=2)
     from pipeline.training.cli import main
 
     out = tmp_path / "model"

@@ -101,6 +101,30 @@ def split_parts(
     )
 
 
+def checked_split(transitions, config):
+    """(train rows, validation rows, test rows) of `config`'s split, after refusing a config or data that
+    cannot train (before any file)."""
+    n = len(transitions)
+    if n == 0:
+        raise TrainConfigError(f"dataset {transitions.name!r} has no transitions")
+    if not all(np.isfinite(a).all() for a in (transitions.obs, transitions.next_obs, transitions.act)):
+        raise TrainConfigError(f"dataset {transitions.name!r} contains NaN or inf in obs/next_obs/actions")
+    train_idx, val_idx, test_idx = split_parts(
+        transitions,
+        config.split,
+        config.val_fraction,
+        config.test_fraction,
+        config.resolved_split_seed(),
+        name=transitions.name,
+    )
+    if config.batch_size > train_idx.shape[0]:
+        raise TrainConfigError(
+            f"batch_size={config.batch_size} is larger than the training split ({train_idx.shape[0]} of "
+            f"{n} transitions of {transitions.name!r}); use a smaller --batch-size"
+        )
+    return train_idx, val_idx, test_idx
+
+
 def _episode_ids(transitions_or_episodes, split: str) -> np.ndarray:
     if split not in SPLITS:
         raise TrainConfigError(f"split={split!r} is not one of {list(SPLITS)}")

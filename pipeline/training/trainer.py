@@ -50,7 +50,7 @@ from pipeline.training.machine import (
     resolve_step,
 )
 from pipeline.training.resident import EarlyStopping, Resident
-from pipeline.training.split import split_digest, split_parts, split_record
+from pipeline.training.split import checked_split, split_digest, split_record
 from pipeline.training.steps import EagerStep, GraphStep, WeightAverage
 
 
@@ -123,7 +123,7 @@ def prepare(transitions: Transitions, config: TrainConfig) -> Prepared:
         config = TrainConfig.from_dict(config)
     config.validate()
     transitions = jump_pairs(transitions, config.jump)  # k = 1: the very same pairs (the object itself)
-    train_idx, val_idx, test_idx = _checked_split(transitions, config)
+    train_idx, val_idx, test_idx = checked_split(transitions, config)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     normalizer = GaussianNormalizer.from_data(transitions.obs)  # all observations, as CleanDiffuser
@@ -265,29 +265,6 @@ def training_section(config: TrainConfig, split: dict) -> dict:
 def _mean_or_none(values):
     finite = [v for v in values or () if v is not None]
     return float(np.mean(finite)) if finite else None
-
-
-def _checked_split(transitions: Transitions, config: TrainConfig):
-    """(train rows, held-out rows), after refusing a config or data that cannot train (before any file)."""
-    n = len(transitions)
-    if n == 0:
-        raise TrainConfigError(f"dataset {transitions.name!r} has no transitions")
-    if not all(np.isfinite(a).all() for a in (transitions.obs, transitions.next_obs, transitions.act)):
-        raise TrainConfigError(f"dataset {transitions.name!r} contains NaN or inf in obs/next_obs/actions")
-    train_idx, val_idx, test_idx = split_parts(
-        transitions,
-        config.split,
-        config.val_fraction,
-        config.test_fraction,
-        config.resolved_split_seed(),
-        name=transitions.name,
-    )
-    if config.batch_size > train_idx.shape[0]:
-        raise TrainConfigError(
-            f"batch_size={config.batch_size} is larger than the training split ({train_idx.shape[0]} of "
-            f"{n} transitions of {transitions.name!r}); use a smaller --batch-size"
-        )
-    return train_idx, val_idx, test_idx
 
 
 def _final_metrics(net, data: Resident, curve: list[dict], stats: dict, started: float) -> dict:
