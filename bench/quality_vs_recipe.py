@@ -2,13 +2,17 @@
 
     python bench/quality_vs_recipe.py                       # sim suite, recipe vs the default candidates
     python bench/quality_vs_recipe.py --datasets sim-hopper-mixed-v0 --candidates recipe,res_mlp
+    python bench/quality_vs_recipe.py --split-seeds 0,1,2    # repeated on 3 test splits: OUT/splits.md
 
 Protocol (the same for every candidate, so the comparison is fair): per dataset, 20% of the episodes
 (seeded) are set aside as the test set and never touched in training; each candidate trains on the rest
 with its own validation split and stopping rule (the recipe: random 80/20 of transitions, patience 3,
 last weights), and is scored on the test episodes: action MSE, and the closed-loop drift of MuJoCo
 following the recorded trajectory for --horizon steps (pipeline.quality.evaluate). Writes OUT/results.json,
-OUT/table.md, and a report (OUT/report/report.md + plots) with the best candidate as champion.
+OUT/table.md, and a report (OUT/report/report.md + plots) with the best candidate as champion. With
+--split-seeds, the whole comparison runs once per test-split seed (OUT/split-<seed>/) and OUT/splits.md gives
+mean ± std over the seeds (pipeline.training.repeats) of each candidate's numbers and of its ratios to the
+recipe. Candidates train with test_fraction 0: the bench's own test episodes are their test part.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def run(args) -> list[dict]:
                 _print(row, args.horizon, f"(trained earlier, {out / 'results.json'})")
                 continue
             base = {} if CANDIDATES[cand] is None else {**RECIPE, **CANDIDATES[cand]}
-            config = {**base, "seed": args.seed, "threads": args.threads}
+            config = {**base, "seed": args.seed, "threads": args.threads, "test_fraction": 0.0}
             if args.max_epochs:
                 config["max_epochs"] = min(config.get("max_epochs", args.max_epochs), args.max_epochs)
             started = time.perf_counter()
@@ -203,6 +207,54 @@ def champion_report(rows: list[dict], out: Path, horizon: int) -> None:
     write_report(entries, out / "report", horizon)
 
 
+def over_splits(rows: list[dict], horizon: int) -> str:
+    """Markdown: per dataset and candidate, mean ± std over the split seeds of test MSE, drift and one-step
+    error, and of the per-seed ratios to the recipe."""
+    from pipeline.training.repeats import fmt_interval, interval
+
+    recipe = {(r["dataset"], r["split_seed"]): r["eval"] for r in rows if r["candidate"] == "recipe"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["candidate"]), []).append(r)
+    lines = [
+        f"| dataset | candidate | splits | test MSE | / recipe | drift@{horizon} | / recipe | one-step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, cand), rs in groups.items():
+
+        def ratio(key, rs=rs):
+            base = [recipe.get((r["dataset"], r["split_seed"]), {}).get(key) for r in rs]
+            return interval(r["eval"][key] / b if b else None for r, b in zip(rs, base, strict=True))
+
+        cells = [
+            fmt_interval(interval(r["eval"]["heldout_mse"] for r in rs)),
+            fmt_interval(ratio("heldout_mse"), ".3g"),
+            fmt_interval(interval(r["eval"]["tracking_drift"] for r in rs)),
+            fmt_interval(ratio("tracking_drift"), ".3g"),
+            fmt_interval(interval(r["eval"]["one_step_error"] for r in rs)),
+        ]
+        lines.append(f"| {dataset} | {cand} | {len(rs)} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_split_seeds(args) -> str:
+    """The comparison once per test-split seed (OUT/split-<seed>/), then OUT/splits.md over the seeds."""
+    from pipeline.training.repeats import parse_seeds
+
+    every = []
+    for seed in parse_seeds(args.split_seeds):
+        one = argparse.Namespace(
+            **{**vars(args), "test_seed": seed, "out": str(Path(args.out) / f"split-{seed}")}
+        )
+        Path(one.out).mkdir(parents=True, exist_ok=True)
+        rows = run(one)
+        (Path(one.out) / "table.md").write_text(table(rows, args.horizon))
+        every += [{**r, "split_seed": seed} for r in rows]
+    text = over_splits(every, args.horizon)
+    (Path(args.out) / "splits.md").write_text(text)
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", default=SIM_SUITE)
@@ -219,11 +271,16 @@ def main(argv=None) -> int:
         "--threads", type=int, default=None, help="torch threads per run (1 on a shared, busy machine)"
     )
     ap.add_argument("--test-seed", type=int, default=1234)
+    ap.add_argument("--split-seeds", default=None, help="repeat on these test-split seeds (OUT/splits.md)")
     args = ap.parse_args(argv)
     unknown = [c for c in args.candidates.split(",") if c not in CANDIDATES]
     if unknown:
         ap.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.split_seeds:
+        print(run_split_seeds(args))
+        print(f"written: {args.out}/splits.md, {args.out}/split-<seed>/")
+        return 0
     rows = run(args)
     text = table(rows, args.horizon)
     (Path(args.out) / "table.md").write_text(text)
