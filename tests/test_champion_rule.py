@@ -23,7 +23,9 @@ EPISODES = {"split": "episodes", "val_fraction": 0.2, "seed": 0}
 TRANSITIONS = {"split": "transitions", "val_fraction": 0.2, "seed": 0}
 
 
-def record(root, seed: int, mse: float, sha: str = "a", split: dict | None = None, **extra) -> dict:
+def record(
+    root, seed: int, mse: float, sha: str = "a", split: dict | None = None, test_mse=None, **extra
+) -> dict:
     """A registration record for a small real model directory whose params.json records `split`."""
     torch.manual_seed(seed)
     net = invdyn.FancyMlpInvDynamic(5, 2, hidden_dim=16)
@@ -34,7 +36,7 @@ def record(root, seed: int, mse: float, sha: str = "a", split: dict | None = Non
         normalizer,
         name=DS,
         dataset={"name": DS, "sha256": sha * 64},
-        metrics={"heldout_mse": mse},
+        metrics={"heldout_mse": mse, **({} if test_mse is None else {"test_mse": test_mse})},
         training={"lr": 3e-4, **(split or EPISODES)},
     )
     return {"dataset": DS, "sha256": sha * 64, "heldout_mse": mse, "model_dir": str(model_dir), **extra}
@@ -85,6 +87,23 @@ def test_only_the_champions_protocol_competes(tmp_path, uri):
     assert not other_seed["champion"] and "seed=1" in other_seed["reason"]
     better = register_dataset(uri, record(tmp_path, 4, 0.3, split=EPISODES))
     assert better["champion"] and "beats champion v1's 0.5" in better["reason"] and _champion(uri) == "4"
+
+
+def test_three_part_members_of_one_split_compete_and_carry_test_tags(tmp_path, uri):
+    """params.json's split record decides the protocol: init seeds differ, the split seed does not."""
+    cut = {"kind": "episodes", "val_fraction": 0.15, "test_fraction": 0.15, "seed": 2}
+
+    def training(init_seed, split_seed=2):
+        return {"split": {**cut, "seed": split_seed}, "split_kind": "episodes", "seed": init_seed}
+
+    assert register_dataset(uri, record(tmp_path, 1, 0.5, split=training(0), test_mse=0.6))["champion"]
+    member = register_dataset(uri, record(tmp_path, 2, 0.3, split=training(1), test_mse=0.4))
+    assert member["champion"] and _champion(uri) == "2"  # another init seed on the same split competes
+    tags = _tags(uri, 2)
+    assert tags["test_mse"] == repr(0.4) and tags["heldout_mse"] == repr(0.3)
+    assert tags["protocol_desc"] == "split=episodes val_fraction=0.15 test_fraction=0.15 seed=2"
+    other = register_dataset(uri, record(tmp_path, 3, 0.1, split=training(0, split_seed=3), test_mse=0.2))
+    assert not other["champion"] and "seed=3" in other["reason"]  # another split: other validation episodes
 
 
 def test_a_rule_change_re_ranks_and_is_recorded(tmp_path, uri):

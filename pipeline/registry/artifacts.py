@@ -11,10 +11,13 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from invdyn._files import sha256_file
-from invdyn.model_dir import PARAMS_FILE
+from invdyn.model_dir import PARAMS_FILE, read_params
 from pipeline.quality.metrics import finite
 from pipeline.registry import store
 from pipeline.registry.store import MODEL_ARTIFACT
+
+#: the test-episode metrics of params.json a registration run logs beside heldout_mse / baseline_mse
+TEST_METRICS = ("test_mse", "test_mse_normalized", "test_r2", "test_baseline_mse")
 
 
 def _find_trial_run(client: MlflowClient, record: dict):
@@ -40,7 +43,7 @@ def _find_trial_run(client: MlflowClient, record: dict):
     return runs[0] if runs else None
 
 
-def _new_run(client: MlflowClient, uri: str, record: dict):
+def _new_run(client: MlflowClient, uri: str, record: dict, model_dir: Path):
     """A run in the record's experiment (or `invdyn-registry`) for a model whose trial was never tracked."""
     experiment = store.get_experiment_id(client, uri, record.get("experiment") or store.REGISTRY_EXPERIMENT)
     tags = {
@@ -54,6 +57,8 @@ def _new_run(client: MlflowClient, uri: str, record: dict):
     params = [Param(k, store.param_value(v)) for k, v in sorted(config.items())]
     now = int(time.time() * 1000)
     numbers = {k: finite(record.get(k)) for k in ("heldout_mse", "baseline_mse")}
+    tested = (read_params(model_dir / PARAMS_FILE).get("metrics") or {}) if model_dir else {}
+    numbers.update({k: finite(tested.get(k)) for k in TEST_METRICS})  # the test episodes' figures
     metrics = [Metric(k, v, now, 0) for k, v in numbers.items() if v is not None]
     store.log_batch(client, run.info.run_id, metrics=metrics, params=params)
     return run
@@ -71,7 +76,7 @@ def source_for(client: MlflowClient, uri: str, record: dict, model_dir: Path, sh
     ):
         return f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run.info.run_id
     if run is None:
-        run, path = _new_run(client, uri, record), MODEL_ARTIFACT
+        run, path = _new_run(client, uri, record, model_dir), MODEL_ARTIFACT
     elif client.list_artifacts(run.info.run_id, MODEL_ARTIFACT):
         path = f"{MODEL_ARTIFACT}-{params_sha[:12]}"  # the trial's run logged other files under model/
     else:

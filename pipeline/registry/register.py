@@ -24,7 +24,7 @@ from invdyn.model_dir import PARAMS_FILE, read_params
 from invdyn.settings import mlflow_tracking_uri
 from pipeline.quality.metrics import SELECT_METRICS, evaluation_tags, finite
 from pipeline.registry import champion, store
-from pipeline.registry.artifacts import source_for
+from pipeline.registry.artifacts import TEST_METRICS, source_for
 from pipeline.registry.export import DEFAULT_OUT_DIR
 from pipeline.registry.store import CHAMPION, CHAMPION_METRIC_TAG, TrackingError
 
@@ -165,7 +165,7 @@ def _find_or_create(client: MlflowClient, uri: str, name: str, record: dict, mod
 
 
 #: the test-episode metrics a version carries as tags (from its params.json), before anything else
-TEST_TAGS = ("test_mse", "test_mse_normalized", "test_r2", "test_baseline_mse")
+TEST_TAGS = TEST_METRICS
 
 
 def test_tags(metrics: dict) -> dict:
