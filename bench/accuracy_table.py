@@ -207,8 +207,8 @@ def main(argv=None) -> int:
     work = Path(args.work)
     size = args.transitions or "default"
     rows = []
-    for name in names:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: an interrupted run has every dataset on its first seeds
+        for name in names:
             done = work / "results" / f"{name}-n{size}-e{args.epochs}-h{args.horizon}-s{seed}.json"
             if not done.is_file():
                 print(f"{name} split seed {seed}: training and evaluating ...", flush=True)
