@@ -211,7 +211,7 @@ def _fit_group(prepared, configs, indices, on_eval, started) -> list[tuple]:
             sync()
             for r in live:
                 members[r].train_time += time.perf_counter() - t0
-    return [_result(m, net, per_epoch, kind) for m, net in zip(members, nets, strict=True)]
+    return [_result(m, net, per_epoch, kind, take.captured) for m, net in zip(members, nets, strict=True)]
 
 
 def _epoch_perm(take, live, perms, train_idx):
@@ -306,7 +306,7 @@ def _validate(take, rows: list[int]) -> list[tuple[float, float]]:
     return [(mse[r], norm[r]) for r in rows]
 
 
-def _result(m: _Member, net, per_epoch: int, kind: str) -> tuple:
+def _result(m: _Member, net, per_epoch: int, kind: str, captured: bool) -> tuple:
     """(net holding the member's kept weights, its curve, `finish`'s stats)."""
     net.load_state_dict(m.kept)
     net.eval()
@@ -318,7 +318,7 @@ def _result(m: _Member, net, per_epoch: int, kind: str) -> tuple:
         "eval_time_s": m.eval_time,
         "stopped_early": m.stopped,
         "step": kind,
-        "cuda_graph": False,
+        "cuda_graph": captured,
     }
     return net, m.curve, stats
 
