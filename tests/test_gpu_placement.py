@@ -32,8 +32,8 @@ def cluster():
 
 
 def run_job(cluster, monkeypatch, tmp_path, d4rl_file, seeds: int, *flags: str, barrier: dict) -> Path:
-    """The job on `cluster` (via $RAY_ADDRESS, as under `ray job submit`): one tiny dataset, `seeds` trials;
-    each trial waits in its training function until `barrier["parties"]` trials have entered it."""
+    """The job on `cluster` (via $RAY_ADDRESS, as under `ray job submit`): one tiny dataset, `seeds` search
+    points; each trial waits in its training function until `barrier["parties"]` trials have entered it."""
     data, _ = d4rl_file(episodes=(60,) * 8, obs_dim=4, act_dim=2)
     out = tmp_path / "out"
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
@@ -51,8 +51,9 @@ def trials(out: Path) -> list[dict]:
     """The ledger's entries, each with its model's params.json (from the storage path)."""
     entries = [json.loads(p.read_text()) for p in (out / "trials").glob("*.json")]
     for e in entries:
-        e["params"] = json.loads((Path(e["checkpoint_path"]) / "params.json").read_text())
-    return sorted(entries, key=lambda e: e["worker_entered_at"])
+        if "members" not in e:  # a population's group: its members' models are inside its checkpoint
+            e["params"] = json.loads((Path(e["checkpoint_path"]) / "params.json").read_text())
+    return sorted(entries, key=lambda e: e.get("worker_entered_at") or 0)
 
 
 def assert_trained_on_cpu_with_gpu(e: dict, gpu_ids: list) -> None:
@@ -64,9 +65,8 @@ def assert_trained_on_cpu_with_gpu(e: dict, gpu_ids: list) -> None:
 
 @pytest.mark.timeout(300)
 def test_four_quarter_gpu_trials_share_one_gpu_at_once(cluster, monkeypatch, tmp_path, d4rl_file, capfd):
-    out = run_job(
-        cluster, monkeypatch, tmp_path, d4rl_file, 4, "--gpus-per-trial", "0.25", barrier={"parties": 4}
-    )
+    flags = ("--gpus-per-trial", "0.25", "--no-population")  # a trial per search point
+    out = run_job(cluster, monkeypatch, tmp_path, d4rl_file, 4, *flags, barrier={"parties": 4})
     entries = trials(out)
     assert len(entries) == 4
     for e in entries:
@@ -74,8 +74,13 @@ def test_four_quarter_gpu_trials_share_one_gpu_at_once(cluster, monkeypatch, tmp
     # All four were in their training function at once: the last entered before the first finished.
     assert max(e["worker_entered_at"] for e in entries) < min(e["worker_finished_at"] for e in entries)
     assert len({e["pid"] for e in entries}) == 4 and len({e["node_id"] for e in entries}) == 1
-    placement = json.loads((out / "job.json").read_text())["placement"]
-    assert (placement["gpus"], placement["cluster_gpus"], placement["slots"]) == (0.25, 1.0, 4)
+    job = json.loads((out / "job.json").read_text())
+    assert (job["placement"]["gpus"], job["placement"]["cluster_gpus"], job["placement"]["slots"]) == (
+        0.25,
+        1.0,
+        4,
+    )
+    assert job["population"] is False
     warnings = [ln for ln in capfd.readouterr().err.splitlines() if FALLBACK in ln]
     assert len(warnings) == 4 and all(ln.startswith("warning: trial ") for ln in warnings)
     [record] = json.loads((out / "summary.json").read_text())
@@ -87,7 +92,7 @@ def test_four_quarter_gpu_trials_share_one_gpu_at_once(cluster, monkeypatch, tmp
 def test_whole_gpu_trials_run_one_after_another(cluster, monkeypatch, tmp_path, d4rl_file):
     # Tune may start all four (--max-concurrent 4); Ray's one GPU admits one at a time. The barrier holds
     # a trial alone in its training function for 3 s, so any two running at once would overlap.
-    flags = ("--gpus-per-trial", "1", "--max-concurrent", "4")
+    flags = ("--gpus-per-trial", "1", "--max-concurrent", "4", "--no-population")
     out = run_job(
         cluster, monkeypatch, tmp_path, d4rl_file, 4, *flags, barrier={"parties": 2, "timeout_s": 3}
     )
@@ -106,7 +111,7 @@ def test_two_gpu_nodes_both_take_trials(cluster, monkeypatch, tmp_path, d4rl_fil
     cluster.wait_for_nodes()
     # executor "train": each trial's GPU is held by its own Train worker (whose process group is gloo:
     # Train's GPU default, NCCL, is not in a CPU build of torch)
-    flags = ("--gpus-per-trial", "1", "--executor", "train")
+    flags = ("--gpus-per-trial", "1", "--executor", "train", "--no-population")
     try:
         out = run_job(cluster, monkeypatch, tmp_path, d4rl_file, 2, *flags, barrier={"parties": 2})
     finally:
@@ -117,3 +122,20 @@ def test_two_gpu_nodes_both_take_trials(cluster, monkeypatch, tmp_path, d4rl_fil
         assert_trained_on_cpu_with_gpu(e, [0])  # each node's own GPU 0
     placement = json.loads((out / "job.json").read_text())["placement"]
     assert (placement["nodes"], placement["cluster_gpus"], placement["gpus"]) == (2, 2.0, 1.0)
+
+
+@pytest.mark.timeout(300)
+def test_trials_on_a_gpu_default_to_one_population_per_dataset(cluster, monkeypatch, tmp_path, d4rl_file):
+    out = run_job(cluster, monkeypatch, tmp_path, d4rl_file, 3, barrier={"parties": 1})
+    job = json.loads((out / "job.json").read_text())
+    assert job["population"] is True and job["placement"]["gpus"] == 0.25  # the defaults on a GPU cluster
+    entries = trials(out)  # seeds split differently: three shape groups, one trial
+    assert len(entries) == 3 and all(len(e["members"]) == 1 for e in entries)
+    assert len({e["trial_id"] for e in entries}) == 1
+    [record] = json.loads((out / "summary.json").read_text())
+    assert record["population"] == 3 and len(record["candidates"]) == 3
+    for c in record["candidates"]:
+        member = next(m for e in entries for m in e["members"] if m["key"] == c["key"])
+        params = json.loads((Path(member["checkpoint_path"]) / "params.json").read_text())
+        assert params["training"]["resolved"]["ray_gpu_ids"] == member["ray_gpu_ids"] == [0]
+        assert params["training"]["resolved"]["device"] == member["device"] == "cpu"

@@ -42,6 +42,11 @@ class JobConfig:
         None, "GPU (fraction) per trial (default: 1/4 when the cluster has GPUs)"
     )
     max_concurrent: int | None = _flag(None, "trials at once (default: as many as the cluster fits)")
+    population: bool | None = _flag(
+        None,
+        "one trial per dataset trains all of its search points as stacked models, one per shape group "
+        "(pipeline.training.population) (default: on when trials get a GPU)",
+    )
     executor: str = _flag(
         "local",
         "local: each trial's TorchTrainer runs in Train's local mode in the Tune trial's process, reused "

@@ -75,7 +75,7 @@ class TrialProgress:
             self.bar = None
 
     def point(self, train: dict) -> str:
-        return ", ".join(f"{k}={_value(train, k)}" for k in self.varying)
+        return ", ".join(f"{k}={config_value(train, k)}" for k in self.varying)
 
     def finished_line(self, dataset: str, train: dict, result: dict, wall_s: float) -> str:
         self.finished += 1
@@ -115,10 +115,10 @@ class TrialProgress:
 def varying_fields(configs: list[dict]) -> list[str]:
     """The config fields whose values differ between trials: what names a trial's search point."""
     keys = sorted({k for c in configs for k in c})
-    return [k for k in keys if len({repr(_value(c, k)) for c in configs}) > 1]
+    return [k for k in keys if len({repr(config_value(c, k)) for c in configs}) > 1]
 
 
-def _value(train: dict, key: str):
+def config_value(train: dict, key: str):
     """A field of a trial's config; one left out (a one-step trial's `jump`, kept out of its key) is the
     TrainConfig default."""
     return train[key] if key in train else _DEFAULTS.get(key)

@@ -8,7 +8,8 @@ DIR/summary.md            the same as a table (also printed)
 DIR/job.json              the job: name, datasets, placement, timing (wall, time in training steps)
 DIR/models/<name>/        the selected model directory of each dataset (invdyn format)
 DIR/curves/<name>.json    every trial's learning curve (+ .png plot)
-DIR/trials/<key>.json     ledger: one file per finished trial, written by the driver as it finishes
+DIR/trials/<key>.json     ledger: one file per finished trial, written by the driver as it finishes; a
+                          population trial writes one per shape group, holding its members' entries
 
 <name> is the dataset's model name (invdyn.settings.dataset_model_name), as in the cache and the registry.
 """
@@ -35,7 +36,8 @@ JOB_JSON = "job.json"
 
 
 class Ledger:
-    """Finished trials by stable key, one JSON file each (atomic), so a SIGKILLed driver loses none."""
+    """Finished trials by stable key, one JSON file each (atomic), so a SIGKILLed driver loses none. A
+    population's shape group is one file whose "members" are the entries of the trials it trained."""
 
     def __init__(self, out_dir: Path):
         self.dir = Path(out_dir) / "trials"
@@ -48,14 +50,21 @@ class Ledger:
         for p in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
             try:
                 entry = json.loads(p.read_text())
-                if entry.get("status") == "finished" and entry.get("checkpoint_path"):
-                    found[p.stem] = TrialResult.from_json(entry)
+                members = entry.get("members")
+                for e in members if isinstance(members, list) else [entry]:
+                    if e.get("status") == "finished" and e.get("checkpoint_path"):
+                        found[e["key"] if members else p.stem] = TrialResult.from_json(e)
             except (OSError, ValueError, TypeError, AttributeError):
                 continue  # never trust a damaged entry: that trial simply runs again
         return found
 
     def record(self, entry: TrialResult) -> None:
         write_json(self.path(entry.key), entry.to_json())
+
+    def record_group(self, key: str, head: dict, members: list[TrialResult]) -> None:
+        """A population's shape group: `head` (dataset, trial id, times) and its members' entries."""
+        entry = {**head, "key": key, "status": "finished", "members": [m.to_json() for m in members]}
+        write_json(self.path(key), entry)
 
     def clear(self) -> int:
         n = 0
@@ -136,37 +145,47 @@ def _num(value, spec: str = ".4g") -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """The Markdown table of summary.json's records."""
+    """The Markdown table of summary.json's records; the test part's MSE and R² lead where the models have
+    them (their split held test episodes out), else the held-out (validation) MSE does."""
+    tested = any(finite(r.get("test_mse")) is not None for r in records)
     head = (
-        "| dataset | status | held-out MSE | baseline MSE | one-step error | tracking drift | selected by | "
-        "best config | epochs | trials | wall s | champion |"
+        ("| dataset | status | test MSE | test R² " if tested else "| dataset | status ")
+        + "| held-out MSE | baseline MSE | one-step error | tracking drift | selected by | best config "
+        + "| epochs | trials | wall s | champion |"
     )
     rows = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in records:
-        cfg = r.get("config") or {}
-        best = ", ".join(f"{k}={cfg[k]}" for k in ("arch", "hidden_dim", "dropout", "lr") if k in cfg)
-        reg = r.get("registration") or {}
-        champion = "yes" if reg.get("champion") else (reg.get("reason") or "-")[:60] if reg else "-"
         status = r.get("status", "")
         if status == "failed":
             status = f"failed: {str(r.get('error', ''))[:80]}"
-        ev = r.get("evaluation") or {}
-        drift = _num(ev.get("tracking_drift"))
-        if finite(ev.get("tracking_drift")) is not None:
-            drift += f" @{ev['horizon']}"
-        cells = [
-            r["dataset"],
-            status,
-            _num(r.get("heldout_mse")),
-            _num(r.get("baseline_mse")),
-            _num(ev.get("one_step_error")),
-            drift,
-            r.get("selected_by") or "-",
-            best or "-",
-            r.get("epochs", "-"),
-            f"{r.get('trials_finished', 0)}/{r.get('trials', 0)}",
-            _num(r.get("wall_s"), ".0f"),
-            champion,
-        ]
+        tests = [_num(r.get("test_mse")), _num(r.get("test_r2"), ".3f")] if tested else []
+        cells = [r["dataset"], status, *tests, *_row_cells(r)]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(rows)
+
+
+def _row_cells(r: dict) -> list:
+    """A record's cells from held-out MSE on."""
+    cfg = r.get("config") or {}
+    best = ", ".join(f"{k}={cfg[k]}" for k in ("arch", "hidden_dim", "dropout", "lr") if k in cfg)
+    reg = r.get("registration") or {}
+    champion = "yes" if reg.get("champion") else (reg.get("reason") or "-")[:60] if reg else "-"
+    ev = r.get("evaluation") or {}
+    drift = _num(ev.get("tracking_drift"))
+    if finite(ev.get("tracking_drift")) is not None:
+        drift += f" @{ev['horizon']}"
+    trials = f"{r.get('trials_finished', 0)}/{r.get('trials', 0)}"
+    if r.get("population"):
+        trials += f" (population of {r['population']})"
+    return [
+        _num(r.get("heldout_mse")),
+        _num(r.get("baseline_mse")),
+        _num(ev.get("one_step_error")),
+        drift,
+        r.get("selected_by") or "-",
+        best or "-",
+        r.get("epochs", "-"),
+        trials,
+        _num(r.get("wall_s"), ".0f"),
+        champion,
+    ]

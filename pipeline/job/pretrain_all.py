@@ -21,7 +21,7 @@ from pathlib import Path
 from invdyn import _files, settings
 from invdyn.errors import InvdynError
 from pipeline.dataclass_cli import add_options, from_namespace
-from pipeline.job import outputs, placement, selection
+from pipeline.job import outputs, placement, populations, selection
 from pipeline.job.config import TRAIN_FLAGS, JobConfig, JobConfigError
 from pipeline.job.outputs import Ledger
 from pipeline.job.records import DatasetRecord, PreparedDataset
@@ -101,17 +101,18 @@ def run(job: JobConfig, out: Path, started: float) -> int:
         trials = make_trials(ready, points, job.train)
         done = Ledger(out).done() if job.resume else {}
         todo = [t for t in trials if t.key not in done]
-        pl = decide_placement(job, len(todo))
+        pl, tune_specs, population = plan_trials(job, todo, ready)
         storage = storage_path(job, out, pl)
         print(
             f"job {state['job']}: {len(ready)} dataset(s) x {len(points)} config(s) = {len(trials)} "
-            f"trial(s); {len(trials) - len(todo)} already finished, {len(todo)} to run. {pl.describe()}"
+            f"trial(s); {len(trials) - len(todo)} already finished, {len(todo)} to run"
+            f"{f' as {len(tune_specs)} population trial(s)' if population else ''}. {pl.describe()}"
         )
         trial_run = TrialRun(
             executor=job.executor,
             storage_path=storage,
             placement=pl,
-            specs={t.key: t for t in todo},
+            specs={t.key: t for t in tune_specs},
             data={n: d.ref for n, d in ready.items()},
             crash_once=crash_once(out),
             barrier=Barrier.from_env(),
@@ -137,7 +138,8 @@ def run(job: JobConfig, out: Path, started: float) -> int:
             ray.shutdown()
     outputs.write_summary(out, records)  # the models are safe before MLflow is touched again
     timing = last_run(out, trials, todo, errors, started, tune_wall, pl)
-    outputs.write_job(out, job_record(job, state, specs, storage, pl, space, uri, opts, timing))
+    record = job_record(job, state, specs, storage, pl, space, uri, opts, timing)
+    outputs.write_job(out, {**record, "population": population})
     exported = register_and_export(job, uri, logger, records)
     table = outputs.write_summary(out, records)
     print(f"\n{table}\n\nsummary: {out / outputs.SUMMARY_JSON}  ({time.time() - started:.0f} s)")
@@ -205,6 +207,19 @@ def select_models(job: JobConfig, out, specs, ready, failed, trials, errors, job
             out, specs, of_k, failed if i == 0 else [], trials, errors, job_name, opts
         )
     return records
+
+
+def plan_trials(job: JobConfig, todo: list, ready: dict) -> tuple[placement.Placement, list, bool]:
+    """(placement, the Tune trials, whether they are populations): with `--population` (by default when
+    trials get a GPU) one trial per dataset trains all of its search points (pipeline.job.populations)."""
+    pl = decide_placement(job, len(todo))
+    population = job.population
+    if population is None:
+        population = populations.default_on(pl.gpus, pl.cluster_gpus)
+    if not population:
+        return pl, todo, False
+    pops = populations.make_populations(todo, ready)
+    return decide_placement(job, len(pops)), pops, True
 
 
 def decide_placement(job: JobConfig, n_trials: int) -> placement.Placement:
@@ -304,8 +319,9 @@ def last_run(out: Path, trials, todo, errors, started: float, tune_wall: float, 
     """What this run did and where its time went (job.json "last_run")."""
     todo_keys = {t.key for t in todo}
     ran = [e for e in Ledger(out).done().values() if e.key in todo_keys]
-    train_s = sum(e.train_time_s or 0 for e in ran)
-    eval_s = sum(e.eval_time_s or 0 for e in ran)
+    # a population's group trains and validates its members at once
+    train_s = populations.shared_time(ran, "train_time_s")
+    eval_s = populations.shared_time(ran, "eval_time_s")
     slot_s = tune_wall * pl.training_slots if ran and tune_wall else None
     return {
         "trials": len(trials),

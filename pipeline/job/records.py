@@ -36,9 +36,38 @@ class TrialSpec:
         return {"dataset": self.dataset, "sha256": self.sha256, "key": self.key, **self.train}
 
 
+@dataclass(frozen=True)
+class PopulationSpec:
+    """One trial that trains a dataset's search points together (`--population`): its members train as
+    stacked models, one group per shape (pipeline.training.population), and each is recorded, selected and
+    resumed as the trial it stands for (its TrialSpec's key)."""
+
+    dataset: str
+    sha256: str
+    key: str  # of the population: its members' keys hashed
+    members: tuple[TrialSpec, ...]
+
+    def tune_config(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "sha256": self.sha256,
+            "key": self.key,
+            "population": len(self.members),
+        }
+
+
+def member_trial_id(trial_id: str, index: int) -> str:
+    """The id of a population's member `index` where a trial id stands (ledger, curves, MLflow run tag:
+    pipeline.registry.trial_logger names member runs the same way)."""
+    return f"{trial_id}-m{index}"
+
+
+#: the test part's metrics of a model (its params.json metrics, when the split has a test part)
+TEST_METRICS = ("test_mse", "test_mse_normalized", "test_r2", "test_baseline_mse")
 #: the TrialResult fields taken from the training function's final result
 REPORTED = (
     "heldout_mse",
+    *TEST_METRICS,
     "baseline_mse",
     "heldout_mse_normalized",
     "epochs",
@@ -81,6 +110,10 @@ class TrialResult:
     heldout_mse: float | None = None
     baseline_mse: float | None = None
     heldout_mse_normalized: float | None = None
+    test_mse: float | None = None  # the test episodes' metrics (None when the split has no test part)
+    test_mse_normalized: float | None = None
+    test_r2: float | None = None
+    test_baseline_mse: float | None = None
     epochs: int | None = None
     steps: int | None = None
     best_epoch: float | None = None
@@ -100,6 +133,8 @@ class TrialResult:
     device: str | None = None  # what it trained on ("cpu", "cuda")
     ray_gpu_ids: list | None = None  # the GPU ids Ray gave it (ray.get_gpu_ids())
     gpu_fallback: str | None = None  # why it trained on the CPU although Ray gave it a GPU
+    # a member of a population trial: {"trial": its key, "members": K, "group": g, "group_size": n}
+    population: dict | None = None
 
     @classmethod
     def from_json(cls, entry: dict) -> TrialResult:
@@ -125,6 +160,7 @@ class DatasetRecord:
     trials: int | None = None
     trials_finished: int | None = None
     trials_failed: int | None = None
+    population: int | None = None  # K: its trials trained as one population of K members
     curves: str | None = None  # DIR/curves/<name>.json
     # how the model was chosen (pipeline.job.selection)
     selected_by: str | None = None
@@ -134,7 +170,11 @@ class DatasetRecord:
     evaluation: dict | None = None  # headline metrics of the selected model
     evaluation_error: str | None = None
     # the selected trial
-    heldout_mse: float | None = None
+    test_mse: float | None = None  # on its test episodes (when the split has a test part)
+    test_r2: float | None = None
+    test_mse_normalized: float | None = None
+    test_baseline_mse: float | None = None
+    heldout_mse: float | None = None  # on its validation episodes (what selection ranks by)
     baseline_mse: float | None = None
     config: dict | None = None
     model_dir: str | None = None  # DIR/models/<model name>/

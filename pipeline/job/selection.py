@@ -21,8 +21,9 @@ from pathlib import Path
 
 from invdyn.settings import dataset_model_name
 from pipeline.job.config import DEFAULT_TOP
+from pipeline.job.console import config_value, varying_fields
 from pipeline.job.outputs import Ledger, write_curves
-from pipeline.job.records import DatasetRecord, PreparedDataset, TrialResult, TrialSpec
+from pipeline.job.records import TEST_METRICS, DatasetRecord, PreparedDataset, TrialResult, TrialSpec
 from pipeline.job.trials import fetch_model
 from pipeline.quality.evaluate import EvalConfig, attach_evaluation
 from pipeline.quality.metrics import (
@@ -38,6 +39,10 @@ from pipeline.quality.metrics import (
 #: what a dataset's record copies from its selected trial
 FROM_TRIAL = (
     "heldout_mse",
+    "test_mse",
+    "test_mse_normalized",
+    "test_r2",
+    "test_baseline_mse",
     "baseline_mse",
     "config",
     "checkpoint_path",
@@ -257,6 +262,7 @@ def _dataset_record(out, d: PreparedDataset, trials, done, errors, job_name, opt
     )
     if entries:
         rec.curves = str(write_curves(out, d.name, entries))
+        rec.population = max((e.population or {}).get("members", 0) for e in entries) or None
     cands = candidates(entries, opts, d.physics_reason is None)
     if not cands:
         errs = [errors[k] for k in keys if k in errors]
@@ -286,8 +292,11 @@ def _select(
     if result and not result.get("error"):
         attach_evaluation(model_dir, result)  # before registration: the registered card shows it
     rec.selected_by = choice.selected_by
+    if rec.population:  # every search point of a population, with its own metrics, best held-out first
+        rec.candidates = population_table(choice.table, entries)
     if opts.evaluate:
-        rec.champion_metric, rec.candidates, rec.selection_note = opts.select_by, choice.table, choice.note
+        rec.champion_metric, rec.selection_note = opts.select_by, choice.note
+        rec.candidates = rec.candidates or choice.table
         if result and not result.get("error"):
             rec.evaluation = headline(result)
         elif result:
@@ -296,6 +305,25 @@ def _select(
     rec.status, rec.model_dir = "ok", str(model_dir.resolve())
     for name in FROM_TRIAL:
         setattr(rec, name, getattr(best, name))
+
+
+def population_table(evaluated: list[dict], entries) -> list[dict]:
+    """summary.json's candidates of a population: every member (search point) with its held-out and test
+    metrics, its point and shape group; the evaluated ones also carry their evaluation's metrics."""
+    rows = {row["key"]: row for row in evaluated}
+    varying = varying_fields([e.config for e in entries])
+    _, ranked = rank([Candidate(e.key, {DEFAULT_METRIC: e.heldout_mse}, (e.key,)) for e in entries])
+    order = [c.ident for c in ranked] + sorted(e.key for e in entries if finite(e.heldout_mse) is None)
+    by_key = {e.key: e for e in entries}
+    table = []
+    for key in order:
+        e = by_key[key]
+        row = rows.get(key) or {"key": key, "trial_id": e.trial_id, DEFAULT_METRIC: finite(e.heldout_mse)}
+        tests = {m: getattr(e, m) for m in TEST_METRICS if getattr(e, m) is not None}
+        point = {k: config_value(e.config, k) for k in varying}
+        group = (e.population or {}).get("group")
+        table.append({**row, **tests, "point": point, "group": group, "evaluated": key in rows})
+    return table
 
 
 def ensemble_members(entries: list[TrialResult], best: TrialResult, k: int) -> list[TrialResult]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.job.records import TrialSpec
+from pipeline.job.records import PopulationSpec, TrialSpec
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Barrier:
 class WorkerTask:
     """What the training function gets (as `train_loop_config["task"]`: Ray Train wants a dict)."""
 
-    spec: TrialSpec
+    spec: TrialSpec | PopulationSpec
     data: Any  # object-store ref of the dataset's Transitions
     threads: int  # torch threads: the CPUs the trial holds
     device: str  # "cuda" when the trial holds a GPU (fraction), else "cpu"
@@ -77,21 +77,19 @@ class WorkerTask:
 
 
 def train_worker(loop_config: dict) -> dict | None:
-    """The TorchTrainer's training function: train one config and report once, with the learning curve and
-    the model dir as checkpoint.
+    """The TorchTrainer's training function: train one config (or a population of them) and report once,
+    with the learning curve(s) and the model dir(s) as checkpoint.
 
     Runs in a Ray Train worker (executor "train") or in the Tune trial's own process (executor "local": a
     TorchTrainer in Train's local mode). With `model_root` set, the model directory is written there and
-    the metrics are returned, for the caller to report; else into a temp dir reported from here.
+    the metrics are returned, for the caller to report; else into a temp dir reported from here. A
+    population's checkpoint holds a model directory per member, named by the member's trial key.
     """
     entered = time.time()  # with the driver's trial start and end: where a trial's time outside training goes
     import platform
 
     import ray
     import torch
-
-    from pipeline.training.config import TrainConfig
-    from pipeline.training.trainer import train
 
     task: WorkerTask = loop_config["task"]
     spec = task.spec
@@ -103,23 +101,17 @@ def train_worker(loop_config: dict) -> dict | None:
     started = time.time()
     transitions = ray.get(task.data)  # zero-copy from the object store, once per node
     device, placed = trial_device(task.device, f"{spec.key} of {spec.dataset}")
-    config = TrainConfig.from_dict({**spec.train, "threads": task.threads, "device": device})
     root = task.model_root
     with contextlib.nullcontext(root) if root else tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
-        result = train(
-            transitions, config, Path(tmp) / "model", dataset_name=spec.dataset, resolved_extra=placed
-        )
-        scalars = {
-            k: v for k, v in result.metrics.items() if isinstance(v, (int, float, str, bool)) or v is None
-        }
+        model = Path(tmp) / "model"
+        trained = _train_members if isinstance(spec, PopulationSpec) else _train_one
         metrics = {
-            **scalars,
+            **trained(transitions, spec, task.threads, device, placed, model),
             **placed,
             "device": device,
             "dataset": spec.dataset,
             "sha256": spec.sha256,
             "key": spec.key,
-            "curve": result.curve,
             "worker_wall_s": time.time() - started,
             "node_ip": ray.util.get_node_ip_address(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -136,9 +128,54 @@ def train_worker(loop_config: dict) -> dict | None:
         import ray.train
 
         metrics["model_dir"] = f"{task.run_path}/model"  # where the checkpoint below lands
-        checkpoint = ray.train.Checkpoint.from_directory(str(result.model_dir))
+        checkpoint = ray.train.Checkpoint.from_directory(str(model))
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="model")
         return None
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _train_one(transitions, spec: TrialSpec, threads: int, device: str, placed: dict, out: Path) -> dict:
+    """Train the trial's config into `out`; its metrics and learning curve."""
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.trainer import train
+
+    config = TrainConfig.from_dict({**spec.train, "threads": threads, "device": device})
+    result = train(transitions, config, out, dataset_name=spec.dataset, resolved_extra=placed)
+    return {**_scalars(result.metrics), "curve": result.curve}
+
+
+def _train_members(transitions, spec: PopulationSpec, threads: int, device: str, placed, out: Path) -> dict:
+    """Train the population's members into `out/<member key>/`, one stacked model per shape group; each
+    member's metrics and curve under "members" (in the order of `spec.members`)."""
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.population import shape_groups, train_population
+
+    configs = [TrainConfig.from_dict({**m.train, "threads": threads, "device": device}) for m in spec.members]
+    groups = shape_groups(configs)
+    group_of = {i: g for g, rows in enumerate(groups) for i in rows}
+    results = train_population(
+        transitions,
+        configs,
+        [out / m.key for m in spec.members],
+        dataset_name=spec.dataset,
+        resolved_extra=placed,
+    )
+    members = [
+        {
+            **_scalars(r.metrics),
+            "key": m.key,
+            "index": i,
+            "config": dict(m.train),
+            "curve": r.curve,
+            "group": group_of[i],
+            "group_size": len(groups[group_of[i]]),
+        }
+        for i, (m, r) in enumerate(zip(spec.members, results, strict=True))
+    ]
+    return {"members": members, "population": len(members), "groups": len(groups)}
 
 
 def trial_device(wanted: str, trial: str) -> tuple[str, dict]:

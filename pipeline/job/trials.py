@@ -17,10 +17,10 @@ from ray.tune import Callback
 
 from invdyn._files import atomic_dir
 from invdyn.settings import jump_model_name
-from pipeline.job import console, placement
+from pipeline.job import console, placement, populations
 from pipeline.job.config import JobConfigError
 from pipeline.job.outputs import Ledger
-from pipeline.job.records import REPORTED, PreparedDataset, TrialResult, TrialSpec
+from pipeline.job.records import REPORTED, PopulationSpec, PreparedDataset, TrialResult, TrialSpec
 from pipeline.job.trial_worker import Barrier, CrashOnce, WorkerTask, train_worker
 from pipeline.training import search
 from pipeline.training.config import TrainConfig
@@ -75,7 +75,8 @@ class TrialRun:
     executor: str  # "local" or "train" (pipeline.job.placement)
     storage_path: str  # checkpoints and Tune state: a local dir, NFS or s3://
     placement: placement.Placement
-    specs: dict[str, TrialSpec]  # by trial key: the Tune config names the key, the spec says the rest
+    # by trial key: the Tune config names the key, the spec says the rest (a population: its members)
+    specs: dict[str, TrialSpec | PopulationSpec]
     data: dict[str, Any]  # object-store ref of each dataset's Transitions, by name
     crash_once: CrashOnce | None = None
     barrier: Barrier | None = None  # test hook (pipeline.job.trial_worker.BARRIER_ENV)
@@ -141,12 +142,13 @@ class LedgerCallback(Callback):
     """Tune callback (driver): writes each finished trial to the ledger the moment it finishes, and prints
     its line (pipeline.job.console)."""
 
-    def __init__(self, ledger: Ledger, specs: dict[str, TrialSpec], *, nodes: int = 1):
+    def __init__(self, ledger: Ledger, specs: dict[str, TrialSpec | PopulationSpec], *, nodes: int = 1):
         self.ledger, self.specs = ledger, specs
         self.started: dict[str, float] = {}
-        self.errors: dict[str, str] = {}  # trial key -> the last line of its error
-        varying = console.varying_fields([s.train for s in specs.values()])
-        self.progress = console.TrialProgress(len(specs), varying=varying, nodes=nodes)
+        self.errors: dict[str, str] = {}  # trial key (a population's: each member's) -> its error's last line
+        members = [m for s in specs.values() for m in populations.members_of(s)]
+        varying = console.varying_fields([m.train for m in members])
+        self.progress = console.TrialProgress(len(members), varying=varying, nodes=nodes)
 
     def __getstate__(self):  # Tune pickles its callbacks with the run config; a tqdm bar does not pickle
         state = dict(self.__dict__)
@@ -167,27 +169,31 @@ class LedgerCallback(Callback):
         spec = self.specs[trial.config["key"]]
         now = time.time()
         started = self.started.get(trial.trial_id)
-        entry = TrialResult(
-            key=spec.key,
-            dataset=spec.dataset,
-            sha256=spec.sha256,
-            config=dict(spec.train),
-            trial_id=trial.trial_id,
-            checkpoint_path=r.get("checkpoint_path") or (trial.checkpoint.path if trial.checkpoint else None),
-            started_at=started,
-            finished_at=now,
-            wall_s=now - (started or now),
-            **{k: r.get(k) for k in REPORTED},
-        )
-        self.ledger.record(entry)
-        self.progress.finished_line(spec.dataset, spec.train, r, entry.wall_s)
-        if entry.gpu_fallback:  # the trial's own words, once, where the user reads the job's lines
-            self.progress.warning_line(entry.gpu_fallback)
+        head = {
+            "trial_id": trial.trial_id,
+            "checkpoint_path": r.get("checkpoint_path")
+            or (trial.checkpoint.path if trial.checkpoint else None),
+            "started_at": started,
+            "finished_at": now,
+            "wall_s": now - (started or now),
+        }
+        if isinstance(spec, PopulationSpec):
+            entries = populations.member_entries(spec, r, head)
+            populations.record_groups(self.ledger, spec, entries, trial.trial_id)
+        else:
+            reported = {k: r.get(k) for k in REPORTED}
+            entries = [TrialResult(spec.key, spec.dataset, spec.sha256, dict(spec.train), **head, **reported)]
+            self.ledger.record(entries[0])
+        for e in entries:
+            self.progress.finished_line(e.dataset, e.config, e.to_json(), e.wall_s)
+        if r.get("gpu_fallback"):  # the trial's own words, once, where the user reads the job's lines
+            self.progress.warning_line(r["gpu_fallback"])
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        spec = self.specs[trial.config["key"]]
-        self.errors[spec.key] = _error_text(trial)
-        self.progress.failed_line(spec.dataset, spec.train, self.errors[spec.key])
+        error = _error_text(trial)
+        for m in populations.members_of(self.specs[trial.config["key"]]):
+            self.errors[m.key] = error
+            self.progress.failed_line(m.dataset, m.train, error)
 
 
 def _error_text(trial) -> str:
@@ -199,7 +205,7 @@ def _error_text(trial) -> str:
         return f"trial {trial.trial_id} failed (error file {path or 'missing'})"
 
 
-def flat_space(trials: list[TrialSpec]) -> dict:
+def flat_space(trials: list[TrialSpec | PopulationSpec]) -> dict:
     """A Tune param space with one trial per spec and a flat config (the MLflow params): a grid over the
     trial keys, every other field looked up from the key."""
     from ray import tune

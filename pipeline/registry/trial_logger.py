@@ -87,7 +87,8 @@ class MlflowTrialLogger(Callback):
 
     # -- Tune hooks --------------------------------------------------------------------------
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self._safely("log a result", self._log_result, trial, result)
+        for run_key, config, part in _runs(trial, result):
+            self._safely("log a result", self._log_result, run_key, config, part)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._safely("finish a run", self._finish, trial, "FINISHED")
@@ -120,8 +121,7 @@ class MlflowTrialLogger(Callback):
                     redact_url(self.uri),
                 )
 
-    def _dataset(self, trial, result: dict) -> str:
-        config = trial.config or {}
+    def _dataset(self, config: dict, result: dict) -> str:
         for source in (result, config, config.get("train_loop_config") or {}):
             name = source.get("dataset") or source.get("dataset_name")
             if isinstance(name, str) and name:
@@ -155,10 +155,10 @@ class MlflowTrialLogger(Callback):
             self.parent_run_ids[dataset] = found
         return self.parent_run_ids[dataset]
 
-    def _run(self, trial, result: dict) -> str:
-        trial_id = trial.trial_id
+    def _run(self, trial_id: str, config: dict, result: dict) -> str:
+        """The MLflow run of `trial_id` (a Tune trial's id, or a population member's), made on first use."""
         if trial_id not in self.run_ids:
-            dataset = self._dataset(trial, result)
+            dataset = self._dataset(config, result)
             start_time = _start_time(result)
             parent = self._parent(dataset, start_time)
             found = self._find_run(
@@ -182,12 +182,11 @@ class MlflowTrialLogger(Callback):
             self._logged_points[trial_id] = set()
         return self.run_ids[trial_id]
 
-    def _log_result(self, trial, result: dict) -> None:
-        run_id = self._run(trial, result)
-        trial_id = trial.trial_id
+    def _log_result(self, trial_id: str, config: dict, result: dict) -> None:
+        run_id = self._run(trial_id, config, result)
         now = int(time.time() * 1000)
         # Params: the trial's config (flattened) plus what the result says about the data.
-        params = store.flatten(trial.config or {})
+        params = store.flatten(config)
         for key in ("dataset", "sha256", "dataset_sha256", "architecture", "split", "seed"):
             if key in result and not isinstance(result[key], (dict, list)):
                 params.setdefault(key, result[key])
@@ -229,18 +228,24 @@ class MlflowTrialLogger(Callback):
 
     def _finish(self, trial, status: str) -> None:
         result = trial.last_result or {}
-        run_id = self._run(trial, result)
-        if status == "FINISHED":
-            self._upload_model(trial, result, run_id)
-        else:
-            error = getattr(trial, "error_file", None)
-            self._client.set_tag(
-                run_id, "error", f"trial {trial.trial_id} failed; see {error or 'the Ray logs'}"
-            )
-        self._client.set_terminated(run_id, status)
+        for run_key, config, part in _runs(trial, result):
+            run_id = self._run(run_key, config, part)
+            if status == "FINISHED":
+                member = part.get("key") if run_key != trial.trial_id else None
+                self._upload_model(trial, part, run_id, member)
+            else:
+                error = getattr(trial, "error_file", None)
+                self._client.set_tag(
+                    run_id, "error", f"trial {trial.trial_id} failed; see {error or 'the Ray logs'}"
+                )
+            self._client.set_terminated(run_id, status)
 
-    def _upload_model(self, trial, result: dict, run_id: str) -> None:
+    def _upload_model(self, trial, result: dict, run_id: str, member: str | None = None) -> None:
+        """Log the model directory: the result's `model_dir`, else the trial's checkpoint; a population
+        member's is the folder named by its key inside either."""
+        sub = member or ""
         model_dir = result.get("model_dir")
+        model_dir = f"{model_dir}/{sub}" if model_dir and sub else model_dir
         if model_dir and Path(model_dir).is_dir() and find_model_dir(model_dir):
             self._log_model_dir(run_id, find_model_dir(model_dir))
             return
@@ -251,7 +256,8 @@ class MlflowTrialLogger(Callback):
             )
             return
         with tempfile.TemporaryDirectory(prefix="invdyn-ckpt-") as tmp:
-            local = Path(checkpoint.to_directory(tmp))
+            here = Path(checkpoint.path) / sub  # a checkpoint on this file system is read where it is
+            local = here if sub and here.is_dir() else Path(checkpoint.to_directory(tmp)) / sub
             found = find_model_dir(local)
             if found is None:
                 log.warning(
@@ -264,6 +270,25 @@ class MlflowTrialLogger(Callback):
         self._client.log_artifacts(run_id, str(model_dir), store.MODEL_ARTIFACT)
         self._client.set_tag(run_id, "weights_sha256", store.weights_sha256(model_dir))
         self._client.set_tag(run_id, "params_sha256", sha256_file(Path(model_dir) / PARAMS_FILE))
+
+
+def _runs(trial, result: dict) -> list[tuple[str, dict, dict]]:
+    """(run key, params, result) of each MLflow run of a trial: the trial's own, or for a population trial
+    (`result["members"]`, pipeline.job.populations) one per member, keyed `<trial id>-m<index>` as the
+    job's ledger names it (pipeline.job.records.member_trial_id), with the member's config as params and its
+    metrics and curve over the population's shared ones (node, device, timings)."""
+    config = trial.config or {}
+    members = result.get("members")
+    if not isinstance(members, list):
+        return [(trial.trial_id, config, result)]
+    shared = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
+    base = {k: config[k] for k in ("dataset", "sha256") if k in config}
+    runs = []
+    for m in members:
+        own = {k: v for k, v in m.items() if k != "config"}
+        params = {**base, "key": m.get("key"), **(m.get("config") or {})}
+        runs.append((f"{trial.trial_id}-m{m.get('index')}", params, {**shared, **own}))
+    return runs
 
 
 def _start_time(result: dict) -> int | None:
