@@ -60,13 +60,14 @@ def test_member_follows_the_path_of_its_config_trained_alone(tmp_path, step, arc
     assert read_model_dir(pop[1].model_dir).predict(data.obs[:4], data.next_obs[:4]).shape == (4, 2)
 
 
-@pytest.mark.parametrize("step", ["eager", "graph"])
-def test_member_that_stops_early_is_frozen_while_the_others_go_on(tmp_path, step):
+@pytest.mark.parametrize("step, arch", [("eager", "fancy_mlp"), ("graph", "fancy_mlp"), ("eager", "res_mlp")])
+def test_member_that_stops_early_is_frozen_while_the_others_go_on(tmp_path, step, arch):
     """Actions independent of states: validation gets worse as members memorize, so the impatient members
     stop early. Each saves its best weights (those of its alone-training) and its curve ends where the
     alone-training's ends; the patient member trains on."""
     data = linear_transitions(noise_actions=True, episodes=10)
-    base = {"step": step, "max_epochs": 8, "schedule": "none", "ema": 0.0, "lr": 1e-2, "hidden_dim": 128}
+    base = {"step": step, "arch": arch, "max_epochs": 8, "schedule": "none", "ema": 0.0, "lr": 1e-2}
+    base["hidden_dim"] = 128
     configs = [small(**base, patience=p) for p in (1, 2, 100)]
     pop = train_population(data, configs, [tmp_path / f"p{i}" for i in range(3)], figures=False)
     alone = [train(data, c, tmp_path / f"a{i}", figures=False) for i, c in enumerate(configs)]
