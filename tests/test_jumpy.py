@@ -126,8 +126,9 @@ def test_k4_model_trains_saves_records_its_jump_and_loads_by_jump(tmp_path):
     assert params["dataset"]["transitions"] == 12 * (40 - 3)
     # the split is by episode, re-created from params.json on the same k-step pairs
     pairs = jump_pairs(data, 4)
-    train_idx, val_idx = split_from_training(pairs, params["training"])
+    train_idx, val_idx, test_idx = split_from_training(pairs, params["training"])
     assert not set(pairs.episode[train_idx]) & set(pairs.episode[val_idx])
+    assert len(test_idx) and not set(pairs.episode[test_idx]) & set(pairs.episode[train_idx])
 
     model = invdyn.load("chained-v0", jump=4, source=result.model_dir)
     assert model.name == "chained-v0@k4" and model.params["jump"] == 4

@@ -99,7 +99,8 @@ def test_registered_version_carries_eval_tags_and_the_evaluated_card(select_job,
     assert float(version.tags["eval.horizon"]) == 32
     # the held-out protocol the version competes under comes from its params.json training section
     assert version.tags["protocol"]
-    assert version.tags["protocol_desc"] == "split=episodes val_fraction=0.2 seed=0"
+    assert version.tags["protocol_desc"] == "split=episodes val_fraction=0.15 test_fraction=0.15 seed=0"
+    assert float(version.tags["test_mse"]) > 0  # the test episodes' figure leads the tags
     # what the registry serves is the evaluated directory, not the trial's upload from before the evaluation
     downloaded = invdyn.read_model_dir(download_version(uri, reg["model_name"], reg["version"], tmp_path))
     assert "## Evaluation" in downloaded.card
