@@ -134,3 +134,31 @@ def test_every_argument_is_checked_before_anything_is_evaluated(tmp_path, capsys
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
     assert list((isolated_dirs / "d4rl").iterdir()) == []
+
+
+def test_entries_of_several_split_seeds_get_mean_and_std():
+    """Several summaries (one per split seed) of one dataset: a table of mean ± sample std over the splits."""
+    from pipeline.quality.report import markdown
+
+    def entry(seed, champion_mse, recipe_mse):
+        metrics = {"one_step_error": 0.1, "tracking_drift": 0.2, "one_step_baseline": 1.0}
+        metrics.update(tracking_baseline=2.0, baseline_mse=1.0, per_dim_r2=[0.9, 0.8])
+        return {
+            "dataset": "sim-hopper-mixed-v0",
+            "part": "test",
+            "split_seed": seed,
+            "champion": {**metrics, "heldout_mse": champion_mse},
+            "recipe": {**metrics, "heldout_mse": recipe_mse},
+            "champion_dir": f"split-{seed}",
+        }
+
+    md = markdown([entry(0, 0.1, 0.2), entry(1, 0.3, 0.3), entry(2, 0.2, 0.4)], horizon=32)
+    assert "test episodes, which no choice" in md
+    row = re.search(
+        r"^\| sim-hopper-mixed-v0 \| 0,1,2 \| action MSE \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|",
+        md,
+        re.M,
+    )
+    assert row, md
+    assert [c.strip() for c in row.groups()] == ["0.2 ± 0.1", "0.3 ± 0.1", "1 ± 0", "0.667 ± 0.29"]
+    assert "Over split seeds" not in markdown([entry(0, 0.1, 0.2)], horizon=32)  # one split: no such table
