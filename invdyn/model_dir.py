@@ -29,7 +29,9 @@ CARD_FILE = "README.md"
 #: "training": {...}, "learning_curve": [...], "invdyn_version", "weights": {"file": "model.ckpt", "sha256",
 #: "safetensors": {"file": "model.safetensors", "sha256"}} (directories written before model.safetensors
 #: have only "file" and "sha256"; CleanDiffuser's have no "weights")}; the pipeline
-#: adds "heldout_per_dim": {"r2": [...]} (training) and "evaluation": {...} (pipeline.evaluate --attach)
+#: adds "heldout_per_dim": {"r2": [...]} (validation) and "test_per_dim": {"r2": [...]} (test episodes;
+#: null for a model trained without a test part), and "evaluation": {...} (pipeline.evaluate --attach).
+#: "metrics": test_* on the test episodes no choice read, heldout_* on the validation episodes
 PARAMS_FILE = "params.json"
 #: figures a model directory may hold beside its card, drawn by the pipeline (invdyn draws none): file ->
 #: caption. The card links the ones present, so a directory without them still has no broken link.
