@@ -91,9 +91,9 @@ def model_card_with_evaluation(params: dict, figures=()) -> str:
 def format_table(result: dict) -> str:
     """The human-readable summary printed without --json."""
     rows = [
-        ("held-out action MSE", result.get("heldout_mse"), result.get("baseline_mse"), None),
+        ("action MSE", result.get("heldout_mse"), result.get("baseline_mse"), None),
         (
-            "held-out action MSE / variance",
+            "action MSE / variance",
             result.get("heldout_mse_normalized"),
             result.get("baseline_mse_normalized"),
             None,

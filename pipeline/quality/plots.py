@@ -73,7 +73,7 @@ def plot_heldout_mse(entries: list[dict], path: Path) -> None:
             label=label,
         )
     ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="held-out action MSE", yscale="log", title="held-out action MSE per dataset")
+    ax.set(ylabel="action MSE (test episodes)", yscale="log", title="action MSE per dataset, test episodes")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
