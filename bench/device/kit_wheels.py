@@ -1,6 +1,7 @@
 """Wheels in the device kit: Ray's wheel repacked without the files a Python-only local Ray never reads
-(`ray/jars/`: Java workers, 33 MB; RLlib and Ray LLM, whose own dependencies are not installed anyway, and
-which Tune imports only inside a try; the dashboard's JavaScript source maps), its RECORD fixed to match.
+(`ray/jars/`: Java workers, 33 MB; RLlib, Ray LLM and Ray Serve, whose own dependencies are not installed
+anyway, and which Tune imports only inside a try; the dashboard's web client, which only the dashboard
+serves, and the job starts Ray without it), its RECORD fixed to match.
 
     python bench/device/kit_wheels.py repack SRC.whl DST_DIR      # DST_DIR/<same file name>
     python bench/device/kit_wheels.py check WHEEL                 # RECORD lists the files, hashes right
@@ -18,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 #: prefixes and suffixes of the members left out of Ray's wheel
-DROP_PREFIXES = ("ray/jars/", "ray/rllib/", "ray/llm/")
+DROP_PREFIXES = ("ray/jars/", "ray/rllib/", "ray/llm/", "ray/serve/", "ray/dashboard/client/")
 DROP_SUFFIXES = (".js.map",)
 
 

@@ -114,8 +114,8 @@ def _fmt(x, spec: str = ".1f") -> str:
 def job_table(jobs: list[dict]) -> str:
     rows = [
         "| run | wall s (run.sh, Ray start included) | Tune wall s | trials | at once | GPU per trial "
-        "| not in training steps | best held-out MSE per dataset |",
-        "|---|---|---|---|---|---|---|---|",
+        "| not in training steps | members per population trial | best held-out MSE per dataset |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for j in jobs:
         mse = ", ".join(
@@ -126,7 +126,7 @@ def job_table(jobs: list[dict]) -> str:
             f"| {j['step']} | {j['wall_s_run_sh']:.1f} | {_fmt(j['tune_wall_s'])} | {j['trials']} "
             f"| {j['training_slots']} | {_fmt(j['gpus_per_trial'], 'g')} "
             f"| {_fmt(j['overhead_share'], '.1%')} "
-            f"| {mse} |"
+            f"| {', '.join(str(k) for k in sorted(set(j['population'].values()))) or '-'} | {mse} |"
         )
     return "\n".join(rows)
 

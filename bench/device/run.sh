@@ -12,8 +12,8 @@ usage: bench/device/run.sh [--device cuda|cpu] [--quick] [--kit DIR] [--no-insta
 
   OUTDIR        where tables.md, summary.json and logs.tar.gz go (default $OUT, the device tool's folder)
   --device      cuda (default) or cpu
-  --quick       tiny budgets (1 epoch, 2 search points, members 1,3): checks the kit and the sequence in ~3 min
-                on a CPU
+  --quick       tiny budgets (1 epoch; 4 search points of hidden 64/128; members 1,3 of hidden 128): checks
+                the kit and the sequence in 4-7 min on a 2-core CPU
   --kit         the folder make_kit.sh built (default bench/device/kit)
   --no-install  use the Python environment as it is (Ray importable already); only the kit's datasets are
                 used
@@ -120,11 +120,14 @@ if [ "$QUICK" = 1 ]; then
   THROUGHPUT=(--epochs 1 --rounds 1)
   MEMBERS=1,3
   POP_EPOCHS=1
-  JOB=(--search-space '{"hidden_dim": [64, 128]}' --max-epochs 1)
+  POP_HIDDEN=128
+  # two shapes x two learning rates: a population trial holds two groups of two members
+  JOB=(--search-space '{"hidden_dim": [64, 128], "lr": [0.001, 0.0003]}' --max-epochs 1)
 else
   THROUGHPUT=(--epochs 3 --rounds 3)
   MEMBERS=1,9,27
   POP_EPOCHS=5
+  POP_HIDDEN=512
   JOB=(--search)
 fi
 step throughput 180 "$PY" bench/train_throughput.py --device "$DEVICE" --dataset sim-halfcheetah-mixed-v0 \
@@ -133,7 +136,7 @@ if selected population; then
   if [ -f bench/population.py ]; then
     mkdir -p "$RES/population"
     step population 180 "$PY" bench/population.py --device "$DEVICE" --members "$MEMBERS" \
-      --epochs "$POP_EPOCHS" --out "$RES/population/population.md"
+      --epochs "$POP_EPOCHS" --hidden "$POP_HIDDEN" --out "$RES/population/population.md"
   else
     missing population "bench/population.py is not in this checkout"
   fi
