@@ -7,7 +7,7 @@ and unpacked on the GPU machine into an HDF5 file the pipeline reads as the same
 What is kept: observations, actions, rewards, terminals, timeouts and the file's attributes, exactly. Of
 next_observations only the rows that differ from the next row's observation are kept (an episode's last
 step), the rest is that next row. infos/qpos and infos/qvel are left out: only the MuJoCo evaluation reads
-them, and the GPU machine has no MuJoCo (run the job there with --no-evaluate). Floats are byte-shuffled
+them, and the GPU machine has no MuJoCo (the job then evaluates without physics). Floats are byte-shuffled
 before xz, which packs a sim set to about 80% of its raw size instead of 93% without the shuffle.
 """
 

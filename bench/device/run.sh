@@ -141,8 +141,9 @@ if selected population; then
     missing population "bench/population.py is not in this checkout"
   fi
 fi
-# --no-evaluate: the GPU machine has no MuJoCo to evaluate the chosen models with
-JOBCMD=("$PY" -m pipeline.pretrain_all --datasets sim "${JOB[@]}" --no-mlflow --no-evaluate --verbose 0)
+# the chosen models are evaluated without physics: the kit's datasets carry no simulator state (and the GPU
+# machine has no MuJoCo), so the job notes "cannot be simulated" and reports the action metrics only
+JOBCMD=("$PY" -m pipeline.pretrain_all --datasets sim "${JOB[@]}" --no-mlflow --verbose 0)
 step job 200 "${JOBCMD[@]}" --out "$RES/job"
 if selected job_population; then
   if "$PY" -m pipeline.pretrain_all --help 2>/dev/null | grep -q -- "--population"; then
