@@ -1,11 +1,14 @@
 """What a job leaves in its output directory, and the ledger that makes `--resume` skip finished trials.
 
-DIR/summary.json          one record per dataset (the contract): dataset, heldout_mse, baseline_mse,
+DIR/summary.json          one record per dataset (the contract): dataset, heldout_mse (validation part),
+                          test_mse / test_r2 / ... (test part, when the split has one), baseline_mse,
                           config, model_dir, epochs, wall_s, trial_id, selected_by, evaluation (headline
                           metrics of the selected model), candidates (the trials evaluated, with their
-                          metrics), champion_metric, ... or status "failed" + error
+                          metrics; a population's: every search point), population (K members),
+                          champion_metric, ... or status "failed" + error
 DIR/summary.md            the same as a table (also printed)
-DIR/job.json              the job: name, datasets, placement, timing (wall, time in training steps)
+DIR/job.json              the job: name, datasets, placement (gpus: a trial's GPU fraction), population,
+                          timing (wall, time in training steps)
 DIR/models/<name>/        the selected model directory of each dataset (invdyn format)
 DIR/curves/<name>.json    every trial's learning curve (+ .png plot)
 DIR/trials/<key>.json     ledger: one file per finished trial, written by the driver as it finishes; a

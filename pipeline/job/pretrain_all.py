@@ -2,10 +2,12 @@
 
 The steps of `run`: prepare each dataset once on the driver and put it in Ray's object store; run one Ray
 Tune trial per (dataset, search point), each a Ray Train `TorchTrainer` around the plain-PyTorch
-trainer (pipeline.job.trials, pipeline.job.placement); record each finished trial in DIR/trials/ so that
-`--resume` skips it; choose and evaluate each dataset's model (pipeline.job.selection); write
-DIR/summary.json, summary.md, models/, curves/ (pipeline.job.outputs); register the models and export
-the bundle (pipeline.registry, from this driver only); optionally write the quality report.
+trainer (pipeline.job.trials, pipeline.job.placement), or with `--population` (the default when trials
+get a GPU) one trial per dataset that trains all of its search points as stacked models
+(pipeline.job.populations); record each finished trial in DIR/trials/ so that `--resume` skips it;
+choose and evaluate each dataset's model (pipeline.job.selection); write DIR/summary.json, summary.md,
+models/, curves/ (pipeline.job.outputs); register the models and export the bundle (pipeline.registry,
+from this driver only); optionally write the quality report.
 
 Run locally it starts its own Ray; under `ray job submit` ($RAY_ADDRESS set) it joins the cluster.
 """
