@@ -60,6 +60,15 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs given)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "accuracy_table"), help="models, data and results")
     ap.add_argument("--out", default=str(ROOT / "bench" / "accuracy_table.md"))
+    ap.add_argument(
+        "--champion",
+        default="{}",
+        help="JSON overrides of the champion's TrainConfig (default none: the config as it ships), e.g. "
+        '\'{"arch": "res_mlp", "hidden_dim": 1024}\' (the sim suite search\'s winner)',
+    )
+    ap.add_argument(
+        "--no-run", action="store_true", help="only write the table from the results already in WORK/results"
+    )
     return ap.parse_args(argv)
 
 
@@ -86,7 +95,7 @@ def run_one(name: str, seed: int, args, work: Path) -> dict:
     from pipeline.training.trainer import train
 
     spec = dataset_spec(name, args, work)
-    config = replace(TrainConfig(), split_seed=seed, threads=args.threads)
+    config = replace(TrainConfig(**json.loads(args.champion)), split_seed=seed, threads=args.threads)
     if args.epochs is not None:
         config = replace(config, max_epochs=args.epochs)
     model_dir = work / "models" / name / f"split-{seed}"
@@ -183,7 +192,8 @@ def _ratio(a, b):
 
 def write_markdown(rows, args, missing, path: Path) -> None:
     seeds = args.split_seeds
-    command = "nice -n 10 python bench/accuracy_table.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    argv = [shlex.quote(a) for a in sys.argv[1:] if a != "--no-run"]
+    command = "nice -n 10 python bench/accuracy_table.py " + " ".join(argv)
     sizes = sorted({r["transitions"] for r in rows})
     lines = [
         "# Accuracy table: test episodes, champion vs recipe vs mean action, over split seeds",
@@ -196,8 +206,13 @@ def write_markdown(rows, args, missing, path: Path) -> None:
         "episodes (15 % of the episodes, seeded by the split seed), which no choice (early stop, kept "
         "weights, search, champion) read; mean ± sample std over the split seeds.",
         "",
-        "- champion: `TrainConfig()` as it ships (FancyMlp h512, AdamW + cosine, weight average, best "
-        "validation weights; no search), split seed s, init seed 0"
+        (
+            "- champion: `TrainConfig()` as it ships (FancyMlp h512, AdamW + cosine, weight average, best "
+            "validation weights; no search)"
+            if args.champion.strip() in ("", "{}")
+            else f"- champion: `TrainConfig()` with `{args.champion}` (else as it ships; no search)"
+        )
+        + ", split seed s, init seed 0"
         + (f", capped at {args.epochs} epochs" if args.epochs else "")
         + ".",
         "- recipe: CleanDiffuser's (`pipeline/quality/recipe.py`: dropout 0.1, Adam 3e-4, random 80/20 "
@@ -242,17 +257,26 @@ def main(argv=None) -> int:
     seeds = parse_seeds(args.split_seeds)
     work = Path(args.work)
     size = args.transitions or "default"
-    rows = []
-    for seed in seeds:  # seed-major: an interrupted run has every dataset on its first seeds
+
+    def done(name, seed) -> Path:
+        tag = "".join(f"-{k}{v}" for k, v in sorted(json.loads(args.champion).items()))
+        return work / "results" / f"{name}-n{size}-e{args.epochs}-h{args.horizon}{tag}-s{seed}.json"
+
+    def finished() -> list[dict]:  # in table order, whatever order they were measured in
+        found = [done(n, s) for n in names for s in seeds]
+        return [json.loads(f.read_text()) for f in found if f.is_file()]
+
+    write_markdown(finished(), args, _missing(names, seeds, finished()), Path(args.out))
+    for seed in [] if args.no_run else seeds:  # seed-major: an interruption leaves every set's first seeds
         for name in names:
-            done = work / "results" / f"{name}-n{size}-e{args.epochs}-h{args.horizon}-s{seed}.json"
-            if not done.is_file():
-                print(f"{name} split seed {seed}: training and evaluating ...", flush=True)
-                done.parent.mkdir(parents=True, exist_ok=True)
-                done.write_text(json.dumps(run_one(name, seed, args, work), indent=2, default=float))
-            rows.append(json.loads(done.read_text()))
-            print(f"{name} split seed {seed}: {json.dumps(rows[-1]['champion'])}", flush=True)
-            write_markdown(rows, args, _missing(names, seeds, rows), Path(args.out))
+            if done(name, seed).is_file():
+                continue
+            print(f"{name} split seed {seed}: training and evaluating ...", flush=True)
+            done(name, seed).parent.mkdir(parents=True, exist_ok=True)
+            row = run_one(name, seed, args, work)
+            done(name, seed).write_text(json.dumps(row, indent=2, default=float))
+            print(f"{name} split seed {seed}: {json.dumps(row['champion'])}", flush=True)
+            write_markdown(finished(), args, _missing(names, seeds, finished()), Path(args.out))
     return 0
 
 
