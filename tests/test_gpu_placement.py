@@ -126,7 +126,8 @@ def test_two_gpu_nodes_both_take_trials(cluster, monkeypatch, tmp_path, d4rl_fil
 
 @pytest.mark.timeout(300)
 def test_trials_on_a_gpu_default_to_one_population_per_dataset(cluster, monkeypatch, tmp_path, d4rl_file):
-    out = run_job(cluster, monkeypatch, tmp_path, d4rl_file, 3, barrier={"parties": 1})
+    # executor "train": the population's Train worker holds the GPU and reports every member's model
+    out = run_job(cluster, monkeypatch, tmp_path, d4rl_file, 3, "--executor", "train", barrier={"parties": 1})
     job = json.loads((out / "job.json").read_text())
     assert job["population"] is True and job["placement"]["gpus"] == 0.25  # the defaults on a GPU cluster
     entries = trials(out)  # seeds split differently: three shape groups, one trial
