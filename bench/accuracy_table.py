@@ -219,6 +219,8 @@ def write_markdown(rows, args, missing, path: Path) -> None:
         "transitions split, patience 3, last weights), trained on the champion's train + validation episodes"
         + (f", capped at {args.epochs} epochs" if args.epochs else "")
         + ".",
+        "- both see the same 85 % of the episodes: the champion trains on 70 % and chooses on 15 %, the "
+        "recipe trains on its random 80 % of those transitions and stops on the other 20 %.",
         "- baseline: the mean training action. R² is the mean over action dimensions of 1 - MSE / variance "
         "of the test actions (the baseline's is 0 by definition).",
         f"- one-step error and drift@{args.horizon}: normalized-state RMSE of MuJoCo driven by the predicted "
