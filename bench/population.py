@@ -8,8 +8,10 @@ decays; 27: x 3 seeds), all on one split (`split_seed` fixed, so seeds change on
 the batches and every config lands in one group). Both sides train the same configs on the same data with
 the same threads and write the same model directories (without the card's figures). Reported:
 aggregate training samples/s (samples of every member / time inside training steps, validation
-excluded), wall time of the whole call (preparing, training, validating, writing), their ratios, and
-whether both sides pick the same best config by `heldout_mse` (and how far apart their MSEs are).
+excluded), wall time of the whole call (preparing, training, validating, writing), their ratios, the
+ratio of the process's CPU time (separate / population: the work each side did, which a shared
+machine's load inflates less than the wall time), and whether both sides pick the same best config by
+`heldout_mse` (and how far apart their MSEs are).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -45,21 +48,40 @@ def grid(k: int, base: dict) -> list[TrainConfig]:
 
 
 def run_population(data, configs, out: Path) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = train_population(data, configs, [out / f"p{i}" for i in range(len(configs))], figures=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = sum(r.metrics["samples_per_s"] * r.metrics["train_time_s"] for r in results)
     train_time = max(r.metrics["train_time_s"] for r in results)  # members share one loop
-    return {"wall": wall, "train": train_time, "samples": samples, "mse": _mse(results)}
+    return {"wall": wall, "cpu": cpu, "train": train_time, "samples": samples, "mse": _mse(results)}
 
 
 def run_separate(data, configs, out: Path) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     results = [train(data, c, out / f"s{i}", figures=False) for i, c in enumerate(configs)]
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = sum(r.metrics["samples_per_s"] * r.metrics["train_time_s"] for r in results)
     train_time = sum(r.metrics["train_time_s"] for r in results)
-    return {"wall": wall, "train": train_time, "samples": samples, "mse": _mse(results)}
+    return {"wall": wall, "cpu": cpu, "train": train_time, "samples": samples, "mse": _mse(results)}
+
+
+def measure(data, configs, rounds: int) -> tuple[dict, dict]:
+    """Both sides `rounds` times, alternating which goes first (a shared machine's load drifts); the
+    median of each number, and the first round's heldout MSEs (every round trains the same)."""
+    runs = {"pop": [], "sep": []}
+    for r in range(rounds):
+        order = ("pop", "sep") if r % 2 == 0 else ("sep", "pop")
+        for side in order:
+            with tempfile.TemporaryDirectory() as tmp:
+                run = run_population if side == "pop" else run_separate
+                runs[side].append(run(data, configs, Path(tmp)))
+    return tuple(_median(runs[side]) for side in ("pop", "sep"))
+
+
+def _median(runs: list[dict]) -> dict:
+    out = {k: statistics.median(run[k] for run in runs) for k in ("wall", "cpu", "train")}
+    out["rate"] = statistics.median(run["samples"] / run["train"] for run in runs)
+    return {**out, "mse": runs[0]["mse"]}
 
 
 def _mse(results) -> list[float]:
@@ -67,7 +89,7 @@ def _mse(results) -> list[float]:
 
 
 def row(k: int, pop: dict, sep: dict, configs) -> str:
-    pop_rate, sep_rate = pop["samples"] / pop["train"], sep["samples"] / sep["train"]
+    pop_rate, sep_rate = pop["rate"], sep["rate"]
     best_pop = min(range(k), key=lambda i: pop["mse"][i])
     best_sep = min(range(k), key=lambda i: sep["mse"][i])
     c = configs[best_sep]
@@ -75,7 +97,8 @@ def row(k: int, pop: dict, sep: dict, configs) -> str:
     same = "yes" if best_pop == best_sep else f"NO (population: #{best_pop})"
     return (
         f"| {k} | {pop_rate:,.0f} | {sep_rate:,.0f} | {pop_rate / sep_rate:.2f} | {pop['wall']:.1f} | "
-        f"{sep['wall']:.1f} | {sep['wall'] / pop['wall']:.2f} | {same}: lr {c.lr:g}, wd {c.weight_decay:g}, "
+        f"{sep['wall']:.1f} | {sep['wall'] / pop['wall']:.2f} | {sep['cpu'] / pop['cpu']:.2f} | "
+        f"{same}: lr {c.lr:g}, wd {c.weight_decay:g}, "
         f"seed {c.seed} | {gap:.1e} |"
     )
 
@@ -94,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--step", choices=("auto", "eager", "graph"), default="auto")
+    p.add_argument("--rounds", type=int, default=1, help="repeat both sides, alternating; medians")
     p.add_argument("--out", default=None, help="also write the Markdown table to this file")
     args = p.parse_args(argv)
     from pipeline.data.sources import load_transitions
@@ -112,15 +136,13 @@ def main(argv=None) -> int:
         f"{args.epochs} epochs, step {args.step}, precision auto.",
         "",
         "| K | population samples/s | separate samples/s | ratio | population wall s | separate wall s | "
-        "wall ratio | same best config (separate's best) | max rel. heldout_mse gap |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "wall ratio | CPU-time ratio | same best config (separate's best) | max rel. heldout_mse gap |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for k in (int(x) for x in args.members.split(",")):
         configs = grid(k, base)
-        with tempfile.TemporaryDirectory() as tmp:
-            pop = run_population(data, configs, Path(tmp))
-            sep = run_separate(data, configs, Path(tmp))
+        pop, sep = measure(data, configs, args.rounds)
         lines.append(row(k, pop, sep, configs))
         print(lines[-1], flush=True)
     if args.out:
