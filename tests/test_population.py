@@ -88,6 +88,10 @@ def test_a_member_without_dropout_is_untouched_by_a_neighbour_with_dropout(tmp_p
     assert_same_path(pop[0], train(data, configs[0], tmp_path / "a0", figures=False))
     loaded = read_model_dir(pop[1].model_dir)
     assert loaded.net.dropout == 0.2 and pop[1].metrics["heldout_mse"] < pop[1].metrics["baseline_mse"]
+    # and the neighbour really trains with its dropout (member 0's net, built without a Dropout layer,
+    # must not be the stack's template): its path leaves the no-dropout one
+    curves = [[r["train_loss"] for r in p.curve] for p in pop]
+    assert curves[0] != curves[1]
 
 
 def test_groups_form_by_shape_and_split():

@@ -123,7 +123,9 @@ def stack_nets(nets: list[nn.Module], dropouts: list[float], fp32_input: bool) -
 
     The net's own forward runs unchanged (it only concatenates on the last dimension and scales), and the
     parameter and buffer names are the single net's, so member k's state dict is `{name: t[k]}`."""
-    stacked = copy.deepcopy(nets[0])
+    # the template is a member with the highest dropout: a net built without dropout has no Dropout layer
+    # (nn.Identity) where the others need their MemberDropout
+    stacked = copy.deepcopy(nets[max(range(len(nets)), key=lambda i: dropouts[i])])
     kinds = {nn.Linear: StackedLinear, nn.LayerNorm: StackedLayerNorm, _RunningScale: StackedRunningScale}
     for name, module in list(stacked.named_modules()):
         if not name:
