@@ -124,10 +124,7 @@ def train_population(
 
 def _member_net(prepared, config: TrainConfig):
     """Member's net, seeded and scaled exactly as a single training of `config` builds it."""
-    member = dataclasses.replace(prepared, config=config)
-    if hasattr(trainer, "build_net"):
-        return trainer.build_net(member)
-    return trainer._build_model(config, prepared.transitions, prepared.device)
+    return trainer.build_net(dataclasses.replace(prepared, config=config))
 
 
 @dataclass
