@@ -5,7 +5,7 @@
     python bench/capacity.py --device-run DIR        # also the rates of a bench/device/run.sh output folder
     python bench/capacity.py --out -                 # print instead of writing bench/capacity.md
 
-The model: a dataset of N transitions trains on 80% of its episodes (the default split) for up to 60 epochs
+The model: a dataset of N transitions trains on 70% of its episodes (the default split) for up to 60 epochs
 (the default cosine schedule's length; early stopping can end a trial sooner, so the times are upper
 bounds), once per search point (hidden 256/512/1024 x dropout 0/0.1/0.2). A trial's time = its training
 samples / the per-trial rate x (1 + the validation share) + the per-trial orchestration. Trials are placed
@@ -38,7 +38,7 @@ D4RL_ROWS = {
 HIDDEN = (256, 512, 1024)  # the default grid's hidden sizes; each runs with 3 dropouts
 DROPOUTS = 3
 EPOCHS = 60  # TrainConfig.max_epochs
-TRAIN_FRACTION = 0.8  # 1 - TrainConfig.val_fraction (episodes)
+TRAIN_FRACTION = 0.7  # 1 - TrainConfig.val_fraction - TrainConfig.test_fraction (episodes)
 GPU_COUNTS = (1, 4, 16)
 TRIALS_PER_GPU = 4  # --gpus-per-trial defaults to 1/4 when the cluster has GPUs
 
