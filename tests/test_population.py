@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import write_d4rl_file
 from test_trainer import linear_transitions, small
 
 import invdyn
@@ -132,17 +133,39 @@ def test_several_groups_come_back_in_the_order_of_the_configs(tmp_path):
 
 def test_search_space_trains_every_point_into_its_own_folder(tmp_path):
     data = linear_transitions()
-    results = run_search_space(
-        data, small(max_epochs=2), '{"lr": [1e-3, 3e-3], "hidden_dim": [32]}', tmp_path
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    space = '{"lr": [1e-3, 3e-3], "hidden_dim": [32]}'
+    results = run_search_space(data, small(max_epochs=2), space, tmp_path / "pop")
+    assert sorted(p.name for p in (tmp_path / "pop").iterdir()) == [
         "hidden_dim-32_lr-0.001",
         "hidden_dim-32_lr-0.003",
-        "population.json",
+        "search.json",
     ]
-    summary = json.loads((tmp_path / "population.json").read_text())
-    assert [s["point"]["lr"] for s in summary] == [1e-3, 3e-3]
-    assert [s["heldout_mse"] for s in summary] == [r.metrics["heldout_mse"] for r in results]
+    summary = json.loads((tmp_path / "pop" / "search.json").read_text())
+    assert summary["population"] is True
+    assert [s["point"]["lr"] for s in summary["points"]] == [1e-3, 3e-3]
+    assert [s["heldout_mse"] for s in summary["points"]] == [r.metrics["heldout_mse"] for r in results]
+    assert all(s["test_mse"] > 0 for s in summary["points"])
+    # one after another: the same points, the same figures (a member follows its alone-training)
+    alone = run_search_space(data, small(max_epochs=2), space, tmp_path / "seq", population=False)
+    assert json.loads((tmp_path / "seq" / "search.json").read_text())["population"] is False
+    for a, b in zip(alone, results, strict=True):
+        assert a.metrics["heldout_mse"] == pytest.approx(b.metrics["heldout_mse"], rel=1e-4)
+
+
+def test_train_cli_trains_a_search_space_as_a_population(tmp_path, capsys):
+    from pipeline.training.cli import main
+
+    data = tmp_path / "rows.hdf5"
+    write_d4rl_file(data, episodes=(60,) * 10, obs_dim=5)
+    out = tmp_path / "pop"
+    space = '{"lr": [1e-3, 3e-3]}'
+    args = ["--dataset", str(data), "--out", str(out), "--search-space", space, "--population", "--quiet"]
+    assert main([*args, "--hidden-dim", "32", "--batch-size", "64", "--max-epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr-0.001" in printed and "lr-0.003" in printed and "population of 2" in printed
+    assert {p.name for p in out.iterdir()} == {"lr-0.001", "lr-0.003", "search.json"}
+    assert main(["--dataset", str(data), "--out", str(tmp_path / "x"), "--population"]) == 2
+    assert "--population needs --search-space" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

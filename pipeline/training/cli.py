@@ -19,6 +19,7 @@ from invdyn.model_dir import PARAMS_FILE
 from invdyn.settings import is_valid_name
 from pipeline.dataclass_cli import add_options, from_namespace
 from pipeline.training.config import TrainConfig, TrainConfigError
+from pipeline.training.population import SEARCH_JSON
 from pipeline.training.repeats import SPLITS_JSON, parse_seeds, splits_table, train_split_seeds
 from pipeline.training.trainer import train
 
@@ -44,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S,S,...",
         help="retrain on each of these split seeds (DIR/split-<seed>/), summarize over them (DIR/splits.md)",
+    )
+    p.add_argument(
+        "--search-space",
+        default=None,
+        metavar="JSON",
+        help="train every point of a grid of TrainConfig fields, e.g. '{\"lr\": [1e-3, 3e-4]}', into "
+        "DIR/<point>/, listed in DIR/search.json",
+    )
+    p.add_argument(
+        "--population",
+        action="store_true",
+        help="train the --search-space points as stacked models, one batched step for all "
+        "(pipeline.training.population); without it they train one after another",
     )
     add_options(p, TrainConfig, group="training (pipeline.training.config.TrainConfig)")
     return p
@@ -98,18 +112,63 @@ def check_out(out) -> Path:
     return out
 
 
-def check_repeats_out(out) -> Path:
-    """`--out` of `--split-seeds`: a folder for split-<seed>/ model directories (new, empty, or one already
-    holding a splits.json), in a writable place."""
+def check_folder_out(out, marker: str, flag: str) -> Path:
+    """`--out` of a command that writes several model directories (`--split-seeds`, `--search-space`): a new
+    or empty folder, or one this command wrote before (it holds `marker`), in a writable place."""
     out = Path(out).expanduser()
     if out.is_file():
-        raise TrainConfigError(f"--out {out} is a file; give a directory for the split-<seed>/ models")
-    if out.is_dir() and not (out / SPLITS_JSON).is_file() and any(out.iterdir()):
+        raise TrainConfigError(f"--out {out} is a file; give {flag} a directory for its models")
+    if out.is_dir() and not (out / marker).is_file() and any(out.iterdir()):
         raise TrainConfigError(
-            f"--out {out} holds other files and no {SPLITS_JSON}; give --split-seeds a new or empty folder"
+            f"--out {out} holds other files and no {marker}; give {flag} a new or empty folder"
         )
     check_writable(out.resolve().parent)
     return out
+
+
+def _check_modes(args, seeds) -> None:
+    """Refuse flags that do not combine, before any data is loaded."""
+    if seeds is not None and args.ensemble != 1:
+        raise TrainConfigError("--split-seeds and --ensemble cannot be combined; run one, then the other")
+    if args.population and args.search_space is None:
+        raise TrainConfigError(
+            "--population needs --search-space JSON (the points to train together), e.g. "
+            "--search-space '{\"lr\": [1e-3, 3e-4]}'"
+        )
+    if args.search_space is not None and (seeds is not None or args.ensemble != 1):
+        raise TrainConfigError("--search-space cannot be combined with --split-seeds or --ensemble")
+
+
+def _search_space(args, transitions, config, out) -> int:
+    """`--search-space` (with `--population`): every point into DIR/<point>/, then a table of them."""
+    from pipeline.training.population import run_search_space
+
+    def on_eval(i, r):
+        print(f"[{i}] {_progress_line(r)}", flush=True)
+
+    results = run_search_space(
+        transitions,
+        config,
+        args.search_space,
+        out,
+        None if args.quiet else on_eval,
+        dataset_name=args.name,
+        population=args.population,
+    )
+    best = min(range(len(results)), key=lambda i: results[i].metrics["heldout_mse"])
+    how = (
+        f"population of {len(results)}" if args.population else f"{len(results)} trainings one after another"
+    )
+    print(f"{how}; validation MSE chooses (*), test MSE is only reported")
+    for i, r in enumerate(results):
+        m = r.metrics
+        mark = "*" if i == best else " "
+        print(
+            f"{mark} {r.model_dir.name:<40} val MSE {m['heldout_mse']:.6f}  test MSE "
+            f"{m.get('test_mse') if m.get('test_mse') is None else format(m['test_mse'], '.6f')}"
+        )
+    print(f"models in {out}/<point>/, summary in {out / 'search.json'}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -128,9 +187,15 @@ def main(argv=None) -> int:
                 f"--ensemble must be >= 1 (1: one model, K: K members), got {args.ensemble}"
             )
         seeds = parse_seeds(args.split_seeds) if args.split_seeds is not None else None
-        if seeds is not None and args.ensemble != 1:
-            raise TrainConfigError("--split-seeds and --ensemble cannot be combined; run one, then the other")
-        out = check_out(args.out) if seeds is None else check_repeats_out(args.out)
+        _check_modes(args, seeds)
+        if args.search_space is not None:
+            out = check_folder_out(args.out, SEARCH_JSON, "--search-space")
+        else:
+            out = (
+                check_out(args.out)
+                if seeds is None
+                else check_folder_out(args.out, SPLITS_JSON, "--split-seeds")
+            )
         transitions = load_transitions(args.dataset, download=args.download)
         print(
             f"{transitions.name}: {len(transitions):,} transitions, obs_dim {transitions.obs_dim}, "
@@ -138,6 +203,8 @@ def main(argv=None) -> int:
             f"(split={config.split}, keep={config.keep})",
             flush=True,
         )
+        if args.search_space is not None:
+            return _search_space(args, transitions, config, out)
         on_eval = None if args.quiet else (lambda r: print(_progress_line(r), flush=True))
         if seeds is not None:
             summary, _ = train_split_seeds(

@@ -14,7 +14,6 @@ differ). Each member is written by `trainer.finish` into an ordinary model direc
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from invdyn._files import write_json
 from pipeline.data.transitions import Transitions
 from pipeline.training import search, trainer
 from pipeline.training.config import TrainConfig, TrainConfigError
@@ -328,26 +328,42 @@ def point_name(point: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
 
 
+SEARCH_JSON = "search.json"  # what run_search_space writes beside the points' model directories
+
+
 def run_search_space(
-    transitions: Transitions, base: TrainConfig, space, out, on_eval=None, *, dataset_name=None
+    transitions: Transitions,
+    base: TrainConfig,
+    space,
+    out,
+    on_eval=None,
+    *,
+    dataset_name=None,
+    population: bool = True,
 ) -> list[trainer.TrainResult]:
-    """Train every point of `space` (a dict, or `--search-space` JSON) on `base` as a population; member i
-    is written to `out/<point name>/`. `on_eval(i, record)` as in `train_population`."""
+    """Train every point of `space` (a dict, or `--search-space` JSON) on `base`, as one population or (with
+    `population=False`) one after another; point i is written to `out/<point name>/`, and `out/search.json`
+    lists every point with its validation (`heldout_mse`, what chooses) and test figures.
+    `on_eval(i, record)` as in `train_population`."""
     if isinstance(space, str) or space is None:
         space = search.parse_space(space, search=False)
     points = search.grid_points(space)
     configs = [TrainConfig.from_dict({**base.to_dict(), **point}) for point in points]
     out = Path(out)
     out_dirs = [out / point_name(p) for p in points]
-    results = train_population(transitions, configs, out_dirs, on_eval=on_eval, dataset_name=dataset_name)
-    (out / "population.json").write_text(
-        json.dumps(
-            [
-                {"point": p, "model_dir": str(d.name), "heldout_mse": r.metrics["heldout_mse"]}
-                for p, d, r in zip(points, out_dirs, results, strict=True)
-            ],
-            indent=2,
-            default=str,
-        )
-    )
+    if population:
+        results = train_population(transitions, configs, out_dirs, on_eval=on_eval, dataset_name=dataset_name)
+    else:
+        results = []
+        for i, (config, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
+            each = None if on_eval is None else (lambda record, i=i: on_eval(i, record))
+            results.append(
+                trainer.train(transitions, config, out_dir, on_eval=each, dataset_name=dataset_name)
+            )
+    keys = ("heldout_mse", "test_mse", "test_r2", "epochs", "stopped_early")
+    rows = [
+        {"point": p, "model_dir": d.name, **{k: r.metrics.get(k) for k in keys}}
+        for p, d, r in zip(points, out_dirs, results, strict=True)
+    ]
+    write_json(out / SEARCH_JSON, {"population": population, "points": rows})
     return results
