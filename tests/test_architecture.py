@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: pipeline's rooms, each allowed to import only the rooms after it in this order (job -> ... -> data)
-LAYERS = ["job", "registry", "quality", "training", "sim", "data"]
+LAYERS = ["job", "registry", "quality", "training", "agents", "sim", "data"]
 #: modules directly in pipeline/ that the rooms may use; the others there are `python -m pipeline.<name>`
 #: command shims, which sit above every room
 SHARED = {"pipeline.dataclass_cli"}
