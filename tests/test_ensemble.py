@@ -185,3 +185,8 @@ def test_pretrain_all_ensemble_writes_one_ensemble_per_dataset(sim_files, tmp_pa
     assert sorted(m["seed"] for m in ens.params["ensemble"]["members"]) == sorted(
         m["config"]["seed"] for m in rec["ensemble"]
     )
+    # a searched seed never moves the split, so the members share one and the ensemble is measured on
+    # test episodes none of them trained on
+    assert {m["config"]["split_seed"] for m in rec["ensemble"]} == {0}
+    split = ens.params["training"]["split"]
+    assert ens.params["uncertainty"]["test_transitions"] == split["test_transitions"] > 0

@@ -56,7 +56,12 @@ def make_trials(ready: dict[str, PreparedDataset], points: list[dict], base: Tra
         raise JobConfigError("jump cannot be searched (each k is its own model): use --jumps 1,4")
     for name, d in ready.items():
         for point in points:
-            train = TrainConfig.from_dict({**base.to_dict(), **point, "jump": d.jump})
+            fixed = {}
+            if "seed" in point and "split_seed" not in point and base.split_seed is None:
+                # a searched seed varies initial weights and batches, never the split: every point of a
+                # dataset is chosen on the same validation episodes and leaves the same test episodes out
+                fixed["split_seed"] = base.seed
+            train = TrainConfig.from_dict({**base.to_dict(), **fixed, **point, "jump": d.jump})
             train.validate()
             cfg = train.to_dict()
             for k in ("device", "threads"):  # decided by placement, not part of what is searched
