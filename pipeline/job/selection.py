@@ -116,8 +116,11 @@ def candidates(entries: list[TrialResult], opts: Options, simulatable: bool) -> 
     return best_first[: opts.top] if opts.top > 0 else best_first
 
 
-def _evaluate_task(checkpoint_path: str, data, state, reason: str | None, opts: Options) -> dict:
-    """Ray task: fetch a trial's model directory from the storage path and evaluate it."""
+def _evaluate_task(
+    checkpoint_path: str, data, state, reason: str | None, opts: Options, part: str | None = "val"
+) -> dict:
+    """Ray task: fetch a trial's model directory from the storage path and evaluate it on `part` of its
+    split ("val" to choose among candidates; None: the test part, or val for a model without one)."""
     import torch
 
     import invdyn
@@ -137,6 +140,7 @@ def _evaluate_task(checkpoint_path: str, data, state, reason: str | None, opts: 
             seed=ev.seed,
             one_step_samples=ev.samples,
             tracking_starts=ev.starts,
+            part=part,
         )
     if reason is not None:
         result["physics_reason"] = reason
@@ -145,9 +149,10 @@ def _evaluate_task(checkpoint_path: str, data, state, reason: str | None, opts: 
 
 
 def evaluate_all(
-    todo: dict[str, list[TrialResult]], ready: dict[str, PreparedDataset], opts: Options
+    todo: dict[str, list[TrialResult]], ready: dict[str, PreparedDataset], opts: Options, part="val"
 ) -> dict[str, dict]:
-    """Evaluate every candidate ({dataset: [ledger entries]}) as parallel Ray tasks, with a progress bar.
+    """Evaluate every candidate ({dataset: [ledger entries]}) on `part` as parallel Ray tasks, with a
+    progress bar.
 
     Returns {trial key: evaluation result}; a task that failed gives {"error": ...} (that candidate
     simply has no metric, the others still count).
@@ -160,12 +165,13 @@ def evaluate_all(
     for name, entries in todo.items():
         d = ready[name]
         for e in entries:
-            refs[task.remote(e.checkpoint_path, d.ref, d.state_ref, d.physics_reason, opts)] = e
+            refs[task.remote(e.checkpoint_path, d.ref, d.state_ref, d.physics_reason, opts, part)] = e
     results: dict[str, dict] = {}
     pending = list(refs)
     # a bar only on a terminal (tqdm's disable=None): a log file gets no carriage-return frames
     off = True if not pending else None
-    with tqdm(total=len(pending), desc="evaluate in MuJoCo", unit="model", disable=off) as bar:
+    desc = "evaluate in MuJoCo" + (" (choosing: validation episodes)" if part == "val" else "")
+    with tqdm(total=len(pending), desc=desc, unit="model", disable=off) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             entry = refs[done[0]]
@@ -240,9 +246,17 @@ def collect(
         records.append(rec)
         if cands:
             chosen[d.name] = (rec, cands, entries)
-    results = evaluate_all({n: c for n, (_, c, _) in chosen.items()}, ready, opts) if opts.evaluate else {}
+    # Candidates that a physics metric chooses between are evaluated on their validation episodes; the model
+    # kept is then evaluated on its test episodes, which is what its card, summary.json and the registry say.
+    choosing = {n: c for n, (_, c, _) in chosen.items() if len(c) > 1}
+    results = evaluate_all(choosing, ready, opts) if opts.evaluate and choosing else {}
+    choices = {
+        name: choose(c, results, opts, ready[name].physics_reason) for name, (_, c, _) in chosen.items()
+    }
+    kept = {name: [choice.entry] for name, choice in choices.items()}
+    reported = evaluate_all(kept, ready, opts, part=None) if opts.evaluate else {}
     for name, (rec, cands, entries) in chosen.items():
-        _select(out, rec, cands, results, ready[name], opts, entries)
+        _select(out, rec, choices[name], len(cands), reported, ready[name], opts, entries)
     return records
 
 
@@ -273,10 +287,16 @@ def _dataset_record(out, d: PreparedDataset, trials, done, errors, job_name, opt
 
 
 def _select(
-    out: Path, rec: DatasetRecord, cands, results: dict, d: PreparedDataset, opts: Options, entries=()
+    out: Path,
+    rec: DatasetRecord,
+    choice: Choice,
+    n_cands: int,
+    reported: dict,
+    d: PreparedDataset,
+    opts,
+    entries,
 ):
-    """Choose the dataset's model, copy it to DIR/models/<name>/ with its evaluation, fill its record."""
-    choice = choose(cands, results, opts, d.physics_reason)
+    """Copy the chosen model to DIR/models/<name>/ with its (test-part) evaluation, fill its record."""
     best = choice.entry
     target = Path(out) / "models" / dataset_model_name(d.name)
     if opts.ensemble > 1:
@@ -288,7 +308,7 @@ def _select(
         ]
     else:
         model_dir = fetch_model(best.checkpoint_path, target)
-    result = results.get(best.key)
+    result = reported.get(best.key)
     if result and not result.get("error"):
         attach_evaluation(model_dir, result)  # before registration: the registered card shows it
     rec.selected_by = choice.selected_by
@@ -301,7 +321,7 @@ def _select(
             rec.evaluation = headline(result)
         elif result:
             rec.evaluation_error = result["error"]
-        print(_selection_line(rec, choice, len(cands), d.physics_reason))
+        print(_selection_line(rec, choice, n_cands, d.physics_reason))
     rec.status, rec.model_dir = "ok", str(model_dir.resolve())
     for name in FROM_TRIAL:
         setattr(rec, name, getattr(best, name))

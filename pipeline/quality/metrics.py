@@ -99,5 +99,5 @@ def evaluation_tags(result: dict) -> dict:
 
 def headline(result: dict) -> dict:
     """The headline metrics of an evaluation and what they were measured on (for summary.json records)."""
-    keep = (*HEADLINE, "horizon", "tracking_starts", "one_step_samples", "env_id", "physics_reason")
+    keep = (*HEADLINE, "part", "horizon", "tracking_starts", "one_step_samples", "env_id", "physics_reason")
     return {k: result.get(k) for k in keep if k in result}
