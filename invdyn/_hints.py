@@ -16,8 +16,12 @@ D4RL_DOWNLOADABLE = re.compile(
 )
 #: D4RL's Adroit names: not in the pipeline's catalog, so they train from the file itself
 D4RL_ADROIT = re.compile(r"^(pen|hammer|door|relocate)-(human|cloned|expert)-v[01]$")
-#: the simulated sets (pipeline.data.catalog: sim-<env>-<policy>-v0), generated on demand
-SIM = re.compile(r"^sim-(halfcheetah|hopper|walker2d|ant)-(random|ou|gait|mixed)-v0$")
+#: the simulated sets (pipeline.data.catalog: sim-<env>-<policy>-v0), generated on demand; the D4RL-like
+#: kinds come from the committed agents (hopper, walker2d, halfcheetah)
+SIM = re.compile(
+    r"^sim-((halfcheetah|hopper|walker2d|ant)-(random|ou|gait|mixed)"
+    r"|(halfcheetah|hopper|walker2d)-(medium|expert|medium-replay|medium-expert))-v0$"
+)
 MINARI_ID_PREFIX = "minari:"
 MINARI_MODEL_PREFIX = "minari-"
 
