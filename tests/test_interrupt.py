@@ -199,7 +199,7 @@ def test_cache_write_interrupted_leaves_no_partial_cache(tmp_path, sig):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_training_run_interrupted_writes_nothing(tmp_path, sig):
     data = tmp_path / "data.hdf5"
-    write_d4rl_file(data, episodes=(3000, 3000), obs_dim=5, act_dim=2)
+    write_d4rl_file(data, episodes=(2000, 2000, 2000), obs_dim=5, act_dim=2)
     out = tmp_path / "out" / "model"
     log = tmp_path / "train.log"
     cmd = [
@@ -284,6 +284,12 @@ def test_interrupt_right_after_the_temp_appears_still_removes_it(tmp_path, monke
     monkeypatch.setattr(tempfile, maker, make_then_interrupt)
     target = tmp_path / "target"
     atomic = atomic_file(target) if maker == "mkstemp" else atomic_dir(target)
-    with pytest.raises(KeyboardInterrupt), atomic as t:
-        t.write(b"x") if maker == "mkstemp" else (t / "f").write_text("x")
+    # Python's own SIGINT handler (raising KeyboardInterrupt), whatever an earlier test in this process
+    # installed (an in-process Ray driver installs its own)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), atomic as t:
+            t.write(b"x") if maker == "mkstemp" else (t / "f").write_text("x")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temp

@@ -158,7 +158,7 @@ def test_export_location_on_bad_storage(request, tmp_path, fault):
 def test_training_output_on_bad_storage(request, tmp_path, fault):
     where = request.getfixturevalue(f"{fault}_dir")
     data = tmp_path / "data.hdf5"
-    write_d4rl_file(data, episodes=(500, 500), obs_dim=5, act_dim=2)
+    write_d4rl_file(data, episodes=(400, 300, 300), obs_dim=5, act_dim=2)
     out = where / "model"
     cmd = [
         sys.executable,
