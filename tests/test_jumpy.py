@@ -225,7 +225,8 @@ def test_job_jumps_1_2_gives_two_models_with_their_names(sim_files, tmp_path):
     model = invdyn.load(HOPPER, jump=2, source=two["model_dir"])
     assert model.params["jump"] == 2 and model.name == f"{HOPPER}@k2"
     # evaluated on its own 2-step pairs; the physics metrics apply to the one-step model only
-    assert two["evaluation"]["heldout_mse"] == pytest.approx(two["heldout_mse"], rel=1e-4)
+    assert two["evaluation"]["part"] == "test"
+    assert two["evaluation"]["heldout_mse"] == pytest.approx(two["test_mse"], rel=1e-4)
     assert two["evaluation"]["one_step_error"] is None and one["evaluation"]["one_step_error"] is not None
 
 
