@@ -103,7 +103,9 @@ def test_two_datasets_complete_and_best_per_dataset_loads(job):
         assert rec["heldout_mse"] < rec["baseline_mse"]
         # evaluated by default (the selected model only), into its card and the registered version's tags
         assert rec["selected_by"] == "heldout_mse" and len(rec["candidates"]) == 1
-        assert rec["evaluation"]["heldout_mse"] == pytest.approx(rec["heldout_mse"], rel=1e-4)
+        # ... on its test episodes: the trainer's own test figure, not the validation one that chose it
+        assert rec["evaluation"]["part"] == "test"
+        assert rec["evaluation"]["heldout_mse"] == pytest.approx(rec["test_mse"], rel=1e-4)
         assert "eval.heldout_mse" in rec["registration"]["eval_tags"]
         for key in (
             "dataset",
