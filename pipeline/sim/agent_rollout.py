@@ -10,25 +10,12 @@ import numpy as np
 
 from pipeline.data.catalog import DatasetError
 from pipeline.sim.agent_policy import AGENT_DIR, agent_path, load_actor
-from pipeline.sim.rollout import MAX_EPISODE_STEPS, make_env
+from pipeline.sim.rollout import MAX_EPISODE_STEPS, empty_record, make_env, record_episode
 
 #: the committed record of the training rollouts up to the medium checkpoint (see pipeline.agents.publish)
 REPLAY_FILE = "medium_replay.npz"
 #: int16 action codes of the replay record -> actions: code / ACTION_SCALE (as pipeline.agents.record)
 ACTION_SCALE = 32767
-
-
-def _empty(size: int, obs_dim: int, act_dim: int, nq: int, nv: int) -> dict[str, np.ndarray]:
-    return {
-        "observations": np.empty((size, obs_dim), np.float32),
-        "actions": np.empty((size, act_dim), np.float32),
-        "next_observations": np.empty((size, obs_dim), np.float32),
-        "rewards": np.empty(size, np.float32),
-        "terminals": np.zeros(size, bool),
-        "timeouts": np.zeros(size, bool),
-        "qpos": np.empty((size, nq), np.float64),
-        "qvel": np.empty((size, nv), np.float64),
-    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,24 +44,16 @@ def _agent_steps(actor, env_name: str, seed: int, chunk: int, size: int) -> dict
     rng = np.random.default_rng(np.random.SeedSequence([seed, chunk]))
     env = make_env(env_name)
     act_dim = env.action_space.shape[0]
-    out = _empty(size, env.observation_space.shape[0], act_dim, env.model.nq, env.model.nv)
+    out = empty_record(env, size)
     i, env_seed = 0, int(rng.integers(2**31 - 1))
     while i < size:
         obs, _ = env.reset(seed=env_seed if i == 0 else None)
         noise = rng.standard_normal((MAX_EPISODE_STEPS, act_dim))
-        for t in range(MAX_EPISODE_STEPS):
-            action = actor.act(obs[None], noise[t : t + 1])[0].astype(np.float32)
-            out["qpos"][i], out["qvel"][i] = env.data.qpos, env.data.qvel
-            next_obs, reward, terminated, _, _ = env.step(action)
-            out["observations"][i], out["actions"][i], out["next_observations"][i] = obs, action, next_obs
-            out["rewards"][i], out["terminals"][i] = reward, terminated
-            i += 1
-            if terminated:
-                break
-            if t == MAX_EPISODE_STEPS - 1 or i == size:
-                out["timeouts"][i - 1] = True
-                break
-            obs = next_obs
+
+        def act(t, obs, noise=noise):
+            return actor.act(obs[None], noise[t : t + 1])[0].astype(np.float32)
+
+        i = record_episode(env, obs, act, out, i, size)
     env.close()
     return out
 
@@ -109,8 +88,7 @@ def replay_chunk(
     ends = np.cumsum(lengths)
     begins = ends - lengths
     env = make_env(env_name)
-    act_dim = env.action_space.shape[0]
-    out = _empty(size, env.observation_space.shape[0], act_dim, env.model.nq, env.model.nv)
+    out = empty_record(env, size)
     episode, i = int(np.searchsorted(ends, start, side="right")), 0
     while i < size:
         env.reset(seed=0)
