@@ -30,9 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 SIM_POLICIES = ("random", "ou", "gait", "mixed")
 LOCOMOTION = ("hopper", "walker2d", "halfcheetah")
-ALL = [f"sim-{env}-{p}-v0" for p in SIM_POLICIES for env in LOCOMOTION] + [
-    f"sim-ant-{p}-v0" for p in SIM_POLICIES
-]
+#: the agents' D4RL-like sets (issue 17), after the generator's policies
+AGENT_KINDS = ("medium", "medium-replay", "expert", "medium-expert")
+ALL = (
+    [f"sim-{env}-{p}-v0" for p in SIM_POLICIES for env in LOCOMOTION]
+    + [f"sim-ant-{p}-v0" for p in SIM_POLICIES]
+    + [f"sim-{env}-{k}-v0" for k in AGENT_KINDS for env in LOCOMOTION]
+)
 #: (column, key in an evaluation, key of the mean-action baseline's value or None)
 COLUMNS = (
     ("test MSE", "heldout_mse", "baseline_mse"),

@@ -156,3 +156,30 @@ def test_generating_in_process_leaves_torch_threads_alone(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_set_generated_by_older_agents_is_refused(tmp_path, monkeypatch):
+    """After the committed actors change, a sim-d4rl file made from the old ones is not used, even though its
+    parse is in the Arrow cache: its name would no longer say what its data is."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import pipeline.sim.agent_policy as agent_policy
+    from pipeline.data.catalog import DatasetError, d4rl_dir
+    from pipeline.sim.agent_policy import read_meta, save_actor
+
+    name = "sim-hopper-expert-v0"
+    path = simulate(name, transitions=600, seed=0, out_dir=d4rl_dir(), workers=1, progress=False)
+    assert len(load_transitions(name)) == 600  # current agents: used, and cached
+
+    newer = tmp_path / "agent_weights"
+    shutil.copytree(AGENT_DIR, newer)
+    actor = newer / "hopper" / "expert.safetensors"
+    save_actor(actor, load_file(str(actor)), read_meta(actor) | {"steps": read_meta(actor)["steps"] + 10_000})
+    monkeypatch.setattr(agent_policy, "AGENT_DIR", newer)
+    with pytest.raises(DatasetError, match=r"other agents than the committed ones") as err:
+        load_transitions(name)
+    assert str(path) in str(err.value) and f"pipeline.simulate {name}" in str(err.value)
+    simulate("sim-hopper-random-v0", transitions=600, seed=0, out_dir=d4rl_dir(), workers=1, progress=False)
+    assert len(load_transitions("sim-hopper-random-v0")) == 600  # open-loop sets have no agents to check

@@ -45,6 +45,7 @@ class SourceKind:
     cache_tag: str  # the parser's name in the cache file's name: kinds that parse bytes alike share it
     suffixes: tuple[str, ...] = ()  # a path spec with one of these suffixes is read by this kind
     make: Callable[[str, Path], object] | None = None  # (catalog name, path): write the missing file
+    check: Callable[[Source], None] | None = None  # raises when a present file may not be used (cache or not)
 
 
 def _read_hdf5(src: Source, sha256: str | None) -> Transitions:
@@ -167,6 +168,8 @@ def load_transitions(
     """
     src = locate(spec, download=download, simulate=simulate)
     kind = _kind(src.kind)
+    if kind.check is not None:
+        kind.check(src)
     if not use_cache:
         return _finish(kind.read(src, None), src)
     # a file (D4RL, sim, yours, Minari's main_data.hdf5) goes through the source index; a folder is hashed

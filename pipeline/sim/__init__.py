@@ -13,6 +13,13 @@ def _generate(name: str, path: Path) -> None:
     make_missing(name, path)
 
 
+def _check(src) -> None:
+    from pipeline.sim.simulate import check_agents_current
+
+    check_agents_current(src.name, src.path)
+
+
 register_kind(
-    "simulated", SourceKind(read=KINDS["hdf5"].read, cache_tag=KINDS["hdf5"].cache_tag, make=_generate)
+    "simulated",
+    SourceKind(read=KINDS["hdf5"].read, cache_tag=KINDS["hdf5"].cache_tag, make=_generate, check=_check),
 )

@@ -135,6 +135,27 @@ def simulate(
     return path
 
 
+def check_agents_current(name: str, path: Path) -> None:
+    """Refuse a generated agent set (sim-<env>-medium-v0, ...) whose actors are not the committed ones any
+    more: after an update of pipeline/sim/agent_weights its data no longer is what its name stands for."""
+    _, policy = parse_sim_name(name)
+    if policy not in AGENT_KINDS:
+        return
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        made_by = f.attrs.get("agents")
+    if made_by is None:  # not written by pipeline.simulate: nothing to compare
+        return
+    current = plan_chunks(*parse_sim_name(name), 0, 2)[1]["agents"]
+    if json.loads(made_by) != json.loads(current):
+        raise DatasetError(
+            f"{path} ({name}) was generated from other agents than the committed ones ({made_by} vs "
+            f"{current}); delete it to have it generated again, or run `python -m pipeline.simulate {name} "
+            f"--out {path.parent}`"
+        )
+
+
 def default_transitions() -> int:
     """Size of a sim-* dataset made on demand: $INVDYN_SIM_TRANSITIONS, else DEFAULT_SIM_TRANSITIONS."""
     value = sim_transitions()
