@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from pipeline.quality.evaluate import EvalConfig
 from pipeline.quality.metrics import DEFAULT_METRIC, SELECT_METRICS
-from pipeline.training.config import TrainConfig
+from pipeline.training.config import TrainConfig, TrainConfigError
+from pipeline.training.repeats import parse_seeds
 
 DEFAULT_OUT = "invdyn-out"
 #: How a trial runs its TorchTrainer (pipeline.job.placement's module doc).
@@ -63,7 +64,16 @@ class JobConfig:
         "comma-separated k: train a_t = I(s_t, s_{t+k}) models; each k > 1 is its own model <name>@k<k>",
         metavar="K,K",
     )
-    resume: bool = _flag(False, "skip trials DIR/trials/ records as finished")
+    split_seeds: str | None = _flag(
+        None,
+        "run the whole job once per split seed, each into DIR/split-<s>/ (its trials, summary, models) with "
+        "its train / validation / test episodes cut by seed s; only the FIRST seed's models are registered "
+        "and exported; --report summarizes over the splits (default: one split, seeded by --seed)",
+        metavar="S,S",
+    )
+    resume: bool = _flag(
+        False, "skip trials DIR/trials/ records as finished (with --split-seeds: each DIR/split-<s>/trials/)"
+    )
     out: str = _flag(DEFAULT_OUT, "output directory")
     download: bool = _flag(False, "download missing D4RL files")
     num_cpus: int | None = _flag(None, "CPUs of the local Ray this starts (default: all)")
@@ -117,7 +127,18 @@ class JobConfig:
         ev = self.evaluation
         if self.ensemble < 1:
             raise JobConfigError(f"--ensemble must be >= 1 (1: a single model), got {self.ensemble}")
+        self.seeds()
         if self.select_top < 0 or min(ev.horizon, ev.starts, ev.samples) < 1:
             raise JobConfigError(
                 "--select-top must be >= 0 and --eval-horizon, --eval-starts, --eval-samples >= 1"
             )
+
+    def seeds(self) -> list[int] | None:
+        """`--split-seeds 0,1,2` -> [0, 1, 2] (None without the flag); bad input -> JobConfigError."""
+        if self.split_seeds is None:
+            return None
+        try:
+            return parse_seeds(self.split_seeds)
+        except TrainConfigError as e:
+            fix = "" if "(0,1,2)" in str(e) else "; give each split seed once, e.g. --split-seeds 0,1,2"
+            raise JobConfigError(f"{e}{fix}") from None

@@ -14,6 +14,10 @@ DIR/curves/<name>.json    every trial's learning curve (+ .png plot)
 DIR/trials/<key>.json     ledger: one file per finished trial, written by the driver as it finishes; a
                           population trial writes one per shape group, holding its members' entries
 
+With --split-seeds S,S each split seed's run writes all of the above into DIR/split-<s>/ instead
+(pipeline.job.split_repeats); DIR/job.json then names the repeats and the registered one, and DIR/splits.json
+/ splits.md give each dataset's figures per split and mean ± std, min - max over the splits.
+
 <name> is the dataset's model name (invdyn.settings.dataset_model_name), as in the cache and the registry.
 """
 

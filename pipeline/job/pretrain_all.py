@@ -7,7 +7,9 @@ get a GPU) one trial per dataset that trains all of its search points as stacked
 (pipeline.job.populations); record each finished trial in DIR/trials/ so that `--resume` skips it;
 choose and evaluate each dataset's model (pipeline.job.selection); write DIR/summary.json, summary.md,
 models/, curves/ (pipeline.job.outputs); register the models and export the bundle (pipeline.registry,
-from this driver only); optionally write the quality report.
+from this driver only); optionally write the quality report. With `--split-seeds 0,1,2` all of that but the
+registry runs once per split seed into DIR/split-<s>/, only the first seed's models are registered and
+exported, and the report is one over every repeat (pipeline.job.split_repeats).
 
 Run locally it starts its own Ray; under `ray job submit` ($RAY_ADDRESS set) it joins the cluster.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 from invdyn import _files, settings
 from invdyn.errors import InvdynError
 from pipeline.dataclass_cli import add_options, from_namespace
-from pipeline.job import outputs, placement, populations, selection
+from pipeline.job import outputs, placement, populations, selection, split_repeats
 from pipeline.job.config import TRAIN_FLAGS, JobConfig, JobConfigError
 from pipeline.job.outputs import Ledger
 from pipeline.job.records import DatasetRecord, PreparedDataset
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         if job.storage_path and "://" not in job.storage_path:
             _files.check_writable(Path(job.storage_path).expanduser().resolve())
         return run(job, out, started)
-    except (InvdynError, placement.PlacementError, *_tracking_errors()) as e:
+    except (InvdynError, JobConfigError, placement.PlacementError, *_tracking_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -92,61 +94,90 @@ def run(job: JobConfig, out: Path, started: float) -> int:
     check_available(specs, download=job.download)  # before Ray starts: every dataset is there or made
     space = search.parse_space(job.search_space, search=job.search)
     points = search.grid_points(space)
+    repeats = split_repeats.plan(out, job.seeds(), space)
     state = outputs.job_state(out, job.resume)
+    split_repeats.start_over(repeats, job.resume)
     # Written now so that a resumed job keeps its name (MLflow groups its runs by it) even after a kill.
-    outputs.write_job(out, {**state, "datasets": specs, "started": started})
+    outputs.write_job(
+        out, {**state, "datasets": specs, "started": started, **split_repeats.describe(repeats)}
+    )
     uri, logger = start_tracking(job, out, state["job"])  # fails fast, before any training
     started_ray = placement.connect(num_cpus=job.num_cpus, log_to_driver=job.verbose >= 2)
     try:
         ready, failed = prepare_datasets(specs, download=job.download, keep_state=job.evaluate)
         ready = with_jumps(ready, parse_jumps(job.jumps))
-        trials = make_trials(ready, points, job.train)
-        done = Ledger(out).done() if job.resume else {}
-        todo = [t for t in trials if t.key not in done]
-        pl, tune_specs, population = plan_trials(job, todo, ready)
-        storage = storage_path(job, out, pl)
-        print(
-            f"job {state['job']}: {len(ready)} dataset(s) x {len(points)} config(s) = {len(trials)} "
-            f"trial(s); {len(trials) - len(todo)} already finished, {len(todo)} to run"
-            f"{f' as {len(tune_specs)} population trial(s)' if population else ''}. {pl.describe()}"
-        )
-        trial_run = TrialRun(
-            executor=job.executor,
-            storage_path=storage,
-            placement=pl,
-            specs={t.key: t for t in tune_specs},
-            data={n: d.ref for n, d in ready.items()},
-            crash_once=crash_once(out),
-            barrier=Barrier.from_env(),
-        )
-        tune_started = time.time()
-        errors = {}
-        if todo:
-            errors = run_tune(
-                trial_run,
-                out=out,
-                name=f"{state['job']}-run{state['runs']}",
-                callbacks=[logger] if logger else [],
-                max_failures=job.max_failures,
-                verbose=job.verbose,
-            )
-        tune_wall = time.time() - tune_started
-        opts = selection_options(job, pl)
-        records = select_models(job, out, specs, ready, failed, trials, errors, state["job"], opts)
+        stage = split_repeats.Stage(state, specs, ready, failed, points, space, uri, logger)
+        for rep in repeats:  # one without --split-seeds: DIR itself
+            run_repeat(job, rep, stage, started if rep.split_seed is None else time.time())
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
-    outputs.write_summary(out, records)  # the models are safe before MLflow is touched again
+    first = repeats[0]
+    over_splits = None
+    if first.split_seed is not None:
+        over_splits = split_repeats.finish(out, state, specs, repeats)
+        print(f"\n{split_repeats.registered_note(repeats, uri is not None)}")
+    exported = register_and_export(job, uri, logger, first.records)
+    table = outputs.write_summary(first.out, first.records)
+    heading = "" if first.split_seed is None else f"split seed {first.split_seed} (registered):\n"
+    print(
+        f"\n{heading}{table}\n\nsummary: {first.out / outputs.SUMMARY_JSON}  ({time.time() - started:.0f} s)"
+    )
+    if over_splits:
+        print(f"\n{over_splits}\n\nover split seeds: {out / split_repeats.SPLITS_MD}")
+    reported = write_report(job, repeats)
+    everything_ok = all(r.ok for rep in repeats for r in rep.records)
+    return 0 if exported and reported and everything_ok else 1
+
+
+def run_repeat(job: JobConfig, rep: split_repeats.Repeat, stage: split_repeats.Stage, started: float) -> None:
+    """The trial grid on one split: its trials into rep.out's ledger, then each dataset's model chosen and
+    rep.out's summary.json and job.json written (rep.records, rep.record)."""
+    out, state = rep.out, stage.state
+    trials = make_trials(stage.ready, stage.points, rep.train_config(job.train))
+    done = Ledger(out).done() if job.resume else {}
+    todo = [t for t in trials if t.key not in done]
+    pl, tune_specs, population = plan_trials(job, todo, stage.ready)
+    storage = storage_path(job, out, pl)
+    print(
+        f"{rep.label}job {state['job']}: {len(stage.ready)} dataset(s) x {len(stage.points)} config(s) = "
+        f"{len(trials)} trial(s); {len(trials) - len(todo)} already finished, {len(todo)} to run"
+        f"{f' as {len(tune_specs)} population trial(s)' if population else ''}. {pl.describe()}"
+    )
+    trial_run = TrialRun(
+        executor=job.executor,
+        storage_path=storage,
+        placement=pl,
+        specs={t.key: t for t in tune_specs},
+        data={n: d.ref for n, d in stage.ready.items()},
+        crash_once=crash_once(out),
+        barrier=Barrier.from_env(),
+    )
+    tune_started = time.time()
+    errors = {}
+    if todo:
+        errors = run_tune(
+            trial_run,
+            out=out,
+            name=f"{state['job']}-run{state['runs']}{rep.tune_suffix}",
+            callbacks=[stage.logger] if stage.logger else [],
+            max_failures=job.max_failures,
+            verbose=job.verbose,
+        )
+    tune_wall = time.time() - tune_started
+    opts = selection_options(job, pl)
+    rep.records = select_models(
+        job, out, stage.specs, stage.ready, stage.failed, trials, errors, state["job"], opts
+    )
+    outputs.write_summary(out, rep.records)  # the models are safe before MLflow is touched again
     timing = last_run(out, trials, todo, errors, started, tune_wall, pl)
-    record = job_record(job, state, specs, storage, pl, space, uri, opts, timing)
-    outputs.write_job(out, {**record, "population": population})
-    exported = register_and_export(job, uri, logger, records)
-    table = outputs.write_summary(out, records)
-    print(f"\n{table}\n\nsummary: {out / outputs.SUMMARY_JSON}  ({time.time() - started:.0f} s)")
-    reported = write_report(job, out, records)
-    return 0 if exported and reported and all(r.ok for r in records) else 1
+    record = job_record(job, state, stage.specs, storage, pl, stage.space, stage.uri, opts, timing)
+    rep.record = {**record, "population": population}
+    if rep.split_seed is not None:
+        rep.record["split_seed"] = rep.split_seed
+    outputs.write_job(out, rep.record)
 
 
 # ------------------------------------------------------------------------------------------ the steps
@@ -303,15 +334,18 @@ def register_and_export(job: JobConfig, uri: str | None, logger, records: list[D
     return ok
 
 
-def write_report(job: JobConfig, out: Path, records: list[DatasetRecord]) -> bool:
-    """--report DIR: the quality report of the chosen models, with CleanDiffuser's recipe trained beside."""
-    if not job.report or not any(r.ok for r in records):
+def write_report(job: JobConfig, repeats: list[split_repeats.Repeat]) -> bool:
+    """--report DIR: the quality report of the chosen models, with CleanDiffuser's recipe trained beside;
+    with --split-seeds one report over every repeat's summary (its "Over split seeds" table)."""
+    summaries = [str(r.out / outputs.SUMMARY_JSON) for r in repeats if any(x.ok for x in r.records)]
+    if not job.report or not summaries:
         return True
     from pipeline.quality import report
 
     print("\nreport: training CleanDiffuser's recipe on each dataset's training episodes for comparison")
-    summary = str(out / outputs.SUMMARY_JSON)
-    return report.main(["--summary", summary, "--out", job.report, "--with-recipe"]) == 0
+    ev = job.evaluation  # the report measures what the job's evaluation measured, at the same sizes
+    sizes = ["--horizon", str(ev.horizon), "--starts", str(ev.starts), "--samples", str(ev.samples)]
+    return report.main(["--summary", *summaries, "--out", job.report, "--with-recipe", *sizes]) == 0
 
 
 # ------------------------------------------------------------------------------------------ job.json

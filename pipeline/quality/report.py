@@ -7,8 +7,9 @@ Writes REPORT_DIR/report.md (tables), results.json (every number) and PNG plots 
 Every model is scored on its test episodes (its validation episodes if it was trained before test parts;
 the report says which). With --with-recipe, CleanDiffuser's recipe is trained on the champion's train and
 validation episodes (what the champion's choices saw) and scored on the same test episodes. Several
-summaries (one per split seed: `--summary a/summary.json b/summary.json`) add a table of mean ± std, min
-and max over the splits (pipeline.training.repeats).
+summaries (one per split seed: `--summary a/summary.json b/summary.json`, as `pretrain_all --split-seeds`
+writes) add a table of mean ± std, min and max over the splits (pipeline.training.repeats), also written to
+REPORT_DIR/over_splits.json.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ import numpy as np
 
 from invdyn.errors import InvdynError
 from pipeline.dataclass_cli import add_options, from_namespace
-from pipeline.quality import plots
+from pipeline.quality import over_splits, plots
 from pipeline.quality.evaluate import EvalConfig
 from pipeline.quality.metrics import fmt_number
 from pipeline.quality.recipe import train_recipe
-from pipeline.training.repeats import fmt_interval, interval
 
 #: "well served": held-out MSE under this fraction of the mean-action baseline's ...
 WELL_SERVED_MSE = 0.1
@@ -200,7 +200,7 @@ def _at_a_glance(entries: list[dict], horizon: int) -> list[str]:
         )
     return lines + [
         "",
-        f"Well served: held-out MSE below {WELL_SERVED_MSE:g}x and {horizon}-step drift below "
+        f"Well served: action MSE below {WELL_SERVED_MSE:g}x and {horizon}-step drift below "
         f"{WELL_SERVED_DRIFT:g}x the mean-action baseline's.",
     ]
 
@@ -262,35 +262,8 @@ def _models(entries: list[dict]) -> list[str]:
 
 
 def _over_splits(entries: list[dict], horizon: int) -> list[str]:
-    """Mean ± std over split seeds of each dataset measured on more than one split (none otherwise)."""
-    by_dataset: dict[str, list[dict]] = {}
-    for e in entries:
-        by_dataset.setdefault(e["dataset"], []).append(e)
-    repeated = {d: es for d, es in by_dataset.items() if len(es) > 1}
-    if not repeated:
-        return []
-    lines = [
-        "## Over split seeds",
-        "",
-        "Each split seed retrains on another train / validation / test cut of the episodes; mean ± sample "
-        "std over the splits (min - max in results.json).",
-        "",
-        "| dataset | splits | metric | champion | recipe | baseline | champion / recipe |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for dataset, es in repeated.items():
-        seeds = ",".join(str(e.get("split_seed")) for e in es)
-        for key, label in METRICS:
-            label = label.replace("at H", f"at {horizon}")
-            c = interval(e["champion"].get(key) for e in es)
-            r = interval((e.get("recipe") or {}).get(key) for e in es)
-            b = interval(e["champion"].get(BASELINE_OF[key]) for e in es)
-            ratio = interval(_ratio(e["champion"].get(key), (e.get("recipe") or {}).get(key)) for e in es)
-            lines.append(
-                f"| {dataset} | {seeds} | {label} | {fmt_interval(c)} | {fmt_interval(r)} | "
-                f"{fmt_interval(b)} | {fmt_interval(ratio, '.3g')} |"
-            )
-    return [*lines, ""]
+    labels = {key: label.replace("at H", f"at {horizon}") for key, label in METRICS}
+    return over_splits.section(over_splits.summarize(entries, BASELINE_OF), labels)
 
 
 def markdown(entries: list[dict], horizon: int, failed: list[dict] = ()) -> str:
@@ -306,9 +279,17 @@ def markdown(entries: list[dict], horizon: int, failed: list[dict] = ()) -> str:
         "drift). The mean-action baseline applies the training data's mean action; lower is better "
         "everywhere."
     )
-    lines = ["# invdyn quality report", "", intro, "", *_at_a_glance(entries, horizon), ""]
-    lines += [*_versus_recipe(entries, horizon), "", *_over_splits(entries, horizon)]
-    lines += [*_notes(entries, failed), "", *_models(entries)]
+    # a dataset measured on several splits has a row per split in the tables of single models
+    names = [e["dataset"] for e in entries]
+    each = [
+        {**e, "dataset": f"{e['dataset']} (split {e.get('split_seed')})"}
+        if names.count(e["dataset"]) > 1
+        else e
+        for e in entries
+    ]
+    lines = ["# invdyn quality report", "", intro, "", *_at_a_glance(each, horizon), ""]
+    lines += [*_versus_recipe(each, horizon), "", *_over_splits(entries, horizon)]
+    lines += [*_notes(each, failed), "", *_models(each)]
     return "\n".join(lines) + "\n"
 
 
@@ -323,6 +304,10 @@ def write_report(
     plots.write_plots(entries, out_dir)
     with atomic_file(out_dir / "results.json", "w") as f:
         json.dump(entries, f, indent=2, sort_keys=True, default=str)
+    repeated = over_splits.summarize(entries, BASELINE_OF)
+    if repeated:
+        with atomic_file(out_dir / over_splits.OVER_SPLITS_JSON, "w") as f:
+            json.dump(repeated, f, indent=2, sort_keys=True)
     with atomic_file(out_dir / "report.md", "w") as f:
         f.write(markdown(entries, horizon, failed))
     return out_dir / "report.md"
