@@ -48,11 +48,14 @@ def job(sim_files, tmp_path_factory):
             str(root / "bundle.zip"),
             "--report",
             str(root / "report"),
+            "--report-recipe-epochs",
+            "2",
         ],
         job_env(root),
     )
     summaries = {s: json.loads((out / f"split-{s}" / "summary.json").read_text()) for s in (0, 1)}
-    return {"proc": proc, "root": root, "out": out, "rec": {s: recs[0] for s, recs in summaries.items()}}
+    recs = {s: recs[0] for s, recs in summaries.items()}
+    return {"proc": proc, "root": root, "out": out, "rec": recs, "dataset": sim_files[HOPPER]}
 
 
 @pytest.mark.slow
@@ -140,3 +143,28 @@ def test_bad_split_seeds_are_a_usage_error_naming_the_flag_and_the_fix(capsys, s
     err = capsys.readouterr().err
     assert "error: --split-seeds" in err and "Traceback" not in err
     assert not (out / "job.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_reruns_only_the_repeat_whose_ledger_is_incomplete(job):
+    """Runs last in this module: it retrains split seed 1 in the job's folder (split seed 0 stays)."""
+    out = job["out"]
+    kept = {
+        s: [json.loads(p.read_text()) for p in (out / f"split-{s}" / "trials").glob("*.json")] for s in (0, 1)
+    }
+    for p in (out / "split-1" / "trials").glob("*.json"):
+        p.unlink()  # as if the driver died during split seed 1's trial
+    again = run_job(
+        ["--datasets", str(job["dataset"]), "--search-space", '{"hidden_dim": [32]}', "--max-epochs", "2"]
+        + ["--split-seeds", "0,1", "--resume", "--no-mlflow", "--no-evaluate", "--out", str(out)],
+        job_env(job["root"]),
+    )
+    assert again.returncode == 0
+    assert "split seed 0: job" in again.stdout and "1 already finished, 0 to run" in again.stdout
+    assert "split seed 1: job" in again.stdout and "0 already finished, 1 to run" in again.stdout
+    [first] = [json.loads(p.read_text()) for p in (out / "split-0" / "trials").glob("*.json")]
+    assert first["trial_id"] == kept[0][0]["trial_id"] and first["finished_at"] == kept[0][0]["finished_at"]
+    [second] = [json.loads(p.read_text()) for p in (out / "split-1" / "trials").glob("*.json")]
+    assert second["key"] == kept[1][0]["key"] and second["trial_id"] != kept[1][0]["trial_id"]
+    state = json.loads((out / "job.json").read_text())
+    assert state["runs"] == 2 and [r["last_run"]["ran"] for r in state["repeats"]] == [0, 1]

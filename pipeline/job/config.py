@@ -87,6 +87,12 @@ class JobConfig:
         "then write the quality report (python -m pipeline.report --with-recipe) of the chosen models to DIR",
         metavar="DIR",
     )
+    report_recipe_epochs: int | None = _flag(
+        None,
+        "with --report: cap the epochs of the recipe trained for comparison (pipeline.report "
+        "--recipe-max-epochs; default: its own early stop)",
+        metavar="N",
+    )
     verbose: int = _flag(
         0,
         "0: a line per finished trial and the summary; 1 (-v): also Tune's status table; 2 (-vv): also every "
@@ -128,6 +134,8 @@ class JobConfig:
         if self.ensemble < 1:
             raise JobConfigError(f"--ensemble must be >= 1 (1: a single model), got {self.ensemble}")
         self.seeds()
+        if self.report_recipe_epochs is not None and self.report_recipe_epochs < 1:
+            raise JobConfigError(f"--report-recipe-epochs must be >= 1, got {self.report_recipe_epochs}")
         if self.select_top < 0 or min(ev.horizon, ev.starts, ev.samples) < 1:
             raise JobConfigError(
                 "--select-top must be >= 0 and --eval-horizon, --eval-starts, --eval-samples >= 1"

@@ -345,6 +345,8 @@ def write_report(job: JobConfig, repeats: list[split_repeats.Repeat]) -> bool:
     print("\nreport: training CleanDiffuser's recipe on each dataset's training episodes for comparison")
     ev = job.evaluation  # the report measures what the job's evaluation measured, at the same sizes
     sizes = ["--horizon", str(ev.horizon), "--starts", str(ev.starts), "--samples", str(ev.samples)]
+    if job.report_recipe_epochs is not None:
+        sizes += ["--recipe-max-epochs", str(job.report_recipe_epochs)]
     return report.main(["--summary", *summaries, "--out", job.report, "--with-recipe", *sizes]) == 0
 
 
