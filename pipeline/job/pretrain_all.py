@@ -118,7 +118,9 @@ def run(job: JobConfig, out: Path, started: float) -> int:
     over_splits = None
     if first.split_seed is not None:
         over_splits = split_repeats.finish(out, state, specs, repeats)
-        print(f"\n{split_repeats.registered_note(repeats, uri is not None)}")
+        tracked = uri is not None
+        note = split_repeats.registered_note(repeats, tracked and job.register, tracked and bool(job.export))
+        print(f"\n{note}")
     exported = register_and_export(job, uri, logger, first.records)
     table = outputs.write_summary(first.out, first.records)
     heading = "" if first.split_seed is None else f"split seed {first.split_seed} (registered):\n"

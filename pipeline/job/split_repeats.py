@@ -90,6 +90,9 @@ def start_over(repeats: list[Repeat], resume: bool) -> None:
     cleared = sum(Ledger(r.out).clear() for r in repeats)
     if cleared:
         print(f"starting over: {cleared} finished trial(s) of an earlier job ignored (use --resume)")
+    stale = repeats[0].out.parent / SUMMARY_JSON
+    if stale.is_file():  # left there by a job without --split-seeds; this job's are in split-<s>/
+        print(f"note: {stale} is an earlier job's; this job's summaries are DIR/split-<s>/{SUMMARY_JSON}")
 
 
 def describe(repeats: list[Repeat]) -> dict:
@@ -106,16 +109,23 @@ def describe(repeats: list[Repeat]) -> dict:
     }
 
 
-def registered_note(repeats: list[Repeat], tracking: bool) -> str | None:
+def registered_note(repeats: list[Repeat], registered: bool, exported: bool) -> str | None:
     """The job's line saying which repeat becomes the registry's (None without --split-seeds)."""
     if repeats[0].split_seed is None:
         return None
     first = repeats[0]
     seeds = ",".join(str(r.split_seed) for r in repeats)
-    kept = "registered and exported" if tracking else "kept (no MLflow: nothing is registered)"
+    over = f"mean ± std over the splits: {SPLITS_MD}"
+    if not registered:
+        return (
+            f"split seeds {seeds}: nothing registered (--no-register / --no-mlflow); the registry's model of "
+            f"each dataset is split seed {first.split_seed}'s: `python -m pipeline.register --from-storage "
+            f"{first.out}` ({over})"
+        )
+    kept = "registered and exported" if exported else "registered"
     return (
         f"split seeds {seeds}: only split seed {first.split_seed}'s models ({first.out}) are {kept}; the "
-        f"other splits are measured, never registered (mean ± std over the splits: {SPLITS_MD})"
+        f"other splits are measured, never registered ({over})"
     )
 
 
