@@ -3,11 +3,12 @@
 Grouping rule (`shape_groups`): members train together when everything that fixes the parameter shapes,
 the data pairs, the split and the step's schedule of batches and evaluations is the same: arch,
 hidden_dim, action_scale, jump, split, val_fraction, test_fraction, the split seed (`split_seed`, else
-`seed`), batch_size, eval_every, loss, precision, device, step, threads and fp32_input_layer. Within a group
-each member keeps its own lr, weight decay, optimizer, schedule, max_epochs, dropout, weight average,
-early stopping and keep rule, and its own seed for its initial weights and its batches. So a member
-takes exactly the batches and initial weights the same config trained alone would take, on the same
-split (with `split_seed` unset, members of different seeds land in different groups, as their splits
+`seed`), batch_size, eval_every, loss, precision, device, step, threads, fp32_input_layer and delta_input
+(its s' - s statistics come from the training rows: members of one data and split share them). Within a
+group each member keeps its own lr, weight decay, optimizer, schedule, max_epochs, dropout, weight
+average, early stopping and keep rule, and its own seed for its initial weights and its batches. So a
+member takes exactly the batches and initial weights the same config trained alone would take, on the
+same split (with `split_seed` unset, members of different seeds land in different groups, as their splits
 differ). Each member is written by `trainer.finish` into an ordinary model directory.
 """
 
@@ -46,6 +47,7 @@ GROUP_KEYS = (
     "step",
     "threads",
     "fp32_input_layer",
+    "delta_input",
 )
 
 

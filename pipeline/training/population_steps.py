@@ -126,6 +126,11 @@ def stack_nets(nets: list[nn.Module], dropouts: list[float], fp32_input: bool) -
     # the template is a member with the highest dropout: a net built without dropout has no Dropout layer
     # (nn.Identity) where the others need their MemberDropout
     stacked = copy.deepcopy(nets[max(range(len(nets)), key=lambda i: dropouts[i])])
+    # the net's own buffers (delta_input's s' - s statistics) stay one copy that every member shares: they
+    # come from the training rows, which one group shares
+    for name, buf in stacked.named_buffers(recurse=False):
+        if any(not torch.equal(buf, net.get_buffer(name)) for net in nets):
+            raise TrainConfigError(f"population members differ in {name!r}; they must share data and split")
     kinds = {nn.Linear: StackedLinear, nn.LayerNorm: StackedLayerNorm, _RunningScale: StackedRunningScale}
     for name, module in list(stacked.named_modules()):
         if not name:
@@ -153,7 +158,8 @@ def member_state(net: nn.Module, k: int, params: list[torch.Tensor] | None = Non
     """Member k's state dict (cloned, in the single net's layout), optionally with `params` (e.g. the
     weight average) as its weights."""
     names = [name for name, _ in net.named_parameters()]
-    state = {name: t.detach()[k] for name, t in net.state_dict().items()}
+    shared = {name for name, _ in net.named_buffers(recurse=False)}  # not stacked (stack_nets)
+    state = {name: t.detach() if name in shared else t.detach()[k] for name, t in net.state_dict().items()}
     for name, tensor in zip(names, params or [], strict=False):
         state[name] = tensor[k]
     for name, module in net.named_modules():
@@ -221,7 +227,7 @@ class _Stack:
                 p.data = p.data.index_select(0, index)
                 p.grad = torch.zeros_like(p)
             self.avg = [a.index_select(0, index) for a in self.avg]
-            for module in self.net.modules():
+            for module in list(self.net.modules())[1:]:  # the net's own buffers are shared, not stacked
                 for name, buf in list(module.named_buffers(recurse=False)):
                     setattr(module, name, buf.index_select(0, index))
         self.views = [self.views[r] for r in rows]

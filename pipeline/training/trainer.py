@@ -70,8 +70,13 @@ class TrainResult:
 
 
 def build_net(prepared: Prepared):
-    """The network `prepared` trains, seeded with `config.seed`; its tanh scale never reads a test action."""
-    return _build_model(prepared.config, prepared.transitions, prepared.device, prepared.action_scale)
+    """The network `prepared` trains, seeded with `config.seed`; its tanh scale never reads a test action,
+    nor do its s' - s statistics (`delta_input`: set here, before the first step, from the training rows)."""
+    net = _build_model(prepared.config, prepared.transitions, prepared.device, prepared.action_scale)
+    if net.uses_delta_stats:
+        rows = prepared.data.train_idx
+        net.set_delta_stats(prepared.data.obs[rows], prepared.data.next_obs[rows])
+    return net
 
 
 def _build_model(config: TrainConfig, t: Transitions, device, action_scale: float | None = None):
@@ -88,8 +93,10 @@ def _build_model(config: TrainConfig, t: Transitions, device, action_scale: floa
         "tanh_out_activation": True,
         "action_scale": float(scale),
     }
-    accepts_dropout = "dropout" in inspect.signature(ARCHITECTURES[config.arch]).parameters
-    options = {"dropout": config.dropout} if accepts_dropout else {}
+    accepts = inspect.signature(ARCHITECTURES[config.arch]).parameters
+    options = {"dropout": config.dropout} if "dropout" in accepts else {}
+    if config.delta_input:  # only when on: off leaves every architecture's own default (res_mlp's is on)
+        options["delta_input"] = True
     try:
         return build_model(config.arch, model_config, options).to(device).train()
     except (TypeError, ValueError) as e:
