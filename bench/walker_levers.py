@@ -10,12 +10,13 @@ the champion is `TrainConfig()` as shipped, capped at --epochs, threads --thread
 are the accuracy table's (runs/accuracy_table/models/, reused, not retrained). Levers:
 
 - clip: the champion's test MSE / R² on rows with no joint velocity at the +-10 observation clip, clipped in s
-  or s' only, clipped in both (and on sim-halfcheetah-medium-v0, agent data, where |v| >= 10 is not clipped);
-  then bench/idm_floor.py's oracle on test rows of each group: does (s, s') fix the action when the raw
-  velocities (infos/qvel) are hidden behind the clip?
+  or s' only, clipped in both (and on sim-halfcheetah-medium-v0, agent data, where |v| >= 10 is not clipped).
+- oracle: bench/idm_floor.py's identifiability on test rows of each clip group: does (s, s') fix the action
+  when the raw velocities (infos/qvel) are hidden behind the clip?
 - scale200k / scale1m: the champion on 200k / 1M simulated transitions (`pipeline.simulate`, seed 0).
 - features: the same model and trainer on (s, s', s' - s) and on (s_{t-1}, s, s') instead of (s, s').
 - ensemble: the mean of 3 members (init seeds 0, 1, 2 on one split) vs one member.
+- groups: the data and input levers' models scored per clip group (after those levers ran).
 
 Every finished unit is cached as JSON under --work/results/, so a rerun only writes the section.
 """
@@ -376,9 +377,9 @@ def oracle_table(results: dict, args) -> list[str]:
             for kind in ("full", "observed"):
                 x = r["summary"][kind]
                 lines.append(
-                    f"| {GROUP_TEXT[g]} | {r['summary']['rows']} | {kind} | {x['solved']:.2f} | "
-                    f"{x['ambiguous']:.2f} | {x['oracle_mse']:.1e} | {x['exact_mse']:.0e} | "
-                    f"{x['gain_median']:.3g} | {x['gain_p90']:.3g} | {x['not_identifiable']:.2f} |"
+                    f"| {GROUP_TEXT[g]} | {r['summary']['rows']} | {kind} | {x['solved']:.3f} | "
+                    f"{x['ambiguous']:.3f} | {x['oracle_mse']:.1e} | {x['exact_mse']:.0e} | "
+                    f"{x['gain_median']:.3g} | {x['gain_p90']:.3g} | {x['not_identifiable']:.3f} |"
                 )
     return lines
 
@@ -398,10 +399,15 @@ def lever_rows(results: dict) -> list[tuple[str, list[dict]]]:
     for kind, text in FEATURE_TEXT.items():
         out.append((f"{text}, 50k", [r for k, r in results.items() if k.startswith(f"features-{kind}-")]))
     ens = [r for k, r in results.items() if k.startswith("ensemble-")]
-    one = [{**r["members"][1], "split_seed": r["split_seed"]} for r in ens]  # member 1: trained here
-    out.append(
-        ("one member (init seed 1), 50k", [{"test_mse": m["mse"], "test_r2": m["r2"], **m} for m in one])
-    )
+    one = [
+        {
+            "test_mse": float(np.mean([m["mse"] for m in r["members"]])),
+            "test_r2": float(np.mean([m["r2"] for m in r["members"]])),
+            "split_seed": r["split_seed"],
+        }
+        for r in ens
+    ]
+    out.append(("one member (mean over the 3 members), 50k", one))
     out.append(
         (
             "ensemble of 3 (mean of init seeds 0, 1, 2), 50k",
@@ -489,6 +495,11 @@ def write_section(results: dict, args) -> None:
         f"nice -n 10 python bench/walker_levers.py --threads 1 --epochs {args.epochs} "
         f"--epochs-1m {args.epochs_1m} --seeds-1m {args.seeds_1m} --oracle-rows {args.oracle_rows} "
         f"--restarts {args.restarts}",
+        *[
+            f"nice -n 10 python bench/walker_levers.py --threads 1 --steps scale1m,groups --epochs-1m {e}"
+            for e in sorted({int(k.split("-")[2][1:]) for k in results if k.startswith("scale-1000000-")})
+            if e != args.epochs_1m
+        ],
         "```",
         "",
         "Protocol: test = 15 % of the episodes of each split seed (the accuracy table's split, which no "
