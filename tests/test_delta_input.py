@@ -191,3 +191,12 @@ def test_search_space_axis_in_pipeline_train(sim_files, tmp_path, capsys):
     ]
     assert "delta_input" not in archs[0] and archs[1]["delta_input"] is True
     assert all(np.isfinite(s["test_mse"]) for s in summary["points"])
+
+
+def test_trial_keys_of_older_jobs_stay_the_same():
+    """`--resume` of a job run before the field existed still finds its trials: off is left out of the key."""
+    from pipeline.training.search import trial_key
+
+    older = {"hidden_dim": 512, "lr": 1e-3}
+    assert trial_key("d", "abc", {**older, "delta_input": False}) == trial_key("d", "abc", older)
+    assert trial_key("d", "abc", {**older, "delta_input": True}) != trial_key("d", "abc", older)

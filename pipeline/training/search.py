@@ -58,8 +58,14 @@ def grid_points(space: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(space[k] for k in keys))]
 
 
+#: TrainConfig fields added after jobs already ran, with the value that trains as before: left out of a
+#: trial's key at that value, so `--resume` of an older job still finds its finished trials
+KEY_NEUTRAL_FIELDS = {"delta_input": False}
+
+
 def trial_key(dataset: str, dataset_sha256: str, config: dict) -> str:
     """A stable id for one (dataset content, full training config): `--resume` skips keys already done."""
+    config = {k: v for k, v in config.items() if KEY_NEUTRAL_FIELDS.get(k, object()) != v}
     blob = json.dumps(
         {"dataset": dataset, "sha256": dataset_sha256, "config": config}, sort_keys=True, default=str
     )
@@ -70,7 +76,8 @@ def estimated_cost(config: dict, info: dict) -> float:
     """Relative FLOPs of a trial at its full epoch budget (transitions x epochs x the hidden layers' size):
     enough to start the longest trials first, which keeps the end of a job from waiting on one of them."""
     h = int(config.get("hidden_dim") or 512)
-    dims = int(info.get("obs_dim") or 0) * 2 + int(info.get("act_dim") or 0)
+    inputs = 3 if config.get("delta_input") else 2  # s' - s as a third input (TrainConfig.delta_input)
+    dims = int(info.get("obs_dim") or 0) * inputs + int(info.get("act_dim") or 0)
     hidden_layers = RES_MLP_HIDDEN_LAYERS if config.get("arch") == "res_mlp" else 1
     per_sample = h * dims + hidden_layers * h * h
     return float(info.get("transitions") or 0) * int(config.get("max_epochs") or 1) * per_sample
