@@ -100,6 +100,8 @@ SUITES: dict[str, list[str]] = {
     + [f"antmaze-{m}-v2" for m in ("medium-play", "medium-diverse", "large-play", "large-diverse")],
     "sim": [sim_name(env, SIM_SUITE_POLICY) for env in _LOCO],
     "sim-d4rl": [sim_name(env, kind) for env in _LOCO for kind in AGENT_KINDS],
+    # one D4RL-like set per env: what `walker2d-medium-expert-v2` users train on, in three datasets
+    "sim-medium-expert": [sim_name(env, "medium-expert") for env in _LOCO],
 }
 #: `all`: the union of the suites above (not every catalog entry: v0/v1 and maze2d are there by name only)
 SUITES["all"] = list(dict.fromkeys(n for s in list(SUITES.values()) for n in s))
