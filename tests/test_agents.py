@@ -97,6 +97,28 @@ def test_publish_writes_card_and_an_exact_replay_record(trained, tmp_path):
         np.testing.assert_array_equal(replayed[key], recorded[key], err_msg=key)
 
 
+def test_best_expert_is_kept_and_published_by_choice(trained, tmp_path):
+    runs, _ = trained
+    run = runs / "Hopper-v5"
+    state = read_state(run)
+    after_medium = [p for p in state["curve"] if p["step"] >= state["medium_step"]]
+    best = max(after_medium, key=lambda p: p["normalized"])  # the first of equal scores: strict > keeps it
+    assert state["best"]["step"] == best["step"] and state["best"]["normalized"] == best["normalized"]
+    _, meta = load_actor(run / "expert-best.safetensors")
+    assert meta["steps"] == best["step"]
+    shipped = publish("Hopper-v5", run_dir=runs, out=tmp_path / "best", eval_episodes=1)
+    card = json.loads((shipped / "card.json").read_text())
+    _, shipped_meta = load_actor(shipped / "expert.safetensors")
+    assert card["expert_selection"] == "best" and card["scores"]["expert"]["steps"] == best["step"]
+    assert shipped_meta["checkpoint"] == "expert" and shipped_meta["steps"] == best["step"]
+    assert f"step {best['step']:,}" in (shipped / "card.md").read_text()
+    latest = publish("Hopper-v5", run_dir=runs, out=tmp_path / "latest", eval_episodes=1, expert="latest")
+    card = json.loads((latest / "card.json").read_text())
+    assert card["expert_selection"] == "latest" and card["scores"]["expert"]["steps"] == 500
+    with pytest.raises(DatasetError, match="--expert must be one of best, latest"):
+        publish("Hopper-v5", run_dir=runs, out=tmp_path / "bad", expert="newest")
+
+
 def test_bad_env_and_budget_are_refused(tmp_path, capsys):
     assert main(["train", "Humanoid-v5", "--run-dir", str(tmp_path)]) == 2
     assert "unknown agent env 'Humanoid-v5'" in capsys.readouterr().err

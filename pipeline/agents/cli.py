@@ -22,6 +22,12 @@ def main(argv=None) -> int:
     pub.add_argument("--run-dir", default=AgentConfig.run_dir, help="the training run folder's parent")
     pub.add_argument("--out", default=None, help="folder (default: pipeline/sim/agent_weights)")
     pub.add_argument("--eval-episodes", type=int, default=10, help="episodes per checkpoint for the card")
+    pub.add_argument(
+        "--expert",
+        default="best",
+        choices=("best", "latest"),
+        help="ship the best evaluation after medium (re-scored on fresh episodes) or the last checkpoint",
+    )
     args = ap.parse_args(argv)
     try:
         if args.command == "train":
@@ -31,7 +37,15 @@ def main(argv=None) -> int:
         else:
             from pipeline.agents.publish import publish
 
-            print(publish(args.env, run_dir=args.run_dir, out=args.out, eval_episodes=args.eval_episodes))
+            print(
+                publish(
+                    args.env,
+                    run_dir=args.run_dir,
+                    out=args.out,
+                    eval_episodes=args.eval_episodes,
+                    expert=args.expert,
+                )
+            )
     except InvdynError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.agents import record
 from pipeline.agents.config import SAC_HYPERPARAMS, short_env
-from pipeline.agents.train import read_state
+from pipeline.agents.train import BEST, read_state
 from pipeline.data.catalog import SIM_ENVS, DatasetError
 from pipeline.data.scores import normalized_score
 from pipeline.sim.agent_policy import AGENT_DIR, read_meta, save_actor
@@ -82,20 +82,31 @@ def _curve_png(state: dict, env: str, path: Path) -> None:
     plt.close(fig)
 
 
-def publish(env: str, *, run_dir="runs/agents", out=None, eval_episodes: int = 10) -> Path:
+#: which actor `publish` ships as the expert: the best evaluation after medium, or the last checkpoint
+EXPERT_CHOICES = ("best", "latest")
+
+
+def publish(
+    env: str, *, run_dir="runs/agents", out=None, eval_episodes: int = 10, expert: str = "best"
+) -> Path:
     """Copy RUN_DIR/<env_id>'s actors into OUT/<env> (default: the committed AGENT_DIR), write the
-    medium-replay record and the card; returns the folder."""
+    medium-replay record and the card; returns the folder. `expert="best"` ships the actor of the best
+    evaluation after medium (when the run kept one), "latest" the last checkpoint's."""
     env = short_env(env)
     run = Path(run_dir).expanduser() / SIM_ENVS[env]["env_id"]
     state = read_state(run)
     if not (run / "expert.safetensors").is_file():
         raise DatasetError(f"{run} has no trained agent; run `python -m pipeline.agents train {env}` first")
+    if expert not in EXPERT_CHOICES:
+        raise DatasetError(f"--expert must be one of {', '.join(EXPERT_CHOICES)}, got {expert!r}")
     dest = Path(out).expanduser() / env if out else AGENT_DIR / env
     dest.mkdir(parents=True, exist_ok=True)
     # until the agent reaches the medium score, its latest policy and all its rollouts stand in for medium
     # (the card says so), so every sim-d4rl set can be generated from an agent in training
     medium_step = state.get("medium_step") or state["steps"]
-    shutil.copyfile(run / "expert.safetensors", dest / "expert.safetensors")
+    best = run / f"{BEST}.safetensors"
+    chosen = "best" if expert == "best" and state.get("best") and best.is_file() else "latest"
+    _copy_actor(best if chosen == "best" else run / "expert.safetensors", dest / "expert.safetensors")
     if state.get("medium_step"):
         shutil.copyfile(run / "medium.safetensors", dest / "medium.safetensors")
     else:
@@ -106,10 +117,25 @@ def publish(env: str, *, run_dir="runs/agents", out=None, eval_episodes: int = 1
         np.savez_compressed(f, **replay_arrays(data))
     os.replace(dest / f".{REPLAY_FILE}.tmp", dest / REPLAY_FILE)
     _curve_png(state, env, dest / "returns.png")
-    card = _card(env, state, scores)
+    card = _card(env, state, scores) | {
+        "expert_selection": chosen,
+        "expert_selection_note": (
+            "the actor of the best evaluation after the medium checkpoint (evaluations: "
+            f"{state['config']['eval_episodes']} episodes each); the scores here are fresh episodes"
+            if chosen == "best"
+            else "the actor of the last checkpoint"
+        ),
+    }
     (dest / "card.json").write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
     (dest / "card.md").write_text(_card_md(card))
     return dest
+
+
+def _copy_actor(src: Path, dest: Path) -> None:
+    """The actor under its published checkpoint name ("expert"), its other metadata (steps...) kept."""
+    from safetensors.torch import load_file
+
+    save_actor(dest, load_file(str(src)), read_meta(src) | {"checkpoint": "expert"})
 
 
 def _provisional_medium(src: Path, dest: Path) -> None:
@@ -181,6 +207,8 @@ def _card_md(card: dict) -> str:
             f"- hyperparameters ({card['hyperparameters_source']}): `{json.dumps(card['hyperparameters'])}`",
             f"- steps: {card['steps']:,}, {status}; medium checkpoint at step {card['medium_step']:,}"
             + ("" if card["medium_reached"] else " (PROVISIONAL: the medium score is not reached yet)"),
+            f"- expert: {card.get('expert_selection_note', 'the actor of the last checkpoint')}, "
+            f"step {card['scores']['expert']['steps']:,}",
             f"- wall time {card['wall_s'] / 3600:.2f} h, CPU time {card['cpu_s'] / 3600:.2f} h",
             f"- machine: {card['machine']}",
             f"- command: `python -m pipeline.agents train {card['env_id']}` then `publish {card['env_id']}`",

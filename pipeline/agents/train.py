@@ -17,6 +17,8 @@ from pipeline.data.scores import normalized_score
 from pipeline.sim.agent_policy import save_actor
 
 STATE = "state.json"
+#: the actor of the best evaluation after the medium checkpoint (see _Progress.evaluate)
+BEST = "expert-best"
 
 
 def _make_env(env_id: str):
@@ -168,6 +170,13 @@ class _Progress:
             self.checkpoint(model, step)  # the record up to here is the medium-replay data
             export_actor(model, self.cfg, self.state, "medium")
             self.log(f"medium policy saved at step {step} (normalized {score:.1f})")
+        # SAC's evaluations swing by tens of points between checkpoints, so the best-scoring actor after
+        # medium is kept too; `publish` re-scores it on fresh episodes, so its card is not the lucky draw
+        best = self.state.get("best")
+        if self.state["medium_step"] is not None and (best is None or score > best["normalized"]):
+            self.state["best"] = self.state["curve"][-1]
+            export_actor(model, self.cfg, self.state | {"steps": step}, BEST)
+            self.log(f"best expert so far saved at step {step} (normalized {score:.1f})")
 
     def checkpoint(self, model, step: int) -> None:
         run = self.cfg.run_path
