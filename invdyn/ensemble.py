@@ -24,16 +24,53 @@ ENSEMBLE_KEY = "ensemble"
 UNCERTAINTY_KEY = "uncertainty"
 
 
+#: the error model's weights beside the members (see ErrorModel); params.json's "ensemble.error_model":
+#: {"file", "sha256", "in_dim", "hidden", "fitted_on"}
+ERROR_MODEL_FILE = "error_model.safetensors"
+
+
 def member_file(index: int) -> str:
     return f"member-{index}.safetensors"
+
+
+class ErrorModel(nn.Module):
+    """Per action dimension, the log of the expected squared error of the members' mean, from the pair and
+    the members' spread (`error_features`). Fitted on validation pairs, which no member trained on: seeds
+    that disagree little can still all be wrong where the data is ambiguous, and this term says so."""
+
+    def __init__(self, in_dim: int, act_dim: int, hidden: int = 128):
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, act_dim),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net((features - self.feature_mean) / self.feature_std)
+
+
+def error_features(obs_n, next_n, mean, std, spread_ref) -> np.ndarray:
+    """The error model's input: normalized s, s' - s, log spread (relative to real pairs') and the mean
+    action; numpy arrays with any leading shape."""
+    log_spread = np.log(np.asarray(std, dtype=np.float64) / spread_ref + 1e-6)
+    parts = [obs_n, np.asarray(next_n) - np.asarray(obs_n), log_spread, mean]
+    return np.concatenate([np.asarray(x, dtype=np.float32) for x in parts], -1)
 
 
 class EnsembleIDM(PretrainedIDM):
     """What `invdyn.load` returns for an ensemble directory: `predict` is the members' mean,
     `predict(..., return_std=True)` gives (mean, std), `feasibility` one plausibility score per pair."""
 
-    def __init__(self, nets, normalizer, params: dict, card: str = "", path=None, source=None):
+    def __init__(
+        self, nets, normalizer, params: dict, card: str = "", path=None, source=None, error_model=None
+    ):
         super().__init__(nets[0], normalizer, params, card=card, path=path, source=source)
+        self.error_model = error_model.eval() if error_model is not None else None
         self.members = nn.ModuleList(list(nets))
         self.members.eval()
         entry = params.get(ENSEMBLE_KEY) or {}
@@ -61,6 +98,26 @@ class EnsembleIDM(PretrainedIDM):
             stacked = np.stack(outs)
             mean, std = stacked.mean(0), stacked.std(0)
         return (mean, std) if return_std else mean
+
+    @torch.no_grad()
+    def uncertainty(self, obs, next_obs):
+        """Per action dimension, the predicted std of `predict`'s error for raw pairs (any leading shape):
+        sqrt(members' spread² + the error model's variance). Without an error model (an ensemble written
+        without data): the members' spread alone, as `predict(..., return_std=True)` gives it."""
+        is_tensor = isinstance(obs, torch.Tensor)
+        o = obs.detach().cpu().numpy() if is_tensor else np.asarray(obs, dtype=np.float32)
+        n = next_obs.detach().cpu().numpy() if isinstance(next_obs, torch.Tensor) else np.asarray(next_obs)
+        mean, std = self.predict(o, n.astype(np.float32), return_std=True)
+        if self.error_model is None:
+            total = np.asarray(std, dtype=np.float32)
+        else:
+            nz = self.normalizer
+            x = error_features(
+                nz.normalize(o), nz.normalize(n.astype(np.float32)), mean, std, self.spread_ref
+            )
+            log_var = self.error_model(torch.from_numpy(x)).double().numpy()
+            total = np.sqrt(np.square(std, dtype=np.float64) + np.exp(log_var)).astype(np.float32)
+        return torch.from_numpy(total).to(obs.device) if is_tensor else total
 
     @torch.no_grad()
     def feasibility(self, obs, next_obs):
@@ -197,7 +254,44 @@ def read_members(model_dir: Path, params: dict, first: PretrainedIDM, device="cp
                 f"{first.obs_dim}/{first.act_dim}; every member must fit the same data"
             )
         nets.append(net.eval().to(device))
-    return EnsembleIDM(nets, first.normalizer, params, card=first.card, path=first.path)
+    error = _read_error_model(Path(model_dir), params[ENSEMBLE_KEY].get("error_model"), where, first)
+    return EnsembleIDM(nets, first.normalizer, params, card=first.card, path=first.path, error_model=error)
+
+
+def error_model_entry(model: ErrorModel, folder: Path, **extra) -> dict:
+    """Write the error model's weights into `folder` and return its params.json entry."""
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    data = _safetensors().save(state, metadata={"format": "pt"})
+    tmp = folder / f".{ERROR_MODEL_FILE}.tmp"
+    tmp.write_bytes(data)
+    tmp.replace(folder / ERROR_MODEL_FILE)
+    in_dim, hidden = model.net[0].in_features, model.net[0].out_features
+    sha = hashlib.sha256(data).hexdigest()
+    return {"file": ERROR_MODEL_FILE, "sha256": sha, "in_dim": in_dim, "hidden": hidden, **extra}
+
+
+def _read_error_model(model_dir: Path, entry, where, first: PretrainedIDM):
+    if entry is None:
+        return None
+    field = f"{where}: 'ensemble.error_model'"
+    in_dim = 2 * (first.obs_dim + first.act_dim)
+    if not isinstance(entry, dict) or entry.get("file") != ERROR_MODEL_FILE or not entry.get("sha256"):
+        raise FormatError(f'{field} must be {{"file": "{ERROR_MODEL_FILE}", "sha256": hex, ...}}')
+    hidden = entry.get("hidden")
+    if entry.get("in_dim") != in_dim or not isinstance(hidden, int) or not 0 < hidden <= 4096:
+        raise FormatError(f"{field}: 'in_dim' must be {in_dim} (2 x (obs_dim + act_dim)) and 'hidden' 1-4096")
+    path = model_dir / ERROR_MODEL_FILE
+    data = _read_verified(path, entry["sha256"])
+    try:
+        state = _safetensors().load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on bad bytes
+        raise FormatError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    model = ErrorModel(in_dim, first.act_dim, hidden)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ShapeError(f"{path}: weights do not fit {field} ({e})") from None
+    return model
 
 
 def _read_member(model_dir: Path, member: dict, where: str) -> nn.Module:
@@ -246,7 +340,13 @@ def card_lines(params: dict) -> list[str]:
         "",
         f"{len(ens['members'])} members; `predict` is their mean, `predict(o, o2, return_std=True)` gives "
         "(mean, std per action dimension), `feasibility(o, o2)` one plausibility score per pair (higher = "
-        "more plausible). Each member's held-out MSE is on its own validation episodes (its seed's split).",
+        "more plausible). Each member's held-out MSE is on its own validation episodes (its seed's split)."
+        + (
+            " `uncertainty(o, o2)` gives the predicted std of the error per action dimension: the spread "
+            "combined with an error model fitted on validation pairs."
+            if isinstance(ens.get("error_model"), dict)
+            else ""
+        ),
         "",
         "| member | weights | seed | heldout_mse |",
         "|---|---|---|---|",

@@ -111,6 +111,14 @@ def test_a_malformed_one_step_model_is_refused(tmp_path, members):
         invdyn.read_model_dir(ens_dir)
 
 
+def test_without_an_error_model_uncertainty_is_the_spread(tmp_path, members):
+    ens = invdyn.read_model_dir(write_ensemble(tmp_path / "toy-v0", members))  # written without data
+    obs = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+    _, spread = ens.predict(obs, obs * 0.5, return_std=True)
+    assert ens.error_model is None
+    np.testing.assert_array_equal(ens.uncertainty(obs, obs * 0.5), spread)
+
+
 def test_a_single_model_says_feasibility_needs_an_ensemble(members):
     single = invdyn.read_model_dir(members[0])
     obs = np.zeros((2, 5), np.float32)
@@ -126,15 +134,24 @@ def test_rank_statistics_match_their_definitions():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
 
 
-def test_train_cli_writes_a_loadable_ensemble_that_spots_perturbed_pairs(tmp_path, sim_files):
+@pytest.fixture(scope="module")
+def trained_ensemble(tmp_path_factory, sim_files):
+    """(its directory, the data file): 2 members trained by `pipeline.train --ensemble 2`."""
+    from pipeline.training.cli import main
+
+    data = str(sim_files["sim-hopper-random-v0"])
+    out = tmp_path_factory.mktemp("trained") / "ens"
+    args = ["--dataset", data, "--out", str(out), "--ensemble", "2", "--quiet"]
+    assert main([*args, "--max-epochs", "4", "--hidden-dim", "64", "--batch-size", "256"]) == 0
+    return out, data
+
+
+def test_train_cli_writes_a_loadable_ensemble_that_spots_perturbed_pairs(tmp_path, trained_ensemble):
     from pipeline.data.sources import load_transitions
     from pipeline.training.cli import main
     from pipeline.training.split import split_from_training
 
-    data = str(sim_files["sim-hopper-random-v0"])
-    out = tmp_path / "ens"
-    args = ["--dataset", data, "--out", str(out), "--ensemble", "2", "--quiet"]
-    assert main([*args, "--max-epochs", "4", "--hidden-dim", "64", "--batch-size", "256"]) == 0
+    out, data = trained_ensemble
     ens = invdyn.read_model_dir(out)
     assert isinstance(ens, EnsembleIDM) and ens.size == 2
     assert [m["seed"] for m in ens.params["ensemble"]["members"]] == [0, 1]
@@ -153,8 +170,49 @@ def test_train_cli_writes_a_loadable_ensemble_that_spots_perturbed_pairs(tmp_pat
     assert len(ens.params["ensemble"]["dynamics"]["precision"]) == ens.obs_dim
     feas = ens.feasibility(torch.as_tensor(t.obs[val[:8]]), torch.as_tensor(t.next_obs[val[:8]]))
     assert isinstance(feas, torch.Tensor) and feas.shape == (8,)
-    assert not list(tmp_path.glob(".ens.members-*"))  # the members' work folder is gone
+    assert not list(out.parent.glob(".ens.members-*"))  # the members' work folder is gone
+    # the error model: fitted on the validation pairs, it widens the spread into the predicted error std
+    fitted = ens.params["ensemble"]["error_model"]
+    assert ens.error_model is not None and fitted["rows"] == len(val) and fitted["epochs"] >= 1
+    unc = ens.uncertainty(t.obs[test], t.next_obs[test])
+    _, spread = ens.predict(t.obs[test], t.next_obs[test], return_std=True)
+    assert unc.shape == spread.shape == (len(test), ens.act_dim) and np.all(unc > spread)
+    assert -1 <= measured["uncertainty_error_spearman"] <= 1
+    t_unc = ens.uncertainty(torch.as_tensor(t.obs[test[:4]]), torch.as_tensor(t.next_obs[test[:4]]))
+    np.testing.assert_allclose(t_unc.numpy(), unc[:4], rtol=1e-5)
     assert main(["--dataset", "no-such-v0", "--out", str(tmp_path / "e0"), "--ensemble", "0"]) == 2
+
+
+def _recalibrated_sha(src, dst, t, rows) -> str:
+    from pipeline.training.ensemble import calibrate
+
+    shutil.copytree(src, dst)
+    return calibrate(dst, t, *rows)["error_model"]["sha256"]
+
+
+def test_the_error_model_reads_validation_pairs_only_and_is_checked(tmp_path, trained_ensemble):
+    import dataclasses
+
+    from pipeline.data.sources import load_transitions
+    from pipeline.training.split import split_from_training
+
+    out, data = trained_ensemble
+    t = load_transitions(data)
+    train, val, test = split_from_training(t, invdyn.read_model_dir(out).params["training"])
+    same = _recalibrated_sha(out, tmp_path / "same", t, (train, val))
+    assert same == invdyn.read_model_dir(out).params["ensemble"]["error_model"]["sha256"]  # seeded fit
+
+    def poisoned(rows):
+        act = t.act.copy()
+        act[rows] = -act[rows]
+        return dataclasses.replace(t, act=act)
+
+    assert _recalibrated_sha(out, tmp_path / "test-poisoned", poisoned(test), (train, val)) == same
+    assert _recalibrated_sha(out, tmp_path / "val-poisoned", poisoned(val), (train, val)) != same
+    broken = tmp_path / "same" / "error_model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:-1] + bytes([broken.read_bytes()[-1] ^ 1]))
+    with pytest.raises(ChecksumError, match="error_model.safetensors"):
+        invdyn.read_model_dir(tmp_path / "same")
 
 
 def test_the_job_takes_the_selected_trial_then_the_next_best_by_the_ranking_rule():

@@ -15,7 +15,10 @@ from invdyn.ensemble import (
     ENSEMBLE_KEY,
     UNCERTAINTY_KEY,
     EnsembleIDM,
+    ErrorModel,
     check_compatible,
+    error_features,
+    error_model_entry,
     fit_dynamics,
     write_member,
 )
@@ -76,10 +79,13 @@ def _one_split(members) -> bool:
     return first is not None and all(digests(m) == first for m in members[1:])
 
 
-def update_params(model_dir, **keys) -> dict:
-    """Set top-level params.json keys of a model directory and re-render its card; returns the params."""
+def update_params(model_dir, checked_params: dict | None = None, **keys) -> dict:
+    """Set top-level params.json keys of a model directory and re-render its card; returns the params.
+    `checked_params`: the directory's params as read (and checked) just before, when a file it names is
+    being replaced along with them."""
     model_dir = Path(model_dir)
-    params = read_model_dir(model_dir).params  # checks the directory (weights included) first
+    # checks the directory (weights included) first
+    params = dict(checked_params) if checked_params is not None else read_model_dir(model_dir).params
     params.update(keys)
     write_json(model_dir / PARAMS_FILE, params)
     (model_dir / CARD_FILE).write_text(model_card(params, card_figures(model_dir)))
@@ -87,18 +93,73 @@ def update_params(model_dir, **keys) -> dict:
 
 
 def calibrate(model_dir, transitions, train_rows, val_rows) -> dict:
-    """Record the feasibility score's calibration: the linear one-step model fitted on `train_rows`, the
-    median per-dimension spread on real pairs `val_rows`; returns params.json's new "ensemble"."""
+    """Record the feasibility score's calibration (the linear one-step model fitted on `train_rows`, the
+    median per-dimension spread on real pairs `val_rows`) and the error model fitted on `val_rows`; returns
+    params.json's new "ensemble"."""
     model = read_model_dir(model_dir)
     nz, t = model.normalizer, transitions
     dynamics = fit_dynamics(
         nz.normalize(t.obs[train_rows]), t.act[train_rows], nz.normalize(t.next_obs[train_rows])
     )
-    _, std = model.predict(t.obs[val_rows], t.next_obs[val_rows], return_std=True)
-    ref = np.maximum(np.median(std, axis=0), 1e-8).astype(float).tolist()
-    entry = {**model.params[ENSEMBLE_KEY], "spread_ref": ref, "dynamics": dynamics}
-    update_params(model_dir, **{ENSEMBLE_KEY: entry})
+    mean, std = model.predict(t.obs[val_rows], t.next_obs[val_rows], return_std=True)
+    ref = np.maximum(np.median(std, axis=0), 1e-8)
+    features = error_features(
+        nz.normalize(t.obs[val_rows]), nz.normalize(t.next_obs[val_rows]), mean, std, ref
+    )
+    error_model, epochs = fit_error_model(features, (mean - t.act[val_rows]) ** 2)
+    fitted = {"fitted_on": "validation pairs", "rows": int(len(val_rows)), "epochs": epochs}
+    entry = {
+        **model.params[ENSEMBLE_KEY],
+        "spread_ref": ref.astype(float).tolist(),
+        "dynamics": dynamics,
+        "error_model": error_model_entry(error_model, Path(model_dir), **fitted),
+    }
+    update_params(model_dir, model.params, **{ENSEMBLE_KEY: entry})  # checked above, before the new file
     return entry
+
+
+def fit_error_model(features, sq_error, *, hidden: int = 128, max_epochs: int = 200, patience: int = 15):
+    """The ErrorModel for pairs' `features` and the members' mean's squared error per action dimension:
+    Gaussian likelihood of the error under the predicted log variance, early-stopped on a fifth of the
+    rows (seeded: the same rows give the same weights). Returns (model, epochs run)."""
+    import torch
+
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    err = torch.as_tensor(np.asarray(sq_error, dtype=np.float32))
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ErrorModel(x.shape[1], err.shape[1], hidden)
+    model.feature_mean.copy_(x.mean(0))
+    model.feature_std.copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1]))
+    order = torch.randperm(len(x), generator=gen)
+    cut = max(1, int(0.8 * len(x)))
+    fit, hold = order[:cut], order[cut:] if cut < len(x) else order[:cut]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+
+    def nll(rows):  # -log N(e; 0, exp(z)) up to constants, per dimension
+        z = model(x[rows])
+        return (torch.exp(-z) * err[rows] + z).mean()
+
+    best, best_state, stale, epochs = float("inf"), None, 0, 0
+    for epoch in range(1, max_epochs + 1):
+        epochs = epoch
+        shuffled = fit[torch.randperm(len(fit), generator=gen)]
+        for i in range(0, len(shuffled), 256):
+            loss = nll(shuffled[i : i + 256])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            held = float(nll(hold))
+        if held < best - 1e-4:
+            best, best_state, stale = held, {k: v.clone() for k, v in model.state_dict().items()}, 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    model.load_state_dict(best_state)
+    return model.eval(), epochs
 
 
 def train_ensemble(transitions, config: TrainConfig, out, k: int, *, on_eval=None, dataset_name=None):
@@ -145,6 +206,7 @@ def measure(model: EnsembleIDM, transitions, rows, *, seed: int = 0) -> dict:
         "ensemble_mse": ens_mse,
         "mse_ratio": ens_mse / member_mse if member_mse > 0 else float("nan"),
         "spread_error_spearman": spearman(std.mean(-1), err),
+        "uncertainty_error_spearman": spearman(model.uncertainty(obs, nxt).mean(-1), err),
         "auroc_other_step": auroc(real, model.feasibility(obs, nxt[other])),
     }
     state_std = model.normalizer.std.astype(np.float32)
