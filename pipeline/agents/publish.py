@@ -177,6 +177,7 @@ def _card(env: str, state: dict, scores: dict) -> dict:
         "steps": state["steps"],
         "steps_planned": state["config"]["steps"],
         "finished": state["steps"] >= state["config"]["steps"],
+        "cpu_hours_budget": state["config"]["cpu_hours"],
         "medium_reached": bool(state.get("medium_step")),
         "medium_step": state.get("medium_step") or state["steps"],
         "medium_score_threshold": state["config"]["medium_score"],
@@ -195,9 +196,13 @@ def _card_md(card: dict) -> str:
         f"| {k} | {v['steps']:,} | {v['return_mean']:.1f} ± {v['return_std']:.1f} | {v['normalized']:.1f} |"
         for k, v in card["scores"].items()
     ]
-    status = (
-        "finished" if card["finished"] else f"not finished ({card['steps']:,} of {card['steps_planned']:,})"
-    )
+    budget = card.get("cpu_hours_budget") or 0
+    if card["finished"]:
+        status = "finished"
+    elif budget and card["cpu_s"] >= budget * 3600:
+        status = f"stopped by the {budget:g} CPU-hour budget ({card['steps_planned']:,} planned)"
+    else:
+        status = f"not finished ({card['steps']:,} of {card['steps_planned']:,})"
     lib = ", ".join(f"{k} {v}" for k, v in card["library"].items())
     return "\n".join(
         [
