@@ -36,8 +36,11 @@ def _env(name: str, env_id: str | None) -> str | None:
 
 
 def episode_returns(path: Path) -> np.ndarray | None:
-    """Return of every episode of a D4RL-layout HDF5 file (an episode ends at a terminal or a timeout, or
-    at the end of the file); None for files without rewards or other formats."""
+    """Return of every complete episode of a D4RL-layout HDF5 file: one that ends at a terminal, or at a
+    timeout after the file's `max_episode_steps` (attribute of sim files; without it, any timeout).
+    Episodes cut short (by the end of the file, or where the generator starts a new chunk) would lower the
+    mean, so they are left out unless no episode is complete. None for files without rewards or other
+    formats."""
     if Path(path).suffix.lower() not in (".hdf5", ".h5"):
         return None
     import h5py
@@ -46,14 +49,18 @@ def episode_returns(path: Path) -> np.ndarray | None:
         if "rewards" not in f:
             return None
         rewards = np.asarray(f["rewards"], np.float64).reshape(-1)
-        ends = np.zeros(len(rewards), bool)
-        for key in ("terminals", "timeouts"):
-            if key in f:
-                ends |= np.asarray(f[key], bool).reshape(-1)
+        flags = {k: np.asarray(f[k], bool).reshape(-1) for k in ("terminals", "timeouts") if k in f}
+        max_steps = f.attrs.get("max_episode_steps")
     if len(rewards) == 0:
         return None
-    begins = np.concatenate([[0], np.flatnonzero(ends[:-1]) + 1])
-    return np.add.reduceat(rewards, begins)
+    terminals = flags.get("terminals", np.zeros(len(rewards), bool))
+    ends = terminals | flags.get("timeouts", np.zeros(len(rewards), bool))
+    stops = np.flatnonzero(ends[:-1]) + 1
+    begins, finals = np.concatenate([[0], stops]), np.concatenate([stops, [len(rewards)]]) - 1
+    returns = np.add.reduceat(rewards, begins)
+    lengths = finals - begins + 1
+    complete = terminals[finals] | (ends[finals] & (max_steps is None or lengths >= int(max_steps)))
+    return returns[complete] if complete.any() else returns
 
 
 def velocity_clip_fraction(t: Transitions, env: str | None) -> float | None:
