@@ -23,6 +23,8 @@ from .pretrained import PretrainedIDM
 RAW_INPUTS = ("obs", "next_obs")
 NORMALIZED_INPUTS = ("obs_normalized", "next_obs_normalized")
 OUTPUT = "action"
+#: an ensemble's second output: the members' std per action dimension (`predict(..., return_std=True)`)
+STD_OUTPUT = "action_std"
 #: onnxruntime's answer may differ from predict's by float32 rounding only; more is a broken export
 MAX_ERROR = 1e-4
 #: the card's key in the ONNX model's metadata_props (the JSON written beside the file)
@@ -42,6 +44,24 @@ class RawIO(nn.Module):
         return self.net((obs - self.mean) / self.std, (next_obs - self.mean) / self.std)
 
 
+class MembersMean(nn.Module):
+    """An ensemble's members as one module: their mean action and their std (population, as `predict`)."""
+
+    def __init__(self, nets):
+        super().__init__()
+        self.members = nn.ModuleList(nets)
+
+    def forward(self, obs: torch.Tensor, next_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = torch.stack([net(obs, next_obs) for net in self.members])
+        mean = outs.mean(0)
+        return mean, (outs - mean).square().mean(0).sqrt()
+
+
+def _members(model: PretrainedIDM) -> list | None:
+    members = getattr(model, "members", None)
+    return list(members) if members is not None else None
+
+
 def card_path(onnx_path) -> Path:
     """Where the card of `onnx_path` is written: `F.onnx` -> `F.onnx.json`."""
     onnx_path = Path(onnx_path)
@@ -56,9 +76,12 @@ def export_onnx(model: PretrainedIDM, out, *, normalized_io: bool = False, opset
     installed the graph is run against the model before anything is written.
     """
     onnx = _require_onnx()
-    net = copy.deepcopy(model.net).cpu().train(False)  # a CPU copy: the caller's model stays where it is
+    members = _members(model)
+    # a CPU copy: the caller's model stays where it is
+    net = copy.deepcopy(model.net if members is None else MembersMean(members)).cpu().train(False)
     module = net if normalized_io else RawIO(net, model.normalizer)
     inputs = NORMALIZED_INPUTS if normalized_io else RAW_INPUTS
+    outputs = [OUTPUT] if members is None else [OUTPUT, STD_OUTPUT]
     # two different example tensors: the exporter would merge identical ones into one input
     examples = (torch.zeros(2, model.obs_dim), torch.ones(2, model.obs_dim))
     batch = torch.export.Dim("batch")
@@ -70,7 +93,7 @@ def export_onnx(model: PretrainedIDM, out, *, normalized_io: bool = False, opset
             dynamo=True,
             opset_version=opset,
             input_names=list(inputs),
-            output_names=[OUTPUT],
+            output_names=outputs,
             dynamic_shapes={name: {0: batch} for name in ("obs", "next_obs")},
             verbose=False,
         )
@@ -124,9 +147,19 @@ def _card(model: PretrainedIDM, proto, inputs, normalized_io: bool) -> dict:
                 "is": f"s_t+1, {state}",
             },
         ],
-        "outputs": [
-            {"name": OUTPUT, "shape": ["batch", model.act_dim], "dtype": "float32", "is": "a_t, raw"}
-        ],
+        "outputs": [{"name": OUTPUT, "shape": ["batch", model.act_dim], "dtype": "float32", "is": "a_t, raw"}]
+        + (
+            []
+            if _members(model) is None
+            else [
+                {
+                    "name": STD_OUTPUT,
+                    "shape": ["batch", model.act_dim],
+                    "dtype": "float32",
+                    "is": f"the {len(_members(model))} members' std of a_t (OUTPUT is their mean)",
+                }
+            ]
+        ),
         "normalized_io": normalized_io,
         "normalizer": model.normalizer.to_dict(),
         "leading_dims": "flatten (B, H, obs_dim) to (B * H, obs_dim); reshape the action to (B, H, act_dim)",
@@ -143,14 +176,17 @@ def _check_against_predict(model: PretrainedIDM, graph: bytes, inputs, normalize
     rng = np.random.default_rng(0)
     mean, std = model.normalizer.mean, model.normalizer.std
     obs, nxt = (mean + std * rng.normal(size=(2, 64, model.obs_dim))).astype(np.float32)
+    ensemble = _members(model) is not None
     if normalized_io:
         obs, nxt = (model.normalizer.normalize(x).astype(np.float32) for x in (obs, nxt))
-        expected = model.predict_normalized(obs, nxt)
+        expected = model.predict_normalized(obs, nxt, **({"return_std": True} if ensemble else {}))
     else:
-        expected = model.predict(obs, nxt)
+        expected = model.predict(obs, nxt, **({"return_std": True} if ensemble else {}))
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT], {inputs[0]: obs, inputs[1]: nxt})[0]
-    error = float(np.abs(got - expected).max())
+    names = [OUTPUT, STD_OUTPUT] if ensemble else [OUTPUT]
+    got = session.run(names, {inputs[0]: obs, inputs[1]: nxt})
+    expected = list(expected) if ensemble else [expected]
+    error = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
     if not error <= MAX_ERROR:
         raise InvdynError(
             f"the exported graph differs from predict by {error:.3g} (> {MAX_ERROR}); not written"

@@ -148,3 +148,36 @@ def test_without_onnx_the_error_says_what_to_install(tmp_path, monkeypatch, caps
     assert not (tmp_path / "x.onnx").exists()
     assert main(["export-onnx", "no-such-v0", "--out", str(tmp_path / "x.onnx")]) == 1
     assert "no model named 'no-such-v0'" in capsys.readouterr().err
+
+
+def test_an_ensemble_exports_its_mean_and_spread(tmp_path):
+    from pipeline.training.ensemble import write_ensemble
+
+    norm = invdyn.GaussianNormalizer(np.linspace(-1, 1, OBS_DIM), np.linspace(0.5, 3, OBS_DIM))
+    members = []
+    for i in range(3):  # one normalizer, different weights: what seeds on one dataset give
+        torch.manual_seed(i)
+        net = invdyn.FancyMlpInvDynamic(OBS_DIM, ACT_DIM, hidden_dim=32)
+        members.append(invdyn.save_model_dir(tmp_path / f"m{i}", net, norm, name="ens-v0"))
+    src = write_ensemble(tmp_path / "ens-v0", members)
+    out = tmp_path / "ens.onnx"
+    assert main(["export-onnx", "ens-v0", "--source", str(src), "--out", str(out)]) == 0
+    model = invdyn.load("ens-v0", source=src)
+    obs, nxt = _states(model, (64,), seed=3)
+    mean, std = model.predict(obs, nxt, return_std=True)
+    assert float(np.abs(std).max()) > 1e-3  # the members differ: the spread is not trivially zero
+    got_mean, got_std = _session(out).run(["action", "action_std"], {"obs": obs, "next_obs": nxt})
+    np.testing.assert_allclose(got_mean, mean, atol=1e-5)
+    np.testing.assert_allclose(got_std, std, atol=1e-5)
+    card = json.loads((tmp_path / "ens.onnx.json").read_text())
+    assert [o["name"] for o in card["outputs"]] == ["action", "action_std"] and "3 members" in card[
+        "outputs"
+    ][1]["is"]
+    normalized = tmp_path / "ens-n.onnx"
+    assert (
+        main(["export-onnx", "ens-v0", "--source", str(src), "--out", str(normalized), "--normalized-io"])
+        == 0
+    )
+    o_n, n_n = (model.normalizer.normalize(x).astype(np.float32) for x in (obs, nxt))
+    got = _session(normalized).run(None, {"obs_normalized": o_n, "next_obs_normalized": n_n})
+    np.testing.assert_allclose(got[0], mean, atol=1e-5)
