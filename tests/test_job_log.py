@@ -64,7 +64,7 @@ def test_quiet_tune_output_takes_the_engine_that_is_silent(monkeypatch):
     assert console.tune_verbosity(1) == 1 and get_air_verbosity(1) is not None  # the status table
 
 
-def test_the_one_filter_drops_only_its_lines(caplog):
+def test_the_filter_drops_only_its_lines(caplog):
     console.quiet_ray_logs()
     console.quiet_ray_logs()  # idempotent
     name, start, _why = console.QUIET_RAY_LINES[0]
@@ -75,6 +75,21 @@ def test_the_one_filter_drops_only_its_lines(caplog):
         log.warning("Token authentication is disabled for this Ray cluster.")  # kept: it is a risk
     assert [r.getMessage() for r in caplog.records] == [
         "Token authentication is disabled for this Ray cluster."
+    ]
+    tune = logging.getLogger("ray.tune.utils.util")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=tune.name):
+        tune.warning(
+            "Processing trial results took 2.766 s, which may be a performance bottleneck. Please ..."
+        )
+        tune.warning(
+            "The `process_trial_result` operation took 2.766 s, which may be a performance bottleneck."
+        )
+        tune.warning(
+            "The `experiment_checkpoint` operation took 3.1 s, which may be a performance bottleneck."
+        )
+    assert [r.getMessage() for r in caplog.records] == [  # Tune's other timings stay visible
+        "The `experiment_checkpoint` operation took 3.1 s, which may be a performance bottleneck."
     ]
 
 
