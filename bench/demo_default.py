@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MACHINE = "2-core Intel Xeon with AMX-bf16, CPU only, shared with other agents while measured"
+MACHINE = "2-core Intel Xeon with AMX-bf16, CPU only, no other benchmark running"
 
 
 def parse_args(argv=None):
@@ -51,7 +51,8 @@ def run_job(suite: str, args, work: Path) -> dict:
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     wall = time.perf_counter() - start
     summary = json.loads((home / "out" / "summary.json").read_text())
-    return {"suite": suite, "wall_s": wall, "command": " ".join(cmd[1:]), "models": summary}
+    shown = ["python", *cmd[1:-1], "DIR"]  # the output folder is this bench's, not part of the command
+    return {"suite": suite, "wall_s": wall, "command": " ".join(shown), "models": summary}
 
 
 def score(model_dir: str, data_path: str, env: dict) -> dict:
@@ -75,7 +76,7 @@ def cross_scores(jobs: list[dict], work: Path) -> list[dict]:
                 if path is None:
                     continue
                 result = score(m["model_dir"], path, env)
-                print(f"{m['dataset']} on {Path(path).stem}: R² {result.get('r2')}", flush=True)
+                print(f"{m['dataset']} on {Path(path).stem}: R² {r2(result)}", flush=True)
                 rows.append(
                     {
                         "trained_on": m["dataset"],
@@ -85,6 +86,12 @@ def cross_scores(jobs: list[dict], work: Path) -> list[dict]:
                     }
                 )
     return rows
+
+
+def r2(result: dict) -> float | None:
+    """The mean over action dimensions of `pipeline.evaluate`'s per-dimension R²."""
+    per_dim = result.get("per_dim_r2")
+    return None if not per_dim else sum(per_dim) / len(per_dim)
 
 
 def _fmt(x, digits=4):
@@ -120,7 +127,7 @@ def write_markdown(results: dict, args, path: Path) -> None:
         res = r["result"]
         lines.append(
             f"| {r['trained_on']} | {r['scored_on']} | {res.get('part')} | {_fmt(res.get('heldout_mse'))} | "
-            f"{_fmt(res.get('r2'), 3)} | {_fmt(res.get('one_step_error'), 3)} | "
+            f"{_fmt(r2(res), 3)} | {_fmt(res.get('one_step_error'), 3)} | "
             f"{_fmt(res.get('tracking_drift'), 3)} |"
         )
     path.write_text("\n".join(lines) + "\n")

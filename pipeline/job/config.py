@@ -33,7 +33,9 @@ class JobConfig:
     """Every flag of `python -m pipeline.pretrain_all`; `train` and `evaluation` carry the settings the job
     passes to each trial's training and to the evaluation of its candidates."""
 
-    datasets: str = _flag("sim", "comma-separated suites, names, minari:<id>, paths")
+    # the medium-expert sets of the committed agents: D4RL-like data, better models than the open-loop `sim`
+    # suite's in about the same minutes on 2 cores (bench/demo_default.md)
+    datasets: str = _flag("sim-medium-expert", "comma-separated suites, names, minari:<id>, paths")
     search: bool = _flag(False, "grid hidden_dim {256,512,1024} x dropout {0,0.1,0.2}")
     search_space: str | None = _flag(
         None, "any grid over TrainConfig fields, e.g. '{\"lr\": [1e-3, 3e-4]}'", metavar="JSON"
