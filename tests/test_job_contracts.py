@@ -28,6 +28,7 @@ def entry(key: str, mse: float, **more) -> TrialResult:
 def test_job_flags_and_defaults_come_from_the_configs():
     job = parse_args([])
     assert job.train == TrainConfig() and job.evaluation == EvalConfig()
+    assert job.datasets == "sim-medium-expert"  # the measured default (bench/demo_default.md)
     assert (job.mlflow, job.register, job.evaluate, job.select_by) == (True, True, True, "heldout_mse")
     job = parse_args(
         ["--no-mlflow", "--no-register", "--max-epochs", "7", "--seed", "3", "--eval-horizon", "8"]
