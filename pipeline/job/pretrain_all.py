@@ -1,4 +1,4 @@
-"""Pretrain an IDM per dataset with Ray: `python -m pipeline.pretrain_all [--datasets sim-medium-expert] [--out DIR]`.
+"""Pretrain an IDM per dataset with Ray: `python -m pipeline.pretrain_all [--datasets SUITE] [--out DIR]`.
 
 The steps of `run`: prepare each dataset once on the driver and put it in Ray's object store; run one Ray
 Tune trial per (dataset, search point), each a Ray Train `TorchTrainer` around the plain-PyTorch
