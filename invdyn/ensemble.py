@@ -62,6 +62,14 @@ def error_features(obs_n, next_n, mean, std, spread_ref) -> np.ndarray:
     return np.concatenate([np.asarray(x, dtype=np.float32) for x in parts], -1)
 
 
+def _as_numpy_pair(obs, next_obs):
+    """(obs, next_obs) as numpy (next_obs float32) and whether obs is a tensor (answers go back as one)."""
+    is_tensor = isinstance(obs, torch.Tensor)
+    o = obs.detach().cpu().numpy() if is_tensor else np.asarray(obs, dtype=np.float32)
+    n = next_obs.detach().cpu().numpy() if isinstance(next_obs, torch.Tensor) else np.asarray(next_obs)
+    return o, n.astype(np.float32), is_tensor
+
+
 class EnsembleIDM(PretrainedIDM):
     """What `invdyn.load` returns for an ensemble directory: `predict` is the members' mean,
     `predict(..., return_std=True)` gives (mean, std), `feasibility` one plausibility score per pair."""
@@ -104,17 +112,13 @@ class EnsembleIDM(PretrainedIDM):
         """Per action dimension, the predicted std of `predict`'s error for raw pairs (any leading shape):
         sqrt(members' spread² + the error model's variance). Without an error model (an ensemble written
         without data): the members' spread alone, as `predict(..., return_std=True)` gives it."""
-        is_tensor = isinstance(obs, torch.Tensor)
-        o = obs.detach().cpu().numpy() if is_tensor else np.asarray(obs, dtype=np.float32)
-        n = next_obs.detach().cpu().numpy() if isinstance(next_obs, torch.Tensor) else np.asarray(next_obs)
-        mean, std = self.predict(o, n.astype(np.float32), return_std=True)
+        o, n, is_tensor = _as_numpy_pair(obs, next_obs)
+        mean, std = self.predict(o, n, return_std=True)
         if self.error_model is None:
             total = np.asarray(std, dtype=np.float32)
         else:
             nz = self.normalizer
-            x = error_features(
-                nz.normalize(o), nz.normalize(n.astype(np.float32)), mean, std, self.spread_ref
-            )
+            x = error_features(nz.normalize(o), nz.normalize(n), mean, std, self.spread_ref)
             log_var = self.error_model(torch.from_numpy(x)).double().numpy()
             total = np.sqrt(np.square(std, dtype=np.float64) + np.exp(log_var)).astype(np.float32)
         return torch.from_numpy(total).to(obs.device) if is_tensor else total
@@ -127,15 +131,13 @@ class EnsembleIDM(PretrainedIDM):
         squared Mahalanobis distance, per state dimension, of next_obs from what the ensemble's mean action
         would give from obs (real pairs score about -1). Without it: minus the members' spread, each action
         dimension divided by its typical spread on real pairs."""
-        is_tensor = isinstance(obs, torch.Tensor)
-        o = obs.detach().cpu().numpy() if is_tensor else np.asarray(obs, dtype=np.float32)
-        n = next_obs.detach().cpu().numpy() if isinstance(next_obs, torch.Tensor) else np.asarray(next_obs)
-        mean, std = self.predict(o, n.astype(np.float32), return_std=True)
+        o, n, is_tensor = _as_numpy_pair(obs, next_obs)
+        mean, std = self.predict(o, n, return_std=True)
         if self.dynamics is None:
             score = -(std / self.spread_ref).mean(-1)
         else:
             weights, precision = self.dynamics
-            o_n, n_n = self.normalizer.normalize(o), self.normalizer.normalize(n.astype(np.float32))
+            o_n, n_n = self.normalizer.normalize(o), self.normalizer.normalize(n)
             x = np.concatenate([o_n, mean, np.ones((*o_n.shape[:-1], 1), np.float32)], -1).astype(np.float64)
             r = n_n - x @ weights
             score = -np.einsum("...i,ij,...j->...", r, precision, r) / self.obs_dim

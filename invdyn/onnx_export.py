@@ -62,6 +62,11 @@ def _members(model: PretrainedIDM) -> list | None:
     return list(members) if members is not None else None
 
 
+def _output_names(model: PretrainedIDM) -> list[str]:
+    """The graph's outputs: the action, and an ensemble's spread beside it."""
+    return [OUTPUT] if _members(model) is None else [OUTPUT, STD_OUTPUT]
+
+
 def card_path(onnx_path) -> Path:
     """Where the card of `onnx_path` is written: `F.onnx` -> `F.onnx.json`."""
     onnx_path = Path(onnx_path)
@@ -81,7 +86,6 @@ def export_onnx(model: PretrainedIDM, out, *, normalized_io: bool = False, opset
     net = copy.deepcopy(model.net if members is None else MembersMean(members)).cpu().train(False)
     module = net if normalized_io else RawIO(net, model.normalizer)
     inputs = NORMALIZED_INPUTS if normalized_io else RAW_INPUTS
-    outputs = [OUTPUT] if members is None else [OUTPUT, STD_OUTPUT]
     # two different example tensors: the exporter would merge identical ones into one input
     examples = (torch.zeros(2, model.obs_dim), torch.ones(2, model.obs_dim))
     batch = torch.export.Dim("batch")
@@ -93,7 +97,7 @@ def export_onnx(model: PretrainedIDM, out, *, normalized_io: bool = False, opset
             dynamo=True,
             opset_version=opset,
             input_names=list(inputs),
-            output_names=outputs,
+            output_names=_output_names(model),
             dynamic_shapes={name: {0: batch} for name in ("obs", "next_obs")},
             verbose=False,
         )
@@ -156,7 +160,7 @@ def _card(model: PretrainedIDM, proto, inputs, normalized_io: bool) -> dict:
                     "name": STD_OUTPUT,
                     "shape": ["batch", model.act_dim],
                     "dtype": "float32",
-                    "is": f"the {len(_members(model))} members' std of a_t (OUTPUT is their mean)",
+                    "is": f"the {len(_members(model))} members' std of a_t ({OUTPUT} is their mean)",
                 }
             ]
         ),
@@ -176,14 +180,14 @@ def _check_against_predict(model: PretrainedIDM, graph: bytes, inputs, normalize
     rng = np.random.default_rng(0)
     mean, std = model.normalizer.mean, model.normalizer.std
     obs, nxt = (mean + std * rng.normal(size=(2, 64, model.obs_dim))).astype(np.float32)
-    ensemble = _members(model) is not None
+    names = _output_names(model)
+    ensemble = len(names) > 1  # then predict gives (mean, std), the graph's two outputs
     if normalized_io:
         obs, nxt = (model.normalizer.normalize(x).astype(np.float32) for x in (obs, nxt))
-        expected = model.predict_normalized(obs, nxt, **({"return_std": True} if ensemble else {}))
+        expected = model.predict_normalized(obs, nxt, return_std=ensemble)
     else:
-        expected = model.predict(obs, nxt, **({"return_std": True} if ensemble else {}))
+        expected = model.predict(obs, nxt, return_std=ensemble)
     session = onnxruntime.InferenceSession(graph, providers=["CPUExecutionProvider"])
-    names = [OUTPUT, STD_OUTPUT] if ensemble else [OUTPUT]
     got = session.run(names, {inputs[0]: obs, inputs[1]: nxt})
     expected = list(expected) if ensemble else [expected]
     error = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))

@@ -106,11 +106,14 @@ def publish(
     medium_step = state.get("medium_step") or state["steps"]
     best = run / f"{BEST}.safetensors"
     chosen = "best" if expert == "best" and state.get("best") and best.is_file() else "latest"
-    _copy_actor(best if chosen == "best" else run / "expert.safetensors", dest / "expert.safetensors")
+    expert_src = best if chosen == "best" else run / "expert.safetensors"
+    _copy_actor(expert_src, dest / "expert.safetensors", checkpoint="expert")
     if state.get("medium_step"):
         shutil.copyfile(run / "medium.safetensors", dest / "medium.safetensors")
     else:
-        _provisional_medium(run / "expert.safetensors", dest / "medium.safetensors")
+        _copy_actor(
+            run / "expert.safetensors", dest / "medium.safetensors", checkpoint="medium", provisional=True
+        )
     scores = {c: _score(env, dest, c, eval_episodes) for c in ("medium", "expert")}
     data = record.load(run / "rollouts", medium_step)
     with open(dest / f".{REPLAY_FILE}.tmp", "wb") as f:
@@ -131,18 +134,11 @@ def publish(
     return dest
 
 
-def _copy_actor(src: Path, dest: Path) -> None:
-    """The actor under its published checkpoint name ("expert"), its other metadata (steps...) kept."""
+def _copy_actor(src: Path, dest: Path, **meta) -> None:
+    """The actor at `src` written to `dest` with `meta` over its metadata (steps... kept)."""
     from safetensors.torch import load_file
 
-    save_actor(dest, load_file(str(src)), read_meta(src) | {"checkpoint": "expert"})
-
-
-def _provisional_medium(src: Path, dest: Path) -> None:
-    from safetensors.torch import load_file
-
-    meta = read_meta(src) | {"checkpoint": "medium", "provisional": True}
-    save_actor(dest, load_file(str(src)), meta)
+    save_actor(dest, load_file(str(src)), read_meta(src) | meta)
 
 
 def _score(env: str, dest: Path, checkpoint: str, episodes: int) -> dict:
