@@ -1,6 +1,7 @@
 """Shared test setup: every test runs with its own invdyn home, D4RL dir and HOME, never the user's."""
 
 import pytest
+from helpers.float_order import summed_in_another_order
 
 
 @pytest.fixture(autouse=True)
@@ -127,3 +128,21 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_sep("-", f"hostile-input cases executed: {sum(counts.values())}")
         for kind, n in sorted(counts.items()):
             terminalreporter.write_line(f"{kind:>28}: {n}")
+
+
+def pytest_report_header(config):
+    """The CPU kind on the first lines of every run: float32 / bf16 rounding differs between kinds."""
+    from pipeline.machine import cpu_line
+
+    return f"cpu: {cpu_line()}"
+
+
+@pytest.fixture(params=["as_built", "another_order"])
+def summation(request):
+    """Each equivalence test runs twice: with the population's matmuls as built, and summed in another
+    order (`summed_in_another_order`), so it passes for the right reason on every CPU kind."""
+    if request.param == "as_built":
+        yield request.param
+        return
+    with summed_in_another_order():
+        yield request.param

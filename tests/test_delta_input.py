@@ -127,7 +127,7 @@ def test_option_off_leaves_keys_and_outputs_as_before(cls):
         cls(**config, delta_input="yes")
 
 
-def test_population_members_share_the_buffers_and_follow_their_alone_training(tmp_path):
+def test_population_members_share_the_buffers_and_follow_their_alone_training(tmp_path, summation):
     """Actions independent of states: the impatient member stops early and leaves the stack (the eager
     step's `keep`), the others go on; each follows its alone-training."""
     data = linear_transitions(noise_actions=True, episodes=10)
@@ -136,7 +136,7 @@ def test_population_members_share_the_buffers_and_follow_their_alone_training(tm
     assert shape_groups(configs) == [[0, 1], [2]]  # delta_input is part of the grouping rule
     pop = train_population(data, configs, [tmp_path / f"p{i}" for i in range(3)], figures=False)
     for i, config in enumerate(configs):
-        assert_same_path(pop[i], train(data, config, tmp_path / f"a{i}", figures=False))
+        assert_same_path(pop[i], train(data, config, tmp_path / f"a{i}", figures=False), data, config)
     assert pop[0].metrics["stopped_early"] and not pop[1].metrics["stopped_early"]
     nets = [read_model_dir(r.model_dir).net for r in pop]
     assert torch.equal(nets[0].delta_scale, nets[1].delta_scale) and not nets[2].uses_delta_stats

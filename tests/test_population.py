@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from conftest import write_d4rl_file
+from helpers.float_order import assert_weights_follow, initial_weights
 from test_trainer import linear_transitions, small
 
 import invdyn
@@ -25,22 +26,22 @@ def weights(result) -> dict:
     return torch.load(result.model_dir / "model.ckpt", weights_only=True)["state_dict"]
 
 
-def assert_same_path(member, alone):
-    """Same learning curve (to 1e-4), same saved weights, same fp32 metrics."""
+def assert_same_path(member, alone, data, config):
+    """Same learning curve (to 1e-4), same steps and stop, weights equal to float32 rounding (measured
+    against how far training moved them: `helpers.float_order`), same fp32 metrics."""
     assert len(member.curve) == len(alone.curve)
-    for key in ("val_mse", "train_loss", "step"):
+    assert [r["step"] for r in member.curve] == [r["step"] for r in alone.curve]
+    for key in ("val_mse", "train_loss"):
         assert [r[key] for r in member.curve] == pytest.approx([r[key] for r in alone.curve], rel=1e-4), key
-    mine, theirs = weights(member), weights(alone)
-    assert mine.keys() == theirs.keys()
-    for key in theirs:
-        assert torch.allclose(mine[key], theirs[key], rtol=1e-4, atol=1e-5), key
-    for key in ("heldout_mse", "steps", "best_step", "stopped_early"):
-        assert member.metrics[key] == pytest.approx(alone.metrics[key], rel=1e-4), key
+    assert_weights_follow(weights(member), weights(alone), initial_weights(data, config))
+    for key in ("steps", "best_step", "stopped_early"):
+        assert member.metrics[key] == alone.metrics[key], key
+    assert member.metrics["heldout_mse"] == pytest.approx(alone.metrics["heldout_mse"], rel=1e-4)
 
 
 @pytest.mark.parametrize("step", ["eager", "graph"])
 @pytest.mark.parametrize("arch", ["fancy_mlp", "res_mlp"])
-def test_member_follows_the_path_of_its_config_trained_alone(tmp_path, step, arch):
+def test_member_follows_the_path_of_its_config_trained_alone(tmp_path, step, arch, summation):
     data = linear_transitions()
     configs = [small(step=step, arch=arch, max_epochs=4, **m) for m in MEMBERS]
     seen = []
@@ -52,7 +53,7 @@ def test_member_follows_the_path_of_its_config_trained_alone(tmp_path, step, arc
         on_eval=lambda i, r: seen.append((i, r["step"])),
     )
     for i, config in enumerate(configs):
-        assert_same_path(pop[i], train(data, config, tmp_path / f"a{i}", figures=False))
+        assert_same_path(pop[i], train(data, config, tmp_path / f"a{i}", figures=False), data, config)
         assert [s for j, s in seen if j == i] == [r["step"] for r in pop[i].curve]
         params = json.loads((pop[i].model_dir / "params.json").read_text())
         assert params["training"]["lr"] == config.lr
@@ -62,7 +63,7 @@ def test_member_follows_the_path_of_its_config_trained_alone(tmp_path, step, arc
 
 
 @pytest.mark.parametrize("step, arch", [("eager", "fancy_mlp"), ("graph", "fancy_mlp"), ("eager", "res_mlp")])
-def test_member_that_stops_early_is_frozen_while_the_others_go_on(tmp_path, step, arch):
+def test_member_that_stops_early_is_frozen_while_the_others_go_on(tmp_path, step, arch, summation):
     """Actions independent of states: validation gets worse as members memorize, so the impatient members
     stop early. Each saves its best weights (those of its alone-training) and its curve ends where the
     alone-training's ends; the patient member trains on."""
@@ -72,8 +73,8 @@ def test_member_that_stops_early_is_frozen_while_the_others_go_on(tmp_path, step
     configs = [small(**base, patience=p) for p in (1, 2, 100)]
     pop = train_population(data, configs, [tmp_path / f"p{i}" for i in range(3)], figures=False)
     alone = [train(data, c, tmp_path / f"a{i}", figures=False) for i, c in enumerate(configs)]
-    for member, single in zip(pop, alone, strict=True):
-        assert_same_path(member, single)
+    for member, single, config in zip(pop, alone, configs, strict=True):
+        assert_same_path(member, single, data, config)
     assert pop[0].metrics["stopped_early"] and pop[1].metrics["stopped_early"]
     assert not pop[2].metrics["stopped_early"] and pop[2].metrics["epochs"] == 8
     assert pop[0].metrics["steps"] < pop[1].metrics["steps"] < pop[2].metrics["steps"]
@@ -81,18 +82,40 @@ def test_member_that_stops_early_is_frozen_while_the_others_go_on(tmp_path, step
     assert pop[0].metrics["best_step"] == best["step"] < pop[0].curve[-1]["step"]
 
 
-def test_a_member_without_dropout_is_untouched_by_a_neighbour_with_dropout(tmp_path):
+def test_a_member_without_dropout_is_untouched_by_a_neighbour_with_dropout(tmp_path, summation):
     data = linear_transitions()
     configs = [small(max_epochs=3), small(max_epochs=3, dropout=0.2)]
     assert shape_groups(configs) == [[0, 1]]
     pop = train_population(data, configs, [tmp_path / "p0", tmp_path / "p1"], figures=False)
-    assert_same_path(pop[0], train(data, configs[0], tmp_path / "a0", figures=False))
+    assert_same_path(pop[0], train(data, configs[0], tmp_path / "a0", figures=False), data, configs[0])
     loaded = read_model_dir(pop[1].model_dir)
     assert loaded.net.dropout == 0.2 and pop[1].metrics["heldout_mse"] < pop[1].metrics["baseline_mse"]
     # and the neighbour really trains with its dropout (member 0's net, built without a Dropout layer,
     # must not be the stack's template): its path leaves the no-dropout one
     curves = [[r["train_loss"] for r in p.curve] for p in pop]
     assert curves[0] != curves[1]
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        {"lr": 1.01e-2},  # an optimizer step 1 % off (a member reading another's lr or state)
+        {"dropout": 0.1},  # a member given a neighbour's dropout
+        {"patience": 2},  # a member that keeps training after it should have stopped
+    ],
+    ids=["lr-1%", "dropout", "trains-on"],
+)
+def test_the_equivalence_check_fails_a_member_that_trained_differently(tmp_path, bug):
+    """The tolerance of `assert_same_path` is float32 rounding, not a behaviour change: the member is
+    compared with an alone-training of a config that differs the way a real bug would make it differ."""
+    data = linear_transitions(noise_actions=True, episodes=10)
+    base = {"max_epochs": 6, "schedule": "none", "ema": 0.0, "lr": 1e-2, "hidden_dim": 128, "dropout": 0.0}
+    config = small(**base, patience=1)
+    (member,) = train_population(data, [config], [tmp_path / "p"], figures=False)
+    other = small(**{**base, "patience": 1, **bug})
+    with pytest.raises(AssertionError):
+        assert_same_path(member, train(data, other, tmp_path / "a", figures=False), data, config)
+    assert_same_path(member, train(data, config, tmp_path / "same", figures=False), data, config)
 
 
 def test_groups_form_by_shape_and_split():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from pipeline.agents.config import SAC_HYPERPARAMS, short_env
 from pipeline.agents.train import BEST, read_state
 from pipeline.data.catalog import SIM_ENVS, DatasetError
 from pipeline.data.scores import normalized_score
+from pipeline.machine import cpu_description
 from pipeline.sim.agent_policy import AGENT_DIR, read_meta, save_actor
 from pipeline.sim.agent_rollout import REPLAY_FILE, agent_chunk
 
@@ -24,15 +24,7 @@ MACHINE_NOTE = "CPU only, shared with other agents while measured"
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {model}, {MACHINE_NOTE}"
+    return f"{os.cpu_count()}-core {cpu_description()['model']}, {MACHINE_NOTE}"
 
 
 def replay_arrays(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
