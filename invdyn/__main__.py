@@ -83,7 +83,11 @@ def cmd_info(args) -> int:
     return 0
 
 
-def card_tables(card: str, sections=("Metrics", "Evaluation")) -> list[tuple[str, list[str], list]]:
+#: the model card's sections `info` prints the tables of (the pipeline's evaluation writes the last two)
+CARD_SECTIONS = ("Metrics", "Evaluation", "Closed loop: executing a planner's plans")
+
+
+def card_tables(card: str, sections=CARD_SECTIONS) -> list[tuple[str, list[str], list]]:
     """The Markdown tables under a model card's `sections` headings: (heading, header, rows), in order."""
     tables, heading, rows = [], "", []
     for line in [*card.splitlines(), ""]:
@@ -95,8 +99,8 @@ def card_tables(card: str, sections=("Metrics", "Evaluation")) -> list[tuple[str
         if rows:
             tables.append((heading, rows[0], rows[1:]))
             rows = []
-        if line.startswith("## "):
-            heading = line[3:].strip()
+        if line.startswith(("## ", "### ")):
+            heading = line.lstrip("#").strip()
     return tables
 
 

@@ -38,6 +38,7 @@ PARAMS_FILE = "params.json"
 FIGURES = {
     "learning_curve.png": "learning curve: validation MSE and training loss per step",
     "per_dim_r2.png": "held-out R² per action dimension",
+    "closed_loop.png": "closed-loop return of an oracle planner's plans against plan noise σ",
 }
 
 

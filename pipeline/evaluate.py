@@ -1,9 +1,10 @@
-"""`python -m pipeline.evaluate`: the command for evaluation; the code lives in `pipeline.quality.evaluate`,
+"""`python -m pipeline.evaluate`: the command for evaluation; the code lives in `pipeline.quality.evaluate`
+(its CLI in `pipeline.quality.evaluate_cli`),
 `--log-to-registry` in `pipeline.registry.register` (wired here: the registry sits above quality)."""
 
 import sys
 
-from pipeline.quality import evaluate
+from pipeline.quality import evaluate_cli
 
 
 def log_evaluation(model_uri: str, result: dict, mlflow_uri: str | None = None) -> dict:
@@ -13,7 +14,7 @@ def log_evaluation(model_uri: str, result: dict, mlflow_uri: str | None = None) 
 
 
 def main(argv=None) -> int:
-    return evaluate.main(argv, log_evaluation=log_evaluation)
+    return evaluate_cli.main(argv, log_evaluation=log_evaluation)
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def test_dims_mismatch_is_a_clear_error(trained, sim_files):
         [
             sys.executable,
             "-m",
-            "pipeline.quality.evaluate",
+            "pipeline.evaluate",
             str(trained),
             str(sim_files["sim-hopper-random-v0"]),
             "--json",

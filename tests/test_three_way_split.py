@@ -13,7 +13,7 @@ from conftest import write_d4rl_file
 
 import invdyn
 from pipeline.data.sources import load_transitions
-from pipeline.quality.evaluate import main as evaluate_main
+from pipeline.quality.evaluate_cli import main as evaluate_main
 from pipeline.registry.champion import protocol
 from pipeline.training.cli import main as train_main
 from pipeline.training.config import TrainConfig, TrainConfigError

@@ -142,6 +142,14 @@ class JobConfig:
             raise JobConfigError(
                 "--select-top must be >= 0 and --eval-horizon, --eval-starts, --eval-samples >= 1"
             )
+        try:
+            ev.validate()
+        except ValueError as e:
+            raise JobConfigError(str(e).replace("--closed-loop", "--eval-closed-loop")) from None
+        if self.select_by == "plan_return" and ev.closed_loop_episodes == 0:
+            raise JobConfigError(
+                "--select-by plan_return runs the closed loop: drop --eval-closed-loop-episodes 0"
+            )
 
     def seeds(self) -> list[int] | None:
         """`--split-seeds 0,1,2` -> [0, 1, 2] (None without the flag); bad input -> JobConfigError."""

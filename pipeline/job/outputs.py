@@ -168,7 +168,24 @@ def format_table(records: list[dict]) -> str:
         tests = [_num(r.get("test_mse")), _num(r.get("test_r2"), ".3f")] if tested else []
         cells = [r["dataset"], status, *tests, *_row_cells(r)]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(rows)
+    return "\n".join(rows + closed_loop_table(records))
+
+
+def closed_loop_table(records: list[dict]) -> list[str]:
+    """The selected models' closed-loop rows (oracle plans executed through them, test seeds), if any."""
+    from pipeline.quality.closed_loop import format_rows
+
+    lines = []
+    for r in records:
+        rows = (r.get("evaluation") or {}).get("closed_loop") or []
+        lines += format_rows(rows, r["dataset"])[(2 if lines else 0) :]
+    if not lines:
+        return []
+    note = (
+        "Closed loop: an oracle planner's plans (the committed agent's next state from the true state, plus "
+        "σ · dataset std noise) executed through each model; ratio = its mean raw return / the actor's."
+    )
+    return ["", note, "", *lines]
 
 
 def _row_cells(r: dict) -> list:

@@ -22,6 +22,7 @@ from pathlib import Path
 from invdyn.settings import dataset_model_name
 from pipeline.job.config import DEFAULT_TOP
 from pipeline.job.console import config_value, varying_fields
+from pipeline.job.model_transfer import put_dir
 from pipeline.job.outputs import Ledger, write_curves
 from pipeline.job.records import TEST_METRICS, DatasetRecord, PreparedDataset, TrialResult, TrialSpec
 from pipeline.job.trials import fetch_model
@@ -77,6 +78,9 @@ class Options:
             "starts": ev.starts,
             "samples": ev.samples,
             "seed": ev.seed,
+            "closed_loop_episodes": ev.closed_loop_episodes,
+            "closed_loop_noise": ev.closed_loop_noise,
+            "closed_loop_planner": ev.closed_loop_planner,
             "num_cpus": self.num_cpus,
             "ensemble": self.ensemble,
         }
@@ -111,7 +115,7 @@ def candidates(entries: list[TrialResult], opts: Options, simulatable: bool) -> 
     by_key = {e.key: e for e in entries}
     _, ranked = rank([Candidate(e.key, {DEFAULT_METRIC: e.heldout_mse}, (e.key,)) for e in entries])
     best_first = [by_key[c.ident] for c in ranked]
-    if opts.select_by == DEFAULT_METRIC or not simulatable:
+    if opts.select_by == DEFAULT_METRIC or (not simulatable and opts.select_by != "plan_return"):
         return best_first[:1]
     return best_first[: opts.top] if opts.top > 0 else best_first
 
@@ -119,8 +123,9 @@ def candidates(entries: list[TrialResult], opts: Options, simulatable: bool) -> 
 def _evaluate_task(
     checkpoint_path: str, data, state, reason: str | None, opts: Options, part: str | None = "val"
 ) -> dict:
-    """Ray task: fetch a trial's model directory from the storage path and evaluate it on `part` of its
-    split ("val" to choose among candidates; None: the test part, or val for a model without one)."""
+    """Ray task: unpack a trial's model directory (`checkpoint_path`: its bytes, packed and checked by
+    pipeline.job.model_transfer) and evaluate it on `part` of its split ("val" to choose among candidates;
+    None: the test part, or val for a model without one)."""
     import torch
 
     import invdyn
@@ -141,11 +146,21 @@ def _evaluate_task(
             one_step_samples=ev.samples,
             tracking_starts=ev.starts,
             part=part,
+            closed_loop=closed_loop_for(opts, part, reason),
         )
     if reason is not None:
         result["physics_reason"] = reason
     result["weights_sha256"] = (model.params.get("weights") or {}).get("sha256")
     return result
+
+
+def closed_loop_for(opts: Options, part: str | None, reason: str | None):
+    """The closed loop an evaluation task runs: the report's (test seeds) always, a choice's (validation
+    seeds) only when plan return chooses. It needs no recorded states: a dataset without an env or agent
+    gets its reason from the closed loop itself."""
+    if part == "val" and opts.select_by != "plan_return":
+        return None
+    return opts.eval_config.closed_loop("val" if part == "val" else "test")
 
 
 def evaluate_all(
@@ -165,7 +180,9 @@ def evaluate_all(
     for name, entries in todo.items():
         d = ready[name]
         for e in entries:
-            refs[task.remote(e.checkpoint_path, d.ref, d.state_ref, d.physics_reason, opts, part)] = e
+            # the model's bytes, not its path: the task may run on a node that cannot see the driver's files
+            model = put_dir(e.checkpoint_path)
+            refs[task.remote(model, d.ref, d.state_ref, d.physics_reason, opts, part)] = e
     results: dict[str, dict] = {}
     pending = list(refs)
     # a bar only on a terminal (tqdm's disable=None): a log file gets no carriage-return frames
@@ -205,8 +222,11 @@ def choose(cands: list[TrialResult], results: dict[str, dict], opts: Options, re
     entry = by_key[ranked[0].ident] if ranked else cands[0]
     note = None
     if rule != opts.select_by:
-        said = [r.get("physics_reason") or r.get("error") for r in (results.get(c.key) or {} for c in cands)]
-        why = reason or next((w for w in said if w), "no finite value")
+        field = "closed_loop_reason" if opts.select_by == "plan_return" else "physics_reason"
+        said = [r.get(field) or r.get("error") for r in (results.get(c.key) or {} for c in cands)]
+        why = (None if opts.select_by == "plan_return" else reason) or next(
+            (w for w in said if w), "no value"
+        )
         note = f"{opts.select_by} unavailable ({why}): selected by {rule}"
     return Choice(entry, rule, note, table)
 
@@ -370,6 +390,14 @@ def _write_ensemble(target: Path, members: list[TrialResult], d: PreparedDataset
         return write_ensemble(target, dirs, transitions=data)
 
 
+def _ratios(rows: list[dict]) -> str:
+    """ "σ=0: 0.99x its actor, σ=0.05: 0.97x its actor" of closed-loop rows."""
+    return ", ".join(
+        f"σ={r['plan_noise']:g}: {fmt_number(r['return_ratio'], '.2f')}x the {r['planner']} actor"
+        for r in rows
+    )
+
+
 def _selection_line(rec: DatasetRecord, choice: Choice, evaluated: int, reason: str | None) -> str:
     ev = rec.evaluation or {}
     line = (
@@ -377,6 +405,8 @@ def _selection_line(rec: DatasetRecord, choice: Choice, evaluated: int, reason: 
         f"evaluated: held-out MSE {fmt_number(choice.entry.heldout_mse)}, one-step error "
         f"{fmt_number(ev.get('one_step_error'))}, tracking drift {fmt_number(ev.get('tracking_drift'))}"
     )
+    if ev.get("plan_return") is not None:
+        line += f", plan return {fmt_number(ev['plan_return'], '.1f')} ({_ratios(ev['closed_loop'])})"
     if choice.note:
         return f"{line}; note: {choice.note}"
     if reason:

@@ -12,23 +12,22 @@ dataset has no recorded simulator state or no known environment.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from invdyn.errors import InvdynError, ShapeError
+from invdyn.errors import InvdynError
 from invdyn.settings import dataset_model_name
 from pipeline.data.transitions import jump_pairs
-from pipeline.dataclass_cli import add_options, from_namespace
+from pipeline.quality.closed_loop import ClosedLoopConfig, parse_floats, parse_names
 from pipeline.quality.evaluation_card import attach_evaluation, card_section, format_table  # noqa: F401
 from pipeline.quality.metrics import HEADLINE
 
 PARTS = ("test", "val")
+#: EvalConfig's closed-loop fields: the job's --eval-closed-loop-* flags (this command has --closed-loop)
+CLOSED_LOOP_FIELDS = ("closed_loop_episodes", "closed_loop_noise", "closed_loop_planner")
 
 
 @dataclass
@@ -39,10 +38,39 @@ class EvalConfig:
     starts: int = field(default=128, metadata={"help": "tracking start points sampled per model"})
     samples: int = field(default=2000, metadata={"help": "one-step transitions sampled per model"})
     seed: int = 0  # of the sampled start points and transitions
+    # the job's closed loop (`pipeline.evaluate --closed-loop` has its own --episodes / --plan-noise flags)
+    closed_loop_episodes: int = field(
+        default=10, metadata={"help": "closed-loop episodes per (planner, σ) (0: no closed loop)"}
+    )
+    closed_loop_noise: str = field(
+        default="0,0.05", metadata={"help": "plan-noise σ values of the closed loop", "metavar": "S,S"}
+    )
+    closed_loop_planner: str = field(
+        default="expert", metadata={"help": "oracle planner(s) of the closed loop: expert, medium"}
+    )
 
     def validate(self) -> None:
         if min(self.horizon, self.starts, self.samples) < 1:
             raise EvaluationError("--horizon, --starts and --samples must each be >= 1")
+        if self.closed_loop_episodes < 0:
+            raise EvaluationError("--eval-closed-loop-episodes must be >= 0 (0: no closed loop)")
+        self.closed_loop("test")
+
+    def closed_loop(self, seeds: str = "test") -> ClosedLoopConfig | None:
+        """The closed loop these settings ask for on seed set `seeds`, or None (0 episodes)."""
+        if self.closed_loop_episodes == 0:
+            return None
+        try:
+            config = ClosedLoopConfig(
+                plan_noise=parse_floats(self.closed_loop_noise),
+                episodes=self.closed_loop_episodes,
+                planners=parse_names(self.closed_loop_planner),
+                seeds=seeds,
+            )
+            config.validate()
+        except ValueError as e:
+            raise EvaluationError(f"closed loop: {e}") from None
+        return config
 
 
 class EvaluationError(InvdynError, ValueError):
@@ -127,12 +155,15 @@ def evaluate(
     seed: int = EvalConfig.seed,
     progress: bool = False,
     part: str | None = "val",
+    closed_loop=None,
 ) -> dict:
     """All metrics of `model` (a PretrainedIDM) on `part` of `transitions` (see `heldout_rows`; "val" by
     default: a caller that chooses must never read test rows), as a JSON-able dict that says the part.
 
     `rows` = (train rows, scored rows, description) overrides the split recorded in the model (the bench
-    uses it to score several models on the same test episodes).
+    uses it to score several models on the same test episodes). `closed_loop` (a
+    `pipeline.quality.closed_loop.ClosedLoopConfig`) also runs oracle plans through the model in MuJoCo:
+    its rows go under "closed_loop" (see that module; the episodes are its own seeds, not data rows).
     """
     from pipeline.sim.physics import physics_metrics
 
@@ -189,7 +220,22 @@ def evaluate(
         )
     else:
         result.update({k: None for k in HEADLINE[3:]}, physics_reason="physics not requested")
+    if closed_loop is not None:
+        result.update(_closed_loop(model, transitions, closed_loop, mean_action, jump, progress))
     return _finite(result)
+
+
+def _closed_loop(model, transitions, config, mean_action, jump: int, progress: bool) -> dict:
+    """The closed-loop rows of `model` (plans `jump` steps ahead, noise in the dataset's obs stds)."""
+    from pipeline.quality.closed_loop import closed_loop_rows
+
+    def predict(obs, plans):
+        return model.predict(obs, plans)
+
+    std = transitions.obs.astype(np.float64).std(0)
+    return closed_loop_rows(
+        predict, transitions, config, mean_action=mean_action, obs_std=std, k=jump, progress=progress
+    )
 
 
 def _fit_variance(transitions, params: dict, act: np.ndarray) -> np.ndarray:
@@ -251,95 +297,3 @@ def dataset_name(spec: str) -> str:
         return spec or "model"
     entry = entry_for_file(spec)
     return entry["name"] if entry else Path(spec).stem
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m pipeline.evaluate",
-        description="Evaluate an IDM on a dataset's held-out episodes, including closed-loop MuJoCo checks.",
-    )
-    ap.add_argument(
-        "model", metavar="MODEL", help="model directory, bundle .zip / URL, models:/ URI or cached name"
-    )
-    ap.add_argument("dataset", metavar="DATASET", help="dataset name, path or minari:<id>")
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    ap.add_argument(
-        "--part",
-        choices=PARTS,
-        default=None,
-        help="episodes to score: test (default; val for a model trained before test parts) or val",
-    )
-    add_options(ap, EvalConfig)
-    ap.add_argument("--seed", type=int, default=EvalConfig.seed, help="seed of the sampled states")
-    ap.add_argument("--no-physics", action="store_true", help="skip the MuJoCo metrics")
-    ap.add_argument("--attach", action="store_true", help="also write the results into MODEL's directory")
-    ap.add_argument(
-        "--log-to-registry",
-        action="store_true",
-        help="MODEL is a models:/ URI: set the headline metrics as eval.* tags on that registered version",
-    )
-    ap.add_argument(
-        "--mlflow-uri", default=None, help="registry for --log-to-registry (default: $MLFLOW_TRACKING_URI)"
-    )
-    return ap
-
-
-def main(argv=None, *, log_evaluation=None) -> int:
-    """The CLI; `log_evaluation(model_uri, result, mlflow_uri)` serves --log-to-registry (the registry sits
-    above this package: `python -m pipeline.evaluate` passes pipeline.registry.register.log_evaluation)."""
-    args = parser().parse_args(argv)
-    from pipeline.data.sources import load_transitions
-
-    config = from_namespace(EvalConfig, args)
-    try:
-        model = _checked_model(args, config, log_evaluation)  # every argument before any long work
-        transitions = load_transitions(args.dataset)
-        result = evaluate(
-            model,
-            transitions,
-            horizon=config.horizon,
-            physics=not args.no_physics,
-            one_step_samples=config.samples,
-            tracking_starts=config.starts,
-            seed=config.seed,
-            progress=not args.json and sys.stderr.isatty(),
-            part=args.part,
-        )
-        if args.attach:
-            attach_evaluation(model.path, result)
-        if args.log_to_registry:
-            result["registry"] = log_evaluation(args.model, result, args.mlflow_uri)
-    except (InvdynError, ShapeError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, sort_keys=True) if args.json else format_table(result))
-    return 0
-
-
-def _checked_model(args, config: EvalConfig, log_evaluation):
-    """The model, once the options that need no data are known to be usable (else EvaluationError)."""
-    from invdyn.settings import mlflow_tracking_uri, model_cache_dir
-
-    config.validate()
-    if args.log_to_registry:
-        if log_evaluation is None:
-            raise EvaluationError("--log-to-registry: run it as `python -m pipeline.evaluate`")
-        if not args.model.startswith("models:/"):
-            raise EvaluationError(
-                f"--log-to-registry tags a registered version: MODEL must be a models:/ URI, got {args.model}"
-            )
-        if not (args.mlflow_uri or mlflow_tracking_uri()):
-            raise EvaluationError("--log-to-registry needs --mlflow-uri or MLFLOW_TRACKING_URI")
-    model = load_model(args.model, args.dataset)
-    if args.attach and model.path is None:
-        raise EvaluationError(f"--attach needs a model directory; {args.model} was not loaded from one")
-    if args.attach and model.path.resolve().is_relative_to(model_cache_dir().resolve()):
-        raise EvaluationError(
-            f"--attach would change {model.path}, an installed model whose files are checksummed; copy it "
-            "to a folder of your own and evaluate that"
-        )
-    return model
-
-
-if __name__ == "__main__":
-    sys.exit(main())

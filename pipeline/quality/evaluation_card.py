@@ -25,6 +25,9 @@ def card_section(result: dict) -> dict:
         "per_dim_r2",
         "drift_per_step",
         "baseline_drift_per_step",
+        "closed_loop",
+        "closed_loop_reason",
+        "closed_loop_steps_per_s",
     )
     return {k: result.get(k) for k in keep if k in result}
 
@@ -45,8 +48,15 @@ def attach_evaluation(model_dir, result: dict) -> Path:
     model_dir = Path(model_dir)
     params = read_params(model_dir / PARAMS_FILE)
     params["evaluation"] = card_section(result)
+    if "closed_loop" in result:  # the contract's place: metrics.closed_loop (rows, or null with its reason)
+        params.setdefault("metrics", {})["closed_loop"] = result["closed_loop"]
+        params["metrics"]["plan_return"] = result.get("plan_return")
     # the evaluation's R² replaces training's (the same held-out rows, unless the data changed)
-    figures = draw_figures(per_dim_r2=result.get("per_dim_r2"), name=params.get("name", ""))
+    figures = draw_figures(
+        per_dim_r2=result.get("per_dim_r2"),
+        name=params.get("name", ""),
+        closed_loop=result.get("closed_loop"),
+    )
     with atomic_dir(model_dir) as tmp:
         for item in model_dir.iterdir():
             if item.name not in (PARAMS_FILE, CARD_FILE, *figures) and item.is_file():
@@ -84,8 +94,31 @@ def model_card_with_evaluation(params: dict, figures=()) -> str:
         f"| tracking drift at H (normalized RMSE) | {fmt_number(ev.get('tracking_drift'))} | "
         f"{fmt_number(ev.get('tracking_baseline'))} | {fmt_number(ev.get('tracking_floor'))} |",
         "",
+        *closed_loop_lines(ev),
     ]
     return card + "\n".join(lines)
+
+
+def closed_loop_lines(ev: dict) -> list[str]:
+    """The card's closed-loop section: the return an oracle planner's plans deliver through the model."""
+    from pipeline.quality.closed_loop import format_rows
+
+    if "closed_loop" not in ev:
+        return []
+    head = ["### Closed loop: executing a planner's plans", ""]
+    if not ev["closed_loop"]:
+        return [*head, f"Not run: {ev.get('closed_loop_reason') or 'no rows'}.", ""]
+    rows = ev["closed_loop"]
+    note = rows[0].get("physics_note")
+    text = (
+        f"An oracle planner (the committed agent's mean action from the env's true state) plans the next "
+        f"state; the model's action is executed; plan noise is σ · the dataset's observation std. "
+        f"{rows[0]['episodes']} episodes of up to 1000 steps per row, the same reset seeds "
+        f"({rows[0]['seeds']} seeds) for the model, the actor and the mean action."
+    )
+    if note:
+        text += f" Note: {note}."
+    return [*head, text, "", *format_rows(rows), ""]
 
 
 def format_table(result: dict) -> str:
@@ -123,4 +156,14 @@ def format_table(result: dict) -> str:
         out.append(f"physics metrics: n/a ({result['physics_reason']})")
     r2 = ", ".join(fmt_number(v) for v in result.get("per_dim_r2") or [])
     out.append(f"per-dim R^2: {r2}")
+    if result.get("closed_loop"):
+        from pipeline.quality.closed_loop import format_rows
+
+        out += [
+            "",
+            "closed loop (oracle plans executed through the model):",
+            *format_rows(result["closed_loop"]),
+        ]
+    elif "closed_loop" in result:
+        out.append(f"closed loop: n/a ({result.get('closed_loop_reason')})")
     return "\n".join(out)

@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 
 from invdyn._download import redact_url
 from pipeline.quality.metrics import (
+    CONTEXT_TAGS,
     DEFAULT_METRIC,
     LABELS,
     SELECT_METRICS,
@@ -134,7 +135,7 @@ class Decision:
     rule: str = DEFAULT_METRIC  # the metric that decided: `metric`, or held-out MSE when none carries it
     data: str = ""  # dataset sha256 of the current data
     protocol: str = ""  # the protocol digest that competes
-    horizon: str | None = None  # eval.horizon tracking drift was compared at
+    horizon: str | None = None  # the metric's context it was compared at (CONTEXT_TAGS: horizon, protocol)
     first_seen: dict = field(default_factory=dict)  # dataset sha256 -> lowest version number carrying it
     versions: dict = field(default_factory=dict)  # version number -> version
     promotion: dict | None = None  # the promotion in force, if any
@@ -164,13 +165,14 @@ def decide(versions, metric: str = DEFAULT_METRIC, anchor: str | None = None, pr
     else:
         d.protocol = _recorded(min(on_data, key=_number))[0]
     same = [v for v in on_data if _recorded(v)[0] == d.protocol]
-    if metric == "tracking_drift":  # drift at another horizon is another quantity
+    context = CONTEXT_TAGS.get(metric)  # drift at another horizon, return under other plans: not comparable
+    if context:
         carriers = [v for v in same if score(v, metric) is not None]
         if carriers:
-            newest = max(carriers, key=_number).tags.get("eval.horizon")
+            newest = max(carriers, key=_number).tags.get(context)
             held_carries = held is not None and any(v is held for v in carriers)
-            d.horizon = held.tags.get("eval.horizon") if held_carries else newest
-            same = [v for v in same if score(v, metric) is None or v.tags.get("eval.horizon") == d.horizon]
+            d.horizon = held.tags.get(context) if held_carries else newest
+            same = [v for v in same if score(v, metric) is None or v.tags.get(context) == d.horizon]
     candidates = [
         Candidate(
             str(v.version),
@@ -220,10 +222,11 @@ def _why_not(d: Decision, mine) -> str | None:
             f"the champion is chosen by {LABELS[d.rule]} (registered-model tag {CHAMPION_METRIC_TAG}) and "
             f"this version has no eval.{d.rule} tag"
         )
-    if d.horizon is not None and d.rule == "tracking_drift" and mine.tags.get("eval.horizon") != d.horizon:
-        return (
-            f"its tracking drift is at horizon {mine.tags.get('eval.horizon')}, the champion's at {d.horizon}"
-        )
+    context = CONTEXT_TAGS.get(d.rule)
+    if d.horizon is not None and context and mine.tags.get(context) != d.horizon:
+        if d.rule == "tracking_drift":
+            return f"its tracking drift is at horizon {mine.tags.get(context)}, the champion's at {d.horizon}"
+        return f"its {LABELS[d.rule]} is under protocol {mine.tags.get(context)}, the champion's {d.horizon}"
     return None
 
 

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 from invdyn._download import redact_url
 from invdyn.model_dir import PARAMS_FILE, read_params
 from invdyn.settings import mlflow_tracking_uri
-from pipeline.quality.metrics import SELECT_METRICS, evaluation_tags, finite
+from pipeline.quality.metrics import SELECT_METRICS, evaluation_tags, evaluation_text_tags, finite
 from pipeline.registry import champion, store
 from pipeline.registry.artifacts import TEST_METRICS, source_for
 from pipeline.registry.export import DEFAULT_OUT_DIR
@@ -130,6 +130,7 @@ def _find_or_create(client: MlflowClient, uri: str, name: str, record: dict, mod
     """(the version holding these weights, whether it was created now)."""
     evaluation = record.get("evaluation")
     eval_tags = {k: repr(v) for k, v in evaluation_tags(evaluation).items()} if evaluation else {}
+    eval_tags.update(evaluation_text_tags(evaluation) if evaluation else {})
     same = [v for v in store.all_versions(client, name) if v.tags.get("weights_sha256") == sha]
     if same:
         version = min(same, key=lambda v: int(v.version))
@@ -248,7 +249,7 @@ def log_evaluation(model_uri: str, result: dict, mlflow_uri: str | None = None) 
     uri = mlflow_uri or mlflow_tracking_uri()
     if not uri:
         raise TrackingError("--log-to-registry needs --mlflow-uri or MLFLOW_TRACKING_URI")
-    return tag_model_version(uri, model_uri, evaluation_tags(result))
+    return tag_model_version(uri, model_uri, {**evaluation_tags(result), **evaluation_text_tags(result)})
 
 
 # ------------------------------------------------------------------------------------------- the CLI

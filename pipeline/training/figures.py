@@ -1,5 +1,6 @@
-"""The model card's figures as PNG bytes (invdyn.model_dir.FIGURES): the learning curve, and the held-out R²
-of each action dimension. Small on purpose (a few tens of KB): they travel in every bundle."""
+"""The model card's figures as PNG bytes (invdyn.model_dir.FIGURES): the learning curve, the held-out R² of
+each action dimension, and the closed-loop return against plan noise. Small on purpose (a few tens of KB):
+they travel in every bundle."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 
 from invdyn.model_dir import FIGURES
 
-CURVE_FILE, R2_FILE = FIGURES  # the order of invdyn.model_dir.FIGURES
+CURVE_FILE, R2_FILE, CLOSED_LOOP_FILE = FIGURES  # the order of invdyn.model_dir.FIGURES
 _DPI = 80
 _SIZE = (5.0, 3.0)  # inches: 400 x 240 pixels at _DPI
 
@@ -82,7 +83,49 @@ def r2_png(per_dim_r2, title: str = "") -> bytes | None:
     return _png(fig)
 
 
-def card_figures(curve: list[dict] | None = None, per_dim_r2=None, name: str = "") -> dict[str, bytes]:
+def closed_loop_png(rows: list[dict], title: str = "", others: dict[str, list[dict]] | None = None):
+    """D4RL-normalized return against plan noise σ: the model (95 % interval bars), the actor acting itself
+    and the mean action, per planner; `others` adds more models' rows (e.g. {"recipe": rows}). None
+    without rows."""
+    rows = [r for r in rows or [] if _finite(r.get("normalized_return"))]
+    if not rows:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, planner in enumerate(dict.fromkeys(r["planner"] for r in rows)):
+        mine = sorted((r for r in rows if r["planner"] == planner), key=lambda r: r["plan_noise"])
+        xs = [r["plan_noise"] for r in mine]
+        ys = [r["normalized_return"] for r in mine]
+        ci = [r.get("normalized_return_ci95") or [y, y] for r, y in zip(mine, ys, strict=True)]
+        err = [
+            [y - c[0] for y, c in zip(ys, ci, strict=True)],
+            [c[1] - y for y, c in zip(ys, ci, strict=True)],
+        ]
+        color = f"C{i}"
+        ax.errorbar(xs, ys, yerr=err, marker="o", color=color, capsize=3, label=f"model ({planner} plans)")
+        ax.axhline(mine[0]["actor_normalized_return"], color=color, ls="--", lw=1, label=f"{planner} actor")
+        for j, (label, theirs) in enumerate((others or {}).items()):
+            pts = sorted((r for r in theirs if r["planner"] == planner), key=lambda r: r["plan_noise"])
+            if pts:
+                ax.plot(
+                    [r["plan_noise"] for r in pts],
+                    [r["normalized_return"] for r in pts],
+                    marker="s",
+                    ls=":",
+                    color=f"C{i + 3 + j}",
+                    label=f"{label} ({planner} plans)",
+                )
+    ax.axhline(rows[0]["baseline_normalized_return"], color="gray", ls=":", lw=1, label="mean action")
+    ax.set(xlabel="plan noise σ (dataset stds)", ylabel="D4RL-normalized return")
+    ax.set_title(title or "closed-loop return", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def card_figures(
+    curve: list[dict] | None = None, per_dim_r2=None, name: str = "", closed_loop=None
+) -> dict[str, bytes]:
     """{file name: PNG bytes} of the figures there is data for (titled with the model's `name`); {} where
     matplotlib is not installed (the card then links none)."""
     try:
@@ -92,4 +135,5 @@ def card_figures(curve: list[dict] | None = None, per_dim_r2=None, name: str = "
     prefix = f"{name}: " if name else ""
     drawn = {CURVE_FILE: learning_curve_png(curve, prefix + "learning curve") if curve is not None else None}
     drawn[R2_FILE] = r2_png(per_dim_r2, prefix + "held-out R²") if per_dim_r2 is not None else None
+    drawn[CLOSED_LOOP_FILE] = closed_loop_png(closed_loop, prefix + "closed loop") if closed_loop else None
     return {name: png for name, png in drawn.items() if png}
