@@ -145,10 +145,10 @@ class JobConfig:
         try:
             ev.validate()
         except ValueError as e:
-            raise JobConfigError(str(e).replace("--closed-loop", "--eval-closed-loop")) from None
+            raise JobConfigError(f"--eval-closed-loop-*: {e}") from None
         if self.select_by == "plan_return" and ev.closed_loop_episodes == 0:
             raise JobConfigError(
-                "--select-by plan_return runs the closed loop: drop --eval-closed-loop-episodes 0"
+                "--select-by plan_return needs the closed loop: --eval-closed-loop-episodes > 0"
             )
 
     def seeds(self) -> list[int] | None:
