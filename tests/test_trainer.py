@@ -472,3 +472,43 @@ def test_graph_step_never_reads_a_device_value_on_the_host(change):
     with Recorder() as recorder:
         float(step.lr)
     assert any("_local_scalar_dense" in op for op in recorder.ops)
+
+
+# ---------------------------------------------------------------- training-only input noise
+
+
+@pytest.mark.parametrize("step", ["eager", "graph"])
+def test_input_noise_changes_the_training_not_the_saved_model(tmp_path, step):
+    """target_noise / obs_noise perturb what the net is trained on; the directory it writes has the keys
+    and outputs a plain model of the same weights has (CleanDiffuser's FancyMlp layout), and validation
+    reads the clean pairs."""
+    data = linear_transitions()
+    plain = train(data, small(step=step, max_epochs=2), tmp_path / "plain", figures=False)
+    noisy = train(data, small(step=step, max_epochs=2, target_noise=0.3), tmp_path / "noisy", figures=False)
+    both = train(data, small(step=step, max_epochs=2, target_noise=0.3, obs_noise=0.3), tmp_path / "b")
+    w = [
+        torch.load(r.model_dir / "model.ckpt", weights_only=True)["state_dict"] for r in (plain, noisy, both)
+    ]
+    assert list(w[0]) == list(w[1]) == list(w[2])
+    assert not torch.equal(w[0]["mlp.0.weight"], w[1]["mlp.0.weight"])
+    assert not torch.equal(w[1]["mlp.0.weight"], w[2]["mlp.0.weight"])
+    again = train(data, small(step=step, max_epochs=2, target_noise=0.3), tmp_path / "again", figures=False)
+    assert torch.equal(
+        torch.load(again.model_dir / "model.ckpt", weights_only=True)["state_dict"]["mlp.0.weight"],
+        w[1]["mlp.0.weight"],
+    )
+    params = json.loads((noisy.model_dir / "params.json").read_text())
+    assert params["training"]["target_noise"] == 0.3 and params["architecture"]["name"] == "fancy_mlp"
+    # the recorded validation MSE is the clean pairs': what predict gives on them
+    model = invdyn.read_model_dir(noisy.model_dir)
+    val_idx = split_from_training(data, params["training"])[1]
+    pred = model.predict(data.obs[val_idx], data.next_obs[val_idx])
+    assert float(((pred - data.act[val_idx]) ** 2).mean()) == pytest.approx(
+        noisy.metrics["heldout_mse"], rel=1e-4
+    )
+
+
+@pytest.mark.parametrize("key, value", [("target_noise", -0.1), ("obs_noise", 10.0), ("target_noise", True)])
+def test_bad_input_noise_is_refused(key, value):
+    with pytest.raises(TrainConfigError, match=f"{key} must be in \\[0, 10\\)"):
+        small(**{key: value}).validate()

@@ -94,6 +94,14 @@ class TrainConfig:
     ema: float = _option(
         0.999, "decay of the weight average that is validated and saved; 0 = the raw weights"
     )
+    target_noise: float = _option(
+        0.0,
+        "train on (s, s' + target_noise · ε), ε standard normal in the dataset's obs stds: the noisy plans a "
+        "planner feeds; training only, the saved model is unchanged (bench/closed_loop.md)",
+    )
+    obs_noise: float = _option(
+        0.0, "train on (s + obs_noise · ε, s'): the current state a little off; training only"
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,6 +160,10 @@ class TrainConfig:
                 f"val_fraction + test_fraction must leave rows to train on, got {self.val_fraction} + "
                 f"{self.test_fraction}"
             )
+        for key in ("target_noise", "obs_noise"):
+            value = getattr(self, key)
+            if not (_is_number(value) and not isinstance(value, bool) and 0.0 <= value < 10.0):
+                raise TrainConfigError(f"{key} must be in [0, 10) dataset stds (0 = off), got {value!r}")
         for key in ("lr", "weight_decay", "min_delta"):
             value = getattr(self, key)
             if not (_is_number(value) and math.isfinite(value) and value >= 0):

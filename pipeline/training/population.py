@@ -48,6 +48,8 @@ GROUP_KEYS = (
     "threads",
     "fp32_input_layer",
     "delta_input",
+    "target_noise",  # one noise level per stack (its draws are not an alone run's)
+    "obs_noise",
 )
 
 

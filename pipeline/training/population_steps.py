@@ -19,7 +19,7 @@ from torch import nn
 
 from invdyn.models import _RunningScale
 from pipeline.training.config import TrainConfigError
-from pipeline.training.steps import GraphStep, build_optimizer, make_optimizer
+from pipeline.training.steps import GraphStep, InputNoise, build_optimizer, make_optimizer
 
 
 class StackedLinear(nn.Module):
@@ -267,6 +267,7 @@ class PopulationEagerStep:
         self.stack = _Stack(nets, configs, totals, precision)
         self.loss = _MemberLoss(len(nets), data.act.device)
         self.updates, self.perm = 0, None
+        self.noise = InputNoise(configs[0])  # the same for every member: part of the grouping rule
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm = perm  # (members, n_train): each member's own permutation
@@ -280,8 +281,9 @@ class PopulationEagerStep:
     def __call__(self, k: int) -> None:
         stack = self.stack
         rows = self.perm[:, k * self.batch : (k + 1) * self.batch]
+        obs, nxt = self.noise(self.data.obs[rows], self.data.next_obs[rows])
         with self.autocast:
-            pred = stack.net(self.data.obs[rows], self.data.next_obs[rows])
+            pred = stack.net(obs, nxt)
         per_member = stack.losses(pred, self.data.act[rows]).mean(1)
         for p in stack.params:
             p.grad = None  # autograd then hands over the fresh gradient, no zeroing and adding
@@ -331,6 +333,7 @@ class PopulationGraphStep(GraphStep):
         self.loss = _MemberLoss(k, device)
         self.capture = capturable
         self.graph, self.eager_steps, self.captured = None, 0, False
+        self.noise = InputNoise(configs[0])
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm[:, : self.n_train].copy_(perm)
@@ -352,7 +355,7 @@ class PopulationGraphStep(GraphStep):
         with self.autocast:
             obs = data.obs.index_select(0, rows).view(k, self.batch, -1)
             nxt = data.next_obs.index_select(0, rows).view(k, self.batch, -1)
-            pred = stack.net(obs, nxt)
+            pred = stack.net(*self.noise(obs, nxt))
         target = data.act.index_select(0, rows).view(k, self.batch, -1)
         per_member = (stack.losses(pred, target) * weight).sum(1) / weight.sum()
         per_member.sum().backward()

@@ -60,7 +60,7 @@ def grid_points(space: dict[str, list]) -> list[dict]:
 
 #: TrainConfig fields added after jobs already ran, with the value that trains as before: left out of a
 #: trial's key at that value, so `--resume` of an older job still finds its finished trials
-KEY_NEUTRAL_FIELDS = {"delta_input": False}
+KEY_NEUTRAL_FIELDS = {"delta_input": False, "target_noise": 0.0, "obs_noise": 0.0}
 
 
 def trial_key(dataset: str, dataset_sha256: str, config: dict) -> str:

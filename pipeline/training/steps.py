@@ -98,6 +98,22 @@ def build_optimizer(config, net, total_steps: int):
     return opt, sched
 
 
+class InputNoise:
+    """Training-only noise on the inputs: s + obs_noise · ε and s' + target_noise · ε (normalized units, i.e.
+    dataset stds: what a planner's noisy plan and a state a little off look like to the net). Off (both 0)
+    it returns the tensors as they are, so the default step's arithmetic is untouched."""
+
+    def __init__(self, config):
+        self.obs, self.target = float(config.obs_noise), float(config.target_noise)
+
+    def __call__(self, obs: torch.Tensor, nxt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.obs > 0:
+            obs = obs + self.obs * torch.randn_like(obs)
+        if self.target > 0:
+            nxt = nxt + self.target * torch.randn_like(nxt)
+        return obs, nxt
+
+
 class _LossSum:
     """The training loss summed on the device (no per-step sync) and read back only at evaluations."""
 
@@ -128,14 +144,16 @@ class EagerStep:
         self.loss_fn = F.huber_loss if config.loss == "huber" else F.mse_loss
         self.loss = _LossSum(data.act.device)
         self.perm = None
+        self.noise = InputNoise(config)
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm = perm
 
     def __call__(self, k: int) -> None:
         rows = self.perm[k * self.batch : (k + 1) * self.batch]
+        obs, nxt = self.noise(self.data.obs[rows], self.data.next_obs[rows])
         with self.autocast:
-            pred = self.net(self.data.obs[rows], self.data.next_obs[rows])
+            pred = self.net(obs, nxt)
         loss = self.loss_fn(pred.float(), self.data.act[rows])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,6 +202,7 @@ class GraphStep:
         self.loss = _LossSum(device)
         self.capture = device.type == "cuda"
         self.graph, self.eager_steps, self.captured = None, 0, False
+        self.noise = InputNoise(config)  # randn_like into fresh tensors: capturable like the rest
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm[: self.n_train].copy_(perm)
@@ -231,8 +250,9 @@ class GraphStep:
         self.opt.zero_grad(
             set_to_none=True
         )  # under capture: backward writes fresh gradients, as the graph replays
+        obs, nxt = self.noise(self.data.obs.index_select(0, rows), self.data.next_obs.index_select(0, rows))
         with self.autocast:
-            pred = self.net(self.data.obs.index_select(0, rows), self.data.next_obs.index_select(0, rows))
+            pred = self.net(obs, nxt)
         target = self.data.act.index_select(0, rows)
         if self.huber:
             per_row = F.huber_loss(pred.float(), target, reduction="none").mean(1)
