@@ -144,7 +144,7 @@ def test_injected_crash_is_retried_and_the_job_succeeds(job):
 @pytest.mark.slow
 def test_train_executor_retries_a_crashed_train_worker(sim_files, tmp_path):
     """`--executor train`: each trial's TorchTrainer has a Train worker process of its own; its crash (the
-    worker process exits hard) is retried and the model reaches the storage path and the summary."""
+    worker process exits hard) is retried and the model reaches the driver and the summary."""
     out = tmp_path / "out"
     proc = run_job(
         [
@@ -167,7 +167,7 @@ def test_train_executor_retries_a_crashed_train_worker(sim_files, tmp_path):
     assert (out / f".crash-once-{HOPPER}").exists(), "the crash hook never fired"
     [entry] = ledger(out)
     assert entry["status"] == "finished" and entry["worker_entered_at"] >= entry["trial_entered_at"]
-    assert Path(entry["checkpoint_path"]).is_relative_to(out / "ray")
+    assert Path(entry["checkpoint_path"]) == out / "trial-models" / entry["key"]  # received, not on storage
     state = json.loads((out / "job.json").read_text())
     assert state["executor"] == "train" and state["last_run"]["failed"] == 0
     [rec] = json.loads((out / "summary.json").read_text())
@@ -252,10 +252,13 @@ def test_killed_driver_resumes_without_redoing_finished_trials(sim_files, tmp_pa
 
 
 def test_placement_never_reserves_more_than_the_cluster_has():
+    # Trials that do not fit are started to wait (a node that joins takes them); 2 train at once.
     p = decide(9, totals=(2.0, 0.0, 1))
-    assert (p.cpus, p.gpus, p.max_concurrent, p.threads) == (1.0, 0.0, 2, 1)
+    assert (p.cpus, p.gpus, p.slots, p.training_slots, p.max_concurrent, p.threads) == (1.0, 0.0, 2, 2, 9, 1)
+    assert decide(40, totals=(2.0, 0.0, 1)).max_concurrent == 16
+    assert decide(40, totals=(64.0, 0.0, 4)).max_concurrent == 40  # a big cluster: as many as fit
     p = decide(9, cpus_per_trial=2, totals=(2.0, 0.0, 1))
-    assert (p.max_concurrent, p.threads) == (1, 2)
+    assert (p.slots, p.max_concurrent, p.threads) == (1, 9, 2)
     p = decide(9, totals=(2.0, 0.0, 1), start_ahead=True)  # TorchTrainer trials: one starts up ahead
     assert (p.slots, p.max_concurrent, p.worker_resources()) == (2, 3, {"CPU": 1.0})
     assert (
@@ -264,7 +267,8 @@ def test_placement_never_reserves_more_than_the_cluster_has():
         decide(9, max_concurrent=2, totals=(2.0, 0.0, 1), start_ahead=True).max_concurrent,
     ) == (20, 2, 2)
     p = decide(20, totals=(16.0, 2.0, 2))  # GPUs: a quarter GPU per trial by default
-    assert (p.gpus, p.max_concurrent, p.worker_resources()) == (0.25, 8, {"CPU": 1.0, "GPU": 0.25})
+    assert (p.gpus, p.slots, p.max_concurrent) == (0.25, 8, 16)
+    assert p.worker_resources() == {"CPU": 1.0, "GPU": 0.25}
     p = decide(3, gpus_per_trial=1, totals=(4.0, 0.0, 1))  # autoscaling: nothing fits yet, all trials wait
     assert p.max_concurrent == 3
     with pytest.raises(PlacementError, match="--cpus-per-trial"):

@@ -44,7 +44,11 @@ class JobConfig:
     gpus_per_trial: float | None = _flag(
         None, "GPU (fraction) per trial (default: 1/4 when the cluster has GPUs)"
     )
-    max_concurrent: int | None = _flag(None, "trials at once (default: as many as the cluster fits)")
+    max_concurrent: int | None = _flag(
+        None,
+        "trials started at once; those that do not fit yet wait for a free slot or a node that joins "
+        "(default: 16, or as many as the cluster fits if more; --executor train: a quarter more than fit)",
+    )
     population: bool | None = _flag(
         None,
         "one trial per dataset trains all of its search points as stacked models, one per shape group "

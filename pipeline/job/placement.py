@@ -4,7 +4,10 @@ Two executors run a trial's TorchTrainer (README "The Ray job" has their measure
 - "local" (default): the Tune trial reserves the trial's CPUs / GPU fraction and runs the TorchTrainer in
   Ray Train's local mode (`num_workers=0`: the training function runs in the trial's own process). Tune
   reuses that process from trial to trial, so a trial costs no process start-up at all. The models are
-  small: one process per trial trains them well, on a CPU or a GPU fraction.
+  small: one process per trial trains them well, on a CPU or a GPU fraction. A trial that does not fit
+  waits as a pending resource request and costs nothing, so up to AUTOSCALE_CONCURRENCY are started
+  however few fit now: a node that joins while the job runs (or that the autoscaler adds for them) takes
+  the waiting ones at once.
 - "train": the TorchTrainer gets one Train worker holding the CPUs / GPU fraction (process isolation per
   trial; the shape a multi-worker trial would take). Every fit starts five processes (controller, worker,
   synchronization actor, dataset manager, placement-group cleaner), seconds of CPU before the training
@@ -38,7 +41,7 @@ TRAIN_ENV = {
     # A trial started ahead (see `slots`) or waiting for an autoscaled node waits for its CPU, not 60 s.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600",
 }
-#: Trials started at once when the cluster cannot fit one yet (autoscaling adds the nodes).
+#: Trials started at once (executor "local") when fewer fit: they wait for a node to join or be added.
 AUTOSCALE_CONCURRENCY = 16
 #: GPU fraction per trial when the cluster has GPUs: the models are small; four share a GPU well.
 TRIALS_PER_GPU = 4
@@ -138,9 +141,9 @@ def decide(
     if gpus > 0:
         slots = min(slots, math.floor(gpus_total / gpus + 1e-9))
     if max_concurrent is None:
-        # Nothing fits now: an autoscaling cluster adds nodes for the pending trials.
-        max_concurrent = slots if slots > 0 else AUTOSCALE_CONCURRENCY
-        if start_ahead and slots > 0:
+        # Trials beyond the slots wait for a node that joins (an autoscaling cluster adds nodes for them).
+        max_concurrent = max(slots, AUTOSCALE_CONCURRENCY)
+        if start_ahead and slots > 0:  # each started trial is processes that start up: only a few ahead
             max_concurrent = slots + max(1, slots // 4)
     max_concurrent = max(1, min(max_concurrent, max(n_trials, 1)))
     return Placement(

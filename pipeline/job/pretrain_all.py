@@ -158,9 +158,9 @@ def run_repeat(job: JobConfig, rep: split_repeats.Repeat, stage: split_repeats.S
         barrier=Barrier.from_env(),
     )
     tune_started = time.time()
-    errors = {}
+    errors, retried = {}, []
     if todo:
-        errors = run_tune(
+        outcome = run_tune(
             trial_run,
             out=out,
             name=f"{state['job']}-run{state['runs']}{rep.tune_suffix}",
@@ -168,13 +168,15 @@ def run_repeat(job: JobConfig, rep: split_repeats.Repeat, stage: split_repeats.S
             max_failures=job.max_failures,
             verbose=job.verbose,
         )
+        errors, retried = outcome.errors, outcome.retried
     tune_wall = time.time() - tune_started
     opts = selection_options(job, pl)
     rep.records = select_models(
         job, out, stage.specs, stage.ready, stage.failed, trials, errors, state["job"], opts
     )
+    note_retries(rep.records, retried)
     outputs.write_summary(out, rep.records)  # the models are safe before MLflow is touched again
-    timing = last_run(out, trials, todo, errors, started, tune_wall, pl)
+    timing = {**last_run(out, trials, todo, errors, started, tune_wall, pl), "retried": retried}
     record = job_record(job, state, stage.specs, storage, pl, stage.space, stage.uri, opts, timing)
     rep.record = {**record, "population": population}
     if rep.split_seed is not None:
@@ -268,14 +270,22 @@ def decide_placement(job: JobConfig, n_trials: int) -> placement.Placement:
 
 
 def storage_path(job: JobConfig, out: Path, pl: placement.Placement) -> str:
-    """Where Tune and Train keep checkpoints: --storage-path (local paths made absolute), else DIR/ray."""
+    """Where Tune and Train keep their state: --storage-path (local paths made absolute), else DIR/ray.
+    Models never go there (pipeline.job.model_transfer), so a node-local path serves a cluster too."""
     storage = job.storage_path or str(out / "ray")
     if "://" in storage:
         return storage
-    storage = str(Path(storage).expanduser().resolve())
-    if pl.nodes > 1:
-        print(f"note: {pl.nodes} nodes share storage path {storage}: it must be on a shared file system")
-    return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+def note_retries(records: list[DatasetRecord], retried: list[dict]) -> None:
+    """summary.json: each dataset's attempts that failed and ran again (a lost node, a crash), with why."""
+    for rec in records:
+        mine = [
+            {k: r[k] for k in ("trial_id", "key", "error")} for r in retried if r["dataset"] == rec.dataset
+        ]
+        if mine:
+            rec.info["trial_retries"] = mine
 
 
 def crash_once(out: Path) -> CrashOnce | None:

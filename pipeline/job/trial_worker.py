@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.job import model_transfer
 from pipeline.job.records import PopulationSpec, TrialSpec
 
 
@@ -68,8 +69,8 @@ class WorkerTask:
     data: Any  # object-store ref of the dataset's Transitions
     threads: int  # torch threads: the CPUs the trial holds
     device: str  # "cuda" when the trial holds a GPU (fraction), else "cpu"
-    run_path: str  # where Train persists this run's checkpoint (executor "train")
     trial_entered_at: float  # when the Tune trial started running
+    inbox: Any  # the driver's ModelInbox actor (pipeline.job.model_transfer): where the model goes
     crash_once: CrashOnce | None = None
     barrier: Barrier | None = None
     # executor "local": write the model here and return the metrics; None: report them from here
@@ -77,13 +78,14 @@ class WorkerTask:
 
 
 def train_worker(loop_config: dict) -> dict | None:
-    """The TorchTrainer's training function: train one config (or a population of them) and report once,
-    with the learning curve(s) and the model dir(s) as checkpoint.
+    """The TorchTrainer's training function: train one config (or a population of them), send the model
+    dir(s) to the driver's inbox, and report once, with the learning curve(s) and the model's checksum.
 
     Runs in a Ray Train worker (executor "train") or in the Tune trial's own process (executor "local": a
     TorchTrainer in Train's local mode). With `model_root` set, the model directory is written there and
-    the metrics are returned, for the caller to report; else into a temp dir reported from here. A
-    population's checkpoint holds a model directory per member, named by the member's trial key.
+    the metrics are returned, for the caller to report; else into a temp dir and reported from here. A
+    population's model holds a model directory per member, named by the member's trial key. Nothing goes
+    to the storage path: on a cluster without a shared file system the driver could not read it there.
     """
     entered = time.time()  # with the driver's trial start and end: where a trial's time outside training goes
     import platform
@@ -123,13 +125,13 @@ def train_worker(loop_config: dict) -> dict | None:
         }
         if task.barrier is not None:
             task.barrier.leave(spec.key)
+        # Before reporting: a trial counts as finished only once its model is on the driver's node.
+        metrics["model_sha256"] = model_transfer.send(model, task.inbox, spec.key)
         if root:  # Train's local mode inside a Tune trial, where Ray refuses `ray.train.report`: return it
             return metrics
         import ray.train
 
-        metrics["model_dir"] = f"{task.run_path}/model"  # where the checkpoint below lands
-        checkpoint = ray.train.Checkpoint.from_directory(str(model))
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name="model")
+        ray.train.report(metrics)
         return None
 
 

@@ -1,5 +1,6 @@
 """The Tune / Train glue: the trials of a job, the Tune trial that runs a TorchTrainer, the Tune run, the
-callback that writes the ledger, and fetching a trial's model from the storage path."""
+callback that receives each finished trial's model (pipeline.job.model_transfer) and writes the ledger, and
+fetching a trial's model."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ray.tune import Callback
 
 from invdyn._files import atomic_dir
 from invdyn.settings import jump_model_name
-from pipeline.job import console, placement, populations
+from pipeline.job import console, model_transfer, placement, populations
 from pipeline.job.config import JobConfigError
 from pipeline.job.outputs import Ledger
 from pipeline.job.records import REPORTED, PopulationSpec, PreparedDataset, TrialResult, TrialSpec
@@ -78,13 +79,14 @@ class TrialRun:
     """What every Tune trial of one run shares (handed to each trial through the object store)."""
 
     executor: str  # "local" or "train" (pipeline.job.placement)
-    storage_path: str  # checkpoints and Tune state: a local dir, NFS or s3://
+    storage_path: str  # Tune's (and Train's) state: a local dir, NFS or s3:// (models travel through Ray)
     placement: placement.Placement
     # by trial key: the Tune config names the key, the spec says the rest (a population: its members)
     specs: dict[str, TrialSpec | PopulationSpec]
     data: dict[str, Any]  # object-store ref of each dataset's Transitions, by name
     crash_once: CrashOnce | None = None
     barrier: Barrier | None = None  # test hook (pipeline.job.trial_worker.BARRIER_ENV)
+    inbox: Any = None  # the driver's ModelInbox actor, opened by run_tune
 
 
 def run_trial(config: dict, run: TrialRun) -> None:
@@ -99,8 +101,8 @@ def run_trial(config: dict, run: TrialRun) -> None:
         data=run.data[spec.dataset],
         threads=pl.threads,
         device="cuda" if pl.gpus > 0 else "cpu",
-        run_path=f"{run.storage_path.rstrip('/')}/{run_name}",
         trial_entered_at=entered,
+        inbox=run.inbox,
         crash_once=run.crash_once,
         barrier=run.barrier,
     )
@@ -110,8 +112,7 @@ def run_trial(config: dict, run: TrialRun) -> None:
     if run.executor == "local":
         # Ray Train's local mode: the training function runs here, in the Tune trial's process, which holds
         # the trial's resources and which Tune reuses for the next trial. It returns its metrics (Ray
-        # refuses `ray.train.report` inside a Tune trial); the model is reported to Tune, which persists it
-        # to the storage path before the temp dir goes.
+        # refuses `ray.train.report` inside a Tune trial) once its model is in the driver's inbox.
         from ray import tune
 
         with tempfile.TemporaryDirectory(prefix="invdyn-trial-") as tmp:
@@ -121,7 +122,7 @@ def run_trial(config: dict, run: TrialRun) -> None:
                 scaling_config=ray.train.ScalingConfig(num_workers=0),
                 run_config=ray.train.RunConfig(name=run_name),
             ).fit()
-            tune.report(result.return_value, checkpoint=tune.Checkpoint.from_directory(f"{tmp}/model"))
+        tune.report(result.return_value)
         return
     for k, v in placement.TRAIN_ENV.items():
         os.environ.setdefault(k, v)  # read by TorchTrainer here and propagated to its controller/workers
@@ -144,13 +145,26 @@ def run_trial(config: dict, run: TrialRun) -> None:
 
 
 class LedgerCallback(Callback):
-    """Tune callback (driver): writes each finished trial to the ledger the moment it finishes, and prints
-    its line (pipeline.job.console)."""
+    """Tune callback (driver): takes each finished trial's model from the inbox into DIR/trial-models/<key>/,
+    writes the trial to the ledger the moment it finishes, and prints its line (pipeline.job.console).
 
-    def __init__(self, ledger: Ledger, specs: dict[str, TrialSpec | PopulationSpec], *, nodes: int = 1):
+    It must come first among the run's callbacks: it sets the result's `model_dir` to the model's folder on
+    this node, where the MLflow trial logger (a later callback) uploads it from."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        specs: dict[str, TrialSpec | PopulationSpec],
+        *,
+        nodes: int = 1,
+        inbox=None,
+        models: Path | None = None,
+    ):
         self.ledger, self.specs = ledger, specs
+        self.inbox, self.models = inbox, models
         self.started: dict[str, float] = {}
         self.errors: dict[str, str] = {}  # trial key (a population's: each member's) -> its error's last line
+        self.retried: list[dict] = []  # a trial's attempts that failed and that Tune runs again
         members = [m for s in specs.values() for m in populations.members_of(s)]
         varying = console.varying_fields([m.train for m in members])
         self.progress = console.TrialProgress(len(members), varying=varying, nodes=nodes)
@@ -172,12 +186,18 @@ class LedgerCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = dict(trial.last_result or {})
         spec = self.specs[trial.config["key"]]
+        try:
+            model_dir = self._receive(spec, r)
+        except Exception as e:  # noqa: BLE001 - a model that did not arrive: its trial failed, not the job
+            self._failed(spec, f"{type(e).__name__}: {e}")
+            return
+        if trial.last_result is not None:
+            trial.last_result["model_dir"] = str(model_dir)  # for the MLflow trial logger (see class doc)
         now = time.time()
         started = self.started.get(trial.trial_id)
         head = {
             "trial_id": trial.trial_id,
-            "checkpoint_path": r.get("checkpoint_path")
-            or (trial.checkpoint.path if trial.checkpoint else None),
+            "checkpoint_path": str(model_dir),
             "started_at": started,
             "finished_at": now,
             "wall_s": now - (started or now),
@@ -195,8 +215,24 @@ class LedgerCallback(Callback):
             self.progress.warning_line(r["gpu_fallback"])
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._failed(self.specs[trial.config["key"]], _error_text(trial))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        spec = self.specs[trial.config["key"]]
         error = _error_text(trial)
-        for m in populations.members_of(self.specs[trial.config["key"]]):
+        attempt = {"key": spec.key, "dataset": spec.dataset, "trial_id": trial.trial_id, "error": error}
+        self.retried.append(attempt)
+        self.progress.warning_line(f"trial {trial.trial_id} of {spec.dataset} failed ({error}): retrying")
+
+    def _receive(self, spec: TrialSpec | PopulationSpec, result: dict) -> Path:
+        """The finished trial's model, from the driver's inbox into DIR/trial-models/<key>/ (checked)."""
+        if self.inbox is None or self.models is None:
+            raise model_transfer.ModelTransferError(f"trial {spec.key}: the job opened no model inbox")
+        digest = result.get("model_sha256")
+        return model_transfer.receive(self.inbox, spec.key, digest, self.models / spec.key)
+
+    def _failed(self, spec: TrialSpec | PopulationSpec, error: str) -> None:
+        for m in populations.members_of(spec):
             self.errors[m.key] = error
             self.progress.failed_line(m.dataset, m.train, error)
 
@@ -223,9 +259,21 @@ def flat_space(trials: list[TrialSpec | PopulationSpec]) -> dict:
     return space
 
 
-def run_tune(run: TrialRun, *, out: Path, name: str, callbacks: list, max_failures: int, verbose: int):
-    """Run the trials of `run` with Ray Tune; returns {trial key: error} for trials that failed for good.
-    `verbose` 0 leaves the output to the job's own line per trial (pipeline.job.console)."""
+@dataclass
+class TuneOutcome:
+    """What a Tune run ended with, beyond the ledger: trials that failed for good, and retried attempts."""
+
+    errors: dict[str, str]  # trial key -> the last line of its error
+    retried: list[dict]  # {key, dataset, trial_id, error} of each attempt Tune ran again
+
+
+def run_tune(
+    run: TrialRun, *, out: Path, name: str, callbacks: list, max_failures: int, verbose: int
+) -> TuneOutcome:
+    """Run the trials of `run` with Ray Tune, each trial's model sent to an inbox on this driver's node
+    (pipeline.job.model_transfer). `verbose` 0 leaves the output to the job's own line per trial
+    (pipeline.job.console)."""
+    import ray
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
@@ -233,9 +281,12 @@ def run_tune(run: TrialRun, *, out: Path, name: str, callbacks: list, max_failur
     # trial's result.json back (its ExperimentAnalysis) and warns about every trial that has none.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     pl = run.placement
+    inbox = model_transfer.open_inbox()
+    run = dataclasses.replace(run, inbox=inbox)
     resources = pl.worker_resources() if run.executor == "local" else placement.trial_resources()
     trainable = tune.with_resources(tune.with_parameters(run_trial, run=run), resources)
-    ledger_cb = LedgerCallback(Ledger(out), run.specs, nodes=pl.nodes)
+    models = out / model_transfer.TRIAL_MODELS
+    ledger_cb = LedgerCallback(Ledger(out), run.specs, nodes=pl.nodes, inbox=inbox, models=models)
     tuner = tune.Tuner(
         trainable,
         param_space=flat_space(list(run.specs.values())),
@@ -244,6 +295,7 @@ def run_tune(run: TrialRun, *, out: Path, name: str, callbacks: list, max_failur
             name=name,
             storage_path=run.storage_path,
             failure_config=tune.FailureConfig(max_failures=max_failures),
+            # the ledger's callback first: it receives the model that the later ones read (its doc)
             callbacks=[ledger_cb, JsonLoggerCallback(), *callbacks],
             verbose=console.tune_verbosity(verbose),
         ),
@@ -252,16 +304,21 @@ def run_tune(run: TrialRun, *, out: Path, name: str, callbacks: list, max_failur
         tuner.fit()
     finally:
         ledger_cb.progress.close()  # an interrupted fit never calls on_experiment_end
-    return dict(ledger_cb.errors)
+        ray.kill(inbox)
+    return TuneOutcome(dict(ledger_cb.errors), list(ledger_cb.retried))
 
 
-def fetch_model(checkpoint_path: str, dest: Path) -> Path:
-    """Copy a trial's model directory from the storage path (local, NFS or s3://) to `dest`, atomically."""
+def fetch_model(source, dest: Path) -> Path:
+    """Write a trial's model directory to `dest`, atomically, from where the ledger says it is (a folder on
+    this node: DIR/trial-models/<key>/; an older job's storage path, NFS or s3://) or from a PackedModel
+    (pipeline.job.model_transfer) that came through the object store, checked first."""
     import ray.train
 
+    if isinstance(source, model_transfer.PackedModel):
+        return model_transfer.unpack(source, dest)
     with atomic_dir(dest) as tmp:
-        if Path(checkpoint_path).is_dir():
-            shutil.copytree(checkpoint_path, tmp, dirs_exist_ok=True)
+        if Path(source).is_dir():
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
         else:
-            ray.train.Checkpoint(checkpoint_path).to_directory(str(tmp))
+            ray.train.Checkpoint(source).to_directory(str(tmp))
     return dest
