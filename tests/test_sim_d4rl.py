@@ -126,6 +126,52 @@ def test_medium_replay_replays_the_recorded_rollouts(tmp_path):
     assert len(read(path)["rewards"]) == total
 
 
+def test_medium_replay_takes_whole_episodes_over_the_whole_record(tmp_path):
+    """D4RL's medium-replay is the whole buffer up to medium: a smaller set draws whole episodes from all of
+    the record (not its first, random-warm-up rows), deterministic in (name, transitions, seed)."""
+    from pipeline.sim.agent_rollout import replay_selection
+
+    rec = replay_record("hopper")
+    lengths = rec["lengths"].astype(np.int64)
+    n = 4000
+    episodes, steps = replay_selection("hopper", n, 0)
+    assert steps.sum() == n and np.all(np.diff(episodes) > 0)  # in the record's order, each episode once
+    assert (steps == lengths[episodes]).sum() >= len(steps) - 1  # whole episodes, at most one cut to fit
+    assert episodes.max() > 0.5 * len(lengths) and episodes.min() < 0.5 * len(lengths)  # spread over it all
+    first_rows = np.searchsorted(np.cumsum(lengths), n)  # what the first n rows of the record would hold
+    assert len(set(episodes) - set(range(first_rows + 1))) > 0
+    again, other = replay_selection("hopper", n, 0), replay_selection("hopper", n, 1)
+    assert np.array_equal(again[0], episodes) and not np.array_equal(other[0], episodes)
+    a = read(
+        simulate("sim-hopper-medium-replay-v0", transitions=n, seed=0, out_dir=tmp_path / "a", workers=1)
+    )
+    b = read(
+        simulate("sim-hopper-medium-replay-v0", transitions=n, seed=0, out_dir=tmp_path / "b", workers=2)
+    )
+    for key in (*KEYS, "qpos"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    ends = np.flatnonzero(a["terminals"] | a["timeouts"]) + 1
+    np.testing.assert_array_equal(ends, np.cumsum(steps))  # one episode per drawn one, none crosses
+    whole = steps == lengths[episodes]
+    returns = np.add.reduceat(a["rewards"].astype(np.float64), np.concatenate([[0], ends[:-1]]))
+    np.testing.assert_allclose(returns[whole], rec["returns"][episodes[whole]], rtol=1e-5)
+    assert a["attrs"]["replay_selection"]
+    assert len(a["rewards"]) == n and a["timeouts"][-1] | a["terminals"][-1]
+
+
+def test_a_medium_replay_file_of_the_old_layout_is_refused_with_the_command():
+    from pipeline.data.catalog import DatasetError, d4rl_dir
+
+    name = "sim-hopper-medium-replay-v0"
+    path = simulate(name, transitions=1500, seed=0, out_dir=d4rl_dir(), workers=1, progress=False)
+    assert len(load_transitions(name)) == 1500
+    with h5py.File(path, "a") as f:
+        del f.attrs["replay_selection"]  # as pipeline.simulate wrote it before
+    with pytest.raises(DatasetError, match="random warm-up") as err:
+        load_transitions(name)
+    assert f"python -m pipeline.simulate {name} --out {path.parent} --transitions 1500" in str(err.value)
+
+
 def test_info_json_reports_the_facts(tmp_path, capsys):
     path = simulate("sim-hopper-expert-v0", transitions=3000, seed=0, out_dir=tmp_path, progress=False)
     assert datasets_main(["info", str(path), "--json"]) == 0

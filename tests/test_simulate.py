@@ -196,7 +196,7 @@ def test_interrupted_simulation_writes_nothing_and_stops_its_workers(tmp_path, s
 
 
 def test_a_failing_worker_is_named_in_the_error():
-    jobs = [("hopper", "random", 0, 0, 50), ("hopper", "no-such-policy", 0, 1, 50)]
+    jobs = [("hopper", "random", 0, 0, 100, 50), ("hopper", "no-such-policy", 0, 1, 100, 50)]
     with pytest.raises(DatasetError, match=r"worker failed on chunk 1 .*no-such-policy.*ValueError"):
         pipeline.sim.simulate._run(jobs, workers=2, progress=False, desc="test")
 

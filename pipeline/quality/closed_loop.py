@@ -138,12 +138,14 @@ def closed_loop_rows(
     obs_std: np.ndarray,
     k: int = 1,
     progress: bool = False,
+    on_step=None,
 ) -> dict:
     """{"closed_loop": rows, "closed_loop_reason": None, "plan_return": ..., ...} for the IDM `predict(obs,
     plans)` (raw observations in, actions out), or closed_loop None with the reason.
 
     `mean_action` is the floor's action (the training part's mean), `obs_std` the dataset's observation
-    std that scales the plan noise, `k` the model's jump (plans k actor steps ahead)."""
+    std that scales the plan noise, `k` the model's jump (plans k actor steps ahead); `on_step` goes to
+    `pipeline.sim.closed_loop.run_episodes`."""
     from pipeline.sim.closed_loop import episode_seeds, run_episodes
 
     config.validate()
@@ -177,6 +179,7 @@ def closed_loop_rows(
                     obs_std=std,
                     max_steps=config.max_steps,
                     bar=bar,
+                    on_step=on_step,
                 )
                 spent += time.perf_counter() - began
                 steps += got.steps

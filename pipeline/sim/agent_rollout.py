@@ -78,38 +78,76 @@ def replay_size(env_name: str, root: str | None = None) -> int:
     return int(replay_record(env_name, root)["lengths"].sum())
 
 
+#: how medium-replay picks its episodes (a file attribute): files made another way are refused, with the
+#: command that makes them again (pipeline.sim.simulate.check_agents_current)
+REPLAY_SELECTION = "whole episodes drawn over the entire record, seeded"
+
+
+def replay_selection(env_name: str, total: int | None, seed: int, root: str | None = None):
+    """(episode indices, steps taken of each) of a medium-replay set of `total` transitions: D4RL's
+    medium-replay is the whole replay buffer up to medium, so the set is the entire record when `total`
+    allows, else whole episodes drawn at random over all of it (seeded by `seed`) until `total` is
+    reached, the last drawn one cut to fit; in the record's order."""
+    lengths = replay_record(env_name, root)["lengths"].astype(np.int64)
+    if total is None or total >= lengths.sum():
+        return np.arange(len(lengths)), lengths
+    taken, steps, n = [], [], 0
+    for e in np.random.default_rng([int(seed), 0x5E1EC7]).permutation(len(lengths)):
+        take = int(min(lengths[e], total - n))
+        taken.append(int(e))
+        steps.append(take)
+        n += take
+        if n == total:
+            break
+    order = np.argsort(taken)
+    return np.asarray(taken)[order], np.asarray(steps, np.int64)[order]
+
+
 def replay_chunk(
-    env_name: str, seed: int, chunk: int, start: int, size: int, root: str | None = None
+    env_name: str,
+    seed: int,
+    chunk: int,
+    start: int,
+    size: int,
+    root: str | None = None,
+    total: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Transitions start .. start + size of the recorded training rollouts, replayed in MuJoCo from each
-    episode's recorded start state (`seed` and `chunk` are unused: the record fixes everything)."""
+    """Transitions start .. start + size of the medium-replay set of `total` transitions (`replay_selection`;
+    None: the whole record in order), replayed in MuJoCo from each episode's recorded start state (`chunk`
+    is unused: the record fixes everything). An episode cut short ends as a timeout."""
     rec = replay_record(env_name, root)
-    lengths = rec["lengths"].astype(np.int64)
+    episodes, lengths = replay_selection(env_name, total, seed, root)
+    recorded = rec["lengths"].astype(np.int64)
+    rec_begins = np.cumsum(recorded) - recorded
     ends = np.cumsum(lengths)
     begins = ends - lengths
     env = make_env(env_name)
     out = empty_record(env, size)
-    episode, i = int(np.searchsorted(ends, start, side="right")), 0
+    k, i = int(np.searchsorted(ends, start, side="right")), 0
     while i < size:
+        e = int(episodes[k])
         env.reset(seed=0)
-        env.set_state(rec["init_qpos"][episode], rec["init_qvel"][episode])
+        env.set_state(rec["init_qpos"][e], rec["init_qvel"][e])
         obs = env.unwrapped._get_obs()
-        first = begins[episode]
-        actions = rec["action_codes"][first : ends[episode]].astype(np.float32) / np.float32(ACTION_SCALE)
+        first = rec_begins[e]
+        codes = rec["action_codes"][first : first + lengths[k]]
+        actions = codes.astype(np.float32) / np.float32(ACTION_SCALE)
+        whole = lengths[k] == recorded[e]
         for t, action in enumerate(actions):
             qpos, qvel = env.data.qpos.copy(), env.data.qvel.copy()
             next_obs, reward, terminated, _, _ = env.step(action)
-            if first + t >= start + i:
+            if begins[k] + t >= start + i:
+                last = t == len(actions) - 1
                 out["qpos"][i], out["qvel"][i] = qpos, qvel
                 out["observations"][i], out["actions"][i], out["next_observations"][i] = obs, action, next_obs
                 out["rewards"][i] = reward
-                out["terminals"][i] = terminated and t == len(actions) - 1 and rec["terminal"][episode]
-                out["timeouts"][i] = t == len(actions) - 1 and not out["terminals"][i]
+                out["terminals"][i] = terminated and last and whole and rec["terminal"][e]
+                out["timeouts"][i] = last and not out["terminals"][i]
                 i += 1
                 if i == size:
                     out["timeouts"][i - 1] |= not out["terminals"][i - 1]
                     break
             obs = next_obs
-        episode += 1
+        k += 1
     env.close()
     return out

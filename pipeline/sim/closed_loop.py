@@ -58,13 +58,15 @@ def run_episodes(
     needs_plan: bool = True,
     max_steps: int = MAX_EPISODE_STEPS,
     bar=None,
+    on_step: Callable[[int, np.ndarray], None] | None = None,
 ) -> Episodes:
     """Run one episode per seed of `env_name` in lockstep.
 
     `act(obs, plans)` maps the live episodes' observations (n, obs_dim) and their plans (n, obs_dim,
     float32; None when `needs_plan` is off: the actor itself, a constant action) to actions (n, act_dim),
     clipped to the action box. Plans are `planner`'s, k steps ahead, plus `plan_noise` · `obs_std` · ε.
-    `bar`: an optional tqdm bar counting env steps.
+    `bar`: an optional tqdm bar counting env steps; `on_step(t, live)`, called before `act`, names the
+    episodes (indices into `seeds`) whose rows `act` gets (a bench records per-episode statistics with it).
     """
     oracle = OraclePlanner(env_name, planner, k)
     envs = [make_env(env_name) for _ in seeds]
@@ -84,6 +86,8 @@ def run_episodes(
                 if noise is not None:
                     plans = plans + plan_noise * std * np.stack([noise[i][t] for i in live])
                 plans = plans.astype(np.float32)
+            if on_step is not None:
+                on_step(t, live)
             actions = np.clip(np.asarray(act(obs[live].astype(np.float32), plans), np.float64), low, high)
             still = []
             for j, i in enumerate(live):

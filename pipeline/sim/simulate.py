@@ -55,9 +55,12 @@ def parse_sim_name(name: str) -> tuple[str, str]:
     )
 
 
-def run_chunk(env_name: str, policy: str, seed: int, chunk: int, size: int) -> dict[str, np.ndarray]:
+def run_chunk(
+    env_name: str, policy: str, seed: int, chunk: int, total: int, size: int
+) -> dict[str, np.ndarray]:
     """One chunk of any sim-* kind: an open-loop behaviour policy, a trained agent (medium / expert) or the
-    replay of the agent's recorded training rollouts (medium-replay; chunk c is transitions c * CHUNK...)."""
+    replay of the agent's recorded training rollouts (medium-replay of `total` transitions; chunk c is
+    its transitions c * CHUNK...)."""
     if policy in ("medium", "expert"):
         from pipeline.sim.agent_rollout import agent_chunk
 
@@ -65,7 +68,7 @@ def run_chunk(env_name: str, policy: str, seed: int, chunk: int, size: int) -> d
     if policy == "medium-replay":
         from pipeline.sim.agent_rollout import replay_chunk
 
-        return replay_chunk(env_name, seed, chunk, chunk * CHUNK, size)
+        return replay_chunk(env_name, seed, chunk, chunk * CHUNK, size, total=total)
     return rollout_chunk(env_name, policy, seed, chunk, size)
 
 
@@ -76,12 +79,12 @@ def plan_chunks(env_name: str, policy: str, seed: int, total: int) -> tuple[list
 
     def jobs(kind: str, n: int) -> list[tuple]:
         sizes = [min(CHUNK, n - start) for start in range(0, n, CHUNK)]
-        return [(env_name, kind, int(seed), c, size) for c, size in enumerate(sizes)]
+        return [(env_name, kind, int(seed), c, n, size) for c, size in enumerate(sizes)]
 
     if policy not in AGENT_KINDS:
         return jobs(policy, total), {}
     from pipeline.sim.agent_policy import agent_path, read_meta
-    from pipeline.sim.agent_rollout import replay_size
+    from pipeline.sim.agent_rollout import REPLAY_SELECTION, replay_size
 
     if policy == "medium-replay":
         total = min(total, replay_size(env_name))
@@ -93,7 +96,10 @@ def plan_chunks(env_name: str, policy: str, seed: int, total: int) -> tuple[list
         kind: f"{m['algorithm']} {m['env_id']} {m['checkpoint']} at {m['steps']} steps"
         for kind, m in meta.items()
     }
-    return [j for kind, n in parts for j in jobs(kind, n)], {"agents": json.dumps(agents, sort_keys=True)}
+    extra = {"agents": json.dumps(agents, sort_keys=True)}
+    if policy == "medium-replay":
+        extra["replay_selection"] = REPLAY_SELECTION
+    return [j for kind, n in parts for j in jobs(kind, n)], extra
 
 
 def simulate(
@@ -144,15 +150,24 @@ def check_agents_current(name: str, path: Path) -> None:
     import h5py
 
     with h5py.File(path, "r") as f:
-        made_by = f.attrs.get("agents")
+        made_by, selection = f.attrs.get("agents"), f.attrs.get("replay_selection")
+        size = int(f.attrs.get("transitions", 0)) or None
     if made_by is None:  # not written by pipeline.simulate: nothing to compare
         return
-    current = plan_chunks(*parse_sim_name(name), 0, 2)[1]["agents"]
-    if json.loads(made_by) != json.loads(current):
+    current = plan_chunks(*parse_sim_name(name), 0, 2)[1]
+    again = f"python -m pipeline.simulate {name} --out {path.parent}" + (
+        f" --transitions {size}" if size else ""
+    )
+    if json.loads(made_by) != json.loads(current["agents"]):
         raise DatasetError(
             f"{path} ({name}) was generated from other agents than the committed ones ({made_by} vs "
-            f"{current}); delete it to have it generated again, or run `python -m pipeline.simulate {name} "
-            f"--out {path.parent}`"
+            f"{current['agents']}); delete it to have it generated again, or run `{again}`"
+        )
+    if current.get("replay_selection") != selection:
+        raise DatasetError(
+            f"{path} ({name}) holds the first transitions of the agent's record, mostly its random "
+            f"warm-up; medium-replay is now {current['replay_selection']}, as D4RL's whole replay buffer: "
+            f"delete it to have it generated again, or run `{again}`"
         )
 
 
@@ -231,7 +246,7 @@ def _chunk_result(future, job) -> dict:
     try:
         return future.result()
     except Exception as e:  # noqa: BLE001 - any failure in a worker (or its death) ends the run, named
-        env_name, policy, seed, chunk, size = job
+        env_name, policy, seed, chunk, _, size = job
         raise DatasetError(
             f"simulation worker failed on chunk {chunk} ({size} steps of {env_name} under policy {policy}, "
             f"seed {seed}): {type(e).__name__}: {e}"
