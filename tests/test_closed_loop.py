@@ -168,3 +168,25 @@ def test_a_dataset_without_an_env_gets_null_with_a_reason(tmp_path):
         constant_policy(np.zeros(2)), data, ClosedLoopConfig(), mean_action=np.zeros(2), obs_std=np.ones(5)
     )
     assert got["closed_loop"] is None and "no known locomotion env" in got["closed_loop_reason"]
+
+
+def test_a_d4rl_name_runs_in_gymnasium_and_says_its_physics_differs(sim_files):
+    import dataclasses
+
+    hopper = load_transitions(str(sim_files["sim-hopper-random-v0"]))
+    d4rl = dataclasses.replace(hopper, name="hopper-medium-v2")
+    mean = hopper.act.astype(np.float64).mean(0)
+    config = ClosedLoopConfig(plan_noise=(0.0,), episodes=1, max_steps=50)
+    got = closed_loop_rows(constant_policy(mean), d4rl, config, mean_action=mean, obs_std=np.ones(11))
+    (row,) = got["closed_loop"]
+    assert row["env"] == "hopper" and "mujoco-py" in row["physics_note"] and "v2" in row["physics_note"]
+    sim = closed_loop_rows(constant_policy(mean), hopper, config, mean_action=mean, obs_std=np.ones(11))
+    assert sim["closed_loop"][0]["physics_note"] is None
+    ant = dataclasses.replace(hopper, name="sim-ant-random-v0", obs=np.zeros((3, 27), np.float32))
+    ant = dataclasses.replace(
+        ant, next_obs=ant.obs, act=np.zeros((3, 8), np.float32), episode=np.zeros(3, np.int64)
+    )
+    none = closed_loop_rows(
+        constant_policy(np.zeros(8)), ant, config, mean_action=np.zeros(8), obs_std=np.ones(27)
+    )
+    assert none["closed_loop"] is None and "no committed ant agent" in none["closed_loop_reason"]
