@@ -44,7 +44,8 @@ class Cache:
         self.root = Path(root)
 
     def path(self, *key: str) -> Path:
-        return self.root.joinpath(*key).with_suffix(".json")
+        *folders, name = key
+        return self.root.joinpath(*folders, f"{name}.json")  # not with_suffix: names hold dots ("0.05")
 
     def get(self, *key: str):
         p = self.path(*key)
