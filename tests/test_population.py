@@ -118,6 +118,21 @@ def test_the_equivalence_check_fails_a_member_that_trained_differently(tmp_path,
     assert_same_path(member, train(data, config, tmp_path / "same", figures=False), data, config)
 
 
+@pytest.mark.parametrize("step", ["eager", "graph"])
+def test_members_with_input_noise_meet_their_alone_trainings_noise(tmp_path, step, summation):
+    """Each member draws target / obs noise from its own generator: the same draws as alone, also after a
+    member stopped and left the stack."""
+    data = linear_transitions(noise_actions=True, episodes=10)
+    base = {"step": step, "max_epochs": 5, "schedule": "none", "ema": 0.0, "lr": 1e-2, "hidden_dim": 64}
+    noise = {"target_noise": 0.1, "obs_noise": 0.05}
+    configs = [small(**base, **noise, patience=1), small(**base, **noise, patience=100, seed=3, split_seed=0)]
+    assert len(shape_groups(configs)) == 1
+    pop = train_population(data, configs, [tmp_path / f"p{i}" for i in range(2)], figures=False)
+    for i, config in enumerate(configs):
+        assert_same_path(pop[i], train(data, config, tmp_path / f"a{i}", figures=False), data, config)
+    assert pop[0].metrics["stopped_early"] and not pop[1].metrics["stopped_early"]
+
+
 def test_groups_form_by_shape_and_split():
     configs = [
         small(),  # 0

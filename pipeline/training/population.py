@@ -48,7 +48,7 @@ GROUP_KEYS = (
     "threads",
     "fp32_input_layer",
     "delta_input",
-    "target_noise",  # one noise level per stack (its draws are not an alone run's)
+    "target_noise",  # one noise level per stack; each member draws from its own generator
     "obs_noise",
 )
 

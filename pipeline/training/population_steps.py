@@ -267,13 +267,14 @@ class PopulationEagerStep:
         self.stack = _Stack(nets, configs, totals, precision)
         self.loss = _MemberLoss(len(nets), data.act.device)
         self.updates, self.perm = 0, None
-        self.noise = InputNoise(configs[0])  # the same for every member: part of the grouping rule
+        self.noise = InputNoise(configs, data.act.device)  # one generator per member
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm = perm  # (members, n_train): each member's own permutation
 
     def keep(self, rows: list[int]) -> None:
         self.stack.keep(rows)
+        self.noise.keep(rows)
         self.perm = self.perm[rows] if self.perm is not None else None
         self.loss.sum = self.loss.sum[rows].clone()
         self.loss.counts = [self.loss.counts[r] for r in rows]
@@ -333,7 +334,7 @@ class PopulationGraphStep(GraphStep):
         self.loss = _MemberLoss(k, device)
         self.capture = capturable
         self.graph, self.eager_steps, self.captured = None, 0, False
-        self.noise = InputNoise(configs[0])
+        self.noise = InputNoise(configs, device, shared_generator=capturable)
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm[:, : self.n_train].copy_(perm)

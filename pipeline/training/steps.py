@@ -101,17 +101,46 @@ def build_optimizer(config, net, total_steps: int):
 class InputNoise:
     """Training-only noise on the inputs: s + obs_noise · ε and s' + target_noise · ε (normalized units, i.e.
     dataset stds: what a planner's noisy plan and a state a little off look like to the net). Off (both 0)
-    it returns the tensors as they are, so the default step's arithmetic is untouched."""
+    it returns the tensors as they are, so the default step's arithmetic is untouched.
 
-    def __init__(self, config):
-        self.obs, self.target = float(config.obs_noise), float(config.target_noise)
+    The draws come from a generator per member seeded by its config's seed, so a population member meets
+    the very noise its alone-training meets (inputs (K, rows, dim): member k draws its own (rows, dim)).
+    Under CUDA-graph capture (`shared_generator`) the default generator draws, which capture supports."""
+
+    def __init__(self, configs, device, shared_generator: bool = False):
+        configs = configs if isinstance(configs, (list, tuple)) else [configs]
+        self.obs, self.target = float(configs[0].obs_noise), float(configs[0].target_noise)
+        self.gens = None
+        if (self.obs > 0 or self.target > 0) and not shared_generator:
+            self.gens = [torch.Generator(device=device).manual_seed(NOISE_SEED + c.seed) for c in configs]
+
+    def keep(self, rows: list[int]) -> None:
+        """Members at `rows` go on (the others left the stack)."""
+        if self.gens is not None:
+            self.gens = [self.gens[r] for r in rows]
+
+    def _draw(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.gens is None:
+            return x + scale * torch.randn_like(x)
+        if x.dim() == 2:
+            eps = torch.randn(x.shape, generator=self.gens[0], device=x.device, dtype=x.dtype)
+        else:
+            shape = x.shape[1:]
+            eps = torch.stack(
+                [torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) for g in self.gens]
+            )
+        return x + scale * eps
 
     def __call__(self, obs: torch.Tensor, nxt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.obs > 0:
-            obs = obs + self.obs * torch.randn_like(obs)
+            obs = self._draw(obs, self.obs)
         if self.target > 0:
-            nxt = nxt + self.target * torch.randn_like(nxt)
+            nxt = self._draw(nxt, self.target)
         return obs, nxt
+
+
+#: offset of the input-noise generators' seeds from the config's seed (another stream than the init's)
+NOISE_SEED = 0x5EED_0000
 
 
 class _LossSum:
@@ -144,7 +173,7 @@ class EagerStep:
         self.loss_fn = F.huber_loss if config.loss == "huber" else F.mse_loss
         self.loss = _LossSum(data.act.device)
         self.perm = None
-        self.noise = InputNoise(config)
+        self.noise = InputNoise(config, data.act.device)
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm = perm
@@ -202,7 +231,7 @@ class GraphStep:
         self.loss = _LossSum(device)
         self.capture = device.type == "cuda"
         self.graph, self.eager_steps, self.captured = None, 0, False
-        self.noise = InputNoise(config)  # randn_like into fresh tensors: capturable like the rest
+        self.noise = InputNoise(config, device, shared_generator=self.capture)
 
     def begin_epoch(self, perm: torch.Tensor) -> None:
         self.perm[: self.n_train].copy_(perm)
