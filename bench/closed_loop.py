@@ -37,7 +37,10 @@ MEDIUM_EXPERT = [f"sim-{env}-medium-expert-v0" for env in LOCO]
 SIGMAS = (0.0, 0.02, 0.05, 0.1, 0.2)
 LEVER_SIGMAS = (0.0, 0.05, 0.1)
 PLANNERS = ("expert", "medium")
-STEPS = ("table", "levers", "jumpy", "ensembles", "write")
+STEPS = ("table", "levers", "select", "jumpy", "ensembles", "overhead", "write")
+#: `select`: the pool a choice picks from (the default and the single-model levers on the set's own data),
+#: and the validation-seed cells plan return chooses by
+SELECT_SIGMAS, SELECT_EPISODES = (0.0, 0.05), 10
 
 #: name -> how the model is made: TrainConfig overrides, or a kind ("recipe", "ensemble") with its settings
 MODELS = {
@@ -56,6 +59,11 @@ LEVERS = {
     "res_mlp_h512": {"arch": "res_mlp"},
     "no_weight_average": {"ema": 0.0},
     "ensemble_5": {"kind": "ensemble", "members": 5},
+    "target_noise_0.15": {"target_noise": 0.15},
+    "target_noise_0.1+obs_noise_0.05": {"target_noise": 0.1, "obs_noise": 0.05},
+    "target_noise_0.1+dropout_0.1": {"target_noise": 0.1, "dropout": 0.1},
+    "target_noise_0.2+obs_noise_0.05": {"target_noise": 0.2, "obs_noise": 0.05},
+    "target_noise_0.1+ensemble_5": {"target_noise": 0.1, "kind": "ensemble", "members": 5},
     "data_200k": {"transitions": 200_000},
     "data_1m": {"transitions": 1_000_000},
 }
@@ -133,8 +141,10 @@ def floor_action(name: str) -> np.ndarray:
     return data.act[train_rows].astype(np.float64).mean(0)
 
 
-def eval_unit(name: str, model: str, planner: str, sigma: float, episodes: int, work: str) -> dict:
-    """One cell: `model` of set `name` under `planner`'s plans with noise `sigma`, on the test seeds."""
+def eval_unit(
+    name: str, model: str, planner: str, sigma: float, episodes: int, work: str, seeds: str = "test"
+) -> dict:
+    """One cell: `model` of set `name` under `planner`'s plans with noise `sigma`, on the `seeds` set."""
     import torch
 
     import invdyn
@@ -145,7 +155,7 @@ def eval_unit(name: str, model: str, planner: str, sigma: float, episodes: int, 
     torch.set_num_threads(1)
     idm = invdyn.read_model_dir(Path(work) / "models" / name / model)
     data = load_transitions(name)
-    config = ClosedLoopConfig(plan_noise=(sigma,), episodes=episodes, planners=(planner,))
+    config = ClosedLoopConfig(plan_noise=(sigma,), episodes=episodes, planners=(planner,), seeds=seeds)
     spread = {}  # ensembles: each episode's members' spread per step (does it foresee a fall?)
     predict, on_step = idm.predict, None
     if hasattr(idm, "members"):
@@ -169,7 +179,7 @@ def eval_unit(name: str, model: str, planner: str, sigma: float, episodes: int, 
 
 
 def _spread_recorder(ensemble, spread: dict):
-    """(predict, on_step) that keep, per episode, the ensemble's uncertainty of every (s, plan) it acted on."""
+    """(predict, on_step) keeping, per episode, the ensemble's uncertainty of each (s, plan) it acted on."""
     live = {}
 
     def on_step(t, rows):
@@ -220,6 +230,116 @@ def measure(
     for c, row in zip(missing, rows, strict=True):
         cache.put(row, *key(c))
     return {c: cache.get(*key(c)) for c in cells}
+
+
+def select_pool() -> dict:
+    single = {k: v for k, v in LEVERS.items() if "kind" not in v and "transitions" not in v}
+    return {"default": {}, **single}
+
+
+def select(names: list[str], args, cache: Cache) -> dict:
+    """Per set: the model validation MSE picks and the one plan return on validation seeds picks, from the
+    same pool; {set: {"by_val_mse": model, "by_plan_return": model, "scores": {...}}}."""
+    import json
+
+    pool = select_pool()
+    work = str(args.work)
+    cells = [(n, m, "expert", s) for n in names for m in pool for s in SELECT_SIGMAS]
+    key = lambda c: (c[0], c[1], f"val-{c[2]}-sigma{c[3]:g}-n{SELECT_EPISODES}")  # noqa: E731
+    missing = [c for c in cells if cache.get(*key(c)) is None]
+    units = [(*c, SELECT_EPISODES, work, "val") for c in missing]
+    for c, row in zip(missing, run(units, eval_unit, args.workers, "select: validation cells"), strict=True):
+        cache.put(row, *key(c))
+    out = {}
+    for n in names:
+        scores = {}
+        for m in pool:
+            params = Path(work) / "models" / n / m / "params.json"
+            if not params.is_file():
+                continue
+            val_mse = json.loads(params.read_text())["metrics"]["heldout_mse"]
+            rows = [cache.get(*key((n, m, "expert", s))) for s in SELECT_SIGMAS]
+            plan = float(np.mean([r["normalized_return"] for r in rows])) if all(rows) else None
+            scores[m] = {"val_mse": val_mse, "plan_return_val": plan}
+        out[n] = {
+            "by_val_mse": min(scores, key=lambda m: scores[m]["val_mse"]),
+            "by_plan_return": max(scores, key=lambda m: scores[m]["plan_return_val"] or -1e9),
+            "scores": scores,
+        }
+    cache.put(out, "selection")
+    return out
+
+
+def selection_table(choice: dict, levers: dict) -> list[str]:
+    rows = []
+    for n, c in choice.items():
+        for rule in ("by_val_mse", "by_plan_return"):
+            m = c[rule]
+            cells = [cell(levers.get((n, m, "expert", float(s)))) for s in LEVER_SIGMAS]
+            score = c["scores"][m]
+            rows.append(
+                [
+                    n,
+                    rule.replace("_", " "),
+                    m,
+                    f"{score['val_mse']:.4g}",
+                    f"{score['plan_return_val']:.1f}",
+                    *cells,
+                ]
+            )
+    head = ["set", "chosen", "model", "val MSE", "val plan return", *(f"test σ={s:g}" for s in LEVER_SIGMAS)]
+    return md_table(head, rows)
+
+
+def overhead(args, cache: Cache, repeats: int = 2) -> dict:
+    """The job's default closed-loop evaluation against the same job without it: `pretrain_all` with its
+    defaults (data generated and cached before), alternately with and without `--eval-closed-loop-episodes
+    0`, each into a fresh DIR; wall time of each run."""
+    import subprocess
+    import tempfile
+
+    from pipeline.data.catalog import resolve_datasets
+    from pipeline.data.sources import load_transitions
+
+    for name in resolve_datasets("sim-medium-expert"):
+        load_transitions(name)  # generated and in the Arrow cache: neither run pays for the data
+    runs = []
+    for i in range(repeats):
+        for with_loop in (True, False) if i % 2 == 0 else (False, True):
+            with tempfile.TemporaryDirectory(prefix="invdyn-overhead-") as out:
+                cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--out", out]
+                cmd += [] if with_loop else ["--eval-closed-loop-episodes", "0"]
+                started = time.perf_counter()
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                wall = time.perf_counter() - started
+                if proc.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            runs.append({"closed_loop": with_loop, "wall_s": wall})
+            print(f"[overhead] closed loop {'on' if with_loop else 'off'}: {wall:.0f} s", flush=True)
+    return cache.put({"runs": runs, "machine": machine()}, "overhead")
+
+
+def overhead_lines(result: dict | None) -> list[str]:
+    if not result:
+        return ["not measured: `python bench/closed_loop.py --steps overhead`"]
+    on = [r["wall_s"] for r in result["runs"] if r["closed_loop"]]
+    off = [r["wall_s"] for r in result["runs"] if not r["closed_loop"]]
+    ratio = np.mean(on) / np.mean(off)
+    return [
+        f"`python -m pipeline.pretrain_all` with its defaults (the sim-medium-expert suite, data cached), run "
+        f"alternately with its default closed loop (10 episodes, σ ∈ {{0, 0.05}}, expert planner) and with "
+        f"`--eval-closed-loop-episodes 0`, on {result['machine']}:",
+        "",
+        *md_table(
+            ["closed loop", "runs", "wall s (each)", "mean"],
+            [
+                ["on", len(on), ", ".join(f"{w:.0f}" for w in on), f"{np.mean(on):.0f}"],
+                ["off", len(off), ", ".join(f"{w:.0f}" for w in off), f"{np.mean(off):.0f}"],
+            ],
+        ),
+        "",
+        f"The closed loop adds {100 * (ratio - 1):.0f} % to the default job's wall time (target: at most 20 %).",
+    ]
 
 
 # ------------------------------------------------------------------------------------- the tables
@@ -273,11 +393,13 @@ def targets(results: dict) -> list[str]:
         falls_ok = d0["fall_rate"] <= d0["actor_fall_rate"]
         ok0 = d0["return_ratio"] >= 0.98 and falls_ok
         text = f"- {name}: σ=0 ratio {d0['return_ratio']:.3f}, falls {cell(d0).split()[-1]} vs actor's "
-        text += f"{round(d0['actor_fall_rate'] * d0['episodes'])}f: {'met' if ok0 else 'not met'} (>= 0.98, <= falls)"
+        verdict = "met" if ok0 else "not met"
+        text += f"{round(d0['actor_fall_rate'] * d0['episodes'])}f: {verdict} (>= 0.98, <= falls)"
         if name.endswith("medium-expert-v0"):
             d5 = results.get((name, "default", "expert", 0.05))
             if d5:
-                text += f"; σ=0.05 ratio {d5['return_ratio']:.3f}: {'met' if d5['return_ratio'] >= 0.95 else 'not met'}"
+                verdict = "met" if d5["return_ratio"] >= 0.95 else "not met"
+                text += f"; σ=0.05 ratio {d5['return_ratio']:.3f}: {verdict}"
             beats = []
             for s in (0.0, 0.02, 0.05, 0.1):
                 d, r = results.get((name, "default", "expert", s)), results.get((name, "recipe", "expert", s))
@@ -291,9 +413,9 @@ def targets(results: dict) -> list[str]:
 
 
 def fall_foresight(results: dict) -> list[str]:
-    """Ensembles: does the spread foresee a fall? AUROC of each episode's largest spread vs whether it fell."""
+    """Ensembles: does the spread foresee a fall? AUROC of each episode's largest spread vs its fall."""
     rows = []
-    for (name, model, planner, sigma), r in sorted(results.items()):
+    for (name, _model, planner, sigma), r in sorted(results.items()):
         if not r or "spread" not in r:
             continue
         fell = _episode_falls(r)
@@ -355,20 +477,29 @@ def write(args, cache: Cache) -> None:
         "",
         f"Machine: {machine('CPU only, 2 worker processes of 1 thread')}.",
         "",
-        "- Planner: an oracle. At each step the plan is the observation the committed agent's mean action reaches "
+        "- Planner: an oracle. At each step the plan is the observation the committed agent's mean action "
+        "reaches "
         "from the env's true state (a second env, `set_state`); k steps ahead for a jumpy model. The IDM's "
         "action is executed. Plan noise: ŝ + σ · std · ε, std the dataset's observation std, ε seeded per "
         "episode (the same draws for every model and σ).",
-        f"- {args.episodes} episodes per cell, capped at 1000 steps, on fixed test reset seeds: every model, σ and "
+        f"- {args.episodes} episodes per cell, capped at 1000 steps, on fixed test reset seeds: every "
+        "model, σ and "
         "the actor meet the same episodes. Cells: D4RL-normalized return, mean [95 % bootstrap interval over "
         "episodes] and falls (episodes that terminated before the cap, `Nf`).",
-        "- Models: `default` = `TrainConfig()` as it ships; `champion` = the job's searched champion on these sets "
-        "(res_mlp h1024); `recipe` = CleanDiffuser's recipe on the default's train + validation episodes. Each "
+        "- Models: `default` = `TrainConfig()` as it ships; `champion` = the job's searched champion on "
+        "these sets "
+        "(res_mlp h1024); `recipe` = CleanDiffuser's recipe on the default's train + validation episodes. "
+        "Each "
         "trained once on the set's 50k transitions (seed 0, 1 thread).",
-        f"- Lockstep runner speed: {np.median(speeds):.0f} env steps / s per process (median over cells; a step "
+        f"- Lockstep runner speed: {np.median(speeds):.0f} env steps / s per process (median over cells; a "
+        "step "
         "with a plan costs two MuJoCo steps)."
         if speeds
         else "- Lockstep runner speed: not measured.",
+        "",
+        "## What the job's closed loop costs",
+        "",
+        *overhead_lines(cache.get("overhead")),
         "",
         "## Targets (shipped default, expert planner)",
         "",
@@ -384,10 +515,24 @@ def write(args, cache: Cache) -> None:
         "",
         "## Levers (medium-expert sets, expert planner)",
         "",
-        "Each lever is the default with one change; `data_*`: the default on more transitions of the same set "
+        "Each lever is the default with one change; `data_*`: the default on more transitions of the same "
+        "set "
         "(`pipeline.simulate NAME --transitions N --seed 0`).",
         "",
         *result_table(got["levers"], MEDIUM_EXPERT, sections["levers"][1], ("expert",), LEVER_SIGMAS),
+        "",
+        "## Selection by plan return instead of validation MSE",
+        "",
+        f"From one pool (the default and the single-model levers above), each set's model chosen by "
+        "validation "
+        f"MSE and by plan return on validation seeds ({SELECT_EPISODES} episodes, expert planner, σ ∈ "
+        f"{{{', '.join(format(s, 'g') for s in SELECT_SIGMAS)}}}); reported on the test seeds above.",
+        "",
+        *(
+            selection_table(cache.get("selection"), got["levers"])
+            if cache.get("selection")
+            else ["not measured"]
+        ),
         "",
         "## Jumpy models (k = 4) under 4-step plans",
         "",
@@ -397,7 +542,8 @@ def write(args, cache: Cache) -> None:
         "",
         *result_table(got["ensembles"], MEDIUM_EXPERT, ENSEMBLES, PLANNERS, SIGMAS),
         "",
-        "Does the spread foresee a fall? Per episode, the largest members' spread (`EnsembleIDM.uncertainty` of "
+        "Does the spread foresee a fall? Per episode, the largest members' spread "
+        "(`EnsembleIDM.uncertainty` of "
         "the (s, plan) pairs it acted on) against whether the episode fell:",
         "",
         *(fall_foresight(got["ensembles"]) or ["not measured"]),
@@ -424,6 +570,10 @@ def main(argv=None) -> int:
         elif step == "levers":
             models = {"default": {}, "recipe": MODELS["recipe"], **levers}
             measure(lever_sets, models, ("expert",), LEVER_SIGMAS, args, cache, "levers")
+        elif step == "overhead":
+            overhead(args, cache)
+        elif step == "select":
+            select(lever_sets, args, cache)
         elif step == "jumpy":
             measure(lever_sets, JUMPY, ("expert",), LEVER_SIGMAS, args, cache, "jumpy")
         elif step == "ensembles":
