@@ -326,7 +326,8 @@ def overhead_lines(result: dict | None) -> list[str]:
     off = [r["wall_s"] for r in result["runs"] if not r["closed_loop"]]
     ratio = np.mean(on) / np.mean(off)
     return [
-        f"`python -m pipeline.pretrain_all` with its defaults (the sim-medium-expert suite, data cached), run "
+        f"`python -m pipeline.pretrain_all` with its defaults (the sim-medium-expert suite, data cached), "
+        "run "
         f"alternately with its default closed loop (10 episodes, σ ∈ {{0, 0.05}}, expert planner) and with "
         f"`--eval-closed-loop-episodes 0`, on {result['machine']}:",
         "",
@@ -338,7 +339,8 @@ def overhead_lines(result: dict | None) -> list[str]:
             ],
         ),
         "",
-        f"The closed loop adds {100 * (ratio - 1):.0f} % to the default job's wall time (target: at most 20 %).",
+        f"The closed loop adds {100 * (ratio - 1):.0f} % to the default job's wall time (target: at most 20 "
+        "%).",
     ]
 
 
