@@ -15,18 +15,26 @@ run and what was not.
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    ROOT,
+    add_out,
+    add_threads,
+    add_work,
+    command,
+    load_note,
+    machine,
+    md_table,
+    measured_on,
+    parser,
+)
 
 SIM_POLICIES = ("random", "ou", "gait", "mixed")
 LOCOMOTION = ("hopper", "walker2d", "halfcheetah")
@@ -45,11 +53,10 @@ COLUMNS = (
     ("one-step error", "one_step_error", "one_step_baseline"),
     ("drift@H", "tracking_drift", "tracking_baseline"),
 )
-MACHINE = "2-core Intel Xeon with AMX-bf16, CPU only, shared with other agents while measured"
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--datasets", default=",".join(ALL), help="comma-separated sim-* names (default: all)")
     ap.add_argument("--split-seeds", default="0,1,2", help="split seeds to repeat over")
     ap.add_argument(
@@ -61,9 +68,9 @@ def parse_args(argv=None):
     ap.add_argument("--horizon", type=int, default=32)
     ap.add_argument("--starts", type=int, default=128, help="tracking start points per model")
     ap.add_argument("--samples", type=int, default=2000, help="one-step transitions per model")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs given)")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "accuracy_table"), help="models, data and results")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "accuracy_table.md"))
+    add_threads(ap)
+    add_work(ap, ROOT / "runs" / "accuracy_table")
+    add_out(ap, ROOT / "bench" / "accuracy_table.md")
     ap.add_argument(
         "--champion",
         default="{}",
@@ -117,6 +124,7 @@ def run_one(name: str, seed: int, args, work: Path) -> dict:
     assert entry["part"] == "test", entry["part"]
     params = json.loads((trained.model_dir / "params.json").read_text())
     row = {"dataset": name, "split_seed": seed, "transitions": params["dataset"]["transitions"]}
+    row["machine"] = args.machine
     for who in ("champion", "recipe"):
         ev = entry[who]
         r2 = [v for v in ev.get("per_dim_r2") or [] if v is not None]
@@ -137,25 +145,22 @@ def table(rows: list[dict], horizon: int) -> list[str]:
     from pipeline.training.repeats import fmt_interval, interval
 
     heads = [c.replace("@H", f"@{horizon}") for c, _, _ in COLUMNS]
-    lines = [
-        f"| dataset | model | splits | {' | '.join(heads)} |",
-        "|---|---|---|" + "---|" * len(COLUMNS),
-    ]
+    rows_out = []
     by = {}
     for r in rows:
         by.setdefault(r["dataset"], []).append(r)
     for name, rs in by.items():
         for who in ("champion", "recipe", "baseline"):
             cells = [fmt_interval(interval(r[who].get(key) for r in rs)) for _, key, _ in COLUMNS]
-            lines.append(f"| {name} | {who} | {len(rs)} | {' | '.join(cells)} |")
+            rows_out.append([name, who, len(rs), *cells])
         ratios = [
             fmt_interval(interval(_ratio(r["champion"].get(k), r["recipe"].get(k)) for r in rs), ".3g")
             if k != "r2"
             else "-"
             for _, k, _ in COLUMNS
         ]
-        lines.append(f"| {name} | champion / recipe | {len(rs)} | {' | '.join(ratios)} |")
-    return lines
+        rows_out.append([name, "champion / recipe", len(rs), *ratios])
+    return md_table(["dataset", "model", "splits", *heads], rows_out)
 
 
 def targets(rows: list[dict], horizon: int) -> list[str]:
@@ -163,10 +168,8 @@ def targets(rows: list[dict], horizon: int) -> list[str]:
     <= 0.9x (0.6x on hopper and walker2d), walker2d-mixed R² >= 0.80."""
     from pipeline.training.repeats import interval
 
-    lines = [
-        f"| dataset | splits | test MSE / recipe (<= 0.7) | drift@{horizon} / recipe (target) | R² |",
-        "|---|---|---|---|---|",
-    ]
+    head = ["dataset", "splits", "test MSE / recipe (<= 0.7)", f"drift@{horizon} / recipe (target)", "R²"]
+    lines = []
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["dataset"], []).append(r)
@@ -177,11 +180,10 @@ def targets(rows: list[dict], horizon: int) -> list[str]:
         r2 = interval(r["champion"]["r2"] for r in rs)["mean"]
         r2_goal = " (target >= 0.80: " + ("met" if r2 is not None and r2 >= 0.8 else "not met") + ")"
         r2_goal = r2_goal if name == "sim-walker2d-mixed-v0" else ""
-        lines.append(
-            f"| {name} | {len(rs)} | {_verdict(mse, 0.7)} | {_verdict(drift['mean'], goal)} (<= {goal}) | "
-            f"{'-' if r2 is None else format(r2, '.3f')}{r2_goal} |"
-        )
-    return lines
+        r2_cell = ("-" if r2 is None else format(r2, ".3f")) + r2_goal
+        drift_cell = f"{_verdict(drift['mean'], goal)} (<= {goal})"
+        lines.append([name, len(rs), _verdict(mse, 0.7), drift_cell, r2_cell])
+    return md_table(head, lines)
 
 
 def _verdict(value, goal: float) -> str:
@@ -196,17 +198,15 @@ def _ratio(a, b):
 
 def write_markdown(rows, args, missing, path: Path) -> None:
     seeds = args.split_seeds
-    argv = [shlex.quote(a) for a in sys.argv[1:] if a != "--no-run"]
-    command = "nice -n 10 python bench/accuracy_table.py " + " ".join(argv)
     sizes = sorted({r["transitions"] for r in rows})
     lines = [
         "# Accuracy table: test episodes, champion vs recipe vs mean action, over split seeds",
         "",
         "```bash",
-        command.strip(),
+        "nice -n 10 " + command("bench/accuracy_table.py", drop=("--no-run",)),
         "```",
         "",
-        f"Machine: {MACHINE}; python {platform.python_version()}. Every number is on each split's TEST "
+        f"Machine: {measured_on(rows)}. Every number is on each split's TEST "
         "episodes (15 % of the episodes, seeded by the split seed), which no choice (early stop, kept "
         "weights, search, champion) read; mean ± sample std over the split seeds.",
         "",
@@ -249,11 +249,15 @@ def write_markdown(rows, args, missing, path: Path) -> None:
     notes = sorted({f"- {r['dataset']}: {r['physics_reason']}" for r in rows if r.get("physics_reason")})
     if notes:
         lines += ["Physics metrics not available:", "", *notes, ""]
-    path.write_text("\n".join(lines))
+    if str(path) == "-":
+        print("\n".join(lines))
+    else:
+        path.write_text("\n".join(lines))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.machine = machine("CPU only, " + load_note())  # recorded with every result measured now
     from pipeline.training.repeats import parse_seeds
 
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]

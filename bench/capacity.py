@@ -15,15 +15,14 @@ fixed cost (Ray start, dataset parsing, outputs). Every input below names where 
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_out, md_table, parser  # noqa: E402
 
 #: D4RL v2 locomotion files: transitions (rows), as D4RL publishes them (the catalog holds no sizes; a
 #: file found under $D4RL_DATASET_DIR is counted instead, see rows_of)
@@ -51,18 +50,19 @@ class Measured:
     source: str
 
 
-#: README "Training one model", "On a GPU": the eager step, one NVIDIA H200, fp32, hidden 512, batch 512
+#: docs/training.md, "Speed" (on a GPU): the eager step, one NVIDIA H200, fp32, hidden 512, batch 512
 GPU_EAGER = Measured(
     352_452,
     "train samples/s of the eager step, fp32, hidden 512, batch 512, halfcheetah dims, one NVIDIA H200, "
     "16 CPUs (`python bench/train_throughput.py --device cuda --epochs 3 --rounds 3 --skip-early-stop`, "
-    "README 'Speed', an earlier session)",
+    "docs/training.md 'Speed', an earlier session)",
 )
-#: README "The Ray job": the sim suite with --search, local executor, 2 slots (pipeline_overhead.py)
+#: docs/ray-job.md, "How it places work": the sim suite with --search, local executor, 2 slots
+#: (pipeline_overhead.py)
 VALIDATION_SHARE = Measured(
     166 / 1891,
     "per-epoch validation time / time in training steps: 166 / 1891 slot-s "
-    "(`python bench/pipeline_overhead.py --modes local`, README 'The Ray job', 2-core AMD EPYC)",
+    "(`python bench/pipeline_overhead.py --modes local`, docs/ray-job.md, 2-core AMD EPYC)",
 )
 ORCHESTRATION_PER_TRIAL = Measured(
     1.4,
@@ -76,7 +76,7 @@ JOB_FIXED_S = Measured(
 PARSE_S_PER_M = Measured(
     1.2,
     "seconds to parse 1M transitions into the Arrow cache, once per dataset on the driver "
-    "(`python bench/dataset_cache.py`, README 'Datasets')",
+    "(`python bench/dataset_cache.py`, docs/datasets.md 'Cache')",
 )
 
 
@@ -201,6 +201,7 @@ def render(results: list[dict], rates: dict[str, Measured], tr: list[Trial], d4r
     rows_total = sum(rows_of(n, d4rl_dir)[0] for n in D4RL_ROWS)
     sources = {rows_of(n, d4rl_dir)[1] for n in D4RL_ROWS}
     hours = lambda s: f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"  # noqa: E731
+    when = lambda r: [hours(r["longest_s"]), hours(r["busy_s"])]  # noqa: E731
     lines = [
         "# Capacity: the D4RL locomotion suite with the default search (ESTIMATE)",
         "",
@@ -213,14 +214,11 @@ def render(results: list[dict], rates: dict[str, Measured], tr: list[Trial], d4r
         f"{len(tr)} trials (9 search points each), {sum(t.samples for t in tr) / 1e9:.2f}G training samples "
         f"at {EPOCHS} epochs on {TRAIN_FRACTION:.0%} of the episodes.",
         "",
-        "| where | trials at once | estimated job wall | longest trial | device-busy time |",
-        "|---|---|---|---|---|",
+        *md_table(
+            ["where", "trials at once", "estimated job wall", "longest trial", "device-busy time"],
+            [[r["scenario"], r["slots"], f"**{hours(r['wall_s'])}**", *when(r)] for r in results],
+        ),
     ]
-    for r in results:
-        lines.append(
-            f"| {r['scenario']} | {r['slots']} | **{hours(r['wall_s'])}** | {hours(r['longest_s'])} "
-            f"| {hours(r['busy_s'])} |"
-        )
     lines += ["", "Inputs (each measured where it says; the model is in the script's docstring):", ""]
     names = {"eager": "GPU eager step", "graph": "GPU CUDA-graph step", "population": "GPU population of 9"}
     inputs = [(names[k], v) for k, v in rates.items()]
@@ -259,10 +257,10 @@ def model_check(rates: dict[str, Measured], measured: float | None) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--device-run", type=Path, default=None, help="a bench/device/run.sh output folder")
     p.add_argument("--d4rl-dir", type=Path, default=None, help="count rows in the D4RL files found here")
-    p.add_argument("--out", default=str(ROOT / "bench" / "capacity.md"), help="'-' prints")
+    add_out(p, ROOT / "bench" / "capacity.md", "the estimate")
     args = p.parse_args(argv)
     rates = {"eager": GPU_EAGER}
     if args.device_run is not None:

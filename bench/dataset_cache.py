@@ -1,7 +1,6 @@
 """Parse-from-HDF5 versus cached (Arrow, memory-mapped) load of a 1M-transition D4RL-layout dataset:
-`python bench/dataset_cache.py [--transitions 1000000] [--repeat 3]`."""
+`python bench/dataset_cache.py [--transitions 1000000] [--repeat 3]`; writes bench/dataset_cache.md."""
 
-import argparse
 import os
 import subprocess
 import sys
@@ -11,6 +10,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_out, header, load_note, md_table, parser, write_record  # noqa: E402
 
 # Writes a HalfCheetah-shaped file (17 / 6 dims, 1000-step episodes, next_observations, infos/qpos,
 # infos/qvel, float32 like D4RL v2) into a temp folder, then times:
@@ -50,12 +52,15 @@ def best(fn, repeat: int) -> tuple[float, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--transitions", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3)
+    add_out(ap, ROOT / "bench" / "dataset_cache.md")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["INVDYN_HOME"] = str(Path(tmp) / "home")  # a private cache: the bench never touches yours
+        title = "The dataset cache: parse once, memory-map after"
+        lines = header(title, "bench/dataset_cache.py", "CPU only, " + load_note())
         from pipeline.data import cache
         from pipeline.data.sources import load_transitions
 
@@ -89,16 +94,20 @@ def main() -> None:
         assert built.stats["cache_hit"] is False and c.stats["cache_hit"] is True
         assert np.array_equal(t.obs, c.obs) and np.array_equal(t.next_obs, c.next_obs)
         arrow = cache.cache_path(c.sha256).stat().st_size / 1e6
-    print(f"dataset: {len(t):,} transitions, HDF5 {size:.0f} MB, Arrow cache {arrow:.0f} MB")
-    print(f"{'parse from HDF5 (no cache)':<34}{t_parse * 1e3:>10.1f} ms")
-    print(f"{'first load (parse + write cache)':<34}{t_build * 1e3:>10.1f} ms")
-    print(f"{'cached load (memory map)':<34}{t_cached * 1e3:>10.1f} ms   {t_parse / t_cached:>8.0f}x faster")
-    print(
-        f"{'cached load + read every array':<34}{t_touch * 1e3:>10.1f} ms   {t_parse / t_touch:>8.1f}x faster"
-    )
-    print(
-        f"{'cached load in a fresh process':<34}{t_fresh * 1e3:>10.1f} ms   {t_parse / t_fresh:>8.1f}x faster"
-    )
+    rows = [
+        ["parse from HDF5 (no cache)", t_parse, "1x"],
+        ["first load (parse + write cache)", t_build, f"{t_parse / t_build:.2f}x"],
+        ["cached load (memory map)", t_cached, f"{t_parse / t_cached:.0f}x faster"],
+        ["cached load + read every array", t_touch, f"{t_parse / t_touch:.1f}x faster"],
+        ["cached load in a fresh process", t_fresh, f"{t_parse / t_fresh:.1f}x faster"],
+    ]
+    lines += [
+        f"Dataset: {len(t):,} transitions, HDF5 {size:.0f} MB, Arrow cache {arrow:.0f} MB; best of "
+        f"{args.repeat} runs each, the OS page cache warm.",
+        "",
+        *md_table(["load", "ms", "vs parsing"], [[what, f"{secs * 1e3:.1f}", x] for what, secs, x in rows]),
+    ]
+    write_record(lines, args.out)
 
 
 if __name__ == "__main__":

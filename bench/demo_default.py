@@ -11,26 +11,22 @@ WORK/results.json; `--no-run` only writes the table. Writes bench/demo_default.m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-MACHINE = "2-core Intel Xeon with AMX-bf16, CPU only, no other benchmark running"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_out, add_work, load_note, machine, md_table, measured_on, parser  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--suites", default="sim,sim-medium-expert", help="comma-separated candidate suites")
-    ap.add_argument("--work", default="runs/demo_default", help="jobs, data and results")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "demo_default.md"))
+    add_work(ap, "runs/demo_default", "jobs, data and results")
+    add_out(ap, ROOT / "bench" / "demo_default.md")
     ap.add_argument("--job-args", default="", help="extra flags for every candidate's job")
     ap.add_argument("--no-run", action="store_true", help="only write the table from WORK/results.json")
     return ap.parse_args(argv)
@@ -47,12 +43,19 @@ def run_job(suite: str, args, work: Path) -> dict:
     cmd = [sys.executable, "-m", "pipeline.pretrain_all", "--datasets", suite, "--out", str(home / "out")]
     cmd += args.job_args.split()
     print(f"{suite}: {' '.join(cmd[1:])}", flush=True)
+    where = machine("CPU only, " + load_note())
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
     wall = time.perf_counter() - start
     summary = json.loads((home / "out" / "summary.json").read_text())
     shown = ["python", *cmd[1:-1], "DIR"]  # the output folder is this bench's, not part of the command
-    return {"suite": suite, "wall_s": wall, "command": " ".join(shown), "models": summary}
+    return {
+        "suite": suite,
+        "wall_s": wall,
+        "command": " ".join(shown),
+        "models": summary,
+        "machine": where,
+    }
 
 
 def score(model_dir: str, data_path: str, env: dict) -> dict:
@@ -108,28 +111,31 @@ def write_markdown(results: dict, args, path: Path) -> None:
         + (f" --job-args '{args.job_args}'" if args.job_args else ""),
         "```",
         "",
-        f"Machine: {MACHINE}; python {platform.python_version()}. Each job ran from an empty data folder and "
+        f"Machine: {measured_on(jobs)}. "
+        "Each job ran from an empty data folder and "
         "cache (its wall time includes generating the data), with the job's defaults. Scores: "
         "`python -m pipeline.evaluate MODEL FILE --json`: on the model's own file its test episodes "
         "(no choice read them); on another file every row (data the model never saw). R² is the mean over "
         "action dimensions; drift@32 the normalized-state RMSE after 32 closed-loop MuJoCo steps.",
         "",
-        "| suite | job wall (min) | command |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {j['suite']} | {j['wall_s'] / 60:.1f} | `{j['command']}` |" for j in jobs]
-    lines += [
+        *md_table(
+            ["suite", "job wall (min)", "command"],
+            [[j["suite"], f"{j['wall_s'] / 60:.1f}", f"`{j['command']}`"] for j in jobs],
+        ),
         "",
-        "| trained on | scored on | part | action MSE | R² | one-step error | drift@32 |",
-        "|---|---|---|---|---|---|---|",
     ]
+    cells = []
     for r in rows:
         res = r["result"]
-        lines.append(
-            f"| {r['trained_on']} | {r['scored_on']} | {res.get('part')} | {_fmt(res.get('heldout_mse'))} | "
-            f"{_fmt(r2(res), 3)} | {_fmt(res.get('one_step_error'), 3)} | "
-            f"{_fmt(res.get('tracking_drift'), 3)} |"
+        cells.append(
+            [r["trained_on"], r["scored_on"], res.get("part"), _fmt(res.get("heldout_mse")), _fmt(r2(res), 3)]
+            + [_fmt(res.get("one_step_error"), 3), _fmt(res.get("tracking_drift"), 3)]
         )
+    head = ["trained on", "scored on", "part", "action MSE", "R²", "one-step error", "drift@32"]
+    lines += md_table(head, cells)
+    if str(path) == "-":
+        print("\n".join(lines))
+        return
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
 

@@ -11,15 +11,12 @@ members (seeds 0..K-1) train on the rest, where the trainer splits off its own v
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_out, device_note, load_note, machine, md_table, parser  # noqa: E402
 
 DATASETS = ("sim-hopper-mixed-v0", "sim-halfcheetah-mixed-v0", "sim-walker2d-mixed-v0")
 
@@ -40,15 +37,6 @@ HOW = [
     "mean action a. spread-only: minus the members' spread (each action dimension divided by its median on "
     "member 0's validation pairs), the score without the one-step model.",
 ]
-
-
-def _machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), "")
-    except (OSError, subprocess.SubprocessError):
-        name = ""
-    return f"{name or 'unknown CPU'}, {os.cpu_count()} CPUs visible (shared with other processes)"
 
 
 def one_dataset(name: str, args) -> dict:
@@ -84,20 +72,26 @@ def one_dataset(name: str, args) -> dict:
     return {"dataset": name, "train_s": train_s, **stats}
 
 
+#: the table's columns after the dataset: (header, key in a measured row, format)
+COLUMNS = (
+    ("member MSE", "member_mse", ".5f"),
+    ("ensemble MSE", "ensemble_mse", ".5f"),
+    ("ratio", "mse_ratio", ".3f"),
+    ("spread-error Spearman", "spread_error_spearman", ".3f"),
+    ("uncertainty-error Spearman", "uncertainty_error_spearman", ".3f"),
+    ("AUROC other step", "auroc_other_step", ".3f"),
+    ("AUROC 1%", "auroc_noise_1pct", ".3f"),
+    ("AUROC 5%", "auroc_noise_5pct", ".3f"),
+    ("AUROC 20%", "auroc_noise_20pct", ".3f"),
+    ("spread-only AUROC 5%", "auroc_spread_only_noise_5pct", ".3f"),
+)
+
+
 def table(rows: list[dict]) -> list[str]:
-    head = [
-        "| dataset | member MSE | ensemble MSE | ratio | spread-error Spearman | uncertainty-error Spearman "
-        "| AUROC other step | AUROC 1% | AUROC 5% | AUROC 20% | spread-only AUROC 5% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    return head + [
-        f"| {r['dataset']} | {r['member_mse']:.5f} | {r['ensemble_mse']:.5f} | {r['mse_ratio']:.3f} "
-        f"| {r['spread_error_spearman']:.3f} | {r['uncertainty_error_spearman']:.3f} "
-        f"| {r['auroc_other_step']:.3f} | {r['auroc_noise_1pct']:.3f} "
-        f"| {r['auroc_noise_5pct']:.3f} | {r['auroc_noise_20pct']:.3f} "
-        f"| {r['auroc_spread_only_noise_5pct']:.3f} |"
-        for r in rows
-    ]
+    return md_table(
+        ["dataset", *(c[0] for c in COLUMNS)],
+        [[r["dataset"], *(format(r[key], spec) for _, key, spec in COLUMNS)] for r in rows],
+    )
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -120,7 +114,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--workdir", default="/tmp/invdyn-ensembles", help="where the ensembles are written")
     p.add_argument("--reuse", action="store_true", help="measure the ensembles already in --workdir")
@@ -134,8 +128,11 @@ def main(argv=None) -> int:
     p.add_argument("--hidden-dim", type=int, default=512)
     p.add_argument("--test-fraction", type=float, default=0.15)
     p.add_argument("--test-seed", type=int, default=1234)
-    p.add_argument("--out", default=str(ROOT / "bench" / "ensembles.md"))
+    add_out(p, ROOT / "bench" / "ensembles.md")
     args = p.parse_args(argv)
+    import torch
+
+    where = machine(device_note("cuda" if torch.cuda.is_available() else "cpu") + ", " + load_note())
     rows = []
     for name in args.datasets.split(","):
         rows.append(one_dataset(name, args))
@@ -157,7 +154,7 @@ def main(argv=None) -> int:
             if args.reuse
             else []
         ),
-        f"Machine: {_machine()}. {args.members} members per dataset (seeds 0..{args.members - 1}), "
+        f"Machine: {where}. {args.members} members per dataset (seeds 0..{args.members - 1}), "
         f"{args.max_epochs} epochs, hidden {args.hidden_dim}, the trainer's other defaults.",
         f"Test episodes: {args.test_fraction:.0%} of each dataset's episodes (seed {args.test_seed}), held "
         "out before training; the members share one split of the rest into training and validation "
@@ -172,7 +169,10 @@ def main(argv=None) -> int:
         *verdicts(rows),
         "",
     ]
-    Path(args.out).write_text("\n".join(text))
+    if args.out == "-":
+        print("\n".join(text))
+    else:
+        Path(args.out).write_text("\n".join(text))
     return 0
 
 

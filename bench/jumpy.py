@@ -11,9 +11,7 @@ the machine.
 
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,17 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def _machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line)
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} CPUs (shared with other work)"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_out, device_note, load_note, machine, md_table, parser  # noqa: E402
 
 
 def one_dataset(name: str, args, workdir: Path) -> list[dict]:
@@ -75,26 +64,29 @@ def one_dataset(name: str, args, workdir: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    head = [
-        "| dataset | k | test pairs | action MSE | mean-action MSE | MSE / mean-action | epochs | train s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    return head + [
-        f"| {r['dataset']} | {r['k']} | {r['test_pairs']} | {r['mse']:.5f} | {r['baseline']:.5f} "
-        f"| {r['mse'] / r['baseline']:.3f} | {r['epochs']} | {r['train_s']:.0f} |"
-        for r in rows
-    ]
+    head = ["dataset", "k", "test pairs", "action MSE", "mean-action MSE", "MSE / mean-action", "epochs"]
+    return md_table(
+        [*head, "train s"],
+        [
+            [r["dataset"], r["k"], r["test_pairs"], f"{r['mse']:.5f}", f"{r['baseline']:.5f}"]
+            + [f"{r['mse'] / r['baseline']:.3f}", r["epochs"], f"{r['train_s']:.0f}"]
+            for r in rows
+        ],
+    )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--datasets", default="sim-hopper-mixed-v0,sim-halfcheetah-mixed-v0")
     p.add_argument("--jumps", default="1,2,4,8")
     p.add_argument("--max-epochs", type=int, default=20)
     p.add_argument("--test-fraction", type=float, default=0.15)
     p.add_argument("--test-seed", type=int, default=1234)
-    p.add_argument("--out", default=str(ROOT / "bench" / "jumpy.md"))
+    add_out(p, ROOT / "bench" / "jumpy.md")
     args = p.parse_args(argv)
+    import torch
+
+    where = machine(device_note("cuda" if torch.cuda.is_available() else "cpu") + ", " + load_note())
     rows = []
     with tempfile.TemporaryDirectory(prefix="invdyn-jumpy-") as tmp:
         for name in args.datasets.split(","):
@@ -107,7 +99,7 @@ def main(argv=None) -> int:
         command.strip(),
         "```",
         "",
-        f"Machine: {_machine()}. {args.max_epochs} epochs, the trainer's other defaults, seed 0.",
+        f"Machine: {where}. {args.max_epochs} epochs, the trainer's other defaults, seed 0.",
         f"Test episodes: {args.test_fraction:.0%} of each dataset's episodes (seed {args.test_seed}), held "
         "out before training; every model is scored on the test episodes' own k-step pairs (none crosses "
         "an episode end). Baseline: the training episodes' mean action.",
@@ -115,7 +107,10 @@ def main(argv=None) -> int:
         *table(rows),
         "",
     ]
-    Path(args.out).write_text("\n".join(text))
+    if args.out == "-":
+        print("\n".join(text))
+    else:
+        Path(args.out).write_text("\n".join(text))
     return 0
 
 

@@ -13,10 +13,7 @@ warm-up, interleaved, median reported. Writes --out (Markdown) with the command 
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_out, command, load_note, machine, md_table, parser  # noqa: E402
 
 
 def _model(args, transitions, dev, workdir: Path):
@@ -85,21 +82,9 @@ def _timings(model, graph: Path, obs, nxt, threads: int, repeats: int) -> dict[s
     return {k: (float(np.median(v)), float(np.min(v))) for k, v in times.items()}
 
 
-def _machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), "")
-    except (OSError, subprocess.SubprocessError):
-        name = ""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{name or platform.processor() or 'unknown CPU'}, {os.cpu_count()} CPUs visible, load average {load}"
-    )
-
-
 def run(args) -> str:
+    where = machine("CPU only, " + load_note())
     import onnxruntime
-    import torch
 
     import invdyn
     from invdyn.onnx_export import export_onnx
@@ -126,9 +111,9 @@ def run(args) -> str:
     lines = [
         "# ONNX export: parity with `predict` and CPU speed",
         "",
-        f"Command: `{' '.join(['python', *sys.argv])}`",
+        f"Command: `{command('bench/onnx_export.py')}`",
         "",
-        f"Machine: {_machine()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"Machine: {where}; onnxruntime {onnxruntime.__version__}, "
         f"invdyn {invdyn.__version__}, opset {card['opset']}.",
         "",
         f"Model: {arch.get('name')} (hidden_dim {model.net.hidden_dim}), obs_dim {model.obs_dim}, act_dim "
@@ -142,15 +127,15 @@ def run(args) -> str:
         f"Speed, one ({args.batch}, {model.obs_dim}) batch, ms per call: median of {args.repeats} calls "
         "(fastest call):",
         "",
-        "| threads | predict (numpy) | torch eager (tensors) | onnxruntime "
-        "| onnxruntime / eager: median (fastest) |",
-        "|---|---|---|---|---|",
     ]
+    cells = []
     for threads, ms in rows:
         ratio = [ms["onnxruntime"][i] / ms["torch eager (tensors)"][i] for i in (0, 1)]
-        cells = " | ".join(f"{ms[k][0]:.2f} ({ms[k][1]:.2f})" for k in ms)
-        lines.append(f"| {threads} | {cells} | {ratio[0]:.2f} ({ratio[1]:.2f}) |")
-    lines.append("")
+        cells.append(
+            [threads, *(f"{ms[k][0]:.2f} ({ms[k][1]:.2f})" for k in ms), f"{ratio[0]:.2f} ({ratio[1]:.2f})"]
+        )
+    head = ["threads", "predict (numpy)", "torch eager (tensors)", "onnxruntime"]
+    lines += [*md_table([*head, "onnxruntime / eager: median (fastest)"], cells), ""]
     for i, what in enumerate(("median", "fastest call")):
         slower = [str(th) for th, ms in rows if ms["onnxruntime"][i] > ms["torch eager (tensors)"][i]]
         verdict = (
@@ -167,7 +152,7 @@ def run(args) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--dataset", default="sim-hopper-mixed-v0", help="dataset name or file the model is for")
     ap.add_argument(
         "--model-dir", help="a model directory to export (default: train one on the dev episodes)"
@@ -176,10 +161,11 @@ def main(argv=None) -> int:
     ap.add_argument("--test-seed", type=int, default=1234, help="seed of the test-episode split")
     ap.add_argument("--batch", type=int, default=4096, help="rows per timed call")
     ap.add_argument("--repeats", type=int, default=50, help="timed calls per way and thread count")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "onnx_export.md"), help="Markdown report")
+    add_out(ap, ROOT / "bench" / "onnx_export.md")
     args = ap.parse_args(argv)
     report = run(args)
-    Path(args.out).write_text(report)
+    if args.out != "-":
+        Path(args.out).write_text(report)
     print(report)
     return 0
 

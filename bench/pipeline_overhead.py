@@ -1,7 +1,7 @@
 """Wall time of `pipeline.job.pretrain_all` and the share of it not spent in training steps.
 
     python bench/pipeline_overhead.py [--datasets sim] [--max-epochs 15] [--modes local,train,sequential]
-                                      [--out bench-out] [--json results.json]
+                                      [--work runs/pipeline_overhead] [--json results.json]
 
 Modes (same datasets, same --search grid, same epochs, same seeds):
   local       pretrain_all --executor local (the default): each trial's TorchTrainer in Train's local mode,
@@ -16,18 +16,19 @@ evaluation of the chosen models and the summary included); "orchestration" count
 validation of the training loop as training too (it is the early stopping, not Ray). For `sequential` the
 denominator is its wall time. orchestration s/trial = the slot-seconds outside the training loop, per
 trial: what a longer training amortizes. Datasets are prepared (simulated + cached) first and not timed.
-Prints a Markdown table.
+Writes the Markdown table to bench/pipeline_overhead.md (--out).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_out, add_work, header, load_note, md_table, parser, write_record  # noqa: E402
 
 
 def run_pipeline(executor: str, args, out: Path) -> dict:
@@ -105,20 +106,34 @@ def run_sequential(args, out: Path) -> dict:
     }
 
 
+def cells(r: dict) -> list[str]:
+    """One mode's row: its times and the shares of them outside training steps and the training loop."""
+    slot_s = r["tune_wall_s"] * r["slots"]
+    loop_s = r["train_time_s"] + r["eval_time_s"]
+    per_trial = (slot_s - loop_s) / max(r["trials"], 1)
+    times = [f"{r[k]:.0f}" for k in ("wall_s", "tune_wall_s", "train_time_s", "eval_time_s")]
+    shares = [1 - r["train_time_s"] / slot_s, 1 - r["train_time_s"] / (r["wall_s"] * r["slots"])]
+    shares.append(1 - loop_s / slot_s)
+    return [r["mode"], r["trials"], *times, *(f"{x:.1%}" for x in shares), f"{per_trial:.1f}"]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--datasets", default="sim")
     ap.add_argument(
         "--max-epochs", type=int, help="cap every trial's epochs (default: the trainer's, as the job)"
     )
     ap.add_argument("--modes", default="local,train,sequential")
-    ap.add_argument("--out", default="bench-out")
+    add_work(ap, ROOT / "runs" / "pipeline_overhead", "each mode's job output")
+    add_out(ap, ROOT / "bench" / "pipeline_overhead.md")
     ap.add_argument(
         "--sequential-threads", type=int, help="torch threads of `sequential` (default: all CPUs)"
     )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
-    out = Path(args.out).resolve()
+    out = Path(args.work).resolve()
+    title = "The job's wall time and its share outside training"
+    lines = header(title, "bench/pipeline_overhead.py", "CPU only, " + load_note())
     from pipeline.data.catalog import resolve_datasets
     from pipeline.data.sources import prepare
 
@@ -129,27 +144,11 @@ def main(argv=None) -> int:
         r = run_sequential(args, out / mode) if mode == "sequential" else run_pipeline(mode, args, out / mode)
         results.append(r)
         print(f"{mode}: {r['wall_s']:.0f} s", flush=True)
-    print(
-        f"\n{os.cpu_count()} CPUs; --datasets {args.datasets} --search "
-        f"--max-epochs {args.max_epochs or 'default'}\n"
-    )
-    print(
-        "| mode | trials | job wall s | Tune wall s | in training steps s | in validation s "
-        "| not in training steps | the same, of the whole job's wall "
-        "| not in the training loop (orchestration) | orchestration s/trial |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        slot_s = r["tune_wall_s"] * r["slots"]
-        loop_s = r["train_time_s"] + r["eval_time_s"]
-        per_trial = (slot_s - loop_s) / max(r["trials"], 1)
-        print(
-            f"| {r['mode']} | {r['trials']} | {r['wall_s']:.0f} | {r['tune_wall_s']:.0f} | "
-            f"{r['train_time_s']:.0f} | "
-            f"{r['eval_time_s']:.0f} | {1 - r['train_time_s'] / slot_s:.1%} | "
-            f"{1 - r['train_time_s'] / (r['wall_s'] * r['slots']):.1%} | {1 - loop_s / slot_s:.1%} | "
-            f"{per_trial:.1f} |"
-        )
+    lines += [f"--datasets {args.datasets} --search --max-epochs {args.max_epochs or 'default'}", ""]
+    head = ["mode", "trials", "job wall s", "Tune wall s", "in training steps s", "in validation s"]
+    head += ["not in training steps", "the same, of the whole job's wall"]
+    head += ["not in the training loop (orchestration)", "orchestration s/trial"]
+    write_record([*lines, *md_table(head, [cells(r) for r in results])], args.out)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -16,19 +16,14 @@ machine's load inflates less than the wall time), and whether both sides pick th
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_out, device_note, load_note, machine, md_table, parser  # noqa: E402
 
 from pipeline.training.config import TrainConfig  # noqa: E402
 from pipeline.training.population import train_population  # noqa: E402
@@ -88,6 +83,10 @@ def _mse(results) -> list[float]:
     return [r.metrics["heldout_mse"] for r in results]
 
 
+HEADER = ["K", "population samples/s", "separate samples/s", "ratio", "population wall s", "separate wall s"]
+HEADER += ["wall ratio", "CPU-time ratio", "same best config (separate's best)", "max rel. heldout_mse gap"]
+
+
 def row(k: int, pop: dict, sep: dict, configs) -> str:
     pop_rate, sep_rate = pop["rate"], sep["rate"]
     best_pop = min(range(k), key=lambda i: pop["mse"][i])
@@ -95,22 +94,14 @@ def row(k: int, pop: dict, sep: dict, configs) -> str:
     c = configs[best_sep]
     gap = max(abs(a - b) / b for a, b in zip(pop["mse"], sep["mse"], strict=True))
     same = "yes" if best_pop == best_sep else f"NO (population: #{best_pop})"
-    return (
-        f"| {k} | {pop_rate:,.0f} | {sep_rate:,.0f} | {pop_rate / sep_rate:.2f} | {pop['wall']:.1f} | "
-        f"{sep['wall']:.1f} | {sep['wall'] / pop['wall']:.2f} | {sep['cpu'] / pop['cpu']:.2f} | "
-        f"{same}: lr {c.lr:g}, wd {c.weight_decay:g}, "
-        f"seed {c.seed} | {gap:.1e} |"
-    )
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    cells = [k, f"{pop_rate:,.0f}", f"{sep_rate:,.0f}", f"{pop_rate / sep_rate:.2f}", f"{pop['wall']:.1f}"]
+    cells += [f"{sep['wall']:.1f}", f"{sep['wall'] / pop['wall']:.2f}", f"{sep['cpu'] / pop['cpu']:.2f}"]
+    cells += [f"{same}: lr {c.lr:g}, wd {c.weight_decay:g}, seed {c.seed}", f"{gap:.1e}"]
+    return md_table(HEADER, [cells])[-1]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--dataset", default="sim-halfcheetah-mixed-v0")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--members", default="1,9,27", help="comma-separated K values")
@@ -118,8 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--step", choices=("auto", "eager", "graph"), default="auto")
     p.add_argument("--rounds", type=int, default=1, help="repeat both sides, alternating; medians")
-    p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    add_out(p, "-", "also write the Markdown table to this file")
     args = p.parse_args(argv)
+    where = machine(device_note(args.device) + ", " + load_note())
     from pipeline.data.sources import load_transitions
 
     data = load_transitions(args.dataset)
@@ -132,12 +124,10 @@ def main(argv=None) -> int:
     }
     lines = [
         f"`python bench/population.py {' '.join(argv if argv is not None else sys.argv[1:])}` on "
-        f"{machine(args.device)}; {data.name} ({len(data):,} transitions), hidden {args.hidden}, batch 512, "
+        f"{where}; {data.name} ({len(data):,} transitions), hidden {args.hidden}, batch 512, "
         f"{args.epochs} epochs, step {args.step}, precision auto.",
         "",
-        "| K | population samples/s | separate samples/s | ratio | population wall s | separate wall s | "
-        "wall ratio | CPU-time ratio | same best config (separate's best) | max rel. heldout_mse gap |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *md_table(HEADER, []),
     ]
     print("\n".join(lines), flush=True)
     for k in (int(x) for x in args.members.split(",")):
@@ -145,7 +135,7 @@ def main(argv=None) -> int:
         pop, sep = measure(data, configs, args.rounds)
         lines.append(row(k, pop, sep, configs))
         print(lines[-1], flush=True)
-    if args.out:
+    if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
     return 0

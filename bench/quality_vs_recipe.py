@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_threads, load_note, machine, md_table, measured_on, parser  # noqa: E402
 
 from pipeline.quality.recipe import RECIPE  # noqa: E402
 
@@ -119,6 +119,7 @@ def run(args) -> list[dict]:
                 "epochs": result.metrics["epochs"],
                 "model_dir": str(result.model_dir),
                 "eval": ev,
+                "machine": args.machine,
             }
             rows.append(row)
             _print(row, args.horizon, f"{wall:6.0f}s")
@@ -147,29 +148,28 @@ def _save(out: Path, done: dict, rows: list[dict]) -> list[dict]:
 def table(rows: list[dict], horizon: int) -> str:
     """Markdown: every candidate's test MSE and drift, and both as a ratio to the recipe's on that dataset."""
     recipe = {r["dataset"]: r["eval"] for r in rows if r["candidate"] == "recipe"}
-    lines = [
-        f"| dataset | candidate | test MSE | / recipe | drift@{horizon} | / recipe | one-step | epochs "
-        "| train s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    cells = []
     for r in rows:
         e, base = r["eval"], recipe.get(r["dataset"], {})
 
         def ratio(key, e=e, base=base):
             return f"{e[key] / base[key]:.3f}" if base.get(key) and e.get(key) is not None else "n/a"
 
-        lines.append(
-            f"| {r['dataset']} | {r['candidate']} | {e['heldout_mse']:.5f} | {ratio('heldout_mse')} | "
-            f"{e['tracking_drift']:.4f} | {ratio('tracking_drift')} | {e['one_step_error']:.4f} | "
-            f"{r['epochs']} | "
-            f"{r['train_wall_s']:.0f} |"
+        cells.append(
+            [r["dataset"], r["candidate"], f"{e['heldout_mse']:.5f}", ratio("heldout_mse")]
+            + [f"{e['tracking_drift']:.4f}", ratio("tracking_drift"), f"{e['one_step_error']:.4f}"]
+            + [r["epochs"], f"{r['train_wall_s']:.0f}"]
         )
+    head = ["dataset", "candidate", "test MSE", "/ recipe", f"drift@{horizon}", "/ recipe", "one-step"]
+    lines = [f"Machine: {measured_on(rows)}.", "", *md_table([*head, "epochs", "train s"], cells), ""]
     baselines = {r["dataset"]: r["eval"] for r in rows}
-    lines += ["", "| dataset | mean-action MSE | mean-action drift | floor drift |", "|---|---|---|---|"]
-    lines += [
-        f"| {d} | {e['baseline_mse']:.4f} | {e['tracking_baseline']:.4f} | {e['tracking_floor']:.2g} |"
-        for d, e in baselines.items()
-    ]
+    lines += md_table(
+        ["dataset", "mean-action MSE", "mean-action drift", "floor drift"],
+        [
+            [d, f"{e['baseline_mse']:.4f}", f"{e['tracking_baseline']:.4f}", f"{e['tracking_floor']:.2g}"]
+            for d, e in baselines.items()
+        ],
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -216,10 +216,8 @@ def over_splits(rows: list[dict], horizon: int) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["candidate"]), []).append(r)
-    lines = [
-        f"| dataset | candidate | splits | test MSE | / recipe | drift@{horizon} | / recipe | one-step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [f"Machine: {measured_on(rows)}.", ""]
+    rows_out = []
     for (dataset, cand), rs in groups.items():
 
         def ratio(key, rs=rs):
@@ -233,7 +231,9 @@ def over_splits(rows: list[dict], horizon: int) -> str:
             fmt_interval(ratio("tracking_drift"), ".3g"),
             fmt_interval(interval(r["eval"]["one_step_error"] for r in rs)),
         ]
-        lines.append(f"| {dataset} | {cand} | {len(rs)} | {' | '.join(cells)} |")
+        rows_out.append([dataset, cand, len(rs), *cells])
+    head = ["dataset", "candidate", "splits", "test MSE", "/ recipe", f"drift@{horizon}", "/ recipe"]
+    lines += md_table([*head, "one-step"], rows_out)
     return "\n".join(lines) + "\n"
 
 
@@ -256,10 +256,10 @@ def run_split_seeds(args) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--datasets", default=SIM_SUITE)
     ap.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma list of {', '.join(CANDIDATES)}")
-    ap.add_argument("--out", default="runs/bench-quality")
+    ap.add_argument("--out", default="runs/bench-quality", help="folder of its results, tables and report")
     ap.add_argument("--horizon", type=int, default=32)
     ap.add_argument("--starts", type=int, default=400, help="tracking starts (128 leaves ~10%% noise)")
     ap.add_argument("--samples", type=int, default=2000)
@@ -267,12 +267,11 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="reuse runs already in OUT/results.json")
     ap.add_argument("--reevaluate", action="store_true", help="with --resume: evaluate reused models again")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--threads", type=int, default=None, help="torch threads per run (1 on a shared, busy machine)"
-    )
+    add_threads(ap)  # 1 on a shared, busy machine
     ap.add_argument("--test-seed", type=int, default=1234)
     ap.add_argument("--split-seeds", default=None, help="repeat on these test-split seeds (OUT/splits.md)")
     args = ap.parse_args(argv)
+    args.machine = machine("CPU only, " + load_note())  # recorded with every run measured now
     unknown = [c for c in args.candidates.split(",") if c not in CANDIDATES]
     if unknown:
         ap.error(f"unknown candidates {unknown}; known: {', '.join(CANDIDATES)}")

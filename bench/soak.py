@@ -1,6 +1,6 @@
 """Soak: N small pretraining jobs in a row; after each, what is left behind and how much memory is held.
 
-    python bench/soak.py [--jobs 20] [--mode inprocess|subprocess] [--out soak-results.json]
+    python bench/soak.py [--jobs 20] [--mode inprocess|subprocess] [--json soak-results.json]
 
 Each job is `pipeline.job.pretrain_all` on one small simulated dataset (2 epochs, 2 search points, MLflow on a
 SQLite store in the soak folder) with its own local Ray, started and stopped by the job. All temp files of
@@ -12,11 +12,12 @@ the jobs go to one folder (TMPDIR / RAY_TMPDIR), so the figures are ours, not ot
              `--clean-ray-sessions` removes finished sessions between jobs to show the rest is flat);
 - rss MB:    in-process mode: this driver's resident memory after the job (flat = nothing accumulates
              across jobs in our driver code or Ray's client); subprocess mode: the job's peak RSS.
+
+Writes the table and its summary to bench/soak.md (--out).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -29,7 +30,10 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, add_out, header, load_note, md_table, parser, write_record  # noqa: E402
+
+REPO = ROOT
 
 
 def owned_processes(marker: str) -> list[psutil.Process]:
@@ -116,14 +120,15 @@ def run_subprocess(args_list: list[str], env: dict) -> tuple[int, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--jobs", type=int, default=20)
     ap.add_argument("--mode", choices=("inprocess", "subprocess"), default="inprocess")
     ap.add_argument("--transitions", type=int, default=4000, help="size of the simulated dataset")
     ap.add_argument(
         "--clean-ray-sessions", action="store_true", help="delete finished Ray session logs between jobs"
     )
-    ap.add_argument("--out", default="soak-results.json")
+    add_out(ap, ROOT / "bench" / "soak.md")
+    ap.add_argument("--json", default=None, help="also write every row and the summary as JSON here")
     args = ap.parse_args(argv)
 
     soak = Path(tempfile.mkdtemp(prefix="invdyn-soak-"))
@@ -140,6 +145,8 @@ def main(argv=None) -> int:
     os.environ.update(env_over)
     os.environ.pop("RAY_ADDRESS", None)
     tempfile.tempdir = None  # re-read TMPDIR
+    title = "Soak: jobs in a row, what each leaves behind"
+    lines = header(title, "bench/soak.py", "CPU only, " + load_note())
     from pipeline.sim.simulate import simulate
 
     data = str(
@@ -192,8 +199,14 @@ def main(argv=None) -> int:
         "rss_mb_per_job_after_first": round((rss[-1] - rss[0]) / max(1, len(rss) - 1), 2),
         "rows": rows,
     }
-    Path(args.out).write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    head = ["job", "exit", "wall s", "ray procs", "ports", "tmp MB", "rss MB"]
+    keys = ("job", "exit", "wall_s", "ray_procs", "ports", "tmp_mb", "rss_mb")
+    table = [[len(r[k]) if k == "ports" else r[k] for k in keys] for r in rows]
+    lines += [f"{args.jobs} job(s), mode {args.mode}.", "", *md_table(head, table), ""]
+    lines += [f"- {k}: {v}" for k, v in summary.items() if k != "rows"]
+    write_record(lines, args.out)
     for p in owned_processes(marker):  # leave nothing behind ourselves (only processes of this soak)
         p.kill()
     shutil.rmtree(soak, ignore_errors=True)

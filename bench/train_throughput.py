@@ -16,11 +16,12 @@ median is reported, because a shared machine's load changes from minute to minut
 Table 2 (time to early-stop): 20% of the episodes are set aside as a test set; each contender trains
 on the rest with its own stopping rule (recipe: random 80/20 transitions, patience 3, last weights,
 checkpoint written each epoch; ours: defaults) and is scored on the test episodes.
+
+Prints as it goes and writes both tables, the command and the machine to bench/train_throughput.md (--out).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,11 +32,10 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from common import ROOT, add_out, add_threads, device_note, header, load_note, md_table, parser  # noqa: E402
 
 from pipeline.data.transitions import Transitions  # noqa: E402
 from pipeline.quality.recipe import RECIPE  # noqa: E402
@@ -197,40 +197,29 @@ def mse_on(net, norm, data: Transitions, idx) -> float:
 
 
 def table(headers, rows) -> str:
-    cells = [[str(c) for c in r] for r in [headers, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join(
-        [fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, cells[1:])]
-    )
+    return "\n".join(md_table(headers, rows))
 
 
-def machine() -> str:
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    native = sorted(f for f in flags if f in {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
-    avx = "/".join(native) or "no avx512"
-    return f"{model}, {available_cpus()} CPUs given, {avx}, torch {torch.__version__}"
+class Record:
+    """What the bench prints, kept for --out (the Markdown record)."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+
+    def say(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines += [*text.split("\n"), ""]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--dataset", default="sim-halfcheetah-mixed-v0")
     p.add_argument("--epochs", type=int, default=3, help="epochs per run in table 1")
     p.add_argument(
         "--rounds", type=int, default=3, help="interleaved repetitions in table 1 (median reported)"
     )
     p.add_argument("--max-epochs", type=int, default=300, help="cap for table 2's early-stopping runs")
-    p.add_argument(
-        "--threads", type=int, default=None, help="torch threads for every contender (default: CPUs given)"
-    )
+    add_threads(p)
     p.add_argument(
         "--workers",
         type=int,
@@ -241,6 +230,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="run every contender on this device"
     )
+    add_out(p, ROOT / "bench" / "train_throughput.md")
     args = p.parse_args(argv)
 
     from pipeline.data.sources import load_transitions
@@ -249,8 +239,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     data = load_transitions(args.dataset)
     auto = resolve_precision("auto", torch.device(args.device))
-    print(f"machine: {machine()}; threads {threads}; load average {os.getloadavg()[0]:.1f} at start")
-    print(
+    note = f"{device_note(args.device)}, {threads} torch threads, {load_note()}"
+    rec = Record(header("Our training loop vs CleanDiffuser's recipe", "bench/train_throughput.py", note))
+    print(rec.lines[-2])
+    rec.say(
         f"data: {data.name}: {len(data):,} transitions, {len(np.unique(data.episode))} episodes, "
         f"obs_dim {data.obs_dim}, act_dim {data.act_dim}"
     )
@@ -263,6 +255,7 @@ def main(argv=None) -> int:
         f"{flop / 1e6:.2f} MFLOP per training sample; matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s; precision 'auto' here = {auto}\n"
     )
+    rec.lines += [f"{flop / 1e6:.2f} MFLOP per training sample; precision 'auto' here = {auto}.", ""]
 
     # ---- table 1: equal epochs, recipe's split
     train_idx, val_idx = split_indices(data, "transitions", 0.2, 0)
@@ -320,7 +313,7 @@ def main(argv=None) -> int:
                     f"val MSE {val[name][-1]:.5f}",
                     flush=True,
                 )
-    print(
+    rec.say(
         f"matmul peak, best of every measurement (the load changes): fp32 {peaks['fp32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16']:.0f} GFLOP/s"
     )
@@ -342,12 +335,13 @@ def main(argv=None) -> int:
                 f"{gflops / peaks[prec]:.1%} of {peaks[prec]:.0f}",
             ]
         )
-    print(
-        f"\nTable 1: {args.epochs} epochs, random 80/20 transition split, batch 512, hidden 512, median of "
+    print()
+    rec.say(
+        f"Table 1: {args.epochs} epochs, random 80/20 transition split, batch 512, hidden 512, median of "
         f"{args.rounds} interleaved rounds (val MSE: mean over rounds). recipe: dropout 0.1, Adam 3e-4; "
         f"ours: our defaults (no dropout, AdamW + cosine) unless 'recipe settings'"
     )
-    print(
+    rec.say(
         table(
             [
                 "contender",
@@ -363,7 +357,7 @@ def main(argv=None) -> int:
         )
     )
     if args.skip_early_stop:
-        return 0
+        return _write(rec, args.out)
 
     # ---- table 2: time to early-stop, scored on held-out episodes
     pool_idx, test_idx = split_indices(data, "episodes", 0.2, 0)
@@ -416,12 +410,23 @@ def main(argv=None) -> int:
                 ]
             )
             print(f"  {label} done: {rows[-1]}", flush=True)
-    print(
-        f"\nTable 2: train until early stop on the 80% training episodes ({len(pool):,} transitions), "
+    print()
+    rec.say(
+        f"Table 2: train until early stop on the 80% training episodes ({len(pool):,} transitions), "
         f"score on the 20% test episodes ({len(test):,}); mean-action baseline MSE {baseline:.5f}"
     )
-    print(table(["contender", "time to stop (s)", "epochs", "test-episode MSE"], rows))
-    print(f"\nload average {os.getloadavg()[0]:.1f} at end")
+    rec.say(table(["contender", "time to stop (s)", "epochs", "test-episode MSE"], rows))
+    print()
+    rec.say(f"load average {os.getloadavg()[0]:.1f} at end")
+    return _write(rec, args.out)
+
+
+def _write(rec: Record, out: str) -> int:
+    """The record to --out (printed already, line by line, so not again: run.sh's report reads the log)."""
+    if out != "-":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("\n".join(rec.lines).rstrip("\n") + "\n")
+        print(f"wrote {out}")
     return 0
 
 

@@ -131,7 +131,7 @@ else
   JOB=(--search)
 fi
 step throughput 180 "$PY" bench/train_throughput.py --device "$DEVICE" --dataset sim-halfcheetah-mixed-v0 \
-  "${THROUGHPUT[@]}" --skip-early-stop
+  "${THROUGHPUT[@]}" --skip-early-stop --out "$RES/throughput.md"
 if selected population; then
   if [ -f bench/population.py ]; then
     mkdir -p "$RES/population"
