@@ -165,8 +165,8 @@ class FancyMlpInvDynamic(_InvDynBase):
 
     `delta_input` (invdyn's option, off by default; CleanDiffuser cannot load it) adds the normalized
     s' - s as a third input (`_InvDynBase._init_delta`; 0.91x the test MSE on walker2d-mixed,
-    bench/quality_limits.md). CleanDiffuser's loader `FancyMlpInvDynamic.from_pretrained(name)` is attached
-    by invdyn.model_dir.
+    bench/studies/quality_limits.md). CleanDiffuser's loader `FancyMlpInvDynamic.from_pretrained(name)` is
+    attached by invdyn.model_dir.
     """
 
     arch_name = "fancy_mlp"

@@ -47,7 +47,8 @@ class TrainConfig:
     delta_input: bool = _option(
         False,
         "feed the net s' - s normalized by the training pairs' own mean / std as a third input (fancy_mlp, "
-        "mlp; res_mlp always has its own); 0.91x test MSE on walker2d-mixed (bench/quality_limits.md)",
+        "mlp; res_mlp always has its own); 0.91x test MSE on walker2d-mixed "
+        "(bench/studies/quality_limits.md)",
     )
     lr: float = _option(1e-3, "learning rate")
     weight_decay: float = _option(1e-4, "weight decay")

@@ -1,9 +1,10 @@
 """What bounds walker2d-mixed: the velocity clip, the data size, the inputs or the model? Each lever on TEST
-episodes over split seeds (issue 16 item 3); writes the issue-16 levers section of bench/quality_limits.md.
+episodes over split seeds (issue 16 item 3); writes the issue-16 levers section of
+bench/studies/quality_limits.md.
 
-    nice -n 10 python bench/walker_levers.py --threads 1                 # every lever, split seeds 0,1,2
-    nice -n 10 python bench/walker_levers.py --steps clip,oracle --threads 1   # only some levers
-    python bench/walker_levers.py --no-run                               # only rewrite the section
+    nice -n 10 python bench/studies/walker_levers.py --threads 1          # every lever, split seeds 0,1,2
+    nice -n 10 python bench/studies/walker_levers.py --steps clip,oracle --threads 1   # only some levers
+    python bench/studies/walker_levers.py --no-run                        # only rewrite the section
 
 Protocol as bench/accuracy_table.py: test = 15 % of the episodes per split seed, which nothing chooses on;
 the champion is `TrainConfig()` as shipped, capped at --epochs, threads --threads. Walker2d's 50k champions
@@ -11,8 +12,8 @@ are the accuracy table's (runs/accuracy_table/models/, reused, not retrained). L
 
 - clip: the champion's test MSE / R² on rows with no joint velocity at the +-10 observation clip, clipped in s
   or s' only, clipped in both (and on sim-halfcheetah-medium-v0, agent data, where |v| >= 10 is not clipped).
-- oracle: bench/idm_floor.py's identifiability on test rows of each clip group: does (s, s') fix the action
-  when the raw velocities (infos/qvel) are hidden behind the clip?
+- oracle: bench/studies/idm_floor.py's identifiability on test rows of each clip group: does (s, s') fix
+  the action when the raw velocities (infos/qvel) are hidden behind the clip?
 - scale200k / scale1m: the champion on 200k / 1M simulated transitions (`pipeline.simulate`, seed 0).
 - features: the same model and trainer on (s, s', s' - s) and on (s_{t-1}, s, s') instead of (s, s').
 - ensemble: the mean of 3 members (init seeds 0, 1, 2 on one split) vs one member.
@@ -23,19 +24,17 @@ Every finished unit is cached as JSON under --work/results/, so a rerun only wri
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/studies/: idm_floor
+from common import ROOT, add_out, add_threads, add_work, load_note, machine, measured_on, parser  # noqa: E402
 
 WALKER = "sim-walker2d-mixed-v0"
 CHEETAH = "sim-halfcheetah-medium-v0"
@@ -44,7 +43,6 @@ GROUPS = ("none", "one", "both")  # no velocity at the clip / in s or s' but not
 GROUP_TEXT = {"none": "(a) no velocity at the clip", "one": "(b) s or s', not both", "both": "(c) s and s'"}
 FEATURE_TEXT = {"delta": "(s, s', s' - s)", "window": "(s_{t-1}, s, s')"}
 FEATURES = tuple(FEATURE_TEXT)
-MACHINE = "2-core Intel Xeon with AMX-bf16, CPU only, shared with other agents while measured"
 SECTION = "## Issue 16: what bounds walker2d-mixed"
 READING = "Reading (by hand, kept by reruns):"
 SIMULATE = [
@@ -54,7 +52,7 @@ SIMULATE = [
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument(
         "--steps", default=",".join(STEPS), help=f"levers to run, in order (of {','.join(STEPS)})"
     )
@@ -64,14 +62,15 @@ def parse_args(argv=None):
     ap.add_argument("--seeds-1m", default="0", help="split seeds at 1M transitions")
     ap.add_argument("--oracle-rows", type=int, default=200, help="test rows per clip group for the oracle")
     ap.add_argument("--restarts", type=int, default=6, help="oracle: random starts per row (besides 0)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--work", default=str(ROOT / "runs" / "walker_levers"), help="data, models, results")
+    add_threads(ap, 1)
+    add_work(ap, ROOT / "runs" / "walker_levers")
     ap.add_argument(
         "--champions",
         default=str(ROOT / "runs" / "accuracy_table" / "models"),
         help="the accuracy table's models (<dataset>/split-<s>/champion), reused at 50k",
     )
-    ap.add_argument("--out", default=str(ROOT / "bench" / "quality_limits.md"))
+    record = ROOT / "bench" / "studies" / "quality_limits.md"
+    add_out(ap, record, "the record whose issue-16 section it rewrites")
     ap.add_argument("--no-run", action="store_true", help="only write the section from cached results")
     return ap.parse_args(argv)
 
@@ -179,7 +178,8 @@ def measure_clip(name: str, split_seed: int, args, work: Path) -> dict:
 
 
 def measure_oracle(group: str, args, work: Path) -> dict:
-    """bench/idm_floor.py's identifiability on `--oracle-rows` test rows (split seed 0) of one clip group."""
+    """bench/studies/idm_floor.py's identifiability on `--oracle-rows` test rows (split seed 0) of one clip
+    group."""
     import idm_floor
 
     from invdyn.normalizer import GaussianNormalizer
@@ -487,16 +487,17 @@ def write_section(results: dict, args) -> None:
     lines = [
         SECTION + " (the clip, data, inputs, ensembles; test episodes, split seeds 0, 1, 2)",
         "",
-        "Written by `bench/walker_levers.py` (its docstring says what each lever is). Machine: "
-        f"{MACHINE}; python {platform.python_version()}; every training `--threads 1`, under `nice -n 10`.",
+        "Written by `bench/studies/walker_levers.py` (its docstring says what each lever is). Machine: "
+        f"{measured_on(list(results.values()))}; every training `--threads 1`, under `nice -n 10`.",
         "",
         "```bash",
         *SIMULATE,
-        f"nice -n 10 python bench/walker_levers.py --threads 1 --epochs {args.epochs} "
+        f"nice -n 10 python bench/studies/walker_levers.py --threads 1 --epochs {args.epochs} "
         f"--epochs-1m {args.epochs_1m} --seeds-1m {args.seeds_1m} --oracle-rows {args.oracle_rows} "
         f"--restarts {args.restarts}",
         *[
-            f"nice -n 10 python bench/walker_levers.py --threads 1 --steps scale1m,groups --epochs-1m {e}"
+            "nice -n 10 python bench/studies/walker_levers.py --threads 1 --steps scale1m,groups "
+            f"--epochs-1m {e}"
             for e in sorted({int(k.split("-")[2][1:]) for k in results if k.startswith("scale-1000000-")})
             if e != args.epochs_1m
         ],
@@ -513,7 +514,8 @@ def write_section(results: dict, args) -> None:
         "",
         *clip_table(results),
         "",
-        "The oracle on test rows of each group (split seed 0; `bench/idm_floor.py`'s identifiability: "
+        "The oracle on test rows of each group (split seed 0; `bench/studies/idm_floor.py`'s "
+        "identifiability: "
         f"bounded least squares in MuJoCo from 0 and {args.restarts} random actions, float64 references "
         'from infos/qpos, infos/qvel). "full": the raw (qpos, qvel) is known; "observed": the velocities '
         "the observation of s clips are unknowns too (between the clip and the data's largest |v|), as for "
@@ -552,6 +554,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
+    where = machine("CPU only, " + load_note())  # recorded with every unit measured now
     (work / "results").mkdir(parents=True, exist_ok=True)
     for key, thunk in [] if args.no_run else units(args):
         path = work / "results" / f"{key}.json"
@@ -560,6 +563,7 @@ def main(argv=None) -> int:
         print(f"{key}: measuring ...", flush=True)
         started = time.perf_counter()
         row = thunk()
+        row["machine"] = where
         row["wall_s"] = row.get("wall_s", time.perf_counter() - started)
         path.write_text(json.dumps(row, indent=1, default=float))
         print(f"{key}: done in {time.perf_counter() - started:.0f} s", flush=True)

@@ -1,8 +1,8 @@
 """What could ANY inverse dynamics model I(s, s') reach? A simulator-in-the-loop oracle on the bench's test
 set.
 
-    python bench/idm_floor.py --models runs/bench-quality/models   # sim suite; MODELS/<dataset>/<candidate>/
-    python bench/idm_floor.py --datasets sim-halfcheetah-mixed-v0 --models runs/bench-quality/models \
+    python bench/studies/idm_floor.py --models runs/bench-quality/models   # sim suite; MODELS/<set>/<cand>/
+    python bench/studies/idm_floor.py --datasets sim-halfcheetah-mixed-v0 --models runs/bench-quality/models \
         --noise '' --bias 1e-4,1e-3,1e-2 --shadow --samples 0          # how action errors turn into drift
 
 Same test episodes (bench/quality_vs_recipe.py: 20% of episodes, --test-seed), normalizer (the dev set's
@@ -17,7 +17,7 @@ pipeline.sim.physics. Two measurements per dataset:
    actions cannot reach in one step. Next to it: recorded actions (floor), the mean action, the models, and
    the oracle with action errors of a given MSE added (--noise: fresh each step; --bias: fixed per start).
    --shadow: the models' action MSE against the oracle's at the states of their own closed loop.
-   Results and their reading: bench/idm_floor.md.
+   Results and their reading: bench/studies/idm_floor.md.
 2. Identifiability. From the recorded state of a held-out transition, least squares from 0 and --restarts
    random actions for the action that reproduces the recorded next observation. Reported (action MSE in
    raw units, as evaluate's heldout_mse): "solved", a start reached it (normalized RMSE <= TOL; the rest
@@ -33,7 +33,6 @@ pipeline.sim.physics. Two measurements per dataset:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -41,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+from common import load_note, machine, md_table, measured_on, parser  # noqa: E402
 
 #: a solution "reaches" the recorded next observation when its normalized RMSE is at most this
 TOL = 1e-6
@@ -406,64 +405,51 @@ def run_dataset(name: str, args, progress: bool) -> dict:
 def table(results: list[dict], horizon: int) -> str:
     """Markdown: drift at H per policy, identifiability per subset."""
     names = list(dict.fromkeys(k for r in results for k in r["drift_per_step"]))
-    lines = [
-        "| dataset | starts | " + " | ".join(f"{n} drift@{horizon}" for n in names) + " |",
-        "|---|---|" + "---|" * len(names),
+    drift = [
+        [r["dataset"], r["tracking_starts"]]
+        + [f"{r['drift_per_step'][n][-1]:.4f}" if n in r["drift_per_step"] else "n/a" for n in names]
+        for r in results
     ]
-    for r in results:
-        d = r["drift_per_step"]
-        lines.append(
-            f"| {r['dataset']} | {r['tracking_starts']} | "
-            + " | ".join(f"{d[n][-1]:.4f}" if n in d else "n/a" for n in names)
-            + " |"
-        )
+    lines = md_table(["dataset", "starts", *(f"{n} drift@{horizon}" for n in names)], drift)
     shadowed = [
         (r["dataset"], n, v)
         for r in results
         for n, v in (r.get("model_vs_oracle_mse_per_step") or {}).items()
     ]
     if shadowed:
-        lines += [
-            "",
-            "Models' action MSE vs the oracle's action at the states of their own closed loop:",
-            "",
-            "| dataset | model | step 1 | step 8 | step H | mean over steps |",
-            "|---|---|---|---|---|---|",
-        ]
-        for d, n, v in shadowed:
-            lines.append(
-                f"| {d} | {n} | {v[0]:.4f} | {v[min(7, len(v) - 1)]:.4f} | {v[-1]:.4f} | {np.mean(v):.4f} |"
-            )
+        lines += ["", "Models' action MSE vs the oracle's action at the states of their own closed loop:", ""]
+        lines += md_table(
+            ["dataset", "model", "step 1", "step 8", "step H", "mean over steps"],
+            [
+                [d, n, f"{v[0]:.4f}", f"{v[min(7, len(v) - 1)]:.4f}", f"{v[-1]:.4f}", f"{np.mean(v):.4f}"]
+                for d, n, v in shadowed
+            ],
+        )
     shares = [r for r in results if r.get("unactuated_share_at_h")]
     if shares:
-        lines += [
-            "",
-            f"Share of the squared drift at {horizon} in unactuated (root) dims:",
-            "",
-            "| dataset | " + " | ".join(names) + " |",
-            "|---|" + "---|" * len(names),
-        ]
-        for r in shares:
-            u = r["unactuated_share_at_h"]
-            lines.append(
-                f"| {r['dataset']} | " + " | ".join(f"{u[n]:.2f}" if n in u else "n/a" for n in names) + " |"
-            )
-    lines += [
-        "",
-        "| dataset | rows | subset | state | solved | determined | ambiguous | oracle action MSE | "
-        "exact-solution MSE | gain median | gain p90 | gain inf |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        lines += ["", f"Share of the squared drift at {horizon} in unactuated (root) dims:", ""]
+        lines += md_table(
+            ["dataset", *names],
+            [
+                [r["dataset"], *(f"{r['unactuated_share_at_h'][n]:.2f}" if n in r["unactuated_share_at_h"]
+                                 else "n/a" for n in names)]
+                for r in shares
+            ],
+        )  # fmt: skip
+    head = ["dataset", "rows", "subset", "state", "solved", "determined", "ambiguous", "oracle action MSE"]
+    head += ["exact-solution MSE", "gain median", "gain p90", "gain inf"]
+    ident = []
     for r in results:
         for sub, s in r["identifiability"].items():
             for kind in ("full", "observed"):
                 k = s[kind]
-                lines.append(
-                    f"| {r['dataset']} | {s['rows']} | {sub} | {kind} | {k['solved']:.2f} | "
-                    f"{k['determined']:.2f} | {k['ambiguous']:.2f} | {k['oracle_mse']:.2e} | "
-                    f"{k['exact_mse']:.2e} | "
-                    f"{k['gain_median']:.3g} | {k['gain_p90']:.3g} | {k['not_identifiable']:.2f} |"
+                ident.append(
+                    [r["dataset"], s["rows"], sub, kind]
+                    + [f"{k[key]:.2f}" for key in ("solved", "determined", "ambiguous")]
+                    + [f"{k['oracle_mse']:.2e}", f"{k['exact_mse']:.2e}"]
+                    + [f"{k['gain_median']:.3g}", f"{k['gain_p90']:.3g}", f"{k['not_identifiable']:.2f}"]
                 )
+    lines += ["", *md_table(head, ident)]
     return "\n".join(lines) + "\n"
 
 
@@ -486,7 +472,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--datasets", default=SIM_SUITE)
     ap.add_argument("--models", default=None, help="folder of <dataset>/<candidate>/ model dirs to track too")
     ap.add_argument("--out", default="runs/idm-floor")
@@ -517,9 +503,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    where = machine("CPU only, 1 torch thread, " + load_note())
     results = []
     for name in args.datasets.split(","):
-        results.append(run_dataset(name, args, progress=True))
+        results.append({**run_dataset(name, args, progress=True), "machine": where})
         (out / "results.json").write_text(json.dumps(results, indent=1))
         r = results[-1]
         print(
@@ -528,7 +515,7 @@ def main(argv=None) -> int:
             + f"  ({r['wall_s']:.0f}s, {r['sim_evals']} sim steps)",
             flush=True,
         )
-    text = table(results, args.horizon)
+    text = f"Machine: {measured_on(results)}.\n\n" + table(results, args.horizon)
     (out / "table.md").write_text(text)
     plot(results, out / "drift.png")
     print()

@@ -1,8 +1,8 @@
 """Is the walker2d MSE target (<= 0.8x the recipe's) reachable on the 50k-transition sim set?
 
-    python bench/quality_limits.py                              # walker2d, ~6 min on 2 cores
-    python bench/quality_limits.py --datasets sim-halfcheetah-mixed-v0 --scaling-only --ensemble 1
-    python bench/quality_limits.py --config '{"arch": "res_mlp"}' --scaling-only --ensemble 5 \
+    python bench/studies/quality_limits.py                      # walker2d, ~6 min on 2 cores
+    python bench/studies/quality_limits.py --datasets sim-halfcheetah-mixed-v0 --scaling-only --ensemble 1
+    python bench/studies/quality_limits.py --config '{"arch": "res_mlp"}' --scaling-only --ensemble 5 \
         --variants '{"hidden 1024": {"hidden_dim": 1024}}'
 
 Same protocol as bench/quality_vs_recipe.py (20% of the episodes, seed 1234, are the test set; every model
@@ -14,12 +14,12 @@ trains on the rest). Four questions, each answered by test-episode action MSE:
 4. information: the config given the simulator's true (unclipped) joint velocities next to s and s'. The
    dataset does not have them; Gymnasium clips walker2d's velocities at +-10. This shows how much of the error
    comes from what the observation hides.
-Writes OUT/results.json and OUT/limits.md.
+Writes OUT/results.json and OUT/limits.md; bench/studies/quality_limits.md holds the recorded runs and their
+reading.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+from common import add_threads, load_note, machine, md_table, measured_on, parser  # noqa: E402
 
 from pipeline.quality.recipe import RECIPE  # noqa: E402
 
@@ -80,6 +80,7 @@ def run(args) -> list[dict]:
             "test_mse": float(((pred - t.act[test]) ** 2).mean()),
             "epochs": result.metrics["epochs"],
             "wall_s": time.perf_counter() - started,
+            "machine": args.machine,
         }
         print(
             f"{t.name:26} {label:22} seed {seed}  {len(dev):6d} rows  test MSE {row['test_mse']:.5f}  "
@@ -111,6 +112,7 @@ def run(args) -> list[dict]:
                     "test_mse": ens,
                     "epochs": None,
                     "wall_s": None,
+                    "machine": args.machine,
                 }
             )
         for label, over in json.loads(args.variants).items():
@@ -134,16 +136,15 @@ def run(args) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """Markdown: each run's test MSE against the recipe's, and the data-scaling extrapolation."""
-    lines = ["| dataset | run | train rows | test MSE | / recipe |", "|---|---|---|---|---|"]
-    notes = []
+    cells, notes = [], []
     for name in dict.fromkeys(r["dataset"] for r in rows):
         mine = [r for r in rows if r["dataset"] == name]
         recipe = next(r["test_mse"] for r in mine if r["label"] == "recipe")
         for r in mine:
             seed = f" (seed {r['seed']})" if r["seed"] else ""
-            lines.append(
-                f"| {name} | {r['label']}{seed} | {r['train_transitions']} | {r['test_mse']:.5f} | "
-                f"{r['test_mse'] / recipe:.3f} |"
+            cells.append(
+                [name, f"{r['label']}{seed}", r["train_transitions"], f"{r['test_mse']:.5f}"]
+                + [f"{r['test_mse'] / recipe:.3f}"]
             )
         full = next(r for r in mine if r["label"] == "config" and r["seed"] == 0)
         scaling = [r for r in mine if r["label"].endswith("% data")] + [full]
@@ -156,11 +157,12 @@ def table(rows: list[dict]) -> str:
             f"({0.8 * recipe:.5f}) is {doublings:.1f} doublings away at that rate, i.e. about "
             f"{2**doublings:.1f}x the data."
         )
+    lines = md_table(["dataset", "run", "train rows", "test MSE", "/ recipe"], cells)
     return "\n".join(lines + [""] + notes) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--datasets", default="sim-walker2d-mixed-v0")
     ap.add_argument(
         "--config", default="{}", help="TrainConfig overrides (JSON) for the runs; {} = the defaults"
@@ -177,11 +179,13 @@ def main(argv=None) -> int:
         metavar="JSON",
         help='{"label": {TrainConfig overrides on top of --config}, ...}: one run each, seed 0',
     )
-    ap.add_argument("--threads", type=int, default=2)
+    add_threads(ap, 2)
     ap.add_argument("--test-seed", type=int, default=1234)
     ap.add_argument("--out", default="runs/quality-limits")
     args = ap.parse_args(argv)
-    md = table(run(args))
+    args.machine = machine(f"CPU only, {args.threads} torch threads, {load_note()}")
+    rows = run(args)
+    md = f"Machine: {measured_on(rows)}.\n\n" + table(rows)
     (Path(args.out) / "limits.md").write_text(md)
     print("\n" + md)
     return 0

@@ -1,7 +1,7 @@
 """Could a better one-step model rescue the feasibility score on halfcheetah? Three scores of the same
 ensemble on the same test pairs, against s' + noise at 1 / 5 / 20 % of the state std:
 
-    python bench/feasibility_probe.py \
+    python bench/studies/feasibility_probe.py \
         --pairs sim-halfcheetah-medium-v0=runs/ens_agents/sim-halfcheetah-medium-v0
 
 - shipped: `model.feasibility` (linear one-step model s'_n ~ [s_n, a, 1], Mahalanobis distance);
@@ -9,21 +9,22 @@ ensemble on the same test pairs, against s' + noise at 1 / 5 / 20 % of the state
   velocities), residuals divided by their validation variance;
 - MLP one-step: a 2x256 SiLU net from [s_n, a] to s'_n - s_n (30 epochs, one-cycle Adam), same residual score.
 Fitted on member 0's training pairs, scaled on its validation pairs, measured on the bench's test episodes
-(15 %, seed 1234, as bench/ensembles.py). Prints a Markdown table.
+(15 %, seed 1234, as bench/ensembles.py). Prints a Markdown table; its recorded run and reading are in
+bench/ensembles.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: common
+from common import load_note, machine, md_table, parser  # noqa: E402
 
 LEVELS = (0.01, 0.05, 0.20)
+HEADER = ["dataset", "score", "AUROC 1%", "AUROC 5%", "AUROC 20%"]
 
 
 def leave_one_out(o, a, n):
@@ -114,17 +115,18 @@ def probe(name: str, model_dir: str) -> list[str]:
 
         real = score(nxt)
         cells = " | ".join(f"{auroc(real, score(noisy[lvl])):.3f}" for lvl in LEVELS)
-        rows.append(f"| {name} | {label} | {cells} |")
+        rows.append(md_table(HEADER, [[name, label, cells]])[-1])
     return rows
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument(
         "--pairs", required=True, help="comma-separated DATASET=ENSEMBLE_DIR (bench/ensembles.py's)"
     )
     args = ap.parse_args(argv)
-    print("| dataset | score | AUROC 1% | AUROC 5% | AUROC 20% |\n|---|---|---|---|---|")
+    print(f"Machine: {machine('CPU only, ' + load_note())}.\n")
+    print("\n".join(md_table(HEADER, [])))
     for pair in args.pairs.split(","):
         name, model_dir = pair.split("=", 1)
         for row in probe(name, model_dir):
