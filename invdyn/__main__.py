@@ -10,7 +10,9 @@ import sys
 
 from .errors import InvdynError
 
-_METRICS = ("heldout_mse", "baseline_mse")
+#: `list`'s columns, led by the test figures as the model cards are (test episodes no choice read), then the
+#: validation MSE the early stop, search and champion chose on; "-" where a model has no such figure
+_METRICS = ("test_mse", "test_r2", "heldout_mse")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -155,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m invdyn", description="Pretrained inverse dynamics models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="installed models (invdyn cache and CleanDiffuser's) with their metrics")
+    p = sub.add_parser(
+        "list", help="installed models (invdyn cache and CleanDiffuser's) with their test MSE and R²"
+    )
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("info", help="load a model and describe it")

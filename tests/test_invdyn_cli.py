@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
-from helpers.models import CD_HOME, CD_NAME, make_bundle, rewrite_zip
+from helpers.models import CD_HOME, CD_NAME, make_bundle, make_model_dir, rewrite_zip
 
+import invdyn
 from invdyn.__main__ import main
 
 
@@ -42,10 +43,11 @@ def test_fetch_list_info(tmp_path, capsys, monkeypatch):
     assert "installed 2 model(s): a-v0, b-v0" in capsys.readouterr().out
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["name", "location", "heldout_mse", "baseline_mse", "source"]
-    rows = {line.split()[0]: line for line in lines[2:]}
+    assert lines[0].split() == ["name", "location", "test_mse", "test_r2", "heldout_mse", "source"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
     assert set(rows) == {"a-v0", "b-v0", CD_NAME}
-    assert "1.01" in rows["b-v0"] and "CleanDiffuser" in rows[CD_NAME]
+    assert rows["b-v0"][2:6] == ["cache", "-", "-", "1.01"]  # no test figures recorded: "-", then validation
+    assert "CleanDiffuser" in rows[CD_NAME]
     assert main(["info", "b-v0", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (
@@ -55,6 +57,18 @@ def test_fetch_list_info(tmp_path, capsys, monkeypatch):
     assert "hidden_dim=512" in capsys.readouterr().out
     assert main(["info", "b-v1"]) == 1
     assert "Did you mean: b-v0" in capsys.readouterr().err
+
+
+def test_list_leads_with_the_test_figures(tmp_path, capsys):
+    """As the model cards do: test MSE and R² (test episodes no choice read) before the validation MSE."""
+    d = make_model_dir(tmp_path / "dirs" / "t-v0", test_mse=0.0123, test_r2=0.9512, test_baseline_mse=0.5)
+    assert main(["fetch", "--quiet", str(invdyn.write_bundle(tmp_path / "t.zip", [d]))]) == 0
+    capsys.readouterr()
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, row = lines[0].split(), lines[2].split()
+    assert header[:5] == ["name", "location", "test_mse", "test_r2", "heldout_mse"]
+    assert row[0] == "t-v0" and row[3:6] == ["0.0123", "0.9512", "0.01"]
 
 
 def test_info_prints_the_cards_metrics_table(tmp_path, capsys):
