@@ -4,7 +4,12 @@ dashboard."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import io
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -60,3 +65,228 @@ def test_cluster_yaml_installs_the_project_and_keeps_services_private(config):
         config["worker_start_ray_commands"]
     )
     assert "/home/ubuntu/.ray/auth_token" in config["file_mounts"]
+
+
+# ---- every command of cluster.yaml and of the docs' cluster sections, checked against today's CLIs ----
+
+REPO = CLUSTER_YAML.parent
+SEPARATORS = {";", "&&", "||", "|", "&", "(", ")"}
+
+
+def shell_commands(script: str) -> list[list[str]]:
+    """The simple commands of a shell text, as argv lists: continuation lines joined, comments dropped,
+    `$(...)` one word, split at ; && || | & ( ), redirections and their targets dropped, leading VAR=value
+    words and `nohup` dropped. Enough for the commands of cluster.yaml and of the docs."""
+    script = re.sub(r"\$\([^()]*\)", "SUBSTITUTED", script.replace("\\\n", " "))
+    commands = []
+    for line in script.splitlines():
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        current, skip = [], False
+        for tok in lex:
+            if skip:
+                skip = False
+            elif tok and set(tok) <= set("();<>|&"):
+                if "<" in tok or ">" in tok:  # a redirection: its target is no argument
+                    skip = True
+                    if current and current[-1].isdigit():  # the fd of `2>&1`
+                        current.pop()
+                else:
+                    commands.append(current)
+                    current = []
+            else:
+                current.append(tok)
+        commands.append(current)
+    out = []
+    for argv in commands:
+        while argv and (re.fullmatch(r"[A-Za-z_]+=.*", argv[0]) or argv[0] in ("nohup", "sudo")):
+            argv = argv[1:]
+        if argv:
+            out.append(argv)
+    return out
+
+
+def flags(argv: list[str]) -> list[str]:
+    """The long options of `argv` (`--x=y` -> `--x`), up to a `--` that ends them."""
+    found = []
+    for a in argv:
+        if a == "--":
+            break
+        if a.startswith("--"):
+            found.append(a.split("=", 1)[0])
+    return found
+
+
+def click_help(cli, path: list[str]) -> str:
+    """What `<cli> <path...> --help` prints (click's own help text, without starting a process)."""
+    import click
+
+    ctx = click.Context(cli, info_name=cli.name)
+    cmd = cli
+    for name in path:
+        cmd = cmd.get_command(ctx, name)
+        assert cmd is not None, f"no command `{' '.join(path)}`"
+        ctx = click.Context(cmd, info_name=name, parent=ctx)
+    return cmd.get_help(ctx)
+
+
+def pretrain_all_help() -> str:
+    from pipeline.job import pretrain_all
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        pretrain_all.parse_args(["--help"])
+    return buf.getvalue()
+
+
+def check_command(argv: list[str], where: str) -> str | None:
+    """Check one command against the CLI it calls; the kind checked ("ray start", "mlflow server",
+    "pipeline.pretrain_all", ...) or None for a command this test does not know."""
+    from mlflow.cli import cli as mlflow_cli
+    from ray.scripts.scripts import cli as ray_cli
+
+    def listed(help_text: str, cmd: str) -> None:
+        for f in flags(argv):
+            assert re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", help_text), (
+                f"{where}: `{cmd}` has no {f} (not in its --help): {shlex.join(argv)}"
+            )
+
+    if argv[0] == "ray" and len(argv) > 1:
+        path = argv[1:3] if argv[1] == "job" else argv[1:2]
+        listed(click_help(ray_cli, path), f"ray {' '.join(path)}")
+        if path == ["job", "submit"]:
+            entry = argv[argv.index("--") + 1 :]
+            assert entry, f"{where}: `ray job submit` with no entrypoint"
+            inner = check_command(entry, where)
+            return f"ray job submit -- {inner}" if inner else "ray job submit"
+        return f"ray {' '.join(path)}"
+    if argv[:2] == ["mlflow", "server"]:
+        listed(click_help(mlflow_cli, ["server"]), "mlflow server")
+        return "mlflow server"
+    if argv[0] in ("python", "python3") and argv[1:3] == ["-m", "pipeline.pretrain_all"]:
+        args = argv[3:]
+        listed(pretrain_all_help(), "python -m pipeline.pretrain_all")
+        from pipeline.job import pretrain_all
+
+        pretrain_all.parse_args(args)  # parses and validates (exits 2 with argparse's message otherwise)
+        return "pipeline.pretrain_all"
+    return None
+
+
+def test_shell_commands_splits_as_the_shell_does():
+    text = (
+        'export A=1; ulimit -n 9; ray start --head \\\n  --port=6379 && (pgrep -f "mlflow server" > /dev/null'
+        " || nohup mlflow server --host $(hostname -I | awk '{print $1}') > log 2>&1 &)  # a comment --x"
+    )
+    assert shell_commands(text) == [
+        ["export", "A=1"],
+        ["ulimit", "-n", "9"],
+        ["ray", "start", "--head", "--port=6379"],
+        ["pgrep", "-f", "mlflow server"],
+        ["mlflow", "server", "--host", "SUBSTITUTED"],
+    ]
+    assert flags(["ray", "job", "submit", "--address", "x", "--", "python", "--out", "y"]) == ["--address"]
+
+
+def test_check_command_refuses_a_flag_that_does_not_exist():
+    with pytest.raises(AssertionError, match="--no-such-flag"):
+        check_command(["ray", "start", "--head", "--no-such-flag=1"], "here")
+    with pytest.raises(AssertionError, match="--backend-store"):
+        check_command(["mlflow", "server", "--backend-store", "sqlite:///x.db"], "here")
+    with pytest.raises(AssertionError, match="--storage"):
+        check_command(
+            ["ray", "job", "submit", "--", "python", "-m", "pipeline.pretrain_all", "--storage", "s"], "x"
+        )
+
+
+def cluster_yaml_commands(config: dict) -> list[tuple[str, list[str]]]:
+    """(where, argv) of every command cluster.yaml runs, and of the usage in its leading comment."""
+    found = []
+    for key in (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
+        for i, text in enumerate(config.get(key) or []):
+            found += [(f"cluster.yaml {key}[{i}]", argv) for argv in shell_commands(text)]
+    usage = []
+    for line in CLUSTER_YAML.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("#   "):  # the indented usage lines of the header comment
+            usage.append(line[4:])
+    found += [("cluster.yaml's usage comment", argv) for argv in shell_commands("\n".join(usage))]
+    return found
+
+
+def test_cluster_yaml_commands_use_only_flags_and_files_that_exist(config):
+    import ray.autoscaler._private.commands as launcher
+    import tomllib
+    from ray._private.authentication import authentication_token_setup as tokens
+
+    checked = []
+    for where, argv in cluster_yaml_commands(config):
+        kind = check_command(argv, where)
+        if kind:
+            checked.append(kind)
+        if argv[:4] == ["python3", "-m", "pip", "install"]:  # the project, from the folder it is synced to
+            for spec in (a for a in argv[4:] if a.startswith("/")):
+                folder, extras = re.fullmatch(r"(/[^\[]+)(?:\[(.*)\])?", spec).groups()
+                assert config["file_mounts"].get(folder) == ".", f"{where}: {folder} is not this checkout"
+                declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+                for extra in (extras or "").split(","):
+                    assert extra in declared["optional-dependencies"], f"{where}: no extra [{extra}]"
+                checked.append("pip install the project")
+        for a in argv:  # files the start commands read: written by `ray up` itself
+            if a.startswith("--autoscaling-config="):
+                assert a.split("=", 1)[1] in inspect.getsource(launcher), f"{where}: ray up writes no {a}"
+    # every kind of command is there, and each was checked
+    for kind in ("ray start", "mlflow server", "pip install the project", "ray up", "ray down"):
+        assert kind in checked, f"cluster.yaml runs no `{kind}` any more: update this test"
+    assert checked.count("ray start") == 2
+    assert "ray job submit -- pipeline.pretrain_all" in checked
+    # the files it mounts exist where `ray up` runs (the token where `ray get-auth-token --generate` puts it)
+    for dest, src in config["file_mounts"].items():
+        if src == ".":
+            assert (REPO / "pyproject.toml").is_file()
+        else:
+            assert Path(src).expanduser() == Path.home() / tokens._get_default_token_path().relative_to(
+                Path.home()
+            ), f"file_mounts {dest}: {src} is not the file `ray get-auth-token --generate` writes"
+
+
+def doc_pages() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def doc_commands() -> list[tuple[str, list[str]]]:
+    """(page, argv) of every command in the bash blocks of README.md and docs/**.md."""
+    found = []
+    for page in doc_pages():
+        for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", page.read_text(), re.S):
+            found += [(page.relative_to(REPO).as_posix(), argv) for argv in shell_commands(block)]
+    return found
+
+
+def test_the_docs_cluster_commands_parse():
+    """Every `ray start`, `ray job submit` (and the job it submits), `ray up/down` and `mlflow server` in the
+    bash blocks of the README and of docs/ uses only flags that exist; the submitted job command parses."""
+    checked = []
+    for where, argv in doc_commands():
+        if argv[0] in ("ray", "mlflow"):
+            kind = check_command(argv, where)
+            if kind:
+                checked.append((kind, where))
+    kinds = {k for k, _ in checked}
+    assert "ray job submit -- pipeline.pretrain_all" in kinds, "the docs show no `ray job submit` of the job"
+    assert {"ray start", "mlflow server"} <= kinds, kinds
+    # the cloud section's command: the job on the cluster.yaml head, with its MLflow server's URI
+    cloud = [
+        argv
+        for where, argv in doc_commands()
+        if argv[:3] == ["ray", "job", "submit"] and "--mlflow-uri" in argv
+    ]
+    assert cloud, "no `ray job submit ... --mlflow-uri` (the cloud cluster's job) in README.md or docs/"
