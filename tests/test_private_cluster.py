@@ -303,10 +303,11 @@ def test_a_joining_node_takes_trials_and_a_killed_one_costs_only_its_running_tri
     assert entries[held]["node_id"] in (head_id, joined_id)
     assert not [k for k, e in entries.items() if e["node_id"] == worker_id and k not in finished_there]
     last = json.loads((out / "job.json").read_text())["last_run"]
-    assert [r["key"] for r in last["retried"]] == [held] and last["failed"] == 0
-    assert "retrying" in text
+    assert [(r["key"], r["node_id"]) for r in last["retried"]] == [(held, worker_id)] and last["failed"] == 0
+    assert f"failed on node {worker_id}" in text and "retrying" in text  # the lost node, named
     summary = {r["dataset"]: r for r in json.loads((out / "summary.json").read_text())}
-    assert [r["key"] for r in summary[entries[held]["dataset"]]["trial_retries"]] == [held]
+    [retry] = summary[entries[held]["dataset"]]["trial_retries"]
+    assert (retry["key"], retry["node_id"]) == (held, worker_id) and retry["error"]
     assert all(r["status"] == "ok" and r["trials_finished"] == 3 for r in summary.values())
     print("retried:", json.dumps(last["retried"], indent=1))
 

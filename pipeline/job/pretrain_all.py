@@ -279,10 +279,13 @@ def storage_path(job: JobConfig, out: Path, pl: placement.Placement) -> str:
 
 
 def note_retries(records: list[DatasetRecord], retried: list[dict]) -> None:
-    """summary.json: each dataset's attempts that failed and ran again (a lost node, a crash), with why."""
+    """summary.json: each dataset's attempts that failed and ran again (a lost node, a crash), with why and
+    on which node."""
     for rec in records:
         mine = [
-            {k: r[k] for k in ("trial_id", "key", "error")} for r in retried if r["dataset"] == rec.dataset
+            {k: r.get(k) for k in ("trial_id", "key", "node_id", "error")}
+            for r in retried
+            if r["dataset"] == rec.dataset
         ]
         if mine:
             rec.info["trial_retries"] = mine

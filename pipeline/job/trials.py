@@ -165,6 +165,7 @@ class LedgerCallback(Callback):
         self.started: dict[str, float] = {}
         self.errors: dict[str, str] = {}  # trial key (a population's: each member's) -> its error's last line
         self.retried: list[dict] = []  # a trial's attempts that failed and that Tune runs again
+        self.nodes: dict[str, str | None] = {}  # trial id -> the Ray node of its current attempt
         members = [m for s in specs.values() for m in populations.members_of(s)]
         varying = console.varying_fields([m.train for m in members])
         self.progress = console.TrialProgress(len(members), varying=varying, nodes=nodes)
@@ -182,6 +183,7 @@ class LedgerCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, time.time())
+        self.nodes[trial.trial_id] = _actor_node(trial)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = dict(trial.last_result or {})
@@ -215,14 +217,25 @@ class LedgerCallback(Callback):
             self.progress.warning_line(r["gpu_fallback"])
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._failed(self.specs[trial.config["key"]], _error_text(trial))
+        node = self.nodes.get(trial.trial_id)
+        self._failed(
+            self.specs[trial.config["key"]], _error_text(trial) + (f" (on node {node})" if node else "")
+        )
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         spec = self.specs[trial.config["key"]]
         error = _error_text(trial)
-        attempt = {"key": spec.key, "dataset": spec.dataset, "trial_id": trial.trial_id, "error": error}
+        node = self.nodes.get(trial.trial_id)  # a lost node: the id of the machine that is gone
+        attempt = {
+            "key": spec.key,
+            "dataset": spec.dataset,
+            "trial_id": trial.trial_id,
+            "node_id": node,
+            "error": error,
+        }
         self.retried.append(attempt)
-        self.progress.warning_line(f"trial {trial.trial_id} of {spec.dataset} failed ({error}): retrying")
+        on = f" on node {node}" if node else ""
+        self.progress.warning_line(f"trial {trial.trial_id} of {spec.dataset} failed{on} ({error}): retrying")
 
     def _receive(self, spec: TrialSpec | PopulationSpec, result: dict) -> Path:
         """The finished trial's model, from the driver's inbox into DIR/trial-models/<key>/ (checked)."""
@@ -235,6 +248,20 @@ class LedgerCallback(Callback):
         for m in populations.members_of(spec):
             self.errors[m.key] = error
             self.progress.failed_line(m.dataset, m.train, error)
+
+
+def _actor_node(trial) -> str | None:
+    """The Ray node id of the process that runs `trial` now (its Tune actor, from the GCS's actor table), so
+    that a failed attempt can name the node it was on (a lost node, when the error is its actor's death)."""
+    actor = getattr(getattr(trial, "temporary_state", None), "ray_actor", None)
+    if actor is None:
+        return None
+    try:
+        from ray._private import state as ray_state
+
+        return (ray_state.actors(actor._actor_id.hex()).get("Address") or {}).get("NodeID") or None
+    except Exception:  # noqa: BLE001 - only a name in a message; never fail a trial for it
+        return None
 
 
 def _error_text(trial) -> str:
