@@ -1,5 +1,6 @@
-"""The README's pictures of the MLflow UI (runs table, learning curve, registered champion), taken with
-headless Chromium from a real job's store: `python tools/mlflow_screenshots.py [--out JOB_DIR]`.
+"""The guide's pictures of the MLflow UI (runs table, learning curve, registered champion; docs/img/, shown
+by README.md and docs/mlflow.md), taken with headless Chromium from a real job's store:
+`python tools/mlflow_screenshots.py [--out JOB_DIR]`. They show the test figures first, as the cards do.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from pipeline.registry.store import experiment_url  # noqa: E402 - the repositor
 
 DATASETS = ("sim-hopper-random-v0", "sim-halfcheetah-random-v0")
 VIEWPORT = {"width": 1400, "height": 900}
-MAX_BYTES = 300_000  # a README image larger than this is re-encoded with a palette
+MAX_BYTES = 300_000  # an image larger than this is re-encoded with a palette
+#: the runs table's score columns: the test figures, which the cards and `invdyn list` lead with
+SCORES = ("test_mse", "test_r2")
 CURVES = "^(val_mse|train_loss)$"  # the metric-chart filter takes a regular expression
 # scroll the nearest scrolling box above an element so that the element's row is its first visible one
 SCROLL_ROW_TO_TOP = """cell => {
@@ -146,14 +149,13 @@ def close_assistant(page) -> None:
 
 
 def runs_table_state(base: str, show: dict) -> dict:
-    """The runs table as the README shows it (MLflow keeps it per experiment in the browser's storage):
+    """The runs table as the guide shows it (MLflow keeps it per experiment in the browser's storage):
     the dataset runs expanded, with the scores and the width of each trial as columns."""
     body = {"experiment_ids": [show["experiment_id"]], "max_results": 1000}
     runs = rest(base, "runs/search", body).get("runs", [])
     parents = [r["info"]["run_id"] for r in runs if "mlflow.parentRunId" not in _tags(r)]
     return {
-        "selectedColumns": [f"metrics.`{m}`" for m in ("heldout_mse", "baseline_mse")]
-        + ["params.`hidden_dim`", "tags.`champion`"],
+        "selectedColumns": [f"metrics.`{m}`" for m in SCORES] + ["params.`hidden_dim`", "tags.`champion`"],
         "runsExpanded": dict.fromkeys(parents, True),
     }
 
@@ -172,9 +174,9 @@ def shoot_runs(page, base: str, show: dict, path: Path) -> None:
     close_assistant(page)
     # the state took: nested trial rows and the chosen columns are there (else MLflow changed its format)
     page.get_by_role("link", name=f"{show['dataset']}/", exact=False).first.wait_for()
-    page.get_by_role("columnheader", name="heldout_mse").first.wait_for()
+    page.get_by_role("columnheader", name=SCORES[0]).first.wait_for()
     # wide enough for a trial's full name and a score's digits (MLflow does not restore stored widths)
-    for column in ("attributes.`Run Name`", "metrics.`baseline_mse`", "metrics.`heldout_mse`"):
+    for column in ("attributes.`Run Name`", *(f"metrics.`{m}`" for m in SCORES)):
         fit_width(page, column)
     page.mouse.move(VIEWPORT["width"] - 50, VIEWPORT["height"] - 50)  # no hover highlight in the picture
     page.wait_for_timeout(500)
@@ -208,14 +210,14 @@ def shoot_model(page, base: str, show: dict, path: Path) -> None:
     page.get_by_text("Source Run").wait_for()
     close_assistant(page)
     page.get_by_text("@ champion").or_(page.get_by_text("champion", exact=True)).first.wait_for()
-    # the tag table scrolls inside a box of a few rows: start it at the score and the held-out protocol
-    page.get_by_text("heldout_mse", exact=True).first.evaluate(SCROLL_ROW_TO_TOP)
+    # the tag table scrolls inside a box of a few rows: start it at the test figures (test_baseline_mse first)
+    page.get_by_text("test_baseline_mse", exact=True).first.evaluate(SCROLL_ROW_TO_TOP)
     page.wait_for_timeout(500)
     page.screenshot(path=str(path))
 
 
 def shrink(path: Path) -> None:
-    """Keep a README image small: a 256-colour palette when the plain PNG is over the budget."""
+    """Keep an image small: a 256-colour palette when the plain PNG is over the budget."""
     from PIL import Image
 
     with Image.open(path) as image:
