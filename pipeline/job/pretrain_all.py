@@ -279,14 +279,10 @@ def storage_path(job: JobConfig, out: Path, pl: placement.Placement) -> str:
 
 
 def note_retries(records: list[DatasetRecord], retried: list[dict]) -> None:
-    """summary.json: each dataset's attempts that failed and ran again (a lost node, a crash), with why and
-    on which node."""
+    """summary.json: each dataset's attempts that failed and ran again (lost node, crash): why, which node."""
+    fields = ("trial_id", "key", "node_id", "error")
     for rec in records:
-        mine = [
-            {k: r.get(k) for k in ("trial_id", "key", "node_id", "error")}
-            for r in retried
-            if r["dataset"] == rec.dataset
-        ]
+        mine = [{k: r.get(k) for k in fields} for r in retried if r["dataset"] == rec.dataset]
         if mine:
             rec.info["trial_retries"] = mine
 
