@@ -19,6 +19,7 @@ cached under --work, so an interrupted run resumes and `--steps write` only rewr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Cache, machine, md_table  # noqa: E402
+from common import ROOT, Cache, machine, md_table, measured_on  # noqa: E402
 
 LOCO = ("hopper", "walker2d", "halfcheetah")
 KINDS = ("medium", "medium-replay", "expert", "medium-expert")
@@ -48,27 +49,30 @@ MODELS = {
     "champion": {"arch": "res_mlp", "hidden_dim": 1024},
     "recipe": {"kind": "recipe"},
 }
-#: the levers of issue 26 item 5, each the default with one change (data: the default on more transitions)
+#: the levers of issue 26 item 5, each the previous default (target_noise 0) with one change (data: that
+#: default on more transitions); `target_noise_0.1` is what ships now (= `default`)
+PREVIOUS = {"target_noise": 0.0}
 LEVERS = {
+    "previous_default": PREVIOUS,
     "target_noise_0.05": {"target_noise": 0.05},
     "target_noise_0.1": {"target_noise": 0.1},
-    "target_noise_0.2": {"target_noise": 0.2},
-    "obs_noise_0.05": {"obs_noise": 0.05},
-    "dropout_0.1": {"dropout": 0.1},
-    "delta_input": {"delta_input": True},
-    "res_mlp_h512": {"arch": "res_mlp"},
-    "no_weight_average": {"ema": 0.0},
-    "ensemble_5": {"kind": "ensemble", "members": 5},
     "target_noise_0.15": {"target_noise": 0.15},
+    "target_noise_0.2": {"target_noise": 0.2},
+    "obs_noise_0.05": {**PREVIOUS, "obs_noise": 0.05},
+    "dropout_0.1": {**PREVIOUS, "dropout": 0.1},
+    "delta_input": {**PREVIOUS, "delta_input": True},
+    "res_mlp_h512": {**PREVIOUS, "arch": "res_mlp"},
+    "no_weight_average": {**PREVIOUS, "ema": 0.0},
+    "ensemble_5": {**PREVIOUS, "kind": "ensemble", "members": 5},
     "target_noise_0.1+obs_noise_0.05": {"target_noise": 0.1, "obs_noise": 0.05},
     "target_noise_0.1+dropout_0.1": {"target_noise": 0.1, "dropout": 0.1},
     "target_noise_0.2+obs_noise_0.05": {"target_noise": 0.2, "obs_noise": 0.05},
     "target_noise_0.1+ensemble_5": {"target_noise": 0.1, "kind": "ensemble", "members": 5},
-    "data_200k": {"transitions": 200_000},
-    "data_1m": {"transitions": 1_000_000},
+    "data_200k": {**PREVIOUS, "transitions": 200_000},
+    "data_1m": {**PREVIOUS, "transitions": 1_000_000},
 }
-JUMPY = {"jumpy_k4": {"jump": 4}, "jumpy_k4_champion": {"jump": 4, "arch": "res_mlp", "hidden_dim": 1024}}
-ENSEMBLES = {"ensemble_5": LEVERS["ensemble_5"]}
+JUMPY = {"jumpy_k4": {"jump": 4}}
+ENSEMBLES = {"default_ensemble_5": {"kind": "ensemble", "members": 5}}
 
 
 def parse_args(argv=None):
@@ -77,6 +81,7 @@ def parse_args(argv=None):
     ap.add_argument("--datasets", default=",".join(ALL), help="sets of the table step (default: all 12)")
     ap.add_argument("--lever-datasets", default=",".join(MEDIUM_EXPERT), help="sets of the lever steps")
     ap.add_argument("--levers", default=",".join(LEVERS), help="levers to run (default: all)")
+    ap.add_argument("--models", default=",".join(MODELS), help="models of the table step (default: all)")
     ap.add_argument("--episodes", type=int, default=30, help="episodes per cell")
     ap.add_argument("--workers", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="processes")
     ap.add_argument("--work", default=str(ROOT / "runs" / "closed_loop"), help="models, data and results")
@@ -99,6 +104,10 @@ def dataset_spec(name: str, transitions: int | None, work: Path) -> str:
     return str(path)
 
 
+#: the training fields a reused model directory must match (a cached `default` from before a default changed)
+CHECKED_FIELDS = ("arch", "hidden_dim", "dropout", "delta_input", "ema", "target_noise", "obs_noise", "jump")
+
+
 def train_unit(name: str, model: str, spec: dict, work: str) -> dict:
     """Train `model` of set `name` into WORK/models/<name>/<model>/ (kept: a rerun reuses it)."""
     import torch
@@ -113,12 +122,19 @@ def train_unit(name: str, model: str, spec: dict, work: str) -> dict:
     torch.set_num_threads(1)
     work = Path(work)
     out = work / "models" / name / model
-    if (out / "params.json").is_file():
-        return {"model_dir": str(out), "reused": True}
     spec = dict(spec)
     kind, members = spec.pop("kind", "single"), spec.pop("members", 1)
-    data = load_transitions(dataset_spec(name, spec.pop("transitions", None), work))
+    transitions = spec.pop("transitions", None)
     config = TrainConfig(**{**spec, "threads": 1})
+    if (out / "params.json").is_file():
+        if kind != "recipe":
+            saved = json.loads((out / "params.json").read_text())["training"]
+            wanted = config.to_dict()
+            stale = {k: (saved[k], wanted[k]) for k in CHECKED_FIELDS if saved.get(k) != wanted[k]}
+            if stale:  # a default changed since it was trained: never measure an old model under a new name
+                raise SystemExit(f"{out} was trained with {stale} (saved, wanted): move it away and rerun")
+        return {"model_dir": str(out), "reused": True}
+    data = load_transitions(dataset_spec(name, transitions, work))
     started = time.perf_counter()
     if kind == "recipe":
         train_rows, val_rows, _ = checked_split(data, TrainConfig(threads=1))
@@ -172,6 +188,7 @@ def eval_unit(
     )
     row = out["closed_loop"][0]
     row["wall_s"] = time.perf_counter() - started
+    row["machine"] = machine("CPU only, 1 thread")
     row["steps_per_s"] = out["closed_loop_steps_per_s"]
     if spread:
         row["spread"] = {str(i): v for i, v in spread.items()}
@@ -233,8 +250,9 @@ def measure(
 
 
 def select_pool() -> dict:
-    single = {k: v for k, v in LEVERS.items() if "kind" not in v and "transitions" not in v}
-    return {"default": {}, **single}
+    """The single models selection chooses from: every lever but ensembles and more data (`default` is
+    `target_noise_0.1`, in the pool under that name)."""
+    return {k: v for k, v in LEVERS.items() if "kind" not in v and "transitions" not in v}
 
 
 def select(names: list[str], args, cache: Cache) -> dict:
@@ -291,7 +309,7 @@ def selection_table(choice: dict, levers: dict) -> list[str]:
     return md_table(head, rows)
 
 
-def overhead(args, cache: Cache, repeats: int = 2) -> dict:
+def overhead(args, cache: Cache, repeats: int = 1) -> dict:
     """The job's default closed-loop evaluation against the same job without it: `pretrain_all` with its
     defaults (data generated and cached before), alternately with and without `--eval-closed-loop-episodes
     0`, each into a fresh DIR; wall time of each run."""
@@ -447,12 +465,55 @@ def _auroc(score: np.ndarray, label: np.ndarray):
     return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
 
 
+def plot(results: dict, models, out: Path) -> bool:
+    """bench/closed_loop.png: per medium-expert set, return against σ (expert plans) for each model with its
+    interval, and the actor's own return; False when nothing is measured yet."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(results.get((n, m, "expert", 0.0)) for n in MEDIUM_EXPERT for m in models):
+        return False
+    fig, axes = plt.subplots(1, len(MEDIUM_EXPERT), figsize=(4 * len(MEDIUM_EXPERT), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], MEDIUM_EXPERT, strict=True):
+        actor = None
+        for i, m in enumerate(models):
+            rows = [results.get((name, m, "expert", float(s))) for s in SIGMAS]
+            pts = [(s, r) for s, r in zip(SIGMAS, rows, strict=True) if r]
+            if not pts:
+                continue
+            actor = pts[0][1]["actor_normalized_return"]
+            ys = np.array([r["normalized_return"] for _, r in pts])
+            ci = np.array([r["normalized_return_ci95"] for _, r in pts])
+            ax.errorbar(
+                [s for s, _ in pts],
+                ys,
+                yerr=[ys - ci[:, 0], ci[:, 1] - ys],
+                marker="o",
+                capsize=3,
+                color=f"C{i}",
+                label=m,
+            )
+        if actor is not None:
+            ax.axhline(actor, color="k", ls="--", lw=1, label="actor itself")
+        ax.set_title(name.replace("sim-", "").replace("-v0", ""), fontsize=9)
+        ax.set_xlabel("plan noise σ (dataset stds)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("D4RL-normalized return")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write(args, cache: Cache) -> None:
     sections = {
         "table": (ALL, MODELS, PLANNERS, SIGMAS),
         "levers": (
             MEDIUM_EXPERT,
-            {"default": {}, "recipe": MODELS["recipe"], **LEVERS},
+            {"recipe": MODELS["recipe"], **LEVERS},
             ("expert",),
             LEVER_SIGMAS,
         ),
@@ -468,6 +529,7 @@ def write(args, cache: Cache) -> None:
             for p in planners
             for s in sigmas
         }
+    records = [r for part in got.values() for r in part.values() if r]
     speeds = [r["steps_per_s"] for part in got.values() for r in part.values() if r and r.get("steps_per_s")]
     t = got["table"]
     lines = [
@@ -477,7 +539,7 @@ def write(args, cache: Cache) -> None:
         "nice -n 10 python bench/closed_loop.py --steps table,levers,jumpy,ensembles,write",
         "```",
         "",
-        f"Machine: {machine('CPU only, 2 worker processes of 1 thread')}.",
+        f"Measured on: {measured_on(records, 'CPU only, 1 thread')}; 2 worker processes.",
         "",
         "- Planner: an oracle. At each step the plan is the observation the committed agent's mean action "
         "reaches "
@@ -517,9 +579,9 @@ def write(args, cache: Cache) -> None:
         "",
         "## Levers (medium-expert sets, expert planner)",
         "",
-        "Each lever is the default with one change; `data_*`: the default on more transitions of the same "
-        "set "
-        "(`pipeline.simulate NAME --transitions N --seed 0`).",
+        "Each lever is the previous default (`target_noise` 0, what shipped before this table) with one "
+        "change; `target_noise_0.1` is the default that ships now (`default` above). `data_*`: the previous "
+        "default on more transitions of the same set (`pipeline.simulate NAME --transitions N --seed 0`).",
         "",
         *result_table(got["levers"], MEDIUM_EXPERT, sections["levers"][1], ("expert",), LEVER_SIGMAS),
         "",
@@ -551,6 +613,11 @@ def write(args, cache: Cache) -> None:
         *(fall_foresight(got["ensembles"]) or ["not measured"]),
         "",
     ]
+    if plot(t, ["default", "recipe", "champion"], Path(args.out).with_suffix(".png")):
+        lines[6:6] = [
+            f"![closed-loop return against plan noise]({Path(args.out).with_suffix('.png').name})",
+            "",
+        ]
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
 
@@ -568,7 +635,8 @@ def main(argv=None) -> int:
     levers = {k: LEVERS[k] for k in args.levers.split(",") if k}
     for step in steps:
         if step == "table":
-            measure(names, MODELS, PLANNERS, SIGMAS, args, cache, "table")
+            models = {k: MODELS[k] for k in args.models.split(",") if k}
+            measure(names, models, PLANNERS, SIGMAS, args, cache, "table")
         elif step == "levers":
             models = {"default": {}, "recipe": MODELS["recipe"], **levers}
             measure(lever_sets, models, ("expert",), LEVER_SIGMAS, args, cache, "levers")

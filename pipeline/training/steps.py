@@ -105,11 +105,14 @@ class InputNoise:
 
     The draws come from a generator per member seeded by its config's seed, so a population member meets
     the very noise its alone-training meets (inputs (K, rows, dim): member k draws its own (rows, dim)).
-    Under CUDA-graph capture (`shared_generator`) the default generator draws, which capture supports."""
+    A short last batch draws a whole batch and uses its first rows, as the fixed-buffer step does with its
+    padded batch, so the eager and graph steps meet the same noise. Under CUDA-graph capture
+    (`shared_generator`) the default generator draws, which capture supports."""
 
     def __init__(self, configs, device, shared_generator: bool = False):
         configs = configs if isinstance(configs, (list, tuple)) else [configs]
         self.obs, self.target = float(configs[0].obs_noise), float(configs[0].target_noise)
+        self.batch = int(configs[0].batch_size)
         self.gens = None
         if (self.obs > 0 or self.target > 0) and not shared_generator:
             self.gens = [torch.Generator(device=device).manual_seed(NOISE_SEED + c.seed) for c in configs]
@@ -122,13 +125,10 @@ class InputNoise:
     def _draw(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         if self.gens is None:
             return x + scale * torch.randn_like(x)
-        if x.dim() == 2:
-            eps = torch.randn(x.shape, generator=self.gens[0], device=x.device, dtype=x.dtype)
-        else:
-            shape = x.shape[1:]
-            eps = torch.stack(
-                [torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) for g in self.gens]
-            )
+        rows, dim = x.shape[-2:]
+        shape = (max(rows, self.batch), dim)
+        draws = [torch.randn(shape, generator=g, device=x.device, dtype=x.dtype)[:rows] for g in self.gens]
+        eps = draws[0] if x.dim() == 2 else torch.stack(draws)
         return x + scale * eps
 
     def __call__(self, obs: torch.Tensor, nxt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
