@@ -1,6 +1,6 @@
-"""MkDocs hook: every recorded benchmark (bench/*.md, bench/studies/*.md, bench/device/README.md) becomes a page
-of the guide under bench/, rendered from the file itself, so the results pages cannot drift from the records.
-The records' own Markdown is used as it is; they hold no relative links."""
+"""MkDocs hook: every recorded benchmark (bench/*.md, bench/studies/*.md, bench/device/README.md) becomes a
+page of the guide under bench/, rendered from the file itself, so the results pages cannot drift from the
+records. The records' own Markdown is used as it is; they hold no relative links."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def records() -> list[Path]:
 
 
 def on_files(files, config):
+    """Add each record that is not already a page of docs/ as a generated page."""
     for rel in records():
         if files.get_file_from_path(rel.as_posix()) is None:
             files.append(File.generated(config, rel.as_posix(), abs_src_path=str(ROOT / rel)))
