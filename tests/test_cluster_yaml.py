@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.doc_commands import REPO, doc_commands, flags, shell_commands
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
@@ -68,53 +69,6 @@ def test_cluster_yaml_installs_the_project_and_keeps_services_private(config):
 
 
 # ---- every command of cluster.yaml and of the docs' cluster sections, checked against today's CLIs ----
-
-REPO = CLUSTER_YAML.parent
-SEPARATORS = {";", "&&", "||", "|", "&", "(", ")"}
-
-
-def shell_commands(script: str) -> list[list[str]]:
-    """The simple commands of a shell text, as argv lists: continuation lines joined, comments dropped,
-    `$(...)` one word, split at ; && || | & ( ), redirections and their targets dropped, leading VAR=value
-    words and `nohup` dropped. Enough for the commands of cluster.yaml and of the docs."""
-    script = re.sub(r"\$\([^()]*\)", "SUBSTITUTED", script.replace("\\\n", " "))
-    commands = []
-    for line in script.splitlines():
-        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
-        lex.whitespace_split = True
-        current, skip = [], False
-        for tok in lex:
-            if skip:
-                skip = False
-            elif tok and set(tok) <= set("();<>|&"):
-                if "<" in tok or ">" in tok:  # a redirection: its target is no argument
-                    skip = True
-                    if current and current[-1].isdigit():  # the fd of `2>&1`
-                        current.pop()
-                else:
-                    commands.append(current)
-                    current = []
-            else:
-                current.append(tok)
-        commands.append(current)
-    out = []
-    for argv in commands:
-        while argv and (re.fullmatch(r"[A-Za-z_]+=.*", argv[0]) or argv[0] in ("nohup", "sudo")):
-            argv = argv[1:]
-        if argv:
-            out.append(argv)
-    return out
-
-
-def flags(argv: list[str]) -> list[str]:
-    """The long options of `argv` (`--x=y` -> `--x`), up to a `--` that ends them."""
-    found = []
-    for a in argv:
-        if a == "--":
-            break
-        if a.startswith("--"):
-            found.append(a.split("=", 1)[0])
-    return found
 
 
 def click_help(cli, path: list[str]) -> str:
@@ -256,19 +210,6 @@ def test_cluster_yaml_commands_use_only_flags_and_files_that_exist(config):
             assert Path(src).expanduser() == Path.home() / tokens._get_default_token_path().relative_to(
                 Path.home()
             ), f"file_mounts {dest}: {src} is not the file `ray get-auth-token --generate` writes"
-
-
-def doc_pages() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
-
-
-def doc_commands() -> list[tuple[str, list[str]]]:
-    """(page, argv) of every command in the bash blocks of README.md and docs/**.md."""
-    found = []
-    for page in doc_pages():
-        for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", page.read_text(), re.S):
-            found += [(page.relative_to(REPO).as_posix(), argv) for argv in shell_commands(block)]
-    return found
 
 
 def test_the_docs_cluster_commands_parse():
