@@ -68,7 +68,7 @@ def flush_denormals(device):
     Real IDM data drives some activations and Adam's second moments into the subnormal range (< 1.2e-38),
     where x86 arithmetic is many times slower (README "Speed"; bench/train_throughput.py). Values that
     small do not change any weight update, and the held-out MSE is the same either way
-    (tests/test_trainer.py).
+    (tests/pipeline/training/test_trainer.py).
     """
     if device.type != "cpu" or not torch.set_flush_denormal(True):  # False: this CPU cannot
         yield

@@ -229,7 +229,7 @@ def test_the_job_takes_the_selected_trial_then_the_next_best_by_the_ranking_rule
 def test_pretrain_all_ensemble_writes_one_ensemble_per_dataset(sim_files, tmp_path):
     import json
 
-    from test_pretrain_all import HOPPER, job_env, run_job
+    from helpers.job import HOPPER, job_env, run_job
 
     out = tmp_path / "out"
     args = ["--datasets", str(sim_files[HOPPER]), "--search-space", '{"seed": [0, 1, 2]}', "--ensemble", "2"]

@@ -6,8 +6,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from helpers.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 #: pipeline's rooms, each allowed to import only the rooms after it in this order (job -> ... -> data)
 LAYERS = ["job", "registry", "quality", "training", "agents", "sim", "data"]
 #: modules directly in pipeline/ that the rooms may use; the others there are `python -m pipeline.<name>`

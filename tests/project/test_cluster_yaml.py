@@ -17,7 +17,7 @@ import yaml
 from helpers.doc_commands import REPO, doc_commands, flags, shell_commands
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+CLUSTER_YAML = REPO / "cluster.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 DEVICE = ROOT / "bench" / "device"
 sys.path.insert(0, str(DEVICE))
 

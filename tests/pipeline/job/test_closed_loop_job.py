@@ -10,8 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers.job import HOPPER, job_env, run_job
+from helpers.paths import REPO
 from mlflow import MlflowClient
-from test_pretrain_all import HOPPER, REPO, job_env, run_job
 
 import invdyn
 from pipeline.job.pretrain_all import parse_args

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from test_pretrain_all import REPO, job_env
+from helpers.job import job_env
+from helpers.paths import REPO
 
 from pipeline.job import console
 from pipeline.job.pretrain_all import main, parse_args

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_pretrain_all import HOPPER, job_env, run_job
+from helpers.job import HOPPER, job_env, run_job
 
 from invdyn.bundle import verify_bundle
 from pipeline.job.config import JobConfigError

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_pretrain_all import CHEETAH, HOPPER, REPO, job_env, run_job
+from helpers.job import CHEETAH, HOPPER, job_env, run_job
+from helpers.paths import REPO
 
 from pipeline.job import populations
 from pipeline.job.outputs import Ledger, format_table

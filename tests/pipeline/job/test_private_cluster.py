@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.job import CHEETAH, HOPPER, job_env
+from helpers.paths import REPO
 from helpers.ray_nodes import RAY, Cluster, Node, namespaces_available
-from test_pretrain_all import CHEETAH, HOPPER, REPO, job_env
 
 import invdyn
 from invdyn.bundle import bundle_models

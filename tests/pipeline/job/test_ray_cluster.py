@@ -17,7 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_pretrain_all import CHEETAH, HOPPER, REPO, job_env
+from helpers.job import CHEETAH, HOPPER, job_env
+from helpers.paths import REPO
 
 from pipeline.job import pretrain_all
 

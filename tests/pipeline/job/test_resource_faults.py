@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import write_d4rl_file
 from helpers.models import FileServer, make_bundle, make_model_dir
+from helpers.paths import REPO
 
 import invdyn
 from invdyn.errors import StorageError
@@ -231,7 +232,7 @@ def test_worker_node_killed_mid_trial_is_retried_and_nothing_is_lost(sim_files, 
     env = {
         **os.environ,
         "RAY_ADDRESS": cluster.address,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "PYTHONPATH": str(REPO),
     }
     cmd = [
         sys.executable,
@@ -312,7 +313,7 @@ def test_mlflow_server_restarted_mid_job_records_every_trial(sim_files, tmp_path
     datasets = str(sim_files["sim-hopper-random-v0"])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env.update(
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PYTHONPATH=str(REPO),
         MLFLOW_TRACKING_USERNAME="invdyn",
         MLFLOW_TRACKING_PASSWORD=canary,
         AWS_SECRET_ACCESS_KEY=canary,

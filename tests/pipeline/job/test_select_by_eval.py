@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import write_d4rl_file
+from helpers.job import CHEETAH, job_env, run_job
 from helpers.mlflow_server import model_record
 from mlflow import MlflowClient
-from test_pretrain_all import CHEETAH, job_env, run_job
 
 import invdyn
 from pipeline.job.pretrain_all import parse_args

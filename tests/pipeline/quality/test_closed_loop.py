@@ -161,7 +161,7 @@ def test_bad_closed_loop_flags_are_refused_before_any_work(sim_files, tmp_path, 
 
 
 def test_a_dataset_without_an_env_gets_null_with_a_reason(tmp_path):
-    from test_trainer import linear_transitions
+    from helpers.training import linear_transitions
 
     data = linear_transitions()
     got = closed_loop_rows(

@@ -2,18 +2,16 @@
 actions exactly from the recorded state, and its greedy closed loop tracks far better than the mean action."""
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.paths import REPO
 
 from invdyn.normalizer import GaussianNormalizer
 from pipeline.data.sources import load_transitions
 from pipeline.sim.physics import Replay, seeded_sample, window_starts
 
-_spec = importlib.util.spec_from_file_location(
-    "idm_floor", Path(__file__).resolve().parents[1] / "bench" / "studies" / "idm_floor.py"
-)
+_spec = importlib.util.spec_from_file_location("idm_floor", REPO / "bench" / "studies" / "idm_floor.py")
 idm_floor = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(idm_floor)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.mlflow_server import model_record
+from helpers.paths import REPO
 
 import invdyn
 from pipeline.registry import store
@@ -17,7 +18,6 @@ from pipeline.registry.export import champions, export_bundle
 from pipeline.registry.export import main as export_main
 from pipeline.registry.register import register_dataset
 
-REPO = Path(__file__).resolve().parents[1]
 A, B = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.mlflow_server import MlflowServer, free_port
+from helpers.paths import REPO
 from mlflow import MlflowClient
 
 import invdyn
@@ -21,7 +22,6 @@ from pipeline.registry import store
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 CHEETAH, HOPPER = "sim-halfcheetah-random-v0", "sim-hopper-random-v0"
 
 

@@ -12,14 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from helpers.mlflow_server import MlflowServer, model_record
+from helpers.paths import REPO
 from mlflow import MlflowClient
 
 import invdyn
 from pipeline.registry import store
 from pipeline.registry.champion import choose_champion, settle_champion
 from pipeline.registry.register import register_dataset, register_from_storage
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from helpers.mlflow_server import free_port
+from helpers.paths import TESTS
 from mlflow import MlflowClient
 
 from invdyn._download import redact_url
@@ -163,7 +164,7 @@ def test_trial_logger_logs_one_run_per_trial(tmp_path, monkeypatch):
     from ray import tune
 
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # trials import helpers.mlflow_server
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # trials import helpers.mlflow_server
     uri = store.default_uri(tmp_path / "out")
     callback = MlflowTrialLogger(uri, "job-x", "job-x")
     space = {

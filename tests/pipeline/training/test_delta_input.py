@@ -10,8 +10,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from test_population import assert_same_path
-from test_trainer import linear_transitions, small
+from helpers.training import assert_same_path, linear_transitions, small
 
 import invdyn
 from invdyn.model_dir import read_model_dir

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_d4rl_file
+from helpers.training import linear_transitions, small
 
 import invdyn
 from invdyn.bundle import write_bundle
@@ -17,8 +19,6 @@ from pipeline.data.transitions import Transitions, jump_pairs
 from pipeline.training.config import TrainConfig, TrainConfigError
 from pipeline.training.split import split_from_training
 from pipeline.training.trainer import train
-from tests.conftest import write_d4rl_file
-from tests.test_trainer import linear_transitions, small
 
 
 def _hand_built(data: dict, k: int) -> list[tuple]:
@@ -210,7 +210,7 @@ def test_job_trials_cross_datasets_with_jumps_and_keep_one_step_keys():
 
 @pytest.mark.slow
 def test_job_jumps_1_2_gives_two_models_with_their_names(sim_files, tmp_path):
-    from tests.test_pretrain_all import HOPPER, job_env, run_job
+    from helpers.job import HOPPER, job_env, run_job
 
     out = tmp_path / "out"
     args = ["--datasets", str(sim_files[HOPPER]), "--jumps", "1,2", "--no-mlflow", "--out", str(out)]
@@ -232,7 +232,7 @@ def test_job_jumps_1_2_gives_two_models_with_their_names(sim_files, tmp_path):
 
 @pytest.mark.slow
 def test_job_registers_and_exports_a_jumpy_model_under_mlflow_safe_names(sim_files, tmp_path, monkeypatch):
-    from tests.test_pretrain_all import HOPPER, job_env, run_job
+    from helpers.job import HOPPER, job_env, run_job
 
     out, bundle = tmp_path / "out", tmp_path / "b.zip"
     args = ["--datasets", str(sim_files[HOPPER]), "--jumps", "2", "--out", str(out), "--export", str(bundle)]

@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 from conftest import write_d4rl_file
-from helpers.float_order import assert_weights_follow, initial_weights
-from test_trainer import linear_transitions, small
+from helpers.training import assert_same_path, linear_transitions, small
 
 import invdyn
 from invdyn.model_dir import read_model_dir
@@ -20,23 +19,6 @@ MEMBERS = [  # one group: lr, weight decay, optimizer, schedule, weight average 
     {"lr": 3e-3, "weight_decay": 0.0, "ema": 0.0},
     {"lr": 3e-4, "weight_decay": 1e-2, "optimizer": "adam", "schedule": "none", "keep": "last"},
 ]
-
-
-def weights(result) -> dict:
-    return torch.load(result.model_dir / "model.ckpt", weights_only=True)["state_dict"]
-
-
-def assert_same_path(member, alone, data, config):
-    """Same learning curve (to 1e-4), same steps and stop, weights equal to float32 rounding (measured
-    against how far training moved them: `helpers.float_order`), same fp32 metrics."""
-    assert len(member.curve) == len(alone.curve)
-    assert [r["step"] for r in member.curve] == [r["step"] for r in alone.curve]
-    for key in ("val_mse", "train_loss"):
-        assert [r[key] for r in member.curve] == pytest.approx([r[key] for r in alone.curve], rel=1e-4), key
-    assert_weights_follow(weights(member), weights(alone), initial_weights(data, config))
-    for key in ("steps", "best_step", "stopped_early"):
-        assert member.metrics[key] == alone.metrics[key], key
-    assert member.metrics["heldout_mse"] == pytest.approx(alone.metrics["heldout_mse"], rel=1e-4)
 
 
 @pytest.mark.parametrize("step", ["eager", "graph"])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.float_order import assert_weights_follow, initial_weights
+from helpers.training import linear_transitions, small
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,36 +17,6 @@ from pipeline.data.transitions import Transitions
 from pipeline.training.config import TrainConfig, TrainConfigError
 from pipeline.training.split import split_from_training, split_indices
 from pipeline.training.trainer import EarlyStopping, TrainingError, train
-
-
-def linear_transitions(
-    episodes=20, length=50, obs_dim=5, act_dim=2, seed=0, noise_actions=False
-) -> Transitions:
-    """next_obs = obs + B @ act (+ small noise): the action is recoverable from the state change.
-
-    With noise_actions the actions are independent of the states, so a model can only memorize them
-    (its validation MSE gets worse as it trains: a planted loss curve with an early minimum).
-    """
-    rng = np.random.default_rng(seed)
-    n = episodes * length
-    obs = rng.normal(size=(n, obs_dim)).astype(np.float32) * 3 + 1
-    act = rng.uniform(-0.9, 0.9, size=(n, act_dim)).astype(np.float32)
-    b = rng.normal(size=(act_dim, obs_dim)).astype(np.float32)
-    nxt = obs + act @ b + 0.01 * rng.normal(size=(n, obs_dim)).astype(np.float32)
-    if noise_actions:
-        act = rng.uniform(-0.9, 0.9, size=(n, act_dim)).astype(np.float32)
-    episode = np.repeat(np.arange(episodes), length).astype(np.int64)
-    return Transitions(
-        "synthetic-linear", obs, act, nxt.astype(np.float32), episode, stats={"sha256": "0" * 64}
-    )
-
-
-def small(**kw) -> TrainConfig:
-    base = dict(
-        hidden_dim=64, batch_size=64, max_epochs=3, device="cpu", precision="fp32", threads=1, min_epochs=0
-    )
-    return TrainConfig(**{**base, **kw})
-
 
 # ---------------------------------------------------------------- early stopping
 
