@@ -1,6 +1,7 @@
 """MkDocs hook: every recorded benchmark (bench/*.md, bench/studies/*.md, bench/device/README.md) becomes a
 page of the guide under bench/, rendered from the file itself, so the results pages cannot drift from the
-records. The records' own Markdown is used as it is; they hold no relative links."""
+records. The records' own Markdown is used as it is; their only relative links are to their plots beside them
+(bench/*.png), which are added too."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDS = ("bench/*.md", "bench/studies/*.md", "bench/device/README.md")
+RECORDS = ("bench/*.md", "bench/studies/*.md", "bench/device/README.md", "bench/*.png", "bench/studies/*.png")
 
 
 def records() -> list[Path]:
-    """The benchmark records the guide renders, repository-relative."""
+    """The benchmark records the guide renders and their plots, repository-relative."""
     return sorted({p.relative_to(ROOT) for pattern in RECORDS for p in ROOT.glob(pattern)})
 
 
