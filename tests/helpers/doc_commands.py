@@ -1,6 +1,6 @@
 """The commands the README and the user guide show: bash blocks and inline `python ...` spans of README.md,
-docs/**/*.md and bench/README.md, split into argv lists as the shell would (tests/project/test_cluster_yaml.py and
-tests/project/test_docs.py check them against today's CLIs)."""
+docs/**/*.md and bench/README.md, split into argv lists as the shell would (tests/project/test_cluster_yaml.py
+and tests/project/test_docs.py check them against today's CLIs)."""
 
 from __future__ import annotations
 
