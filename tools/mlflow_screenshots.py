@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -22,14 +23,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-try:
-    from playwright.sync_api import Error as PlaywrightError
-    from playwright.sync_api import sync_playwright
-except ImportError:
-    raise SystemExit(
-        'needs Playwright: pip install -e ".[screenshots]" (it drives Debian\'s chromium)'
-    ) from None
 
 from pipeline.registry.store import experiment_url  # noqa: E402 - the repository's own code, by path
 
@@ -144,6 +137,8 @@ def what_to_show(base: str, job: dict) -> dict:
 
 def close_assistant(page) -> None:
     """MLflow opens its chat assistant beside the page on a first visit: close it if it is there."""
+    from playwright.sync_api import Error as PlaywrightError
+
     with contextlib.suppress(PlaywrightError):  # a timeout: no assistant this time
         page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]').click(timeout=4000)
 
@@ -230,6 +225,8 @@ def shrink(path: Path) -> None:
 
 def take(job_dir: Path, img_dir: Path, chromium: str) -> None:
     """Open the job's store in the UI (a server of its own on 127.0.0.1, stopped after) and shoot it."""
+    from playwright.sync_api import sync_playwright  # imported here: --help works without the extra
+
     job = json.loads((job_dir / "job.json").read_text())
     img_dir.mkdir(parents=True, exist_ok=True)
     with ui_for(job["mlflow_uri"], job_dir / "mlflow-ui.log") as base, sync_playwright() as p:
@@ -258,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img", help="where the PNGs go")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="the Chromium to drive")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("playwright") is None:
+        parser.error('needs Playwright: pip install -e ".[screenshots]" (it drives Debian\'s chromium)')
     if not Path(args.chromium).is_file():
         parser.error(f"no Chromium at {args.chromium}: apt-get install chromium, or pass --chromium PATH")
     if args.out is not None and not (args.out / "job.json").is_file():

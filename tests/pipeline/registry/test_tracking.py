@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -164,7 +165,8 @@ def test_trial_logger_logs_one_run_per_trial(tmp_path, monkeypatch):
     from ray import tune
 
     monkeypatch.setenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # trials import helpers.mlflow_server
+    # the trials unpickle `_trainable` from this module and import helpers.mlflow_server
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), str(Path(__file__).parent)]))
     uri = store.default_uri(tmp_path / "out")
     callback = MlflowTrialLogger(uri, "job-x", "job-x")
     space = {
